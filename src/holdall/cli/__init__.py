@@ -1,0 +1,1 @@
+"""The holdall command-line interface (see main.py)."""

