@@ -21,7 +21,7 @@ RANK = {
     "core": 1,
     "models": 2,
     "algorithms": 3, "formats": 3, "evaluation": 3, "planning": 3,
-    "cli": 9, "__main__": 9, "__init__": 9,
+    "cli": 9, "__init__": 9, "__main__": 10,
 }
 # Same-rank packages that may build on each other (the arrow points downwards).
 ALLOWED_SIDEWAYS = {("formats", "algorithms")}

@@ -37,20 +37,6 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _parse_bytes(text: str) -> int:
-    units = {"tb": 1e12, "gb": 1e9, "mb": 1e6, "tib": 2**40, "gib": 2**30, "mib": 2**20}
-    low = text.strip().lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if low.endswith(unit):
-            try:
-                return int(float(low[: -len(unit)]) * units[unit])
-            except ValueError:
-                break
-    from holdall.errors import ConfigError
-
-    raise ConfigError(f"cannot read the memory size {text!r}; write it like 24GB, 80GB or 141GiB")
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from holdall.planning.memory import format_plan, load_arch, plan_memory
 
@@ -62,7 +48,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         lora_rank=args.rank,
         lora_targets=targets,
-        gpu_bytes=_parse_bytes(args.gpu),
+        gpu=args.gpu,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -280,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `holdall plan ... | head` closed the pipe: not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted: nothing partial was written (holdall writes atomically)", file=sys.stderr)
         return 130

@@ -1,0 +1,141 @@
+"""``QuantLinear``: a drop-in ``nn.Linear`` replacement whose weight is a packed ``QuantizedTensor``.
+
+The weight's tensors are buffers named exactly like ``QuantizedTensor.tensors()`` (``qdata``, ``scale``,
+``zero``, ``scale_absmax``, ``scale_offset``), so a state_dict holds ``<layer>.qdata``, ``<layer>.scale``...
+The optional bias stays a float parameter. ``forward`` goes through ``core.backends``: one dispatch point.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, CorruptFileError
+from . import backends
+from .qtensor import QuantizedTensor, tensor_specs
+from .scheme import QuantScheme
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W [out_features, in_features]`` stored quantized under ``scheme``.
+
+    dtype: the dtype of the bias and the default dtype of :meth:`dequantize_weight`.
+    Moving the module (``.to(device)``) moves the buffers; casting it (``.half()``, ``.to(torch.bfloat16)``)
+    casts only the bias: the stored codes and scales keep their dtypes, which are part of the format.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(scheme, QuantScheme):
+            raise ConfigError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"QuantLinear {name} must be a positive integer, got {value!r}")
+        if not dtype.is_floating_point:
+            raise ConfigError(f"QuantLinear dtype must be a floating-point dtype, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scheme = scheme
+        self.dtype = dtype
+        for name, tensor in QuantizedTensor.empty_tensors((out_features, in_features), scheme, device).items():
+            self.register_buffer(name, tensor)
+        self._weight_names = tuple(tensor_specs((out_features, in_features), scheme))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` (its weight is read, never modified); same device, bias copied."""
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if weight.is_meta:
+            raise ConfigError("the linear's weight is on the 'meta' device (not loaded); load real weights first")
+        qweight = QuantizedTensor.from_float(weight, scheme)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            scheme,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=torch.device("meta"),  # placeholders only; real tensors are installed below
+        )
+        for name, tensor in qweight.tensors().items():
+            layer._buffers[name] = tensor
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    # --- the weight ----------------------------------------------------------------------------------
+    @property
+    def quantized_weight(self) -> QuantizedTensor:
+        """A ``QuantizedTensor`` view of the buffers (no copy)."""
+        tensors = {name: self._buffers[name] for name in self._weight_names}
+        return QuantizedTensor((self.out_features, self.in_features), self.scheme, tensors)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight ``[out_features, in_features]`` as ``dtype`` (default: the layer's dtype)."""
+        return self.quantized_weight.dequantize(dtype or self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight plus the bias."""
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return self.quantized_weight.nbytes + bias
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight element (codes, scales and zeros; the bias is not counted)."""
+        return self.quantized_weight.bits_per_weight
+
+    # --- nn.Module -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in_features] -> [..., out_features]`` through the selected backend."""
+        if x.shape[-1] != self.in_features:
+            raise ConfigError(
+                f"QuantLinear expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        return backends.select_backend(self, x)(self, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.label}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) / .half() would cast float buffers (fp16 scales, float32 absmax) and silently
+        # change the stored format. Keep each buffer's dtype, follow only its device.
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        if self.bias is not None:
+            self.dtype = self.bias.dtype
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # load_state_dict would copy_() a tensor of another dtype into a buffer without complaint; a dtype
+        # mismatch here means the checkpoint was written for another scheme, so say so instead.
+        for name in self._weight_names:
+            key = prefix + name
+            if key in state_dict:
+                got, want = state_dict[key], self._buffers[name]
+                if got.dtype != want.dtype:
+                    raise CorruptFileError(
+                        f"'{key}' is {got.dtype} but a {self.scheme.label} layer stores {want.dtype}; the checkpoint "
+                        "was written with another quantization scheme (check holdall_quant.json)"
+                    )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
