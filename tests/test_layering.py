@@ -20,11 +20,11 @@ RANK = {
     "errors": 0, "fileio": 0, "data": 0,
     "core": 1,
     "models": 2,
-    "algorithms": 3, "formats": 3, "evaluation": 3, "planning": 3,
+    "algorithms": 3, "evaluation": 3, "planning": 3,
     "cli": 9, "__init__": 9, "__main__": 10,
 }
 # Same-rank packages that may build on each other (the arrow points downwards).
-ALLOWED_SIDEWAYS = {("formats", "algorithms")}
+ALLOWED_SIDEWAYS: set[tuple[str, str]] = set()
 CORE_THIRD_PARTY = {"torch"}
 
 

@@ -104,7 +104,7 @@ def quant_config_from_args(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from holdall.algorithms import quantize
-    from holdall.formats.checkpoint import save_quantized
+    from holdall.models.checkpoint import save_quantized
     from holdall.models.info import model_info
     from holdall.models.loading import load_model
 
@@ -204,7 +204,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"{args.model} is a holdall-quantized model; convert writes float HF directories. "
             "Convert the original float model instead (quantizing once avoids double rounding)."
         )
-    save_hf(model, tokenizer, args.output)
+    save_hf(model, tokenizer, args.output, overwrite=args.force)
     print(f"saved {args.output}")
     return 0
 
