@@ -10,7 +10,9 @@ import torch
 from holdall.errors import DataError
 from holdall.evaluation import load_text, tokenize_text
 
-WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
+from holdall.data import wikitext2
+
+WIKITEXT = wikitext2("test")  # shipped with the package
 
 
 def test_load_text_roundtrip(tmp_path):
@@ -55,7 +57,6 @@ def test_tokenize_text_rejects_empty():
         tokenize_text(lambda text, **kw: None, "   ")
 
 
-@pytest.mark.skipif(not WIKITEXT.exists(), reason="WikiText-2 not present")
 def test_wikitext_loads():
     text = load_text(WIKITEXT)
     assert len(text) > 1_000_000 and "Robert" in text[:100]
