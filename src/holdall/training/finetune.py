@@ -1,0 +1,233 @@
+"""``finetune()`` and ``merge()``: the verbs behind ``holdall finetune`` and ``holdall merge``.
+
+finetune: load the base (float32 on CPU, bf16 on GPU) -> qlora: NF4 + double quant (blocks of 64) on every
+decoder linear -> LoRA adapters (float32) -> train on a JSONL/txt file -> ``output_dir`` holds the PEFT
+adapter (``adapter_config.json`` + ``adapter_model.safetensors``), ``metrics.jsonl``, ``loss_curve.png`` and
+``checkpoint/`` (for ``resume=True``).
+
+merge: load the *float* base afresh, load the adapter, fold it in (``W + scaling * B @ A``) and save a plain
+Hugging Face directory. Merging into a 4-bit base would round the weights twice, so a holdall-quantized
+directory is refused as a base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import load_model, resolve_model, save_hf
+from ..tuners.lora import LoraConfig, load_adapter, merge_lora, save_adapter, trainable_report
+from .data import build_datasets
+from .optim import OPTIMIZERS
+from .qlora import prepare_model
+from .trainer import Trainer, TrainerConfig
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every knob of a LoRA / QLoRA run (the CLI flags map one to one; see the field comments)."""
+
+    method: Literal["lora", "qlora"] = "qlora"
+    # adapter
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    targets: str | tuple[str, ...] = "all-linear"  # or module-name suffixes ("q_proj", "v_proj"), or "re:<regex>"
+    # optimisation
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; wins over epochs
+    batch_size: int = 1
+    grad_accum: int = 1
+    warmup: float = 0.03  # < 1: fraction of the steps; >= 1: steps
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = "adamw"
+    # data
+    max_len: int = 512
+    packing: bool = False
+    eval_fraction: float = 0.0
+    # bookkeeping
+    eval_every: int | None = None
+    save_every: int | None = None
+    log_every: int = 1
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str | None = None  # None: cuda when available, else cpu
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in ("lora", "qlora"):
+            raise ConfigError(f"method must be 'lora' or 'qlora', got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        if not isinstance(self.max_len, int) or self.max_len < 2:
+            raise ConfigError(f"max_len must be an integer >= 2, got {self.max_len!r}")
+        self.lora_config()  # validates r / alpha / dropout / targets now, not after the model has loaded
+        self.trainer_config(None)  # validates the optimisation fields
+
+    def lora_config(self) -> LoraConfig:
+        targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=targets)
+
+    def trainer_config(self, autocast_dtype: torch.dtype | None) -> TrainerConfig:
+        return TrainerConfig(
+            lr=self.lr, epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size,
+            grad_accum=self.grad_accum, warmup=self.warmup, schedule=self.schedule, max_grad_norm=self.max_grad_norm,
+            weight_decay=self.weight_decay, optimizer=self.optimizer, eval_every=self.eval_every,
+            save_every=self.save_every, log_every=self.log_every, seed=self.seed, autocast_dtype=autocast_dtype,
+            progress=self.progress,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    adapter_dir: Path  # == output_dir: the PEFT files sit at its top level
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens: int
+    tokens_per_s: float
+    metrics_path: Path
+    plot_path: Path | None
+    checkpoint_path: Path | None
+    trainable: str  # trainable_report(model)
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on an accelerator; float32 on CPU (faster than bf16 emulation on most CPUs)."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def finetune(
+    model_spec_or_model: Any,
+    data_path: str | os.PathLike,
+    config: FinetuneConfig | None = None,
+    output_dir: str | os.PathLike = "adapter",
+    tokenizer: Any = None,
+    resume: bool = False,
+) -> FinetuneResult:
+    """Train a LoRA (or QLoRA) adapter on ``data_path``; the adapter lands in ``output_dir`` (PEFT format).
+
+    model_spec_or_model: anything ``holdall.models.load_model`` takes (hub id, HF dir, .gguf, alias such as
+    "smollm2", a holdall-quantized dir for qlora) or an ``nn.Module`` (modified in place; pass ``tokenizer``).
+    resume: continue from ``output_dir/checkpoint`` with the same settings (the same loss curve, exactly).
+    """
+    config = config or FinetuneConfig()
+    if not isinstance(config, FinetuneConfig):
+        raise ConfigError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    output_dir = Path(output_dir)
+    device = pick_device(config.device)
+    dtype = pick_compute_dtype(config.compute_dtype, device)
+    torch.manual_seed(config.seed)  # the LoRA A init is drawn from torch's RNG: same seed, same adapter
+    model, tokenizer = _load_base(model_spec_or_model, tokenizer, dtype, device)
+    data = build_datasets(data_path, tokenizer, config.max_len, config.packing, config.eval_fraction, config.seed)
+    prepare_model(model, config.method, config.lora_config(), config.gradient_checkpointing)
+    report = trainable_report(model)
+    # float32 compute needs no autocast; bf16/fp16 compute on a float32 model runs under autocast
+    base_dtype = _float_dtype(model)
+    autocast = dtype if dtype != torch.float32 and (base_dtype == torch.float32 or config.method == "qlora") else None
+    trainer = Trainer(
+        model, data.train, data.eval, config.trainer_config(autocast), output_dir,
+        pad_id=_pad_id(tokenizer), save_model=_save_adapter_into,
+    )
+    result = trainer.train(resume=resume)
+    return FinetuneResult(
+        output_dir=output_dir.resolve(), adapter_dir=output_dir.resolve(), steps=result.steps,
+        train_loss=result.train_loss, eval_loss=result.eval_loss, tokens=result.tokens,
+        tokens_per_s=result.tokens_per_s, metrics_path=result.metrics_path, plot_path=result.plot_path,
+        checkpoint_path=result.checkpoint_path, trainable=report,
+    )
+
+
+def _load_base(spec: Any, tokenizer: Any, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    if isinstance(spec, nn.Module):
+        if tokenizer is None:
+            raise ConfigError("finetune() got a model object but no tokenizer; pass tokenizer=...")
+        return spec.to(device), tokenizer
+    model, loaded_tokenizer = load_model(spec, dtype=dtype, device=device)
+    tokenizer = tokenizer or loaded_tokenizer
+    if tokenizer is None:
+        raise ConfigError(f"{spec} ships no tokenizer; pass tokenizer=... (or a directory that has one)")
+    return model, tokenizer
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _save_adapter_into(model: nn.Module, output_dir: Path) -> None:
+    """save_adapter writes a whole directory atomically; the run's directory also holds the checkpoint, the
+    metrics and the plot, so write the adapter beside it and move its files in (each move atomic)."""
+    staging = output_dir.parent / f".{output_dir.name}.adapter"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        save_adapter(model, staging)
+        for item in staging.iterdir():
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def merge(
+    base_spec: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Fold a LoRA adapter into a freshly loaded float base and save a plain Hugging Face directory.
+
+    dtype: the dtype to load and save the base in (None: float32; pass torch.bfloat16 to halve the output).
+    The LoRA delta is added in float32 and rounded once to that dtype.
+    """
+    source = resolve_model(base_spec)
+    if source.kind == "holdall":
+        raise ConfigError(
+            f"{base_spec} is a holdall-quantized model; merge at full precision: pass the original float model "
+            "(hub id, HF directory or .gguf) as the base, then quantize the merged model once if you want it smaller"
+        )
+    output = Path(output_dir)
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} already exists; pass overwrite=True (CLI: --force) to replace it")
+    model, tokenizer = load_model(source, dtype=dtype or torch.float32)
+    load_adapter(model, adapter_dir)
+    model = merge_lora(model)
+    return save_hf(model, tokenizer, output, overwrite=overwrite)

@@ -1,0 +1,255 @@
+"""AdamW with 8-bit block-wise states, and paged (CPU-resident) optimizer states.
+
+8-bit states (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", as bitsandbytes does it):
+
+* ``exp_avg`` (signed) is stored as uint8 codes of the signed 8-bit dynamic map and ``exp_avg_sq``
+  (never negative) as codes of the unsigned dynamic map, each with one float32 absmax per block of 256;
+  that is 1 + 4/256 bytes per state element instead of 4;
+* every step dequantizes both states to float32, runs the ordinary AdamW update, and quantizes them back;
+* parameters with fewer than ``min_8bit_size`` (4096) elements keep float32 states: quantization noise is
+  worst on small tensors (biases, norms) and they cost nothing.
+
+Paged states (``paged=True``): states live in CPU memory (pinned when CUDA is available, so copies are
+asynchronous) while the parameters live on an accelerator. ``step`` moves one parameter's states to the
+device, updates, and copies them back, so the device holds at most one parameter's states at a time.
+On a CPU-only machine a paged optimizer is simply the unpaged one (the states are already in CPU memory).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from ..core.codebook import dequantize_dynamic, nearest_code, quantize_dynamic
+from ..core.codebooks import dynamic_map
+from ..errors import ConfigError
+
+STATE_BLOCK = 256
+MIN_8BIT_SIZE = 4096
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw")
+
+
+# --- block-wise 8-bit codes ------------------------------------------------------------------------------
+def quantize_signed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (any shape) -> ``(codes uint8 [numel], absmax float32 [ceil(numel/256)])``, signed dynamic map."""
+    return quantize_dynamic(x, STATE_BLOCK)
+
+
+def dequantize_signed(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """float32 ``[numel]`` from :func:`quantize_signed`'s output."""
+    return dequantize_dynamic(codes, absmax, STATE_BLOCK)
+
+
+def quantize_unsigned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative ``x`` -> ``(codes uint8 [numel], absmax float32 [nb])`` with the unsigned dynamic map.
+
+    The unsigned map spends the sign bit on precision (twice the codes per decade), which is what a
+    second moment needs. Nearest code, ties to the smaller one; an all-zero block stores absmax 0.
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nb = -(-n // STATE_BLOCK)
+    padded = torch.cat([flat, flat.new_zeros(nb * STATE_BLOCK - n)]).view(nb, STATE_BLOCK)  # [nb, 256]
+    absmax = padded.amax(dim=-1)  # [nb]; values are >= 0
+    normed = padded / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # [nb, 256] in [0, 1]
+    codes = nearest_code(normed.reshape(-1), dynamic_map(signed=False, device=flat.device))
+    return codes[:n], absmax
+
+
+def dequantize_unsigned(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """float32 ``[numel]`` from :func:`quantize_unsigned`'s output."""
+    table = dynamic_map(signed=False, device=codes.device)
+    values = table[codes.long()]  # [n]
+    return values * absmax.repeat_interleave(STATE_BLOCK)[: codes.numel()]
+
+
+# --- the optimizer ---------------------------------------------------------------------------------------
+class AdamW8bit(torch.optim.Optimizer):
+    """``torch.optim.AdamW`` with block-wise 8-bit (or, ``optim_bits=32``, float32) states.
+
+    paged: keep the states in CPU memory while the parameters are on an accelerator (see the module doc).
+    min_8bit_size: parameters with fewer elements keep float32 states.
+    The update is AdamW's (decoupled weight decay, bias correction), computed in float32 for every dtype.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        optim_bits: int = 8,
+        paged: bool = False,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+    ):
+        if not lr >= 0:
+            raise ConfigError(f"learning rate must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ConfigError(f"betas must be in [0, 1), got {betas}")
+        if optim_bits not in (8, 32):
+            raise ConfigError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.optim_bits = optim_bits
+        self.paged = paged
+        self.min_8bit_size = min_8bit_size
+
+    # -- state layout --
+    def _uses_8bit(self, p: torch.Tensor) -> bool:
+        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _state_device(self, p: torch.Tensor) -> torch.device:
+        return torch.device("cpu") if self.paged else p.device
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = self._state_device(p)
+        n = p.numel()
+        if self._uses_8bit(p):
+            nb = -(-n // STATE_BLOCK)
+            state = {
+                "exp_avg_codes": torch.zeros(n, dtype=torch.uint8, device=device),
+                "exp_avg_absmax": torch.zeros(nb, dtype=torch.float32, device=device),
+                "exp_avg_sq_codes": torch.zeros(n, dtype=torch.uint8, device=device),
+                "exp_avg_sq_absmax": torch.zeros(nb, dtype=torch.float32, device=device),
+            }
+        else:
+            state = {
+                "exp_avg": torch.zeros(n, dtype=torch.float32, device=device),
+                "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=device),
+            }
+        if self.paged and device.type == "cpu" and torch.cuda.is_available():
+            state = {k: v.pin_memory() for k, v in state.items()}
+        state["step"] = torch.zeros((), dtype=torch.float32)  # a CPU scalar, as torch.optim keeps it
+        return state
+
+    def _load_moments(self, state: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(exp_avg [n], exp_avg_sq [n])`` on ``device``."""
+        if "exp_avg_codes" in state:
+            m = dequantize_signed(
+                state["exp_avg_codes"].to(device, non_blocking=True), state["exp_avg_absmax"].to(device)
+            )
+            v = dequantize_unsigned(
+                state["exp_avg_sq_codes"].to(device, non_blocking=True), state["exp_avg_sq_absmax"].to(device)
+            )
+            return m, v
+        # float32 states: on the parameter's device these are the stored tensors themselves (updated in place)
+        return state["exp_avg"].to(device, non_blocking=True), state["exp_avg_sq"].to(device, non_blocking=True)
+
+    def _store_moments(self, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+        if "exp_avg_codes" in state:
+            for key, (codes, absmax) in (("exp_avg", quantize_signed(m)), ("exp_avg_sq", quantize_unsigned(v))):
+                state[f"{key}_codes"].copy_(codes, non_blocking=True)
+                state[f"{key}_absmax"].copy_(absmax, non_blocking=True)
+            return
+        for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
+            if state[key].data_ptr() != value.data_ptr():  # paged: copy back to CPU
+                state[key].copy_(value, non_blocking=True)
+
+    # -- the update --
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        if self.paged and torch.cuda.is_available():
+            torch.cuda.synchronize()  # non-blocking copies back to pinned memory must land before the next step
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        if p.grad.is_sparse:
+            raise ConfigError("AdamW8bit does not support sparse gradients; use torch.optim.SparseAdam")
+        state = self.state[p]
+        if not state:
+            state.update(self._init_state(p))
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state["step"] += 1
+        step = float(state["step"])
+        grad = p.grad.reshape(-1).float()  # [n]
+        m, v = self._load_moments(state, p.device)  # float32 [n] each
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        p32 = p.detach().reshape(-1).float()  # a view when p is float32 and contiguous, else a copy
+        p32.mul_(1 - lr * wd)  # decoupled weight decay, as torch.optim.AdamW
+        bias1 = 1 - beta1**step
+        bias2 = 1 - beta2**step
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+        p32.addcdiv_(m, denom, value=-lr / bias1)
+        if p32.data_ptr() != p.data_ptr():
+            p.copy_(p32.view_as(p))
+        self._store_moments(state, m, v)
+
+    # -- checkpoints --
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch.optim casts every non-step state tensor to its parameter's dtype (uint8 codes would become
+        # floats, float32 absmax would be rounded to bf16 next to a bf16 parameter). Put the stored tensors
+        # back as they were saved; paged states go to (pinned) CPU memory, others next to their parameter.
+        saved = state_dict["state"]
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, index in zip(group["params"], saved_group["params"]):
+                for key, value in saved.get(index, {}).items():
+                    if key == "step" or not torch.is_tensor(value):
+                        continue
+                    value = value.to(self._state_device(p), copy=True)
+                    if self.paged and torch.cuda.is_available():
+                        value = value.pin_memory()
+                    self.state[p][key] = value
+
+    def state_bytes(self) -> int:
+        """Bytes held by the moment states (codes, absmax, float32 moments; the step counters excluded)."""
+        return state_bytes(self)
+
+
+class PagedAdamW8bit(AdamW8bit):
+    """:class:`AdamW8bit` with its 8-bit states in CPU memory (``paged=True``)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 **kw):
+        super().__init__(params, lr, betas, eps, weight_decay, paged=True, **kw)
+
+
+class PagedAdamW(AdamW8bit):
+    """AdamW with float32 states in CPU memory (``optim_bits=32, paged=True``)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 **kw):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=32, paged=True, **kw)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of all tensor states of any torch optimizer, the per-parameter ``step`` counters excluded."""
+    total = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key != "step" and torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def build_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)
+) -> torch.optim.Optimizer:
+    """``"adamw"`` (torch) | ``"adamw8bit"`` | ``"paged_adamw8bit"`` | ``"paged_adamw"`` over ``params``."""
+    params = list(params)
+    if not params:
+        raise ConfigError("no trainable parameters: add an adapter (add_lora) or unfreeze something before training")
+    if name == "adamw":
+        # foreach=False: the multi-tensor path reorders float operations between versions; the plain loop keeps
+        # a resumed run bit-identical to an uninterrupted one on the same machine
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=False)
+    if name == "adamw8bit":
+        return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "paged_adamw8bit":
+        return PagedAdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "paged_adamw":
+        return PagedAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
