@@ -110,3 +110,70 @@ def test_plan_bad_gpu_size(capsys):
     code, _, err = run(capsys, "plan", "llama-2-7b", "--gpu", "lots")
     assert code == 2
     assert "80GB" in err
+
+
+def _tiny_jsonl(path, n=24):
+    import random
+
+    from conftest import WORDS
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(5))
+        lines.append(json.dumps({"instruction": prompt, "output": "the quick brown fox"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_finetune_then_merge(capsys, tmp_path, tiny_llama_dir, method):
+    from transformers import AutoModelForCausalLM
+
+    from holdall.models.loading import load_model
+    from holdall.tuners.lora import load_adapter
+
+    data = _tiny_jsonl(tmp_path / "train.jsonl")
+    adapter = tmp_path / "adapter"
+    code, out, err = run(capsys, "finetune", str(tiny_llama_dir), "--data", str(data), "-o", str(adapter),
+                         "--method", method, "-r", "4", "--alpha", "8", "--lr", "1e-2", "--max-steps", "6",
+                         "--max-len", "32", "--eval-fraction", "0.25", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["steps"] == 6
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert (adapter / "metrics.jsonl").exists()
+
+    merged = tmp_path / "merged"
+    code, _, err = run(capsys, "merge", str(tiny_llama_dir), str(adapter), "-o", str(merged))
+    assert code == 0, err
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+    base, _ = load_model(tiny_llama_dir)
+    load_adapter(base, adapter)
+    with torch.no_grad():
+        expected = base(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the adapter learned something
+
+
+def test_merge_refuses_a_quantized_base(capsys, tmp_path, tiny_llama_dir):
+    data = _tiny_jsonl(tmp_path / "train.jsonl", n=8)
+    adapter = tmp_path / "adapter"
+    code, _, err = run(capsys, "finetune", str(tiny_llama_dir), "--data", str(data), "-o", str(adapter),
+                       "--method", "lora", "--max-steps", "1", "--max-len", "32", "--json")
+    assert code == 0, err
+    quant = tmp_path / "q"
+    assert run(capsys, "quantize", str(tiny_llama_dir), "--group-size", "32", "-o", str(quant))[0] == 0
+    code, _, err = run(capsys, "merge", str(quant), str(adapter), "-o", str(tmp_path / "m"))
+    assert code == 2
+    assert "full precision" in err
+
+
+def test_finetune_bad_data_is_a_clear_error(capsys, tmp_path, tiny_llama_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "yo"}\n{not json\n')
+    code, _, err = run(capsys, "finetune", str(tiny_llama_dir), "--data", str(bad), "-o", str(tmp_path / "a"))
+    assert code == 2
+    assert "line 2" in err

@@ -314,3 +314,18 @@ def test_short_form():
     add_lora(model, LoraConfig(r=1, targets=("0",)))
     # 200 of 10,300 parameters
     assert trainable_report(model).splitlines()[1] == "trainable: ~200 (1.94%) | total: ~10K"
+
+
+def test_adapters_added_to_an_eval_model_apply_no_dropout():
+    """Regression: wrappers created inside an eval-mode model must not start in training mode (dropout on)."""
+    from holdall.tuners.lora import LoraConfig, add_lora
+
+    model = make_tiny_llama().eval()
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.5))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B = 0 would hide dropout: give the adapter an effect
+            nn.init.normal_(param)
+    assert not any(m.training for m in model.modules())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)

@@ -227,6 +227,101 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- finetune
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="train a LoRA / QLoRA adapter on a JSONL or text file and save it in the PEFT format",
+        description="LoRA on the float base, or QLoRA on an NF4 + double-quantized copy of it (only the adapter "
+        "is trained, in full precision). DATA is instruction JSONL ({instruction, input?, output} or "
+        "{prompt, response}), chat JSONL ({messages: [...]}, rendered with the model's chat template, loss on "
+        "assistant turns only) or a .txt file. Writes the adapter, metrics.jsonl, loss_curve.png and a "
+        "resumable checkpoint/ into OUT.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
+    p.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl or .txt)")
+    p.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    p.add_argument("--method", choices=["lora", "qlora"], default="qlora")
+    p.add_argument("-r", "--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=32, help="LoRA alpha; scaling = alpha / r (default 32)")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument(
+        "--targets", default="all-linear", help="all-linear, comma-separated names (q_proj,v_proj) or re:REGEX"
+    )
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (wins over --epochs)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup", type=float, default=0.03, help="< 1: fraction of the steps; >= 1: steps")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"], default="adamw")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--packing", action="store_true", help="pack examples into full max-len sequences")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="held-out share of the data for eval loss")
+    p.add_argument("--eval-every", type=int, default=None, help="eval loss every N steps (default: at the end)")
+    p.add_argument("--save-every", type=int, default=None, help="resumable checkpoint every N steps")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from holdall.training.finetune import FinetuneConfig, finetune
+
+    targets = args.targets
+    if targets != "all-linear" and not targets.startswith("re:"):
+        targets = tuple(t for t in targets.split(",") if t)
+    config = FinetuneConfig(
+        method=args.method, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets, lr=args.lr,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        warmup=args.warmup, schedule=args.schedule, optimizer=args.optimizer, max_len=args.max_len,
+        packing=args.packing, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
+        save_every=args.save_every, gradient_checkpointing=not args.no_gradient_checkpointing,
+        compute_dtype=args.compute_dtype, device=args.device, seed=args.seed, progress=not args.json,
+    )
+    result = finetune(args.model, args.data, config, args.output, resume=args.resume)
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(result.trainable)
+        eval_text = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        print(f"{result.steps} steps, train loss {result.train_loss:.4f}{eval_text}, {result.tokens_per_s:.1f} tokens/s")
+        print(f"adapter: {result.adapter_dir}  loss curve: {result.plot_path}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- merge
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its float base and save a normal HF directory",
+        description="Merge at full precision: BASE must be the original float model (not a quantized one); "
+        "quantize the merged model afterwards, once.",
+    )
+    p.add_argument("model", metavar="BASE")
+    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="(default float32)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from holdall.training.finetune import merge
+
+    _refuse_existing_output(args.output, args.force)
+    out = merge(args.model, args.adapter, args.output, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                overwrite=args.force)
+    print(f"saved {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- wiring
 _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "plan": (_add_plan, cmd_plan),
@@ -234,6 +329,8 @@ _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "eval": (_add_eval, cmd_eval),
     "convert": (_add_convert, cmd_convert),
     "info": (_add_info, cmd_info),
+    "finetune": (_add_finetune, cmd_finetune),
+    "merge": (_add_merge, cmd_merge),
 }
 
 

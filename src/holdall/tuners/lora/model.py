@@ -156,12 +156,15 @@ def attach_adapter(
             _set_submodule(model, path, module)
         r = (ranks or {}).get(path, config.r)
         module.add_adapter(name, r, config.alpha, config.dropout, config.use_rslora, dtype)
+        # New modules start in training mode; follow the model's, or an eval-mode model would apply dropout.
+        module.train(model.training)
     for path in save_paths:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             _set_submodule(model, path, module)
         module.add_adapter(name)
+        module.train(model.training)
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         state = LoraState()
