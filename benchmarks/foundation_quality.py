@@ -132,9 +132,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--skip-bnb", action="store_true", help="leave out the bitsandbytes incumbent")
+    parser.add_argument("--replot", action="store_true", help="redraw table and plot from the saved JSON only")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        saved = json.loads((out / "foundation_quality.json").read_text())
+        (out / "foundation_quality.md").write_text(render_markdown(saved["meta"], saved["rows"]))
+        plot(saved["rows"], out / "foundation_quality.png")
+        return
 
     base, tokenizer = holdall.load_model(args.model, dtype=torch.float32)
     models: dict[str, torch.nn.Module] = {}
@@ -177,7 +183,7 @@ def main() -> None:
     any_result = next(iter(results.values()))
     rows["base fp32"].update(ppl=any_result.base_ppl, kld=0.0, top1=1.0, bits_per_weight=32.0)
 
-    machine = f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    machine = f"{cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}"
     meta = {
         "model": args.model,
         "text": "WikiText-2 test",
@@ -192,6 +198,16 @@ def main() -> None:
     (out / "foundation_quality.md").write_text(table)
     print(table)
     plot(rows, out / "foundation_quality.png")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def render_markdown(meta: dict, rows: dict[str, dict]) -> str:
@@ -221,15 +237,21 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     except ImportError:  # plotting is optional: the table is the result
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"holdall": ("tab:blue", "o", "holdall"), "bitsandbytes": ("tab:red", "x", "bitsandbytes"),
+              "-": ("black", "s", "fp32 base")}
+    for tool, (colour, marker, label) in styles.items():
+        points = [(r["linear_bytes"] / 1e6, r["ppl"]) for r in rows.values() if r["tool"] == tool]
+        if points:
+            ax.scatter(*zip(*points), color=colour, marker=marker, label=label, s=40)
     for name, r in rows.items():
-        colour = "tab:blue" if r["tool"] == "holdall" else ("tab:red" if r["tool"] == "bitsandbytes" else "black")
-        ax.scatter(r["linear_bytes"] / 1e6, r["ppl"], color=colour)
-        ax.annotate(name.removeprefix("holdall "), (r["linear_bytes"] / 1e6, r["ppl"]), fontsize=7,
-                    xytext=(4, 2), textcoords="offset points")
+        if r["tool"] == "holdall":  # bitsandbytes' NF4 points sit on holdall's: label them once
+            ax.annotate(name.removeprefix("holdall "), (r["linear_bytes"] / 1e6, r["ppl"]), fontsize=7,
+                        xytext=(5, -3 if "dq" in name else 3), textcoords="offset points")
+    ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("decoder linear weights (MB)")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M: perplexity vs size (blue: holdall, red: bitsandbytes)")
+    ax.set_title("SmolLM2-135M, WikiText-2: perplexity vs size of the quantized linears")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
