@@ -1,6 +1,6 @@
 """LoRA / QLoRA training-step speed and peak memory on CPU: holdall beside transformers + peft (+ bitsandbytes).
 
-One run, one machine, the same work for all four configurations: SmolLM2-135M-Instruct (fp32, dequantized from
+One run, one machine, the same work for every configuration: SmolLM2-135M-Instruct (fp32, dequantized from
 the packaged GGUF), sequences of 512 tokens, batch 1, LoRA r=16 alpha 32 dropout 0.05 on all 7 decoder linears
 (q k v o gate up down), gradient checkpointing, AdamW (lr 1e-4), ``torch.set_num_threads(2)``:
 
@@ -10,7 +10,9 @@ the packaged GGUF), sequences of 512 tokens, batch 1, LoRA r=16 alpha 32 dropout
                       prepare_model_for_kbit_training, as the anchor (slow on CPU, ~100 s/step: it gets its own,
                       smaller ``--bnb-steps/--bnb-warmup``; ``--skip-bnb-qlora`` leaves it out);
 * ``holdall-lora``    holdall's fine-tuning path on the fp32 base;
-* ``holdall-qlora``   holdall's path on the NF4 + double-quant base (fp32 compute on CPU, as finetune picks).
+* ``holdall-qlora``   holdall's path on the NF4 + double-quant base, compute dtype as finetune picks it ("auto":
+                      bf16 autocast on CPUs with native bf16 math — AVX512-BF16/AMX — else fp32);
+* ``holdall-qlora-fp32`` the same with fp32 compute forced (what a CPU without native bf16 gets).
 
 The holdall configurations run what ``holdall.training.finetune`` runs, step for step: ``load_model`` ->
 ``prepare_model`` (quantize for qlora, ``add_lora``, gradient checkpointing) -> ``Trainer.train`` with the
@@ -47,7 +49,11 @@ import torch
 SEQ = 512
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-4
-CONFIGS = ("peft-lora", "peft-bnb-qlora", "holdall-lora", "holdall-qlora")
+CONFIGS = ("peft-lora", "peft-bnb-qlora", "holdall-lora", "holdall-qlora", "holdall-qlora-fp32")
+# holdall configuration -> (method, compute dtype setting). LoRA is compared in fp32, like peft's; QLoRA uses
+# what finetune picks ("auto": bf16 on CPUs with native bf16 math, else fp32) and, for reference, forced fp32.
+HOLDALL = {"holdall-lora": ("lora", "float32"), "holdall-qlora": ("qlora", "auto"),
+           "holdall-qlora-fp32": ("qlora", "float32")}
 BASELINE = "peft-lora"
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -147,25 +153,26 @@ def run_peft(qlora: bool, steps: int, warmup: int) -> dict:
 
 
 # --- holdall ------------------------------------------------------------------------------------------------------
-def run_holdall(method: str, steps: int, warmup: int) -> dict:
+def run_holdall(method: str, compute: str, steps: int, warmup: int) -> dict:
     """finetune()'s path: load_model -> prepare_model -> Trainer.train, on pre-packed full windows."""
     from holdall.models import load_model
     from holdall.training import FinetuneConfig, Trainer, prepare_model
-    from holdall.training.finetune import pick_compute_dtype
+    from holdall.training.finetune import autocast_dtype, pick_compute_dtype
 
     config = FinetuneConfig(
         method=method, r=R, alpha=ALPHA, dropout=DROPOUT, targets="all-linear", lr=LR, max_steps=steps + warmup,
         warmup=0, schedule="constant", optimizer="adamw", max_len=SEQ, gradient_checkpointing=True,
-        device="cpu", progress=False, log_every=1,
+        device="cpu", progress=False, log_every=1, compute_dtype=compute,
     )
-    dtype = pick_compute_dtype(config.compute_dtype, torch.device("cpu"))  # float32 on CPU
+    dtype = pick_compute_dtype(config.compute_dtype, torch.device("cpu"))  # bf16 where the CPU has native bf16
     torch.manual_seed(config.seed)
     model, tokenizer = load_model("smollm2", dtype=dtype, device="cpu")
     windows = training_windows(tokenizer, steps + warmup)
     prepare_model(model, config.method, config.lora_config(), config.gradient_checkpointing)
     rss_ready = rss_now_gib()
     with tempfile.TemporaryDirectory(prefix="holdall-speed-") as out:
-        trainer = Trainer(model, windows, None, config.trainer_config(None), out,
+        autocast = autocast_dtype(model, dtype, config.method)
+        trainer = Trainer(model, windows, None, config.trainer_config(autocast), out,
                           pad_id=tokenizer.eos_token_id, save_model=None)
         result = trainer.train()
     records = [r for r in result.history if "loss" in r]
@@ -188,7 +195,7 @@ def worker(config: str, steps: int, warmup: int, threads: int, out: Path) -> Non
     if config.startswith("peft"):
         raw = run_peft(qlora=(config == "peft-bnb-qlora"), steps=steps, warmup=warmup)
     else:
-        raw = run_holdall(config.split("-", 1)[1], steps, warmup)
+        raw = run_holdall(*HOLDALL[config], steps, warmup)
     timed = raw["step_times"][warmup:]
     median = statistics.median(timed)
     result = {
@@ -219,6 +226,18 @@ def run_config(config: str, steps: int, warmup: int, threads: int) -> dict:
 
 
 # --- the report -----------------------------------------------------------------------------------------------------
+def combine_rounds(runs: list[dict]) -> dict:
+    """One configuration over several rounds: the median round (by step time), with every round's tokens/s."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    ok.sort(key=lambda r: r["step_s"])
+    chosen = dict(ok[len(ok) // 2])
+    chosen["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in runs if "error" not in r]
+    chosen["max_rss_GiB"] = max(r["max_rss_GiB"] for r in ok)
+    return chosen
+
+
 def machine(threads: int) -> dict:
     import importlib.metadata as md
 
@@ -244,7 +263,7 @@ def ratios(results: dict) -> dict:
     out = {}
     if not base or "error" in base:
         return out
-    for config in ("holdall-qlora", "holdall-lora", "peft-bnb-qlora"):
+    for config in ("holdall-qlora", "holdall-qlora-fp32", "holdall-lora", "peft-bnb-qlora"):
         run = results.get(config)
         if run and "error" not in run:
             out[f"{config} / {BASELINE}"] = {
@@ -261,20 +280,22 @@ def markdown(report: dict) -> str:
         "# LoRA / QLoRA training speed on CPU: holdall vs transformers + peft (+ bitsandbytes)",
         "",
         f"SmolLM2-135M-Instruct fp32, seq {SEQ}, batch 1, r={R} alpha {ALPHA} dropout {DROPOUT} on all 7 linears, "
-        "gradient checkpointing, AdamW lr 1e-4; each configuration in its own process.",
+        f"gradient checkpointing, AdamW lr 1e-4; each configuration in its own process, {len(report['rounds'])} "
+        "rounds in rotating order, the median round reported.",
         f"Machine: {m['cpu']}, {m['threads']} threads (of {m['logical_cpus']} logical CPUs), torch {m['torch']}, "
         f"transformers {m['transformers']}, peft {m['peft']}, bitsandbytes {m['bitsandbytes']}; "
         f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}.",
         "",
-        "| configuration | timed steps (warm-up) | median step s | tokens/s | max RSS GiB | RSS ready GiB | last loss |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | timed steps (warm-up) | median step s | tokens/s | tokens/s per round | max RSS GiB | RSS ready GiB | last loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for config, run in report["results"].items():
         if "error" in run:
-            lines.append(f"| {config} | failed: {run['error'].strip().splitlines()[-1][:120]} | | | | | |")
+            lines.append(f"| {config} | failed: {run['error'].strip().splitlines()[-1][:120]} | | | | | | |")
         else:
+            rounds = ", ".join(str(x) for x in run.get("tokens_per_s_rounds", [run["tokens_per_s"]]))
             lines.append(f"| {config} | {run['steps']} ({run['warmup']}) | {run['step_s']} | {run['tokens_per_s']} | "
-                         f"{run['max_rss_GiB']} | {run['rss_ready_GiB']} | {run['loss']} |")
+                         f"{rounds} | {run['max_rss_GiB']} | {run['rss_ready_GiB']} | {run['loss']} |")
     if report["ratios"]:
         lines += ["", "| ratio | tokens/s | step time | max RSS |", "|---|---|---|---|"]
         for name, r in report["ratios"].items():
@@ -293,6 +314,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-bnb-qlora", action="store_true", help="leave out the slow bitsandbytes configuration")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat the whole set this many times, rotating the order (machine drift hits every "
+                        "configuration alike); each configuration reports the median over rounds")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -311,17 +335,23 @@ def main(argv=None) -> None:
     if args.skip_bnb_qlora:
         configs = [c for c in configs if c != "peft-bnb-qlora"]
     ensure_hf_dir()  # convert the GGUF once, before any timed process
-    report = {"machine": machine(args.threads), "seq_len": SEQ, "results": {}}
-    for config in configs:
-        steps, warmup = (args.bnb_steps, args.bnb_warmup) if config == "peft-bnb-qlora" else (args.steps, args.warmup)
-        print(f"{config}: {warmup} warm-up + {steps} timed steps ...", flush=True)
-        run = run_config(config, steps, warmup, args.threads)
-        report["results"][config] = run
-        if "error" in run:
-            print(f"  FAILED:\n{run['error']}", flush=True)
-        else:
-            print(f"  {run['step_s']} s/step, {run['tokens_per_s']} tok/s, max RSS {run['max_rss_GiB']} GiB, "
-                  f"loss {run['loss']} (process wall {run['wall_s']} s)", flush=True)
+    report = {"machine": machine(args.threads), "seq_len": SEQ, "rounds": [], "results": {}}
+    for round_index in range(args.rounds):
+        shift = round_index % len(configs)
+        order = configs[shift:] + configs[:shift]  # rotate, so no configuration always runs first or last
+        runs = {}
+        for config in order:
+            steps, warmup = (args.bnb_steps, args.bnb_warmup) if config == "peft-bnb-qlora" else (args.steps, args.warmup)
+            print(f"round {round_index + 1}/{args.rounds} {config}: {warmup} warm-up + {steps} timed steps ...", flush=True)
+            run = run_config(config, steps, warmup, args.threads)
+            runs[config] = run
+            if "error" in run:
+                print(f"  FAILED:\n{run['error']}", flush=True)
+            else:
+                print(f"  {run['step_s']} s/step, {run['tokens_per_s']} tok/s, max RSS {run['max_rss_GiB']} GiB, "
+                      f"loss {run['loss']} (process wall {run['wall_s']} s)", flush=True)
+        report["rounds"].append(runs)
+    report["results"] = {config: combine_rounds([r[config] for r in report["rounds"]]) for config in configs}
     report["ratios"] = ratios(report["results"])
     for name, r in report["ratios"].items():
         print(f"{name}: tokens/s x{r['tokens_per_s']}, max RSS x{r['max_rss']}")

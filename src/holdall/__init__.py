@@ -35,6 +35,14 @@ _EXPORTS = {
     "load_text": "holdall.evaluation.text",
     "plan_memory": "holdall.planning.memory",
     "load_arch": "holdall.planning.memory",
+    "LoraConfig": "holdall.tuners.lora",
+    "add_lora": "holdall.tuners.lora",
+    "save_adapter": "holdall.tuners.lora",
+    "load_adapter": "holdall.tuners.lora",
+    "merge_lora": "holdall.tuners.lora",
+    "FinetuneConfig": "holdall.training.finetune",
+    "finetune": "holdall.training.finetune",
+    "merge": "holdall.training.finetune",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -119,10 +119,34 @@ def pick_device(requested: str | None) -> torch.device:
 
 
 def pick_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on an accelerator; float32 on CPU (faster than bf16 emulation on most CPUs)."""
+    """auto: bf16 on an accelerator and on CPUs with native bf16 math (AVX512-BF16 / AMX); float32 on other
+    CPUs, where bf16 is emulated and slower than float32."""
     if setting != "auto":
         return getattr(torch, setting)
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 dot products in hardware (x86 avx512_bf16 or amx_bf16 flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:  # not Linux: stay with float32, always correct
+        pass
+    return False
+
+
+def autocast_dtype(model: nn.Module, compute: torch.dtype, method: str) -> torch.dtype | None:
+    """The autocast dtype the trainer runs under: none for float32 compute; bf16/fp16 compute on a float32
+    model (or any QLoRA base, whose dequantized weights follow autocast) runs under autocast."""
+    if compute == torch.float32:
+        return None
+    return compute if _float_dtype(model) == torch.float32 or method == "qlora" else None
 
 
 def finetune(
@@ -150,9 +174,7 @@ def finetune(
     data = build_datasets(data_path, tokenizer, config.max_len, config.packing, config.eval_fraction, config.seed)
     prepare_model(model, config.method, config.lora_config(), config.gradient_checkpointing)
     report = trainable_report(model)
-    # float32 compute needs no autocast; bf16/fp16 compute on a float32 model runs under autocast
-    base_dtype = _float_dtype(model)
-    autocast = dtype if dtype != torch.float32 and (base_dtype == torch.float32 or config.method == "qlora") else None
+    autocast = autocast_dtype(model, dtype, config.method)
     trainer = Trainer(
         model, data.train, data.eval, config.trainer_config(autocast), output_dir,
         pad_id=_pad_id(tokenizer), save_model=_save_adapter_into,
