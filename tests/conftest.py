@@ -49,6 +49,15 @@ def make_tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128, tie: bo
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids thread hand-offs that dominate on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_tokenizer():
     return make_tiny_tokenizer()
 

@@ -27,13 +27,7 @@ SCHEMES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread hand-offs that dominate on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(scheme: QuantScheme, out_features: int = 40, in_features: int = 96, bias: bool = True) -> QuantLinear:
