@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from holdall.core.linear import QuantLinear
 from holdall.data import wikitext2
 from holdall.evaluation.perplexity import evaluate_many
 from holdall.evaluation.text import load_text
+from machine_info import cpu_name  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 VARIANTS = {
     "int8 g128 sym": QuantConfig.for_method("rtn", bits=8, group_size=128),
@@ -198,16 +198,6 @@ def main() -> None:
     (out / "foundation_quality.md").write_text(table)
     print(table)
     plot(rows, out / "foundation_quality.png")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render_markdown(meta: dict, rows: dict[str, dict]) -> str:

@@ -241,12 +241,9 @@ def combine_rounds(runs: list[dict]) -> dict:
 def machine(threads: int) -> dict:
     import importlib.metadata as md
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from machine_info import cpu_name
+
+    cpu = cpu_name()
     versions = {}
     for pkg in ("transformers", "peft", "bitsandbytes", "holdall"):
         try:

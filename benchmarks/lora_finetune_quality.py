@@ -254,15 +254,9 @@ def run_customer(customer: str, args) -> dict:
 
 # --- reporting --------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    from machine_info import cpu_name
+
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def fmt(x, digits=4) -> str:

@@ -169,7 +169,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     if callable(getter):
         try:
             head = getter()
-        except Exception:  # some models raise NotImplementedError; then the name rule alone applies
+        except (NotImplementedError, AttributeError):  # models without a head getter: the name rule alone applies
             head = None
     return {
         name

@@ -198,11 +198,13 @@ def human_bytes(n: int | None) -> str:
 
 
 def _scheme_label(scheme: dict) -> str:
+    from holdall.errors import HoldallError
+
     try:
         from holdall.core.scheme import QuantScheme
 
         return QuantScheme.from_dict(scheme).label  # e.g. int4-g128-sym
-    except Exception:  # an unknown or newer scheme dict: show it raw rather than fail to describe the model
+    except (HoldallError, TypeError, ValueError, KeyError):  # unknown/newer scheme dict: show it raw
         return ", ".join(f"{k}={v}" for k, v in sorted(scheme.items()))
 
 
