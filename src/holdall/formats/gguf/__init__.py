@@ -1,0 +1,1 @@
+"""GGUF: the file format llama.cpp, Ollama and LM Studio run. Encoders (``quants``) bit-exact with libggml."""
