@@ -7,14 +7,16 @@ Spanish customer-support client; ``--customer A|B|C``, ``--all`` for the three â
 
 * the held-out eval loss (the eval split finetune itself holds out: ``eval_fraction`` of the records, seeded)
   before training (float base for LoRA, the NF4 base for QLoRA) and after;
-* QLoRA's final eval loss relative to LoRA's (the issue's claim: within a few percent);
+* QLoRA's final eval loss relative to LoRA's (the issue's claim: within a few percent), for holdall and for the
+  incumbents: ``peft-lora`` (transformers + peft, fp32 base) and ``peft-qlora`` (+ bitsandbytes NF4 + double
+  quant), set up exactly as in lora_cpu_speed.py and trained by the same Trainer, data, schedule and seed;
 * the house-style score (:func:`style_score`: the fraction of the customer's style markers present) of greedy
   generations on held-out prompts from the base model, the LoRA model and the QLoRA model, with two
   example generations printed;
 * the loss-curve PNGs (train loss per step, eval loss every ``--steps/4`` steps).
 
 Usage:
-    python benchmarks/lora_finetune_quality.py                 # customer C, ~5-8 min per method on 2 cores
+    python benchmarks/lora_finetune_quality.py                 # customer C, 4 methods, ~5-8 min each on 2 cores
     python benchmarks/lora_finetune_quality.py --all           # A, B and C
     python benchmarks/lora_finetune_quality.py --steps 2 --prompts 2 --max-new-tokens 16   # a dry run
 Writes benchmarks/results/lora_finetune_quality.{json,md} and lora_finetune_quality_<customer>_<method>.png;
@@ -40,7 +42,10 @@ CUSTOMERS = {
     "B": ("legal", "client_b_legal.jsonl"),
     "C": ("support", "client_c_support_es.jsonl"),
 }
-METHODS = ("lora", "qlora")
+METHODS = ("lora", "qlora", "peft-lora", "peft-qlora")
+# The incumbents' models (transformers + peft, + bitsandbytes NF4/DQ for QLoRA, exactly the anchor's setup) trained
+# by the same loop, data, optimizer, schedule and seed as holdall's: differences come from the models alone.
+INCUMBENTS = {"peft-lora": False, "peft-qlora": True}
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -187,6 +192,8 @@ def run_method(method: str, customer: str, prompts: list[list[dict]], args, want
         log(f"{customer}: base generations and eval loss")
         result["base_generations"] = generate(model, tokenizer, prompts, args.max_new_tokens)
         result["base_eval_loss"] = eval_loss(model, data.eval, pad_id)
+    if method in INCUMBENTS:
+        return run_incumbent(method, customer, prompts, args, data, result, model, tokenizer, pad_id)
     if method == "qlora":
         # quantized here rather than inside finetune so "before" is measured on the NF4 base QLoRA trains on;
         # finetune keeps an already-quantized base as it is
@@ -205,6 +212,44 @@ def run_method(method: str, customer: str, prompts: list[list[dict]], args, want
         steps=trained.steps, eval_loss_after=trained.eval_loss, train_loss_last=trained.train_loss,
         train_tokens=trained.tokens, tokens_per_s=round(trained.tokens_per_s, 1), trainable=trained.trainable,
         train_windows=len(data.train), eval_windows=len(data.eval),
+    )
+    log(f"{customer}/{method}: eval loss after {fmt(trained.eval_loss)} ({result['train_seconds']} s); generating")
+    result["generations"] = generate(model, tokenizer, prompts, args.max_new_tokens)
+    result["loss_curve"] = copy_loss_curve(trained.plot_path, customer, method, args.out)
+    del model
+    gc.collect()
+    return result
+
+
+def run_incumbent(method, customer, prompts, args, data, result, model, tokenizer, pad_id) -> dict:
+    """peft LoRA (fp32 base) or peft + bitsandbytes QLoRA (NF4 + DQ), trained by holdall's Trainer with the
+    very TrainerConfig finetune uses (bf16 autocast on this CPU when finetune would pick it)."""
+    from lora_cpu_speed import peft_model
+
+    from holdall.training import Trainer
+    from holdall.training.finetune import pick_compute_dtype
+
+    del model  # the peft configurations load their own copy, as the anchor does
+    gc.collect()
+    torch.manual_seed(args.seed)
+    model = peft_model(qlora=INCUMBENTS[method])
+    result["eval_loss_before"] = eval_loss(model, data.eval, pad_id)
+    log(f"{customer}/{method}: eval loss before {result['eval_loss_before']:.4f}; fine-tuning {args.steps} steps")
+    work = Path(args.work_dir) / customer / method
+    if work.exists():
+        shutil.rmtree(work)
+    compute = pick_compute_dtype("auto", torch.device("cpu"))
+    autocast = None if compute == torch.float32 else compute
+    config = finetune_config("qlora" if INCUMBENTS[method] else "lora", args).trainer_config(autocast)
+    trainer = Trainer(model, data.train, data.eval, config, work, pad_id=pad_id,
+                      save_model=lambda m, d: m.save_pretrained(d))
+    started = time.perf_counter()
+    trained = trainer.train()
+    result["train_seconds"] = round(time.perf_counter() - started, 1)
+    result.update(
+        steps=trained.steps, eval_loss_after=trained.eval_loss, train_loss_last=trained.train_loss,
+        train_tokens=trained.tokens, tokens_per_s=round(trained.tokens_per_s, 1), trainable="(peft)",
+        train_windows=len(data.train), eval_windows=len(data.eval), compute=str(compute),
     )
     log(f"{customer}/{method}: eval loss after {fmt(trained.eval_loss)} ({result['train_seconds']} s); generating")
     result["generations"] = generate(model, tokenizer, prompts, args.max_new_tokens)
@@ -243,6 +288,13 @@ def run_customer(customer: str, args) -> dict:
     if "lora" in runs and "qlora" in runs:
         lora, qlora = runs["lora"]["eval_loss_after"], runs["qlora"]["eval_loss_after"]
         summary["qlora_vs_lora_eval_loss_pct"] = 100.0 * (qlora / lora - 1.0)
+    if "peft-lora" in runs and "peft-qlora" in runs:
+        lora, qlora = runs["peft-lora"]["eval_loss_after"], runs["peft-qlora"]["eval_loss_after"]
+        summary["peft_qlora_vs_peft_lora_eval_loss_pct"] = 100.0 * (qlora / lora - 1.0)
+    for mine, theirs in (("lora", "peft-lora"), ("qlora", "peft-qlora")):
+        if mine in runs and theirs in runs:
+            ratio = runs[mine]["eval_loss_after"] / runs[theirs]["eval_loss_after"]
+            summary[f"{mine}_vs_{theirs}_eval_loss_pct"] = 100.0 * (ratio - 1.0)
     summary["examples"] = [
         {"prompt": next(m["content"] for m in conv if m["role"] == "user"),
          "reference": next(m["content"] for m in conv if m["role"] == "assistant"),
@@ -266,7 +318,7 @@ def fmt(x, digits=4) -> str:
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [
-        "# LoRA vs QLoRA fine-tune quality (holdall.training.finetune, SmolLM2-135M-Instruct, CPU)",
+        "# LoRA vs QLoRA fine-tune quality: holdall beside peft (+ bitsandbytes), SmolLM2-135M-Instruct, CPU",
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}. "
         f"{cfg['steps']} steps, lr {cfg['lr']}, seq {cfg['max_len']} (packed), batch 1, r=16 alpha 32 dropout 0.05 all-linear, "
@@ -285,8 +337,12 @@ def markdown(report: dict) -> str:
             )
     lines.append("")
     for c in report["customers"]:
-        if "qlora_vs_lora_eval_loss_pct" in c:
-            lines.append(f"- {c['customer']}: QLoRA final eval loss vs LoRA: {c['qlora_vs_lora_eval_loss_pct']:+.2f}%")
+        for key, label in (("qlora_vs_lora_eval_loss_pct", "holdall QLoRA vs holdall LoRA"),
+                           ("peft_qlora_vs_peft_lora_eval_loss_pct", "peft+bnb QLoRA vs peft LoRA"),
+                           ("lora_vs_peft-lora_eval_loss_pct", "holdall LoRA vs peft LoRA"),
+                           ("qlora_vs_peft-qlora_eval_loss_pct", "holdall QLoRA vs peft+bnb QLoRA")):
+            if key in c:
+                lines.append(f"- {c['customer']}: final eval loss, {label}: {c[key]:+.2f}%")
     lines.append("")
     for c in report["customers"]:
         lines.append(f"## Examples: {c['customer']}")
@@ -304,8 +360,8 @@ def print_customer(c: dict) -> None:
         print(f"{method:6s} eval loss {fmt(run['eval_loss_before'])} -> {fmt(run['eval_loss_after'])}  "
               f"style {run['style_score']:.2f}  {run['steps']} steps in {run['train_seconds']} s "
               f"({run['tokens_per_s']} tok/s)  curve {run['loss_curve']}")
-    if "qlora_vs_lora_eval_loss_pct" in c:
-        print(f"QLoRA final eval loss vs LoRA: {c['qlora_vs_lora_eval_loss_pct']:+.2f}%")
+    for key in [k for k in c if k.endswith("_eval_loss_pct")]:
+        print(f"{key}: {c[key]:+.2f}%")
     for ex in c["examples"][:2]:
         print(f"\nprompt: {ex['prompt']}")
         for key in ("reference", "base", *c["methods"]):
@@ -316,7 +372,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--customer", default="C", help="A (medical), B (legal) or C (Spanish support); default C")
     p.add_argument("--all", action="store_true", help="all three customers")
-    p.add_argument("--methods", default="lora,qlora", help="comma-separated subset of lora,qlora")
+    p.add_argument("--methods", default="lora,qlora,peft-lora,peft-qlora",
+                   help="comma-separated subset of lora,qlora,peft-lora,peft-qlora (the last two: the incumbents)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per method (~5-8 min each on 2 quiet cores)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-len", type=int, default=256)

@@ -1,6 +1,7 @@
 """The architecture's dependency rule, checked by reading every import (including lazy ones in functions).
 
-Layers, bottom to top: leaf utilities < core < models < algorithms/evaluation/planning/tuners < training < cli.
+Layers, bottom to top: leaf utilities < core < models < algorithms/evaluation/planning/tuners < training <
+serving < cli.
 A module may import its own package and anything in a lower layer, never a higher one; the core needs
 only torch and the standard library.
 """
@@ -22,6 +23,7 @@ RANK = {
     "models": 2,
     "algorithms": 3, "evaluation": 3, "formats": 3, "planning": 3, "tuners": 3,
     "training": 4,
+    "serving": 5,
     "cli": 9, "__init__": 9, "__main__": 10,
 }
 # Same-rank packages that may build on each other (the arrow points downwards).

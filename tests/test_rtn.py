@@ -136,7 +136,7 @@ def test_progress_bar_runs(capsys):
 @pytest.mark.parametrize(
     "build, words",
     [
-        (lambda: QuantConfig(method="gptq"), ["unknown quantization method", "rtn"]),
+        (lambda: QuantConfig(method="no-such-method"), ["unknown quantization method", "rtn"]),
         (lambda: QuantConfig(method="nf4", scheme=QuantScheme()), ["nf4", "for_method"]),
         (lambda: QuantConfig(method="rtn", scheme=QuantScheme(dtype="nf4", group_size=64)), ["rtn", "int"]),
         (lambda: QuantConfig(targets=("(",)), ["not a valid regex"]),

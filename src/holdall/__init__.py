@@ -43,6 +43,7 @@ _EXPORTS = {
     "FinetuneConfig": "holdall.training.finetune",
     "finetune": "holdall.training.finetune",
     "merge": "holdall.training.finetune",
+    "export_gguf": "holdall.formats.gguf.export",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

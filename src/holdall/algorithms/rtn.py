@@ -13,10 +13,10 @@ from tqdm import tqdm
 from ..core.linear import QuantLinear
 from ..core.scheme import QuantScheme
 from ..errors import ConfigError
-from .config import QuantConfig, register_method, set_submodule
+from .config import MethodRun, QuantConfig, register_method, set_submodule
 
 
-def quantize_rtn(model: nn.Module, names: list[str], config: QuantConfig, progress: bool = True) -> dict[str, QuantScheme]:
+def quantize_rtn(model: nn.Module, names: list[str], config: QuantConfig, run: MethodRun) -> dict[str, QuantScheme]:
     """Replace each named ``nn.Linear`` with a ``QuantLinear`` under ``config.scheme``, one at a time.
 
     Layers are looked up by name at each step (not held in a list), so every float weight can be freed as
@@ -24,7 +24,7 @@ def quantize_rtn(model: nn.Module, names: list[str], config: QuantConfig, progre
     """
     schemes: dict[str, QuantScheme] = {}
     with torch.no_grad():
-        for name in tqdm(names, desc=f"quantize {config.label}", unit="layer", disable=not progress):
+        for name in tqdm(names, desc=f"quantize {config.label}", unit="layer", disable=not run.progress):
             linear = model.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise ConfigError(f"{name} is a {type(linear).__name__}, not an nn.Linear; it cannot be quantized")

@@ -62,14 +62,19 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
         help="quantize a model's linear layers and save it as a holdall directory",
-        description="Round-to-nearest quantization of every decoder linear (not embeddings or lm_head) into "
-        "really bit-packed storage. --method rtn uses integers of --bits; nf4/fp4 use the QLoRA codebooks.",
+        description="Quantize every decoder linear (not embeddings or lm_head) into really bit-packed storage. "
+        "--method rtn rounds integers of --bits to nearest; nf4/fp4 use the QLoRA codebooks; hqq fits each "
+        "group's zero/scale without data; gptq corrects rounding errors with calibration data (default: 128 "
+        "windows of 2048 tokens of the shipped WikiText-2 valid split), one decoder layer at a time.",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
-    p.add_argument("--method", choices=["rtn", "nf4", "fp4"], default="rtn")
-    p.add_argument("--bits", type=int, default=None, help="integer width 2,3,4,5,6,8 (rtn; default 4)")
+    p.add_argument("--method", choices=["rtn", "nf4", "fp4", "gptq", "hqq"], default="rtn")
+    p.add_argument("--bits", type=int, default=None, help="integer width 2,3,4,5,6,8 (rtn/gptq/hqq; default 4)")
     p.add_argument(
-        "--group-size", type=int, default=None, help="elements per group (rtn default 128; nf4/fp4 block default 64)"
+        "--group-size",
+        type=int,
+        default=None,
+        help="elements per group (rtn/gptq default 128, hqq 64; nf4/fp4 block default 64)",
     )
     p.add_argument(
         "--granularity",
@@ -77,27 +82,70 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         default="group",
         help="one scale per group (default), per output channel, or per tensor",
     )
-    p.add_argument("--asym", action="store_true", help="asymmetric (scale + zero-point) instead of symmetric")
+    symmetry = p.add_mutually_exclusive_group()
+    symmetry.add_argument("--asym", action="store_true", help="asymmetric (scale + zero-point); hqq's default")
+    symmetry.add_argument("--sym", action="store_true", help="symmetric (implicit zero-point); rtn/gptq's default")
     p.add_argument("--double-quant", action="store_true", help="8-bit-quantize the scales too (QLoRA's double quantization)")
     p.add_argument("--targets", nargs="+", default=None, metavar="REGEX", help="quantize only linears whose name matches")
     p.add_argument("--exclude", nargs="+", default=(), metavar="REGEX", help="never quantize linears whose name matches")
+    gptq = p.add_argument_group("gptq")
+    gptq.add_argument(
+        "--act-order", action="store_true", help="quantize columns by decreasing activation energy (static groups)"
+    )
+    gptq.add_argument("--damp", type=float, default=None, help="Hessian damping, fraction of its mean diagonal (0.01)")
+    calib = p.add_argument_group("calibration (gptq)")
+    calib.add_argument("--calib", default=None, metavar="FILE", help="UTF-8 text to calibrate on (default: WikiText-2 valid)")
+    calib.add_argument("--calib-samples", type=int, default=None, metavar="N", help="calibration windows (gptq 128)")
+    calib.add_argument("--calib-seq-len", type=int, default=None, metavar="L", help="tokens per window (gptq 2048)")
+    calib.add_argument("--calib-seed", type=int, default=0, help="seed of the window positions (default 0)")
+    calib.add_argument(
+        "--device", default=None, help="where each decoder layer is calibrated, one at a time (e.g. cuda; default cpu)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite OUT; re-quantize an already-quantized model")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def quant_config_from_args(args: argparse.Namespace):
+    from holdall.algorithms import CalibrationConfig, GPTQConfig
     from holdall.algorithms.config import QuantConfig
+    from holdall.errors import ConfigError
 
-    options = dict(granularity=args.granularity, symmetric=not args.asym, double_quant=args.double_quant)
+    options = dict(granularity=args.granularity, double_quant=args.double_quant)
+    if args.asym or args.sym:  # otherwise the method's default (rtn/gptq symmetric, hqq asymmetric)
+        options["symmetric"] = args.sym
     if args.bits is not None:
         options["bits"] = args.bits
     if args.group_size is not None:
         options["group_size"] = args.group_size
+    calibrated = args.method == "gptq"
+    calib_flags = [flag for flag, value in (
+        ("--calib", args.calib), ("--calib-samples", args.calib_samples), ("--calib-seq-len", args.calib_seq_len),
+        ("--calib-seed", args.calib_seed != 0), ("--device", args.device), ("--act-order", args.act_order),
+        ("--damp", args.damp is not None),
+    ) if value]
+    if calib_flags and not calibrated:
+        raise ConfigError(f"{', '.join(calib_flags)} apply to --method gptq only (not {args.method})")
+    method_options = None
+    calibration = None
+    if calibrated:
+        gptq = {"act_order": args.act_order}
+        if args.damp is not None:
+            gptq["damp_percent"] = args.damp
+        method_options = GPTQConfig(**gptq)
+        calibration = CalibrationConfig(
+            text=args.calib,
+            n_samples=args.calib_samples,
+            seq_len=args.calib_seq_len,
+            seed=args.calib_seed,
+            device=args.device,
+        )
     return QuantConfig.for_method(
         args.method,
         targets=tuple(args.targets) if args.targets else None,
         exclude=tuple(args.exclude),
+        options=method_options,
+        calibration=calibration,
         **options,
     )
 
@@ -111,10 +159,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = quant_config_from_args(args)
     _refuse_existing_output(args.output, args.force)
     model, tokenizer = load_model(args.model)
-    quantize(model, config, force=args.force)
+    # calibrated methods print their own per-layer progress and summary to stderr
+    quantize(model, config, force=args.force, tokenizer=tokenizer)
     save_quantized(model, tokenizer, args.output, overwrite=args.force)
     info = model_info(args.output)
+    report = model.holdall_quant.get("report")
     if args.json:
+        if report is not None:
+            info = {**info, "calibration_report": report}
         print(json.dumps(info, indent=2, default=str))
     else:
         from holdall.models.info import format_info
@@ -322,6 +374,96 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- serve
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server: one base model, many LoRA adapters, batched together",
+        description="Serve MODEL and its LoRA adapters over an OpenAI-compatible HTTP API (/v1/models, "
+        "/v1/completions, /v1/chat/completions, streaming; vLLM's /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter). A request's `model` field picks the adapter (the base by its name); requests "
+        "for different adapters share one forward pass. Needs: pip install 'holdall[serve]'.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a PEFT-format LoRA adapter directory served as model NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $HOLDALL_API_KEY, else no authentication)")
+    p.add_argument("--served-model-name", default=None, help="the base's id in the API (default: MODEL as given)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (default 2048)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens one request may generate (default 512)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413 (default 4 MiB)")
+    p.add_argument("--no-mixed-batches", action="store_true",
+                   help="batch only requests for the same adapter (for comparison; mixing is faster)")
+    p.add_argument("--no-continuous-batching", action="store_true",
+                   help="admit new requests only when the running batch has finished (batch per wave)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from holdall.serving import EngineConfig, ServeConfig, serve
+    from holdall.serving.server import parse_adapter_specs
+
+    engine = EngineConfig(
+        max_batch_size=args.max_batch, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+        max_queued_requests=args.max_queue, mixed_batches=not args.no_mixed_batches,
+        continuous_batching=not args.no_continuous_batching,
+    )
+    config = ServeConfig(
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HOLDALL_API_KEY") or None,
+        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+        engine=engine,
+    )
+    serve(args.model, parse_adapter_specs(args.adapter), config, dtype=getattr(torch, args.dtype), device=args.device)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from holdall.formats.gguf.filetypes import FILE_TYPES  # light: no gguf / transformers import
+
+    p = sub.add_parser(
+        "export",
+        help="write a GGUF file that llama.cpp, Ollama and LM Studio run (Q4_K_M, Q8_0, F16 ...)",
+        description="Convert MODEL (hub id, HF directory, e.g. a merged fine-tune) into one GGUF file with the "
+        "tokenizer, choosing every tensor's type exactly as llama.cpp's llama-quantize does for TYPE. "
+        "Export from the float model: a holdall-quantized one is refused (double rounding) unless --force.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--gguf", required=True, metavar="TYPE", help=f"file type: {', '.join(FILE_TYPES)}")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.gguf",
+                   help="output file (default: <model>-<TYPE>.gguf in the current folder)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists; dequantize and export a holdall-quantized model")
+
+
+def _default_gguf_name(model: str, file_type: str) -> str:
+    stem = Path(model.rstrip("/\\")).name.removesuffix(".gguf") or "model"
+    return f"{stem}-{file_type}.gguf"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from holdall.formats.gguf.export import export_gguf
+    from holdall.formats.gguf.filetypes import get_file_type
+
+    file_type = get_file_type(args.gguf)
+    output = args.output or _default_gguf_name(args.model, file_type.name)
+    _refuse_existing_output(output, args.force)
+    path = export_gguf(args.model, output, file_type, force=args.force)
+    print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, {file_type.name})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- wiring
 _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "plan": (_add_plan, cmd_plan),
@@ -331,6 +473,8 @@ _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "info": (_add_info, cmd_info),
     "finetune": (_add_finetune, cmd_finetune),
     "merge": (_add_merge, cmd_merge),
+    "export": (_add_export, cmd_export),
+    "serve": (_add_serve, cmd_serve),
 }
 
 

@@ -53,8 +53,12 @@ def register(name: str, encode: Encoder, decode: Decoder) -> None:
 
 
 def _load_families() -> None:
-    # Imported lazily so this module (and its TYPES table) costs nothing until a tensor is encoded.
-    from . import quants_k, quants_legacy  # noqa: F401
+    # Imported lazily so this module (and its TYPES table) costs nothing until a tensor is encoded; each family
+    # on its own, so that a broken k-quant module cannot take F16/Q8_0 down with it.
+    import importlib
+
+    for family in ("quants_legacy", "quants_k"):
+        importlib.import_module(f"{__package__}.{family}")
 
 
 def type_name(qtype) -> str:

@@ -1,0 +1,395 @@
+"""GPTQ (Frantar et al. 2022, arXiv 2210.17323): quantize a weight column by column, feeding each column's
+rounding error into the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+For a linear ``y = W x`` and calibration inputs ``X`` the layer-wise objective is ``||W X - Ŵ X||²``, whose
+Hessian in each row of ``W`` is ``H = 2/n · Σ x xᵀ`` (``[in, in]``). Quantizing column ``i`` to ``q`` leaves an
+error ``e = (w_i - q) / [H⁻¹]_ii``; the optimal correction of the remaining columns is ``-e · [H⁻¹]_{i, i+1:}``.
+With ``U`` the upper Cholesky factor of ``H⁻¹`` the rows of ``U`` carry exactly these coefficients, so one
+factorization serves every column (the paper's Cholesky reformulation). Corrections inside a block of
+``block_size`` columns are applied eagerly, to the rest of the matrix once per block (lazy batch updates).
+
+holdall's specifics:
+
+* **Numerics.** ``H`` accumulates in float32 (a running sum of ``xᵀx`` over batches); damping and the factor
+  ``U`` run in float64 (where an ill-conditioned ``H`` bites), the column loop in float32. ``U`` comes from one
+  Cholesky of the reversed ``H`` and one triangular inverse, the same matrix as the reference's three-step
+  ``chol(cholesky_inverse(chol(H)), upper)`` at about a third of the cost (``_try_inverse_factor``).
+  A failed factorization raises the damping ``x10`` (``damp_retries`` times); if it never succeeds, or the
+  updates stop being finite, that linear is rounded to nearest and the report says so. Weights are never NaN.
+* **Dead inputs** (``H_ii == 0``: the channel is always 0 in the calibration data) get ``H_ii = 1`` and a zeroed
+  weight column, as in the reference.
+* **Groups.** Without act-order each group's scale/zero is fitted when the loop reaches the group, on the
+  already-corrected weights (the reference's behaviour); blocks are aligned to groups so a group is always
+  fitted on fully updated columns. A partial last group (576 = 4.5 x 128) is just a shorter slice.
+* **act-order** (``desc_act``: columns in order of decreasing ``H_ii``) uses **static groups**: every group's
+  parameters are fitted up front on the original weights, in the original column order, so the stored layout
+  stays plain group-wise (``scale [out, ceil(in/g)]``, no ``g_idx``) and every holdall reader, kernel and export
+  works unchanged. The reference's alternative (groups formed in permuted order) needs a ``g_idx``, which the core
+  format does not store, so it is refused with that explanation.
+* The codes use the core's conventions (``core/affine.py``: scales rounded to ``scale_dtype`` before the codes,
+  symmetric zero ``2**(bits-1)``, round-half-to-even), so with a diagonal ``H`` GPTQ returns exactly the
+  round-to-nearest codes, and the result is an ordinary ``QuantLinear``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import affine
+from ..core.qtensor import QuantizedTensor
+from ..core.scheme import QuantScheme
+from ..errors import ConfigError, DataError
+from .config import MethodOptions, MethodResult, MethodRun, QuantConfig, register_method
+from .packed import quant_linear_from_codes
+from .sequential import run_sequential
+
+
+@dataclass(frozen=True)
+class GPTQConfig(MethodOptions):
+    """GPTQ's options (the scheme — bits, group size, symmetry — lives in ``QuantConfig.scheme``).
+
+    damp_percent: damping added to ``H``'s diagonal, as a fraction of its mean (the reference's ``percdamp``).
+    damp_retries: how many times the damping is multiplied by 10 when the Cholesky factorization fails.
+    block_size: columns per lazy batch update (speed only; the result is the same up to float rounding).
+    act_order: quantize columns in order of decreasing Hessian diagonal (``desc_act``); needs static groups.
+    static_groups: fit every group's scale/zero up front on the original weights; None = same as act_order.
+    true_sequential: collect each linear group's statistics after the earlier groups of the layer were quantized
+        (q/k/v, then o, then gate/up, then down); False = all from the float layer in one pass.
+    """
+
+    damp_percent: float = 0.01
+    damp_retries: int = 4
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool | None = None
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.damp_percent, (int, float)) or isinstance(self.damp_percent, bool) or not (
+            0 <= self.damp_percent < 1e6
+        ):
+            raise ConfigError(f"GPTQConfig.damp_percent must be a number >= 0 (e.g. 0.01), got {self.damp_percent!r}")
+        for name, minimum in (("damp_retries", 0), ("block_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ConfigError(f"GPTQConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("act_order", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        static = self.act_order if self.static_groups is None else self.static_groups
+        if not isinstance(static, bool):
+            raise ConfigError(f"GPTQConfig.static_groups must be True, False or None, got {self.static_groups!r}")
+        if self.act_order and not static:
+            raise ConfigError(
+                "GPTQ act_order with dynamic groups (static_groups=False) gives every column a group index (g_idx) "
+                "that holdall's plain group-wise format does not store; use static_groups=True (the default with "
+                "act_order): group parameters are fitted on the original column order, and quality is the same"
+            )
+        object.__setattr__(self, "static_groups", static)
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        if scheme.dtype != "int" or scheme.double_quant:
+            raise ConfigError(
+                f"GPTQ produces plain affine integers; {scheme.label} is not one (double quantization would change "
+                "the scales after the codes were chosen against them). Use an int scheme without double_quant"
+            )
+
+
+@dataclass
+class GPTQResult:
+    """One weight quantized by :func:`gptq_quantize`."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    scale: torch.Tensor  # [R, G] in scale_dtype
+    zero: torch.Tensor | None  # uint8 [R, G], asymmetric only
+    damp: float | None  # damping fraction that factorized H; None = fell back to round-to-nearest
+    notes: list[str] = field(default_factory=list)
+
+
+# --- the algorithm on one weight ------------------------------------------------------------------------
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, config: GPTQConfig) -> GPTQResult:
+    """GPTQ-quantize ``w [out, in]`` given the Hessian ``H [in, in]`` of its inputs (``2/n Σ x xᵀ``)."""
+    config.check_scheme(scheme)
+    n_cols = w.shape[1]
+    if tuple(hessian.shape) != (n_cols, n_cols):
+        raise ConfigError(
+            f"the Hessian is {tuple(hessian.shape)}, expected [{n_cols}, {n_cols}] for a weight {tuple(w.shape)}"
+        )
+    if not torch.isfinite(hessian).all():
+        raise DataError("the Hessian holds NaN/Inf: the calibration activations overflow float32")
+    affine.check_finite(w)
+    W = w.detach().float().clone()  # [out, in], corrected in place as columns are quantized
+    H = hessian.detach().float().clone()  # [in, in]
+
+    dead = H.diagonal() == 0  # inputs that were always 0: nothing to preserve, and H would be singular
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    fixed_params = scheme.granularity != "group" or config.static_groups
+    scale, zero = affine.choose_qparams(W, scheme) if fixed_params else _empty_qparams(W, scheme)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+
+    hinv, damp, notes = inverse_hessian_factor(H, config)
+    if hinv is not None:
+        codes = _quantize_columns(W, hinv, scale, zero, perm, scheme, config, fixed_params)
+        if codes is not None:
+            return GPTQResult(codes, scale, zero, damp, notes)
+        notes.append("the error feedback stopped being finite (ill-conditioned Hessian)")
+    # the safe answer: plain round-to-nearest of the (dead-column-zeroed) weight, in the original order
+    W = w.detach().float().clone()
+    W[:, dead] = 0.0
+    scale, zero = affine.choose_qparams(W, scheme)
+    notes.append("quantized with round-to-nearest instead of GPTQ")
+    return GPTQResult(affine.quantize_affine(W, scale, zero, scheme), scale, zero, None, notes)
+
+
+def inverse_hessian_factor(H: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor | None, float | None, list[str]]:
+    """``(U, damp, notes)``: ``U`` the upper Cholesky factor of ``(H + damp · mean(diag H) · I)⁻¹`` (float32).
+
+    On failure the damping is multiplied by 10, up to ``config.damp_retries`` times; ``U`` is None if every try
+    failed. Works in float64: the inverse of a nearly singular float32 Hessian is where precision runs out.
+    """
+    H64 = H.double()
+    # |diag|: a Hessian from real data has a non-negative diagonal (then this is the reference's mean(diag));
+    # a broken one may not, and must still get a damping of its own scale
+    mean_diag = float(H64.diagonal().abs().mean())
+    unit = mean_diag if math.isfinite(mean_diag) and mean_diag > 0 else 1.0
+    eye = torch.eye(H64.shape[0], dtype=H64.dtype, device=H64.device)
+    damp = config.damp_percent
+    tried = []
+    for _ in range(config.damp_retries + 1):
+        U = _try_inverse_factor(H64 + (damp * unit) * eye)
+        if U is not None:
+            notes = []
+            if tried:
+                notes.append(
+                    f"Hessian not positive definite with damping {', '.join(f'{d:g}' for d in tried)}; "
+                    f"factorized with damping {damp:g} (x mean diagonal)"
+                )
+            return U.float(), damp, notes
+        tried.append(damp)
+        damp = damp * 10 if damp > 0 else 0.01
+    return None, None, [f"Cholesky failed with every damping tried ({', '.join(f'{d:g}' for d in tried)})"]
+
+
+def _try_inverse_factor(H: torch.Tensor) -> torch.Tensor | None:
+    """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``), or None if ``H`` is not positive definite.
+
+    The reference computes ``chol(cholesky_inverse(chol(H)), upper)``: three O(n³) steps. One Cholesky of the
+    *reversed* matrix does it in two: with ``J`` the reversal permutation, ``J H J = L Lᵀ`` gives
+    ``H = R Rᵀ`` for the upper-triangular ``R = J L J``, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹`` (upper triangular,
+    positive diagonal: the Cholesky factor is unique, so this is the same ``U``).
+    """
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0:
+        return None
+    R = L.flip(0, 1)  # upper triangular, H = R Rᵀ
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    U = torch.linalg.solve_triangular(R, eye, upper=True)
+    if not torch.isfinite(U).all():
+        return None
+    return U
+
+
+def _empty_qparams(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale/zero grids to be filled group by group as the column loop reaches them."""
+    rows, groups = affine.qparams_shape(W.shape, scheme)
+    scale = torch.empty(rows, groups, dtype=scheme.torch_scale_dtype, device=W.device)
+    zero = None if scheme.symmetric else torch.zeros(rows, groups, dtype=torch.uint8, device=W.device)
+    return scale, zero
+
+
+def _quantize_columns(
+    W: torch.Tensor,
+    hinv: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    scheme: QuantScheme,
+    config: GPTQConfig,
+    fixed_params: bool,
+) -> torch.Tensor | None:
+    """The column loop on ``W [out, in]`` (already permuted); fills ``scale``/``zero`` for dynamic groups.
+
+    Returns uint8 codes ``[out, in]`` in the original column order, or None if the updates became non-finite.
+    The loop is bound by per-op overhead (~10 small ops per column), so it works on ``Wᵀ``: a column of ``W``
+    is then a contiguous row, and each step is a handful of in-place ops on contiguous memory.
+    """
+    n_cols = W.shape[1]
+    maxq = 2**scheme.bits - 1
+    midpoint = float(2 ** (scheme.bits - 1))
+    g = scheme.group_size if scheme.granularity == "group" else n_cols
+    order = perm.tolist() if perm is not None else range(n_cols)
+    group_of = torch.tensor([c // g for c in order], device=W.device)  # scale column of each loop position
+    # dynamic groups are fitted at their first column from the block's up-to-date copy: blocks must hold whole groups
+    block = config.block_size if fixed_params else g * max(1, config.block_size // g)
+    fit_scheme = dataclasses.replace(scheme, granularity="channel")
+    Wt = W.t().contiguous()  # [in, out]
+    codes_t = torch.empty(n_cols, W.shape[0], dtype=torch.uint8, device=W.device)
+    for i1 in range(0, n_cols, block):
+        i2 = min(i1 + block, n_cols)
+        W1 = Wt[i1:i2].clone()  # [b, out]: this block's columns, corrected eagerly
+        Q1 = torch.empty_like(W1)  # codes as floats
+        Err1 = torch.empty_like(W1)  # scaled errors, fed to the rest of W once per block
+        Hinv1 = hinv[i1:i2, i1:i2]
+        inv_diag = (1.0 / Hinv1.diagonal()).tolist()
+        if fixed_params:
+            S1, Z1 = _block_params(scale, zero, group_of[i1:i2])  # [b, out] (or [b, 1] per tensor)
+        else:
+            S1 = torch.empty_like(W1)
+            Z1 = torch.empty_like(W1) if zero is not None else None
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not fixed_params and j % g == 0:
+                fit = W1[i : i + g]  # [<=g, out]: the whole group, already corrected up to here
+                if not torch.isfinite(fit).all():
+                    return None
+                s_fit, z_fit = affine.choose_qparams(fit.t(), fit_scheme)  # [out, 1] each
+                scale[:, j // g] = s_fit[:, 0]
+                S1[i : i + g] = s_fit[:, 0].float()
+                if zero is not None:
+                    zero[:, j // g] = z_fit[:, 0]
+                    Z1[i : i + g] = z_fit[:, 0].float()
+            w, s = W1[i], S1[i]  # [out]
+            z = Z1[i] if Z1 is not None else midpoint
+            q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)  # the core's rounding: diagonal H == RTN exactly
+            Q1[i] = q
+            err = torch.sub(q, z).mul_(s).neg_().add_(w).mul_(inv_diag[i])  # (w - (q - z) s) / [H⁻¹ factor]_ii
+            Err1[i] = err
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # feed the error to the block's remaining columns
+        if not torch.isfinite(Err1).all():
+            return None
+        codes_t[i1:i2] = Q1.to(torch.uint8)
+        Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy update of everything after the block
+    codes = codes_t.t()
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.contiguous()
+
+
+def _block_params(
+    scale: torch.Tensor, zero: torch.Tensor | None, groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each loop position's scale (and zero) as float rows ``[b, R]``, gathered from ``[R, G]`` grids."""
+    S1 = scale.t().float()[groups]
+    Z1 = zero.t().float()[groups] if zero is not None else None
+    return S1, Z1
+
+
+# --- the engine's side ----------------------------------------------------------------------------------
+class HessianObserver:
+    """Accumulates ``Σ x xᵀ`` (float32) over the calibration tokens of one linear group's input."""
+
+    def __init__(self, names: list[str], in_features: int, device: torch.device):
+        self.names = names
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n_tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.float()  # [tokens, in]
+        self.sum.addmm_(x.T, x)
+        self.n_tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2/n · Σ x xᵀ`` ``[in, in]``."""
+        H = self.sum * (2.0 / max(self.n_tokens, 1))
+        if not torch.isfinite(H).all():
+            raise DataError(
+                f"the input statistics of {', '.join(self.names)} overflow float32 (activations too large); "
+                "the model's activations are broken or need a wider dtype"
+            )
+        return H
+
+
+class GPTQQuantizer:
+    """GPTQ as a :class:`~holdall.algorithms.sequential.LayerQuantizer`."""
+
+    def __init__(self, scheme: QuantScheme, options: GPTQConfig, label: str):
+        self.scheme = scheme
+        self.options = options
+        self.label = label
+
+    def observer(self, names: list[str], linears: list[nn.Linear]) -> HessianObserver:
+        weight = linears[0].weight
+        return HessianObserver(names, weight.shape[1], weight.device)
+
+    def quantize(
+        self, names: list[str], linears: list[nn.Linear], observer: HessianObserver
+    ) -> list[tuple[nn.Module, dict[str, Any]]]:
+        """GPTQ on the group's weights stacked along the output dim: they share the input, hence ``H``, and GPTQ
+        treats rows independently, so one column loop (and one factorization) serves q, k and v together.
+        A per-tensor scale is the exception: each weight keeps its own."""
+        H = observer.hessian()
+        if self.scheme.granularity == "tensor":
+            return [self._quantize([linear], H)[0] for linear in linears]
+        return self._quantize(linears, H)
+
+    def _quantize(self, linears: list[nn.Linear], H: torch.Tensor) -> list[tuple[nn.Module, dict[str, Any]]]:
+        stacked = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
+        result = gptq_quantize(stacked, H, self.scheme, self.options)
+        rows = [linear.out_features for linear in linears]
+        codes, scales = result.codes.split(rows), result.scale.split(rows)
+        zeros = result.zero.split(rows) if result.zero is not None else [None] * len(rows)
+        out = []
+        for linear, c, s, z in zip(linears, codes, scales, zeros):
+            c, s, z = c.contiguous(), s.contiguous(), None if z is None else z.contiguous()
+            module = quant_linear_from_codes(linear, c, s, z, self.scheme)
+            quantized = affine.dequantize_affine(c, s, z, self.scheme)
+            rtn = QuantizedTensor.from_float(linear.weight.detach(), self.scheme).dequantize()
+            info = {
+                "rel_error": output_error(linear.weight, quantized, H),
+                "rtn_rel_error": output_error(linear.weight, rtn, H),
+                "damp": result.damp,
+                "notes": list(result.notes),
+            }
+            out.append((module, info))
+        return out
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``||(W - Ŵ) X|| / ||W X||`` on the calibration inputs, from their Hessian:
+    ``sqrt(tr(Δ H Δᵀ) / tr(W H Wᵀ))`` with ``Δ = W - Ŵ``."""
+    w = w.detach().float()
+    delta = w - w_hat.float()
+    err = float(((delta @ H) * delta).sum())
+    ref = float(((w @ H) * w).sum())
+    return math.sqrt(max(err, 0.0) / ref) if ref > 0 else 0.0
+
+
+def quantize_gptq(model: nn.Module, names: list[str], config: QuantConfig, run: MethodRun) -> MethodResult:
+    """The ``gptq`` method: the sequential engine with :class:`GPTQQuantizer`."""
+    options: GPTQConfig = config.options  # type: ignore[assignment]  (QuantConfig resolved it)
+    calibration = config.calibration
+    if run.calibration_ids is None or calibration is None:
+        raise ConfigError("gptq needs calibration data; call it through holdall.quantize(model, config, tokenizer=...)")
+    label = config.label + ("+act_order" if options.act_order else "")
+    result = run_sequential(
+        model,
+        names,
+        GPTQQuantizer(config.scheme, options, label),
+        run.calibration_ids,
+        true_sequential=options.true_sequential,
+        batch_size=calibration.batch_size,
+        device=calibration.device,
+        progress=run.progress,
+    )
+    return MethodResult({name: config.scheme for name in names}, result.report.to_dict())
+
+
+register_method(
+    "gptq",
+    quantize_gptq,
+    ("int",),
+    QuantScheme(),
+    help="GPTQ: Hessian-aware error feedback on calibration data (default int4, groups of 128, 128x2048 tokens)",
+    options=GPTQConfig,
+    calibration=(128, 2048),
+)
