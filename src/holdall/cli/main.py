@@ -200,6 +200,41 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kld-vs", default=None, metavar="BASE", help="base model to compare against (KL divergence)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--engine", choices=("auto", "llamacpp", "torch"), default="auto",
+        help="for .gguf files: score with llama.cpp itself (llama-perplexity's protocol: --n-ctx chunks, second "
+        "half scored; --kld-vs must be a .gguf too) or dequantize into torch; auto = llama.cpp when installed",
+    )
+    p.add_argument("--n-ctx", type=int, default=512, help="llama.cpp engine: chunk length (default 512, as llama.cpp)")
+
+
+def _use_llamacpp(args: argparse.Namespace) -> bool:
+    if not str(args.model).endswith(".gguf") or args.engine == "torch":
+        return False
+    if args.engine == "llamacpp":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _eval_gguf(args: argparse.Namespace) -> int:
+    from holdall.data import wikitext2
+    from holdall.errors import ConfigError
+    from holdall.evaluation.llamacpp import evaluate_gguf
+    from holdall.evaluation.perplexity import format_result
+    from holdall.evaluation.text import load_text
+
+    if args.kld_vs and not str(args.kld_vs).endswith(".gguf"):
+        raise ConfigError("with the llama.cpp engine --kld-vs must be a .gguf file too (e.g. the F16 export); "
+                          "or pass --engine torch")
+    text = load_text(args.text or wikitext2("test"))
+    result = evaluate_gguf(args.model, text, n_ctx=args.n_ctx, max_chunks=args.max_windows, base_path=args.kld_vs,
+                           progress=not args.json)
+    record = {"model": args.model, "base": args.kld_vs, "engine": "llama.cpp",
+              "text": str(args.text or "wikitext-2 test"), **result.to_dict()}
+    print(json.dumps(record, indent=2) if args.json else "engine: llama.cpp\n" + format_result(result))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -210,6 +245,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from holdall.evaluation.text import load_text
     from holdall.models.loading import load_model
 
+    if _use_llamacpp(args):
+        return _eval_gguf(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     text = load_text(args.text or wikitext2("test"))
     model, tokenizer = load_model(args.model, device=device)
