@@ -482,6 +482,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="output file (default: <model>-<TYPE>.gguf in the current folder)")
     p.add_argument("--force", action="store_true",
                    help="replace OUT if it exists; dequantize and export a holdall-quantized model")
+    p.add_argument("--calibrate", default=None, metavar="FILE",
+                   help="text to measure an importance matrix on (llama-imatrix's information, computed by holdall "
+                   "on the float model); 'wikitext2' = the shipped WikiText-2 valid split")
+    p.add_argument("--calib-chunks", type=int, default=64, help="512-token calibration chunks (default 64)")
 
 
 def _default_gguf_name(model: str, file_type: str) -> str:
@@ -496,7 +500,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     file_type = get_file_type(args.gguf)
     output = args.output or _default_gguf_name(args.model, file_type.name)
     _refuse_existing_output(output, args.force)
-    path = export_gguf(args.model, output, file_type, force=args.force)
+    text = None
+    if args.calibrate:
+        from holdall.data import wikitext2
+        from holdall.evaluation.text import load_text
+
+        text = load_text(wikitext2("valid") if args.calibrate == "wikitext2" else args.calibrate)
+    path = export_gguf(args.model, output, file_type, force=args.force, calibration_text=text,
+                       calibration_chunks=args.calib_chunks)
     print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, {file_type.name})")
     return 0
 

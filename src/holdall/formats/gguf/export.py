@@ -41,6 +41,8 @@ def export_gguf(
     imatrix: Mapping[str, Any] | None = None,
     force: bool = False,
     progress: bool = True,
+    calibration_text: str | None = None,
+    calibration_chunks: int = 64,
 ) -> Path:
     """Write ``model_or_spec`` as a GGUF file of ``file_type`` (``"Q4_K_M"``, ``"Q8_0"``, ``"F16"`` ...).
 
@@ -48,6 +50,9 @@ def export_gguf(
         accepts (hub id, HF directory, .gguf file, alias). A loaded model needs ``tokenizer``.
     imatrix: optional importance per input column, ``{gguf_tensor_name: float32 [row_length]}`` (e.g.
         ``"blk.0.ffn_down.weight"``), passed to the encoders as llama-quantize's --imatrix would be.
+    calibration_text: text to measure an importance matrix on (``formats.gguf.imatrix.collect_imatrix``:
+        ``calibration_chunks`` chunks of 512 tokens) when no ``imatrix`` is given — llama-imatrix's information,
+        computed by holdall on the float model.
     force: dequantize holdall-quantized layers and export them anyway (they are refused otherwise, because
         re-quantizing rounds the weights twice).
     Returns the absolute path of the written file; the file appears complete or not at all.
@@ -58,6 +63,10 @@ def export_gguf(
     model, tokenizer = _load(model_or_spec, tokenizer, ft)
     conversion = convert_model(model, force=force)
     hp = conversion.hparams
+    if imatrix is None and calibration_text is not None and ft.is_quantized:
+        from .imatrix import collect_imatrix
+
+        imatrix = collect_imatrix(model, tokenizer, calibration_text, max_chunks=calibration_chunks, progress=progress)
     vocab = vocab_from_tokenizer(tokenizer, hp.n_vocab, model.config)
     plan = plan_tensor_types([(t.name, t.shape) for t in conversion.tensors], ft, hp.model_shape, imatrix is not None)
     importance = _check_imatrix(imatrix, conversion, plan.types)
