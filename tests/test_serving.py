@@ -338,7 +338,10 @@ def test_adapter_for_another_base_is_refused(server, artifacts):
 
 def test_busy_adapter_cannot_be_unloaded_and_a_closed_stream_stops_generating(server):
     """A slowed-down model keeps one streamed request in flight long enough to look at it."""
-    slow = server.engine.model.register_forward_pre_hook(lambda *args: time.sleep(0.05))
+    # 0.2 s per forward x 24 tokens. Hooked on the output head, which every prefill and decode step calls
+    # (the engine may call the model's forward directly, which skips hooks on the model itself).
+    head = server.engine.model.get_output_embeddings()
+    slow = head.register_forward_pre_hook(lambda *args: time.sleep(0.2))
     cancelled_before = server.engine.stats.requests_cancelled
     body = {"model": "c", "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0, "stream": True}
     try:
@@ -348,7 +351,7 @@ def test_busy_adapter_cannot_be_unloaded_and_a_closed_stream_stops_generating(se
             busy = _post(server, "/v1/unload_lora_adapter", {"lora_name": "c"})
             assert busy.status_code == 409 and "queued or running" in busy.json()["error"]["message"]
         # leaving the block closed the connection: the engine should drop the row long before 24 tokens
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while server.engine.stats.requests_cancelled == cancelled_before and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.engine.stats.requests_cancelled == cancelled_before + 1
