@@ -202,15 +202,26 @@ def run_method(method: str, customer: str, prompts: list[list[dict]], args, want
     else:  # LoRA starts from the float base itself (B = 0): no need to score it twice
         result["eval_loss_before"] = result.get("base_eval_loss") or eval_loss(model, data.eval, pad_id)
     log(f"{customer}/{method}: eval loss before {result['eval_loss_before']:.4f}; fine-tuning {args.steps} steps")
-    work = Path(args.work_dir) / customer / method
-    if work.exists():
-        shutil.rmtree(work)  # a fresh run, never a resumed one
+    work = fresh_work_dir(args, customer, method)
     started = time.perf_counter()
     trained = finetune(model, path, finetune_config(method, args), work, tokenizer=tokenizer)
     result["train_seconds"] = round(time.perf_counter() - started, 1)
+    result["trainable"] = trained.trainable
+    return finish_method(result, trained, model, tokenizer, data, prompts, customer, method, args)
+
+
+def fresh_work_dir(args, customer: str, method: str) -> Path:
+    work = Path(args.work_dir) / customer / method
+    if work.exists():
+        shutil.rmtree(work)  # a fresh run, never a resumed one
+    return work
+
+
+def finish_method(result, trained, model, tokenizer, data, prompts, customer, method, args) -> dict:
+    """Record a trained run (finetune's or the Trainer's result: same fields), generate, keep the loss curve."""
     result.update(
         steps=trained.steps, eval_loss_after=trained.eval_loss, train_loss_last=trained.train_loss,
-        train_tokens=trained.tokens, tokens_per_s=round(trained.tokens_per_s, 1), trainable=trained.trainable,
+        train_tokens=trained.tokens, tokens_per_s=round(trained.tokens_per_s, 1),
         train_windows=len(data.train), eval_windows=len(data.eval),
     )
     log(f"{customer}/{method}: eval loss after {fmt(trained.eval_loss)} ({result['train_seconds']} s); generating")
@@ -235,9 +246,7 @@ def run_incumbent(method, customer, prompts, args, data, result, model, tokenize
     model = peft_model(qlora=INCUMBENTS[method])
     result["eval_loss_before"] = eval_loss(model, data.eval, pad_id)
     log(f"{customer}/{method}: eval loss before {result['eval_loss_before']:.4f}; fine-tuning {args.steps} steps")
-    work = Path(args.work_dir) / customer / method
-    if work.exists():
-        shutil.rmtree(work)
+    work = fresh_work_dir(args, customer, method)
     compute = pick_compute_dtype("auto", torch.device("cpu"))
     autocast = None if compute == torch.float32 else compute
     config = finetune_config("qlora" if INCUMBENTS[method] else "lora", args).trainer_config(autocast)
@@ -245,18 +254,8 @@ def run_incumbent(method, customer, prompts, args, data, result, model, tokenize
                       save_model=lambda m, d: m.save_pretrained(d))
     started = time.perf_counter()
     trained = trainer.train()
-    result["train_seconds"] = round(time.perf_counter() - started, 1)
-    result.update(
-        steps=trained.steps, eval_loss_after=trained.eval_loss, train_loss_last=trained.train_loss,
-        train_tokens=trained.tokens, tokens_per_s=round(trained.tokens_per_s, 1), trainable="(peft)",
-        train_windows=len(data.train), eval_windows=len(data.eval), compute=str(compute),
-    )
-    log(f"{customer}/{method}: eval loss after {fmt(trained.eval_loss)} ({result['train_seconds']} s); generating")
-    result["generations"] = generate(model, tokenizer, prompts, args.max_new_tokens)
-    result["loss_curve"] = copy_loss_curve(trained.plot_path, customer, method, args.out)
-    del model
-    gc.collect()
-    return result
+    result.update(train_seconds=round(time.perf_counter() - started, 1), trainable="(peft)", compute=str(compute))
+    return finish_method(result, trained, model, tokenizer, data, prompts, customer, method, args)
 
 
 def copy_loss_curve(plot: Path | None, customer: str, method: str, out: Path) -> str | None:
