@@ -4,11 +4,13 @@ For each file type: (1) llama.cpp's file — ``llama_model_quantize`` on holdall
 does); (2) holdall's export of the same type (``holdall export smollm2 --gguf TYPE``; its tensors are byte-equal to
 (1), tests/test_gguf_export.py); (3) holdall's calibrated export (``--calibrate wikitext2``: an importance matrix
 measured on the WikiText-2 *valid* split, 64 x 512 tokens, fed to the encoders' imatrix paths, which are
-byte-equal to llama-quantize --imatrix for the same importances). Every file is scored by llama.cpp itself
+byte-equal to llama-quantize --imatrix for the same importances); (4) holdall+gptq: the same calibration pass also
+measures every linear's full input Hessian, and ``formats.gguf.refine`` chooses codes by error feedback (and
+re-fits the scales) inside the same ggml types (``--calibrate wikitext2 --refine gptq``). Every file is scored by llama.cpp itself
 (``holdall.evaluation.llamacpp``: llama-perplexity's protocol, ctx 512, second half of each chunk scored) on
 WikiText-2 *test*: perplexity, KL divergence to the F16 file and top-1 agreement on the same positions.
 
-Usage:  python benchmarks/gguf_quality.py [--types Q4_K_M Q4_0 ...] [--chunks 20] [--out benchmarks/results]
+Usage:  python benchmarks/gguf_quality.py [--types Q4_K_M Q4_0 ...] [--chunks 20] [--variants ...] [--out DIR]
 Writes gguf_quality.{json,md}; files go to out/gguf_quality (git-ignored).
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TYPES = ("Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+VARIANTS = ("llama.cpp", "holdall", "holdall+imatrix", "holdall+gptq")
 
 
 def log(message: str) -> None:
@@ -48,6 +51,8 @@ def main(argv=None) -> dict:
     p.add_argument("--chunks", type=int, default=20, help="512-token chunks of WikiText-2 test scored")
     p.add_argument("--calib-chunks", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help="which files to build and score (holdall's plain file is byte-equal to llama.cpp's)")
     p.add_argument("--work", type=Path, default=REPO / "out" / "gguf_quality")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -58,7 +63,7 @@ def main(argv=None) -> dict:
     from holdall.evaluation.llamacpp import evaluate_gguf
     from holdall.evaluation.text import load_text
     from holdall.formats.gguf.export import export_gguf
-    from holdall.formats.gguf.imatrix import collect_imatrix
+    from holdall.formats.gguf.imatrix import collect_statistics
     from holdall.models import load_model
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -69,7 +74,9 @@ def main(argv=None) -> dict:
     model, tok = load_model("smollm2", dtype=torch.float32)
     f16 = export_gguf(model, args.work / "smollm2-F16.gguf", "F16", tokenizer=tok, progress=False)
     started = time.perf_counter()
-    imatrix = collect_imatrix(model, tok, load_text(wikitext2("valid")), max_chunks=args.calib_chunks)
+    stats = collect_statistics(model, tok, load_text(wikitext2("valid")), max_chunks=args.calib_chunks,
+                               hessians="holdall+gptq" in args.variants)
+    imatrix = stats.imatrix
     imatrix_s = time.perf_counter() - started
     test_text = load_text(wikitext2("test"))
 
@@ -81,36 +88,53 @@ def main(argv=None) -> dict:
 
     rows = []
     for file_type in args.types:
-        llama_path = args.work / f"llama-{file_type}.gguf"
-        llama_s = llama_quantize(f16, llama_path, file_type, args.threads)
-        started = time.perf_counter()
-        plain = export_gguf(model, args.work / f"holdall-{file_type}.gguf", file_type, tokenizer=tok, progress=False)
-        plain_s = time.perf_counter() - started
-        calibrated = export_gguf(model, args.work / f"holdall-cal-{file_type}.gguf", file_type, tokenizer=tok,
-                                 imatrix=imatrix, progress=False)
-        row = {"type": file_type, "llama_quantize_s": round(llama_s, 2), "holdall_export_s": round(plain_s, 2),
-               "llama.cpp": score(llama_path), "holdall": score(plain), "holdall+imatrix": score(calibrated)}
-        row["kld_ratio_calibrated_vs_llama"] = round(row["holdall+imatrix"]["kld"] / row["llama.cpp"]["kld"], 4)
+        row = {"type": file_type}
+        if "llama.cpp" in args.variants:
+            llama_path = args.work / f"llama-{file_type}.gguf"
+            row["llama_quantize_s"] = round(llama_quantize(f16, llama_path, file_type, args.threads), 2)
+            row["llama.cpp"] = score(llama_path)
+        if "holdall" in args.variants:
+            started = time.perf_counter()
+            plain = export_gguf(model, args.work / f"holdall-{file_type}.gguf", file_type, tokenizer=tok, progress=False)
+            row["holdall_export_s"] = round(time.perf_counter() - started, 2)
+            row["holdall"] = score(plain)
+        if "holdall+imatrix" in args.variants:
+            calibrated = export_gguf(model, args.work / f"holdall-cal-{file_type}.gguf", file_type, tokenizer=tok,
+                                     imatrix=imatrix, progress=False)
+            row["holdall+imatrix"] = score(calibrated)
+        if "holdall+gptq" in args.variants:
+            started = time.perf_counter()
+            refined = export_gguf(model, args.work / f"holdall-gptq-{file_type}.gguf", file_type, tokenizer=tok,
+                                  imatrix=imatrix, refine="gptq", hessians=stats.hessians, progress=False)
+            row["holdall_gptq_export_s"] = round(time.perf_counter() - started, 2)
+            row["holdall+gptq"] = score(refined)
+        for key, base in (("kld_ratio_calibrated_vs_llama", "llama.cpp"), ("kld_ratio_gptq_vs_imatrix", "holdall+imatrix")):
+            top = "holdall+imatrix" if key.startswith("kld_ratio_calibrated") else "holdall+gptq"
+            if top in row and base in row:
+                row[key] = round(row[top]["kld"] / row[base]["kld"], 4)
         log(json.dumps(row))
         rows.append(row)
     report = {"machine": cpu_name(), "threads": args.threads, "chunks": args.chunks, "imatrix_s": round(imatrix_s, 1),
-              "calib_chunks": args.calib_chunks, "f16_ppl": rows[0]["llama.cpp"]["base_ppl"] if rows else None,
+              "calib_chunks": args.calib_chunks, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "f16_ppl": next((r[v]["base_ppl"] for r in rows for v in VARIANTS if v in r), None),
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gguf_quality.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        "# GGUF quality on SmolLM2-135M: llama.cpp's quantizer vs holdall (plain and with holdall's imatrix)", "",
-        f"Machine: {report['machine']}, {args.threads} threads. WikiText-2 test, llama-perplexity protocol (ctx 512, "
+        "# GGUF quality on SmolLM2-135M: llama.cpp's quantizer vs holdall (plain, imatrix, imatrix + GPTQ refine)", "",
+        f"Machine: {report['machine']}, {args.threads} threads, {report['date']}. WikiText-2 test, llama-perplexity protocol (ctx 512, "
         f"second half scored), first {args.chunks} chunks; KLD and top-1 vs the F16 file (PPL {report['f16_ppl']}). "
         f"imatrix: WikiText-2 valid, {args.calib_chunks} x 512 tokens, {report['imatrix_s']} s.", "",
         "| type | file | bytes | PPL | KLD | top-1 |", "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        for key in ("llama.cpp", "holdall", "holdall+imatrix"):
+        for key in (v for v in VARIANTS if v in row):
             r = row[key]
             lines.append(f"| {row['type']} | {key} | {r['bytes']:,} | {r['ppl']} | {r['kld']} | {r['top1']} |")
-    lines += ["", "KLD ratio holdall+imatrix / llama.cpp (no imatrix): " +
-              ", ".join(f"{r['type']} {r['kld_ratio_calibrated_vs_llama']}" for r in rows)]
+    for key, label in (("kld_ratio_calibrated_vs_llama", "holdall+imatrix / llama.cpp (no imatrix)"),
+                       ("kld_ratio_gptq_vs_imatrix", "holdall+gptq / holdall+imatrix (= llama.cpp + the same imatrix)")):
+        if any(key in r for r in rows):
+            lines += ["", f"KLD ratio {label}: " + ", ".join(f"{r['type']} {r[key]}" for r in rows if key in r)]
     (args.out / "gguf_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return report

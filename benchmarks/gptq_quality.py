@@ -1,9 +1,9 @@
-"""Quality and time of holdall's RTN, HQQ and GPTQ (plain and act-order) on SmolLM2-135M, in one run.
+"""Quality and time of holdall's RTN, HQQ, GPTQ (plain and act-order) and AWQ on SmolLM2-135M, in one run.
 
 Protocol (the one `/work/shared/reference/anchors.md` used for llm-compressor, so the numbers sit beside its):
 
 * model: SmolLM2-135M-Instruct, fp32 (`holdall.load_model("smollm2")`, dequantized from the packaged GGUF);
-* calibration (GPTQ only): 32 windows x 512 tokens of the shipped WikiText-2 *valid* split, seed 0 — the
+* calibration (GPTQ, AWQ): 32 windows x 512 tokens of the shipped WikiText-2 *valid* split, seed 0 — the
   window draw is `random.Random(0).randrange(0, n - 512)`, the same as the anchor script's, so with the same
   tokenizer these are the very windows llm-compressor was calibrated on;
 * evaluation: the first 4 windows x 2048 tokens of WikiText-2 *test* (GPTQ/AWQ protocol: text tokenized once,
@@ -15,7 +15,8 @@ Protocol (the one `/work/shared/reference/anchors.md` used for llm-compressor, s
 
 Methods per setting: `rtn`; `hqq` (symmetric: the scale is optimized, same storage as the others);
 `hqq-asym` (HQQ's native asymmetric form: it stores zeros, so it costs `bits/group` more bits per weight);
-`gptq`; `gptq-act` (act-order with static groups). Quantize time is wall-clock on this machine.
+`gptq`; `gptq-act` (act-order with static groups); `awq` (AutoAWQ's defaults: duo scaling, 20-point grid, clip
+search; symmetric here like the other rows, so the storage is the same). Quantize time is wall-clock on this machine.
 
 The llm-compressor rows are *not* measured here: they are anchors.md's numbers (same protocol, measured on this
 workplace's 2-core CPU machine on 2026-11-27) and print as "anchor". TODO: run llm-compressor side by side in
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 
 import holdall
-from holdall.algorithms import CalibrationConfig, GPTQConfig, HQQConfig, QuantConfig, quantize
+from holdall.algorithms import AWQConfig, CalibrationConfig, GPTQConfig, HQQConfig, QuantConfig, quantize
 from holdall.data import wikitext2
 from holdall.evaluation.perplexity import evaluate_many
 from holdall.evaluation.text import load_text
@@ -52,7 +53,7 @@ ANCHORS = {
     (4, 128): {"rtn, absmax/(2^(b-1)-1) convention": (31.213, None)},
 }
 ANCHOR_BASE_PPL = 20.256
-METHODS = ("rtn", "hqq", "hqq-asym", "gptq", "gptq-act")
+METHODS = ("rtn", "hqq", "hqq-asym", "gptq", "gptq-act", "awq")
 
 
 def method_config(method: str, bits: int, group: int, calibration: CalibrationConfig) -> QuantConfig:
@@ -62,6 +63,10 @@ def method_config(method: str, bits: int, group: int, calibration: CalibrationCo
     if method in ("hqq", "hqq-asym"):
         return QuantConfig.for_method(
             "hqq", bits=bits, group_size=group, symmetric=method == "hqq", options=HQQConfig()
+        )
+    if method == "awq":
+        return QuantConfig.for_method(
+            "awq", bits=bits, group_size=group, symmetric=True, options=AWQConfig(), calibration=calibration
         )
     return QuantConfig.for_method(
         "gptq", bits=bits, group_size=group, symmetric=True,
@@ -140,7 +145,7 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--settings", default="w4g128,w3g128,w4g64,w3g64", help="comma-separated wBgG settings")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
-    parser.add_argument("--device", default=None, help="where GPTQ calibrates each layer (default: cpu)")
+    parser.add_argument("--device", default=None, help="where GPTQ/AWQ calibrate each layer (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes to prove the script runs end to end")
     parser.add_argument("--progress", action="store_true", help="show per-layer / per-window progress bars")
@@ -165,6 +170,12 @@ def main() -> None:
     rows: dict[str, dict] = {}
     for bits, group in settings:
         rows.update(run_setting(base, tokenizer, test_text, bits, group, methods, calibration, args))
+        table = write_results(rows, args)  # after every setting: a long run killed later keeps what it measured
+    print(table)
+
+
+def write_results(rows: dict[str, dict], args: argparse.Namespace) -> str:
+    """Write gptq_quality.json / .md for the rows measured so far into ``args.out``; return the markdown."""
     first = next(iter(rows.values()))
     meta = {
         "model": args.model,
@@ -182,7 +193,7 @@ def main() -> None:
     (out / "gptq_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = render_markdown(meta, rows)
     (out / "gptq_quality.md").write_text(table)
-    print(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -249,6 +249,34 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def random_base(preset_name: str, tokenizer_source: str, dtype: torch.dtype, device: str):
+    """A randomly initialised causal LM of a planning preset's architecture (e.g. Llama-2-7B), built directly on
+    ``device``, with the vocabulary of ``tokenizer_source``'s tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from holdall.errors import ConfigError
+    from holdall.models.loading import load_tokenizer
+    from holdall.planning.presets import get_preset
+
+    preset = get_preset(preset_name)
+    if preset is None:
+        raise ConfigError(f"unknown preset {preset_name!r}; `holdall plan --help` lists them")
+    if Path(tokenizer_source).is_dir() and not (Path(tokenizer_source) / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)  # a tokenizer-only folder
+    else:
+        tokenizer = load_tokenizer(tokenizer_source)
+    fields = {k: v for k, v in preset.items() if k not in ("name", "model_type", "source", "nominal_params")}
+    config = AutoConfig.for_model(preset["model_type"], **fields)
+    config.vocab_size = len(tokenizer)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), tokenizer
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -265,6 +293,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-base", metavar="PRESET",
+                        help="serve a random-weight model of this architecture preset (e.g. llama-2-7b, see "
+                        "`holdall plan`) with --model's tokenizer: a large base with nothing to download")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -274,7 +305,10 @@ def main(argv=None) -> int:
     from holdall.serving import Engine, EngineConfig
     from holdall.serving.server import parse_adapter_specs
 
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    if args.random_base:
+        model, tokenizer = random_base(args.random_base, args.model, getattr(torch, args.dtype), args.device)
+    else:
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         adapters = parse_adapter_specs(args.adapter) or make_random_adapters(model, args.n_adapters, args.rank,
                                                                              Path(tmp))
@@ -298,10 +332,11 @@ def main(argv=None) -> int:
     for phase in PHASES:
         phases[phase]["mismatches"] = [] if phase == "solo" else compare(phases["solo"], phases[phase], jobs)
     record = {
-        "config": {"model": args.model, "adapters": list(adapters), "rank": args.rank, "requests": args.requests,
+        "config": {"model": f"random {args.random_base}" if args.random_base else args.model, "adapters": list(adapters), "rank": args.rank, "requests": args.requests,
                    "concurrency": args.concurrency, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
                    "time_cap_s": args.time_cap, "dtype": args.dtype, "device": args.device},
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_name(), "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "phases": phases,
         "mixed_over_unmixed": phases["mixed"]["tokens_per_s"] / phases["unmixed"]["tokens_per_s"],

@@ -20,10 +20,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "holdall"
 RANK = {
     "errors": 0, "fileio": 0, "data": 0,
     "core": 1,
-    "models": 2,
+    "models": 2, "kernels": 2,
     "algorithms": 3, "evaluation": 3, "formats": 3, "planning": 3, "tuners": 3,
     "training": 4,
-    "serving": 5,
+    "serving": 5, "pipeline": 5,
     "cli": 9, "__init__": 9, "__main__": 10,
 }
 # Same-rank packages that may build on each other (the arrow points downwards).

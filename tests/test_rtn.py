@@ -171,3 +171,20 @@ def test_config_defaults_and_round_trip():
     assert config.scheme.label == "nf4-b64-dq" and config.label == "nf4:nf4-b64-dq"
     assert QuantConfig.from_dict(config.to_dict()) == config
     assert QuantConfig.from_dict({"method": "fp4"}).scheme.dtype == "fp4"
+
+
+def test_dequantize_turns_quant_linears_back_into_linears_with_the_same_function():
+    from holdall.algorithms import dequantize
+    from holdall.core.linear import QuantLinear
+
+    model = make_tiny_llama()
+    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    dequantize(model)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not hasattr(model, "holdall_quant")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)  # a float model again

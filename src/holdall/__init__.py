@@ -44,7 +44,11 @@ _EXPORTS = {
     "finetune": "holdall.training.finetune",
     "merge": "holdall.training.finetune",
     "export_gguf": "holdall.formats.gguf.export",
+    "export_checkpoint": "holdall.formats",
 }
+# Verbs that load models: resolving them first imports holdall.formats, which registers the GPTQ / AWQ /
+# compressed-tensors readers with models.load_model (the model layer cannot import the formats layer above it).
+_LOADING_VERBS = {"load_model", "load_tokenizer", "model_info"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -53,6 +57,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'holdall' has no attribute {name!r}")
+    if name in _LOADING_VERBS:
+        importlib.import_module("holdall.formats")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # cache: the next access is a plain attribute lookup
     return value

@@ -1,8 +1,8 @@
 """``quantize(model, config)``: the one public verb for post-training quantization.
 
 It dispatches on ``config.method`` through a small registry (``register_method``): ``rtn`` / ``nf4`` / ``fp4``
-(round-to-nearest), ``hqq`` (calibration-free optimized zero/scale) and ``gptq`` (calibrated, run layer by layer
-by the sequential engine in ``sequential.py``). AWQ plugs in the same way later.
+(round-to-nearest), ``hqq`` (calibration-free optimized zero/scale), ``gptq`` and ``awq`` (calibrated, run layer by
+layer by the sequential engine in ``sequential.py``).
 """
 
 from __future__ import annotations
@@ -14,17 +14,21 @@ from torch import nn
 
 from ..core.linear import QuantLinear
 from ..errors import ConfigError
-from . import gptq, hqq, rtn  # noqa: F401  (register gptq / hqq / rtn / nf4 / fp4)
+from . import awq, gptq, hqq, rtn  # noqa: F401  (register awq / gptq / hqq / rtn / nf4 / fp4)
+from .awq import AWQConfig, awq_scale_model
 from .calibration import CalibrationConfig, calibration_ids, check_calibration_ids
 from .config import MethodResult, MethodRun, QuantConfig, get_method, method_names, register_method, select_layers
 from .gptq import GPTQConfig
 from .hqq import HQQConfig
 
 __all__ = [
+    "AWQConfig",
     "CalibrationConfig",
     "GPTQConfig",
     "HQQConfig",
     "QuantConfig",
+    "awq_scale_model",
+    "dequantize",
     "quantize",
     "register_method",
     "method_names",
@@ -46,7 +50,7 @@ def quantize(
     config: what and how (default ``QuantConfig()``: rtn int4, groups of 128, every linear but the head).
     progress: show a tqdm bar over layers (calibrated methods also print a summary to stderr).
     force: quantize the remaining float linears of a model that already holds ``QuantLinear`` layers.
-    tokenizer: for calibrated methods (gptq): tokenizes ``config.calibration``'s text. None = the tokenizer of
+    tokenizer: for calibrated methods (gptq, awq): tokenizes ``config.calibration``'s text. None = the tokenizer of
         the model's source when it was loaded with ``holdall.load_model``.
     calibration_data: for calibrated methods: token ids ``[n_samples, seq_len]`` to calibrate on instead of
         sampling ``config.calibration``'s text.
@@ -85,6 +89,30 @@ def quantize(
     model.holdall_quant = {"config": config.to_dict(), "layers": layers}
     if result.report is not None:
         model.holdall_quant["report"] = result.report
+    return model
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``QuantLinear`` of ``model`` in place with an ``nn.Linear`` holding its dequantized weight.
+
+    This does not undo the rounding: the float weights are the quantized ones. It exists for the one case
+    where a user *chooses* double rounding (``force``) and a float model is needed downstream.
+    dtype: the new linears' dtype (None: each layer's own ``dtype``). Drops ``model.holdall_quant``.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantLinear):
+            continue
+        target = dtype or module.dtype
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=next(module.buffers()).device, dtype=target)
+        with torch.no_grad():
+            linear.weight.copy_(module.dequantize_weight(torch.float32).to(target))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(target))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, linear)
+    if hasattr(model, "holdall_quant"):
+        del model.holdall_quant
     return model
 
 

@@ -22,11 +22,15 @@ How it runs (the GPTQ reference's layer-by-layer scheme, written for transformer
 A method plugs in through :class:`LayerQuantizer`: ``observer(names, linears)`` makes a statistics collector fed
 with the group's input activations ``[tokens, in_features]``; ``quantize(names, linears, observer)`` returns each
 linear's replacement module and a JSON-ready info dict (a group shares its input, so a method may treat it as one
-matrix: GPTQ stacks q/k/v into one weight with one Hessian).
+matrix: GPTQ stacks q/k/v into one weight with one Hessian). A method that must see more of the decoder layer than
+its linears (AWQ folds scales into the layer's norms and re-runs the attention / MLP block on candidate weights)
+may also define ``layer_scope(index, layer)``: a context manager the engine enters around each layer's calibration,
+with the layer already on ``device``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -62,6 +66,9 @@ class LayerQuantizer(Protocol):
         self, names: list[str], linears: list[nn.Linear], observer: Observer
     ) -> list[tuple[nn.Module, dict[str, Any]]]:
         """For each linear of the group: the module replacing it and a JSON-ready info dict (errors, notes)."""
+
+    # optional: ``layer_scope(index: int, layer: nn.Module) -> ContextManager``, entered around each decoder
+    # layer's calibration (see the module docstring); methods without it (GPTQ) need nothing per layer.
 
 
 @dataclass
@@ -427,11 +434,13 @@ def _run_layers(
             chosen = targets.get(i, {})
             groups = [[(rel, chosen[rel]) for rel in g if rel in chosen] for g in input_groups(family)]
             layer.to(device)
+            scope = getattr(quantizer, "layer_scope", None)
             try:
-                rel_error = _calibrate_layer(
-                    layer, [g for g in groups if g], inps, outs, layer_kwargs[i], quantizer, report,
-                    true_sequential, batch_size,
-                )
+                with scope(i, layer) if scope is not None else contextlib.nullcontext():
+                    rel_error = _calibrate_layer(
+                        layer, [g for g in groups if g], inps, outs, layer_kwargs[i], quantizer, report,
+                        true_sequential, batch_size,
+                    )
             finally:
                 layer.to(home)  # also on error: never leave a layer stranded on the accelerator
             if not torch.isfinite(outs).all():

@@ -65,10 +65,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         description="Quantize every decoder linear (not embeddings or lm_head) into really bit-packed storage. "
         "--method rtn rounds integers of --bits to nearest; nf4/fp4 use the QLoRA codebooks; hqq fits each "
         "group's zero/scale without data; gptq corrects rounding errors with calibration data (default: 128 "
-        "windows of 2048 tokens of the shipped WikiText-2 valid split), one decoder layer at a time.",
+        "windows of 2048 tokens of the shipped WikiText-2 valid split), one decoder layer at a time; awq searches "
+        "activation-aware per-channel scales (folded into the norms) and clipping on calibration data (default "
+        "128 x 512 tokens), then rounds to nearest (default int4 g128 asymmetric).",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
-    p.add_argument("--method", choices=["rtn", "nf4", "fp4", "gptq", "hqq"], default="rtn")
+    p.add_argument("--method", choices=["rtn", "nf4", "fp4", "gptq", "hqq", "awq"], default="rtn")
     p.add_argument("--bits", type=int, default=None, help="integer width 2,3,4,5,6,8 (rtn/gptq/hqq; default 4)")
     p.add_argument(
         "--group-size",
@@ -83,7 +85,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="one scale per group (default), per output channel, or per tensor",
     )
     symmetry = p.add_mutually_exclusive_group()
-    symmetry.add_argument("--asym", action="store_true", help="asymmetric (scale + zero-point); hqq's default")
+    symmetry.add_argument("--asym", action="store_true", help="asymmetric (scale + zero-point); hqq's and awq's default")
     symmetry.add_argument("--sym", action="store_true", help="symmetric (implicit zero-point); rtn/gptq's default")
     p.add_argument("--double-quant", action="store_true", help="8-bit-quantize the scales too (QLoRA's double quantization)")
     p.add_argument("--targets", nargs="+", default=None, metavar="REGEX", help="quantize only linears whose name matches")
@@ -93,46 +95,65 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--act-order", action="store_true", help="quantize columns by decreasing activation energy (static groups)"
     )
     gptq.add_argument("--damp", type=float, default=None, help="Hessian damping, fraction of its mean diagonal (0.01)")
-    calib = p.add_argument_group("calibration (gptq)")
+    awq = p.add_argument_group("awq")
+    awq.add_argument("--no-clip", action="store_true", help="skip AWQ's clipping search (scales only)")
+    awq.add_argument("--no-duo-scaling", action="store_true", help="AWQ scales s = x^a instead of x^a / w^(1-a)")
+    calib = p.add_argument_group("calibration (gptq, awq)")
     calib.add_argument("--calib", default=None, metavar="FILE", help="UTF-8 text to calibrate on (default: WikiText-2 valid)")
-    calib.add_argument("--calib-samples", type=int, default=None, metavar="N", help="calibration windows (gptq 128)")
-    calib.add_argument("--calib-seq-len", type=int, default=None, metavar="L", help="tokens per window (gptq 2048)")
+    calib.add_argument("--calib-samples", type=int, default=None, metavar="N", help="calibration windows (gptq, awq 128)")
+    calib.add_argument("--calib-seq-len", type=int, default=None, metavar="L", help="tokens per window (gptq 2048, awq 512)")
     calib.add_argument("--calib-seed", type=int, default=0, help="seed of the window positions (default 0)")
     calib.add_argument(
         "--device", default=None, help="where each decoder layer is calibrated, one at a time (e.g. cuda; default cpu)"
     )
     p.add_argument("--force", action="store_true", help="overwrite OUT; re-quantize an already-quantized model")
+    p.add_argument(
+        "--format",
+        choices=["holdall", "gptq", "awq", "compressed-tensors"],
+        default="holdall",
+        help="checkpoint layout of OUT: holdall (default; any scheme), gptq (GPTQ v1: AutoGPTQ/GPTQModel/vLLM), "
+        "awq (AutoAWQ GEMM, 4-bit), compressed-tensors (llm-compressor's pack-quantized: transformers/vLLM)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def quant_config_from_args(args: argparse.Namespace):
-    from holdall.algorithms import CalibrationConfig, GPTQConfig
+    from holdall.algorithms import AWQConfig, CalibrationConfig, GPTQConfig
     from holdall.algorithms.config import QuantConfig
     from holdall.errors import ConfigError
 
     options = dict(granularity=args.granularity, double_quant=args.double_quant)
-    if args.asym or args.sym:  # otherwise the method's default (rtn/gptq symmetric, hqq asymmetric)
+    if args.asym or args.sym:  # otherwise the method's default (rtn/gptq symmetric, hqq/awq asymmetric)
         options["symmetric"] = args.sym
     if args.bits is not None:
         options["bits"] = args.bits
     if args.group_size is not None:
         options["group_size"] = args.group_size
-    calibrated = args.method == "gptq"
+    calibrated = args.method in ("gptq", "awq")
+    for method, flags in (
+        ("gptq", (("--act-order", args.act_order), ("--damp", args.damp is not None))),
+        ("awq", (("--no-clip", args.no_clip), ("--no-duo-scaling", args.no_duo_scaling))),
+    ):
+        given = [flag for flag, value in flags if value]
+        if given and args.method != method:
+            raise ConfigError(f"{', '.join(given)} apply to --method {method} only (not {args.method})")
     calib_flags = [flag for flag, value in (
         ("--calib", args.calib), ("--calib-samples", args.calib_samples), ("--calib-seq-len", args.calib_seq_len),
-        ("--calib-seed", args.calib_seed != 0), ("--device", args.device), ("--act-order", args.act_order),
-        ("--damp", args.damp is not None),
+        ("--calib-seed", args.calib_seed != 0), ("--device", args.device),
     ) if value]
     if calib_flags and not calibrated:
-        raise ConfigError(f"{', '.join(calib_flags)} apply to --method gptq only (not {args.method})")
+        raise ConfigError(f"{', '.join(calib_flags)} apply to --method gptq and awq only (not {args.method})")
     method_options = None
     calibration = None
-    if calibrated:
+    if args.method == "awq":
+        method_options = AWQConfig(clip=not args.no_clip, duo_scaling=not args.no_duo_scaling)
+    if args.method == "gptq":
         gptq = {"act_order": args.act_order}
         if args.damp is not None:
             gptq["damp_percent"] = args.damp
         method_options = GPTQConfig(**gptq)
+    if calibrated:
         calibration = CalibrationConfig(
             text=args.calib,
             n_samples=args.calib_samples,
@@ -159,9 +180,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = quant_config_from_args(args)
     _refuse_existing_output(args.output, args.force)
     model, tokenizer = load_model(args.model)
+    fmt = getattr(args, "format", "holdall")
+    if fmt != "holdall":  # refuse a scheme or shape the format cannot hold before quantizing, not after
+        from holdall.algorithms.config import select_layers
+        from holdall.formats import check_exportable
+
+        check_exportable(model, select_layers(model, config), config.scheme, fmt)
     # calibrated methods print their own per-layer progress and summary to stderr
     quantize(model, config, force=args.force, tokenizer=tokenizer)
-    save_quantized(model, tokenizer, args.output, overwrite=args.force)
+    if fmt == "holdall":
+        save_quantized(model, tokenizer, args.output, overwrite=args.force)
+    else:
+        from holdall.formats import export_checkpoint
+
+        export_checkpoint(model, args.output, format=fmt, tokenizer=tokenizer, overwrite=args.force)
     info = model_info(args.output)
     report = model.holdall_quant.get("report")
     if args.json:
@@ -486,6 +518,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="text to measure an importance matrix on (llama-imatrix's information, computed by holdall "
                    "on the float model); 'wikitext2' = the shipped WikiText-2 valid split")
     p.add_argument("--calib-chunks", type=int, default=64, help="512-token calibration chunks (default 64)")
+    p.add_argument("--refine", choices=("none", "gptq"), default="none",
+                   help="with --calibrate: gptq = also measure each linear's input Hessian and choose codes by "
+                   "error feedback (and re-fit scales) inside the same ggml types; same size, llama.cpp runs it "
+                   "unmodified (default: none = the imatrix encoders, llama-quantize --imatrix's bytes)")
 
 
 def _default_gguf_name(model: str, file_type: str) -> str:
@@ -500,6 +536,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     file_type = get_file_type(args.gguf)
     output = args.output or _default_gguf_name(args.model, file_type.name)
     _refuse_existing_output(output, args.force)
+    if args.refine == "gptq" and not args.calibrate:
+        from holdall.errors import ConfigError
+
+        raise ConfigError("--refine gptq needs --calibrate FILE (or wikitext2): the error feedback uses each "
+                          "linear's input Hessian, measured on that text")
     text = None
     if args.calibrate:
         from holdall.data import wikitext2
@@ -507,12 +548,104 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         text = load_text(wikitext2("valid") if args.calibrate == "wikitext2" else args.calibrate)
     path = export_gguf(args.model, output, file_type, force=args.force, calibration_text=text,
-                       calibration_chunks=args.calib_chunks)
+                       calibration_chunks=args.calib_chunks, refine=args.refine)
     print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, {file_type.name})")
     return 0
 
 
 # ------------------------------------------------------------------------------------------- wiring
+# --------------------------------------------------------------------------------------------- pipeline
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pipeline",
+        help="fine-tune every customer, merge, quantize once per target, evaluate, report (resumable)",
+        description="The production pipeline: one base, one dataset per customer. Fine-tunes an adapter per "
+        "customer, merges each into the float base, quantizes each merged model once per deployment target "
+        "(GGUF for CPU, a holdall int4/GPTQ checkpoint, or unmerged adapters on one quantized base for "
+        "`holdall serve`), scores every artifact against the base and writes OUT/report/report.md with plots "
+        "and a model card per artifact. Run the same command again after a crash or Ctrl-C: finished stages "
+        "are skipped. CONFIG is a TOML file; flags override it.",
+    )
+    p.add_argument("config", nargs="?", help="pipeline TOML file (see src/holdall/data/customers/pipeline.toml)")
+    p.add_argument("--demo", action="store_true",
+                   help="the shipped three-customer scenario on SmolLM2-135M (offline; minutes on a CPU)")
+    p.add_argument("-o", "--output", default=None, help="run directory (default: out/pipeline-<config name>)")
+    p.add_argument("--base", help="base model (overrides the config's base)")
+    p.add_argument("--customer", action="append", default=[], metavar="NAME=FILE",
+                   help="a customer and its JSONL/text data (repeatable; replaces the config's customers)")
+    p.add_argument("--target", action="append", default=[], metavar="SPEC",
+                   help="deployment target (repeatable; replaces the config's targets): gguf:Q4_K_M, "
+                   "gguf:Q4_K_M:imatrix, rtn:w4g128, gptq:w4g64, hqq:w4g64, nf4, adapters:nf4, adapters:float; a third "
+                   "part writes that checkpoint format: gptq:w4g64:gptq, awq:w4g128:awq, rtn:w4g64:compressed-tensors")
+    p.add_argument("--method", choices=["lora", "qlora"], help="fine-tuning method (overrides the config)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps per customer (overrides the config)")
+    p.add_argument("--restart", action="store_true", help="forget finished stages and run everything again")
+    p.add_argument("--force", action="store_true",
+                   help="accept a holdall-quantized base (it is dequantized once: every artifact is rounded twice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def pipeline_config_from_args(args: argparse.Namespace):
+    import dataclasses
+
+    from holdall.errors import ConfigError
+    from holdall.pipeline import CustomerSpec, PipelineConfig, demo_config_path, load_pipeline_config, parse_target
+
+    if args.demo and args.config:
+        raise ConfigError("pass either a CONFIG file or --demo, not both")
+    if args.demo or args.config:
+        config = load_pipeline_config(demo_config_path() if args.demo else args.config)
+    elif args.base and args.customer:
+        config = None
+    else:
+        raise ConfigError("holdall pipeline needs a CONFIG file, --demo, or --base MODEL with --customer NAME=FILE ...")
+    customers = []
+    for item in args.customer:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--customer {item!r}: write NAME=FILE, e.g. --customer medical=data/medical.jsonl")
+        customers.append(CustomerSpec(name=name, data=Path(path).resolve()))
+    targets = [parse_target(spec) for spec in args.target]
+    if config is None:
+        config = PipelineConfig(base=args.base, customers=tuple(customers), targets=tuple(targets),
+                                finetune=_pipeline_finetune_defaults())
+    changes = {}
+    if args.base:
+        changes["base"] = args.base
+    if customers:
+        changes["customers"] = tuple(customers)
+    if targets:
+        changes["targets"] = tuple(targets)
+    if args.force:
+        changes["force"] = True
+    ft = {}
+    if args.method:
+        ft["method"] = args.method
+    if args.max_steps is not None:
+        ft["max_steps"] = args.max_steps
+    if ft:
+        changes["finetune"] = dataclasses.replace(config.finetune, **ft)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _pipeline_finetune_defaults():
+    from holdall.training import FinetuneConfig
+
+    return FinetuneConfig(eval_fraction=0.1, max_steps=100, max_len=512, packing=True)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from holdall.pipeline import run_pipeline
+
+    config = pipeline_config_from_args(args)
+    output = args.output or f"out/pipeline-{'demo' if args.demo else Path(args.config or 'run').stem}"
+    result = run_pipeline(config, output, restart=args.restart, progress=not args.quiet)
+    print(f"report: {result.report_path}")
+    print(f"ran {len(result.ran)} stage(s), skipped {len(result.skipped)} finished earlier; "
+          f"artifacts under {result.output_dir / 'artifacts'}")
+    return 0
+
+
 _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "plan": (_add_plan, cmd_plan),
     "quantize": (_add_quantize, cmd_quantize),
@@ -523,6 +656,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "merge": (_add_merge, cmd_merge),
     "export": (_add_export, cmd_export),
     "serve": (_add_serve, cmd_serve),
+    "pipeline": (_add_pipeline, cmd_pipeline),
 }
 
 
@@ -544,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import holdall.formats  # noqa: F401  registers the GPTQ / AWQ / compressed-tensors readers with load_model
     from holdall.errors import HoldallError
 
     args = build_parser().parse_args(argv)

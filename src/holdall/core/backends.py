@@ -11,6 +11,9 @@ dequantizes in forward, lets the float weight go, and dequantizes *again* in bac
 ``grad_input = grad_out @ W``. Plain ``F.linear`` on a dequantized weight would make autograd keep that
 float weight alive until backward, i.e. a full-precision copy of the whole model in the activations.
 
+Backends that need heavy imports (the Triton kernels in ``holdall.kernels``) live above the core; the core
+names them only by module in :data:`DEVICE_PLUGINS` and imports them on the first forward on that device type.
+
 Dequantization itself (:func:`dequantize_for_compute`) has fast, vectorised paths for the formats training
 uses (NF4/FP4 with or without double quantization, 4-bit int), bit-identical to ``QuantizedTensor.dequantize``.
 """
@@ -18,6 +21,8 @@ uses (NF4/FP4 with or without double quantization, 4-bit int), bit-identical to 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -49,6 +54,16 @@ class Backend:
 _registry: dict[str, Backend] = {}
 _counter = 0
 _forced: list[str] = []
+
+#: Backend packages that live *above* the core (they need heavy imports such as Triton), named per device
+#: type. The first time a layer runs on that device type, the package is imported and its ``enable()`` called;
+#: it registers itself through :func:`register_backend` like any other backend. The core only knows the
+#: module's name (no import, no use of its names), so ``import holdall`` stays light, CPU-only programs never
+#: load it, and no caller has to remember a setup call. ``HOLDALL_KERNELS=0`` in the environment skips them.
+DEVICE_PLUGINS: dict[str, tuple[str, ...]] = {"cuda": ("holdall.kernels",)}
+_plugins_pending: set[str] = set(DEVICE_PLUGINS)
+#: module -> why it could not be loaded (an optional dependency missing); the reference path runs instead.
+plugin_errors: dict[str, str] = {}
 
 
 def _always(layer: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -96,12 +111,26 @@ def available_backends() -> list[str]:
 
 def select_backend(layer: torch.nn.Module, x: torch.Tensor) -> ForwardFn:
     """The forward function for this layer and input: the best registered backend that supports them."""
+    if _plugins_pending and x.device.type in _plugins_pending:
+        _load_plugins(x.device.type)
     if _forced:
         return _registry[_forced[-1]].fn
     for backend in _ordered():
         if backend.supports(layer, x):
             return backend.fn
     return reference_forward  # unreachable: the reference backend supports everything
+
+
+def _load_plugins(device_type: str) -> None:
+    """Import the backend packages for ``device_type`` once (see :data:`DEVICE_PLUGINS`)."""
+    _plugins_pending.discard(device_type)  # first, so a failing import is tried once, not on every forward
+    if os.environ.get("HOLDALL_KERNELS", "1").strip() == "0":
+        return
+    for module in DEVICE_PLUGINS[device_type]:
+        try:
+            importlib.import_module(module).enable()
+        except ImportError as exc:  # an optional accelerator dependency is missing: the reference path serves
+            plugin_errors[module] = f"{type(exc).__name__}: {exc}"
 
 
 @contextlib.contextmanager

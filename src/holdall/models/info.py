@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,14 @@ from torch import nn
 
 from holdall.models.families import check_supported
 from holdall.models.files import check_safetensors_dir
-from holdall.models.loading import ModelSource, load_config, load_model, resolve_model
+from holdall.models.loading import (
+    ECOSYSTEM_QUANT_METHODS,
+    ModelSource,
+    load_config,
+    load_model,
+    quant_method_of,
+    resolve_model,
+)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
@@ -166,7 +174,8 @@ def model_info(spec_or_model: Any, dtype: torch.dtype = torch.float32) -> dict[s
     if not isinstance(spec_or_model, (str, os.PathLike, ModelSource)):
         raise TypeError(f"model_info takes a model or a model name/path, not {type(spec_or_model).__name__}")
     source = resolve_model(spec_or_model)
-    if source.kind == "holdall":  # packed weights are small; load them to measure the real buffers
+    ecosystem = source.kind == "hf_dir" and quant_method_of(Path(source.location)) in ECOSYSTEM_QUANT_METHODS
+    if source.kind == "holdall" or ecosystem:  # packed weights are small; load them to measure the real buffers
         model, _ = load_model(source)
         return _describe(model, source)
     if source.kind == "hf_dir":  # the weights are not read, but a broken file must not pass as a model

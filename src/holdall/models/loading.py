@@ -384,6 +384,50 @@ def _load_hub(repo_id: str, dtype, device, source: ModelSource):
     return _finish(model, None, device, source), tokenizer
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Readers of ecosystem quantized checkpoints (GPTQ, AWQ, compressed-tensors)
+# ---------------------------------------------------------------------------------------------------------
+
+#: ``quant_method`` values of config.json whose readers live in ``holdall.formats`` (a higher layer).
+ECOSYSTEM_QUANT_METHODS = ("gptq", "awq", "compressed-tensors")
+#: ``reader(directory, dtype, device) -> nn.Module`` by quant_method; filled in by ``holdall.formats`` on import.
+_QUANTIZED_READERS: dict[str, Callable[[Path, Any, Any], torch.nn.Module]] = {}
+
+
+def register_quantized_reader(quant_method: str, reader: Callable[[Path, Any, Any], torch.nn.Module]) -> None:
+    """Make :func:`load_model` read HF directories whose ``quantization_config.quant_method`` is ``quant_method``
+    with ``reader(directory, dtype, device)`` (which returns a holdall model with ``QuantLinear``s).
+
+    The model layer cannot import the formats layer above it, so the formats register themselves here when
+    ``holdall.formats`` is imported (``holdall.load_model`` and the CLI import it before loading anything).
+    """
+    _QUANTIZED_READERS[quant_method] = reader
+
+
+def quant_method_of(directory: Path) -> str | None:
+    """``quantization_config.quant_method`` of a directory's config.json, or None for a float model."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return str(method).lower() if method is not None else None
+
+
+def _quantized_reader(directory: Path):
+    method = quant_method_of(directory)
+    if method is None:
+        return None
+    reader = _QUANTIZED_READERS.get(method)
+    if reader is None and method in ECOSYSTEM_QUANT_METHODS:
+        raise UnsupportedModelError(
+            f"{directory} is a {method} checkpoint, whose reader is in holdall.formats, which is not loaded. "
+            "Use holdall.load_model (the top-level verb loads it) or run `import holdall.formats` first"
+        )
+    return reader
+
+
 def load_model(
     spec: str | os.PathLike | ModelSource,
     dtype: torch.dtype | None = torch.float32,
@@ -395,13 +439,21 @@ def load_model(
     The tokenizer is None when the source ships none. GGUF files are dequantized once and cached as an HF
     directory under :func:`cache_root`, so later loads take seconds. A holdall quantized directory loads
     through ``holdall.models.checkpoint.load_quantized``; ``dtype`` does not apply to it (its tensors keep
-    their stored dtypes, which is what makes a save/load round trip bit-identical).
+    their stored dtypes, which is what makes a save/load round trip bit-identical). An HF directory whose
+    config.json says ``quantization_config.quant_method`` gptq / awq / compressed-tensors goes to the reader
+    ``holdall.formats`` registered for it (:func:`register_quantized_reader`): ``QuantLinear``s with the file's
+    codes; ``dtype`` applies to its float tensors only.
     """
     source = resolve_model(spec)
     if source.kind == "gguf":
         return _load_gguf(Path(source.location), dtype, device, source)
     if source.kind == "hf_dir":
         directory = Path(source.location)
+        reader = _quantized_reader(directory)
+        if reader is not None:  # GPTQ / AWQ / compressed-tensors: QuantLinears with the file's codes
+            model = reader(directory, dtype, device)
+            model.holdall_source = source
+            return model, _load_tokenizer_dir(directory)
         model = _load_hf_directory(directory, dtype, device, source)
         return model, _load_tokenizer_dir(directory)
     if source.kind == "holdall":

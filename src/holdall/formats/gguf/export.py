@@ -43,6 +43,8 @@ def export_gguf(
     progress: bool = True,
     calibration_text: str | None = None,
     calibration_chunks: int = 64,
+    refine: str = "none",
+    hessians: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model_or_spec`` as a GGUF file of ``file_type`` (``"Q4_K_M"``, ``"Q8_0"``, ``"F16"`` ...).
 
@@ -53,17 +55,45 @@ def export_gguf(
     calibration_text: text to measure an importance matrix on (``formats.gguf.imatrix.collect_imatrix``:
         ``calibration_chunks`` chunks of 512 tokens) when no ``imatrix`` is given — llama-imatrix's information,
         computed by holdall on the float model.
+    refine: ``"none"`` (the imatrix encoders' bytes, llama-quantize --imatrix's) or ``"gptq"``: with
+        ``calibration_text``, also measure every linear's full input Hessian and let ``formats.gguf.refine``
+        choose codes by error feedback and re-fit the scales inside the same ggml formats (same types, same
+        size, llama.cpp reads it unmodified). Types it does not refine (Q2_K, Q3_K) use the imatrix encoder.
+    hessians: with ``refine="gptq"``, precomputed ``{gguf_tensor_name: mean xᵀx [in, in]}`` (e.g.
+        ``collect_statistics(..., hessians=True).hessians``) instead of measuring them on ``calibration_text``;
+        ``imatrix`` then defaults to their diagonals.
     force: dequantize holdall-quantized layers and export them anyway (they are refused otherwise, because
         re-quantizing rounds the weights twice).
     Returns the absolute path of the written file; the file appears complete or not at all.
     """
     ft = get_file_type(file_type)  # a typo fails before any slow load
+    if refine not in ("none", "gptq"):
+        raise ConfigError(f"refine must be 'none' or 'gptq', got {refine!r}")
+    if refine == "gptq" and calibration_text is None and hessians is None:
+        raise ConfigError("refine='gptq' needs calibration_text: the error feedback uses each linear's full input "
+                          "Hessian, measured on that text (an importance matrix alone holds only its diagonal)")
     output = _check_output(output_path)
     gguf = require("gguf", "hf", "GGUF export")
     model, tokenizer = _load(model_or_spec, tokenizer, ft)
     conversion = convert_model(model, force=force)
     hp = conversion.hparams
-    if imatrix is None and calibration_text is not None and ft.is_quantized:
+    if refine != "gptq" or not ft.is_quantized:
+        hessians = None
+    elif hessians is not None:
+        hessians = _check_hessians(hessians, conversion)
+        if imatrix is None:
+            imatrix = {name: np.diagonal(h).astype(np.float32) for name, h in hessians.items()}
+    else:
+        from .imatrix import collect_statistics
+
+        stats = collect_statistics(model, tokenizer, calibration_text, max_chunks=calibration_chunks,
+                                   progress=progress, hessians=True)
+        hessians = stats.hessians
+        for note in stats.notes:
+            warnings.warn(note, stacklevel=2)
+        if imatrix is None:
+            imatrix = stats.imatrix
+    if refine != "gptq" and imatrix is None and calibration_text is not None and ft.is_quantized:
         from .imatrix import collect_imatrix
 
         imatrix = collect_imatrix(model, tokenizer, calibration_text, max_chunks=calibration_chunks, progress=progress)
@@ -72,11 +102,13 @@ def export_gguf(
     importance = _check_imatrix(imatrix, conversion, plan.types)
 
     with atomic_path(output) as tmp:
-        _write(gguf.GGUFWriter(str(tmp), hp.arch), gguf, ft, conversion, vocab, plan.types, importance, progress)
+        _write(gguf.GGUFWriter(str(tmp), hp.arch), gguf, ft, conversion, vocab, plan.types, importance, progress,
+               hessians)
     return output.resolve()
 
 
-def _write(writer, gguf, ft: FileType, conversion: Conversion, vocab, types: dict[str, str], importance, progress):
+def _write(writer, gguf, ft: FileType, conversion: Conversion, vocab, types: dict[str, str], importance, progress,
+           hessians=None):
     """Metadata and tensor infos first (every size is known from the plan), then the tensors one at a time."""
     try:
         writer.add_file_type(ft.ftype)
@@ -89,7 +121,10 @@ def _write(writer, gguf, ft: FileType, conversion: Conversion, vocab, types: dic
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for tensor in _progress(conversion.tensors, ft, progress):
-            writer.write_tensor_data(encode_tensor(tensor, types[tensor.name], importance.get(tensor.name)))
+            hessian = None if hessians is None or tensor.name not in importance else hessians.get(tensor.name)
+            # the three-argument call stays the plain path (the encode_tensor contract callers already rely on)
+            extra = {} if hessian is None else {"hessian": hessian}
+            writer.write_tensor_data(encode_tensor(tensor, types[tensor.name], importance.get(tensor.name), **extra))
     finally:
         writer.close()
 
@@ -134,6 +169,24 @@ def _load(model_or_spec, tokenizer, ft: FileType):
         )
     model, loaded_tokenizer = load_model(source, dtype=None)  # keep the checkpoint's own precision
     return model, tokenizer if tokenizer is not None else loaded_tokenizer
+
+
+def _check_hessians(hessians: Mapping[str, Any], conversion: Conversion) -> dict[str, np.ndarray]:
+    """Validate ``{tensor name: mean xᵀx [row_length, row_length]}`` against the model's tensors."""
+    shapes = {t.name: t.shape for t in conversion.tensors}
+    checked: dict[str, np.ndarray] = {}
+    seen: dict[int, np.ndarray] = {}  # q/k/v (gate/up) share one matrix: convert it once, keep it shared
+    for name, value in hessians.items():
+        if name not in shapes:
+            raise DataError(f"the Hessians name {name!r}, which this model has no tensor called")
+        array = seen.setdefault(id(value), np.asarray(value, dtype=np.float32))
+        n = shapes[name][-1]
+        if array.shape != (n, n):
+            raise DataError(f"the Hessian of {name} is {list(array.shape)}, its rows have {n} values: expected [{n}, {n}]")
+        if not np.isfinite(array).all():
+            raise DataError(f"the Hessian of {name} holds NaN or Inf values")
+        checked[name] = array
+    return checked
 
 
 def _check_imatrix(imatrix: Mapping[str, Any] | None, conversion: Conversion, types: dict[str, str]):
@@ -194,10 +247,19 @@ def _fits_float16(rows: np.ndarray) -> bool:
     return rows.size == 0 or max(-float(rows.min()), float(rows.max())) <= float(np.finfo(np.float16).max)
 
 
-def encode_tensor(tensor: SourceTensor, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
-    """llama.cpp's bytes of one tensor, shaped ``[..., row_bytes]`` uint8 like its numpy-order shape."""
+def encode_tensor(tensor: SourceTensor, qtype: str, importance: np.ndarray | None = None,
+                  hessian: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's bytes of one tensor, shaped ``[..., row_bytes]`` uint8 like its numpy-order shape.
+
+    With ``hessian`` (the tensor's input ``mean xᵀx``) a block type is encoded by ``refine.refine_tensor``
+    (error feedback inside the same format) instead of the plain imatrix encoder."""
     rows = source_rows(tensor.fetch(), qtype)
-    data = quants.quantize(rows, qtype, importance)
+    if hessian is not None and quants.TYPES[qtype][1] > 1:
+        from .refine import refine_tensor
+
+        data = refine_tensor(rows, qtype, hessian, importance).raw
+    else:
+        data = quants.quantize(rows, qtype, importance)
     return data.reshape(*tensor.shape[:-1], data.shape[-1])
 
 

@@ -361,7 +361,12 @@ def _k4_blocks(xb: np.ndarray, qw: np.ndarray | None, nmax: int, ref_search: tup
 
 def _q4_k_blocks(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """``[S, 256]`` float32 -> Q4_K blocks ``[S, 144]``."""
-    d, dmin, sc12, q = _k4_blocks(xb, qw, 15, (-1.0, 0.1, 20), clamp63=False)
+    return pack_q4_k(*_k4_blocks(xb, qw, 15, (-1.0, 0.1, 20), clamp63=False))
+
+
+def pack_q4_k(d: np.ndarray, dmin: np.ndarray, sc12: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Q4_K blocks ``[S, 144]`` from d, dmin (float16 ``[S]``), the 12 scale bytes ``[S, 12]`` and the levels
+    ``q [S, 256]`` (0..15, weight order). Shared with formats.gguf.refine, which chooses its own levels."""
     q = q.reshape(-1, 4, 2, 32)  # [S, 64-chunk c, half h, l]: weight 64c + 32h + l
     qs = q[:, :, 0] | (q[:, :, 1] << 4)
     return np.concatenate([_fp16_bytes(d), _fp16_bytes(dmin), sc12, qs.reshape(-1, 128)], axis=1)
@@ -388,7 +393,12 @@ def _decode_k4(sc12, d, dmin, q, n_per_row):
 
 def _q5_k_blocks(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """``[S, 256]`` float32 -> Q5_K blocks ``[S, 176]``."""
-    d, dmin, sc12, q = _k4_blocks(xb, qw, 31, (-0.5, 0.1, 15), clamp63=True)
+    return pack_q5_k(*_k4_blocks(xb, qw, 31, (-0.5, 0.1, 15), clamp63=True))
+
+
+def pack_q5_k(d: np.ndarray, dmin: np.ndarray, sc12: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Q5_K blocks ``[S, 176]`` from d, dmin (float16 ``[S]``), the scale bytes ``[S, 12]`` and levels
+    ``q [S, 256]`` (0..31, weight order)."""
     q = q.reshape(-1, 4, 2, 32)
     qs = (q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)
     high_bit = (q >> 4).astype(np.uint8)  # [S, c, h, l] -> bit 2c + h of qh[l]
@@ -482,6 +492,10 @@ def _encoder(block_fn: Callable[[np.ndarray, "np.ndarray | None"], np.ndarray], 
 
     return encode
 
+
+# The 6-bit sub-block scale packing, public for formats.gguf.refine (which re-fits scales and mins).
+pack_scales_k4 = _pack_scales_k4
+unpack_scales_k4 = _unpack_scales_k4
 
 quants.register("Q2_K", _encoder(_q2_k_blocks, 84), _decode_q2_k)
 quants.register("Q4_K", _encoder(_q4_k_blocks, 144), _decode_q4_k)

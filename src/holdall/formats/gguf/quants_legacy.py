@@ -466,6 +466,40 @@ def _pack_q3_k(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# packing from levels chosen elsewhere (formats.gguf.refine picks its own levels for the encoders' scales)
+
+
+def pack_levels(name: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
+                scales: np.ndarray | None = None) -> np.ndarray:
+    """Blocks of ``name`` as uint8 ``[B, type_size]`` from levels in element order and the block fields.
+
+    Q8_0: q int8 ``[B, 32]``, d ``[B]``. Q4_0/Q4_1/Q5_0/Q5_1: q uint8 ``[B, 32]`` (0..15 / 0..31), d (and m for
+    the offset types) ``[B]``. Q6_K: q uint8 ``[B, 256]`` (0..63), the int8 sub-scales ``scales [B, 16]``, d ``[B]``.
+    d and m are stored as fp16 (round to nearest even, as the encoders do)."""
+    n_blocks = q.shape[0]
+    if name == "Q8_0":
+        out = _new_blocks("Q8_0", n_blocks)
+        out["d"] = d
+        out["qs"] = q.astype(np.int8)
+    elif name == "Q6_K":
+        out = _new_blocks("Q6_K", n_blocks)
+        out["ql"], out["qh"] = _pack_q6_k(np.ascontiguousarray(q, dtype=np.uint8))
+        out["scales"] = scales
+        out["d"] = d
+    else:
+        # element order [B, 32] -> lanes [8, 4B] (row k: elements 4k..4k+3 of every block)
+        lanes = np.ascontiguousarray(q.astype(np.uint8).reshape(n_blocks, 8, 4).transpose(1, 0, 2)).reshape(8, -1)
+        out = (_q4_blocks if name.startswith("Q4") else _q5_blocks)(name, lanes, d, m)
+    return out.view(np.uint8).reshape(n_blocks, -1)
+
+
+def block_fields(name: str, raw: np.ndarray) -> np.ndarray:
+    """Raw blocks (uint8, any shape whose bytes are whole blocks) viewed as the structured block array of
+    ``name`` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K, Q3_K): fields d, m, qs, qh, scales ... by name."""
+    return _blocks_of(name, raw)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # driver
 
 

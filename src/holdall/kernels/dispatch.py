@@ -1,0 +1,95 @@
+"""The kernels' entry in ``core.backends``: which calls they take, and the forward that launches them.
+
+Needs only torch and the core: the Triton module is imported on the first launch, so registering the
+backend (and asking it whether it supports a layer) costs nothing on machines without a GPU or Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import backends
+from . import packed
+
+#: The backend's name in ``core.backends`` (``use_backend(BACKEND)`` forces it in tests and benchmarks).
+BACKEND = "triton-wq4"
+#: Rows (tokens) up to which the kernels run; above it the reference (dequantize + cuBLAS) is faster, and
+#: a weight dequantized once is amortised over many rows.
+MAX_ROWS = 64
+#: Rows handled by the GEMV kernel; more rows go to the tensor-core GEMM kernel.
+GEMV_MAX_ROWS = 1
+#: Above the reference backend and the default priority 0, so a plain registration elsewhere does not
+#: shadow the kernels by accident.
+PRIORITY = 10.0
+
+_COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+_PLAN_ATTR = "_holdall_wq4_plan"
+
+
+def layer_plan(layer: torch.nn.Module) -> packed.Plan | None:
+    """The layer's launch plan, or None when the kernels cannot read its format; cached on the layer.
+
+    The cache key is the scheme, shape and the buffers' addresses: moving the layer (new buffers) or
+    replacing a buffer re-checks it; the plan holds no tensors, so the cache keeps no memory alive.
+    """
+    key = (layer.scheme, layer.out_features, layer.in_features,
+           tuple(layer._buffers[name].data_ptr() for name in layer._weight_names))
+    cached = layer.__dict__.get(_PLAN_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = None if packed.why_unsupported(layer) is not None else packed.plan(layer)
+    layer.__dict__[_PLAN_ATTR] = (key, result)
+    return result
+
+
+def supports(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    """CUDA input, bf16/fp16 compute, at most ``MAX_ROWS`` rows, no gradient wanted, a 4-bit format we read."""
+    if not x.is_cuda or not hasattr(layer, "scheme") or layer.qdata.device != x.device:
+        return False
+    if backends.compute_dtype(x) not in _COMPUTE_DTYPES:
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 0 or rows > MAX_ROWS:
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
+        return False  # training goes through the reference's DequantLinearFunction (it has a backward)
+    return layer_plan(layer) is not None
+
+
+def forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``y = x @ W^T + b`` with the packed weight read in place; x ``[..., in]``, y in the compute dtype."""
+    from . import triton_wq4  # first launch: only now is Triton imported
+
+    p = layer_plan(layer)
+    dtype = backends.compute_dtype(x)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, p.in_features).to(dtype)
+    if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != p.in_features):
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    out = torch.empty(rows, p.out_features, dtype=dtype, device=x.device)
+    ops = packed.operands(layer, p)
+    bias = layer.bias
+    # A bias that wants a gradient (any nn.Parameter outside no_grad) is added by autograd after the kernel,
+    # so eager inference without no_grad still takes the kernel and the bias still gets its gradient.
+    bias_after = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    bias = None if bias is None or bias_after else bias.detach()
+    if rows <= GEMV_MAX_ROWS:
+        if x2.storage_offset() % 2:  # the GEMV kernel reads x as int32 pairs
+            x2 = x2.clone()
+        triton_wq4.gemv(ops, p, x2.reshape(-1), bias, out.view(-1))
+    else:
+        triton_wq4.gemm(ops, p, x2, bias, out)
+    if bias_after:
+        out = out + layer.bias.to(dtype)
+    return out.reshape(*lead, p.out_features)
+
+
+def register() -> None:
+    """Register (or re-register) the backend in ``core.backends``."""
+    backends.register_backend(BACKEND, forward, supports, PRIORITY, replace=True)
+
+
+def unregister() -> None:
+    if BACKEND in backends.available_backends():
+        backends.unregister_backend(BACKEND)

@@ -1,0 +1,241 @@
+"""The 4-bit Triton kernels (holdall.kernels) against their plain-torch reference, and the dispatch rules.
+
+CUDA tests skip unless a GPU and Triton are present (CI's CPU run skips them with that reason); the CPU tests
+check the reference decode and that the registration never routes CPU tensors to a kernel.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from holdall.core import backends
+from holdall.core.linear import QuantLinear
+from holdall.core.scheme import QuantScheme
+from holdall.kernels import dispatch, packed
+
+HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+cuda_only = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_TRITON),
+    reason="the Triton kernels need a CUDA GPU and triton (run on the device machine)",
+)
+
+SCHEMES = {
+    "int4-sym": QuantScheme(),
+    "int4-asym": QuantScheme(symmetric=False),
+    "nf4": QuantScheme(dtype="nf4", group_size=64),
+    "nf4-dq": QuantScheme(dtype="nf4", group_size=64, double_quant=True),
+}
+# Formats beyond the four the issue names, which the same kernels read: dq int scales, bf16 scales, g32,
+# channel granularity, fp4.
+EXTRA_SCHEMES = {
+    "int4-asym-dq": QuantScheme(symmetric=False, double_quant=True),
+    "int4-g32-bf16": QuantScheme(group_size=32, scale_dtype="bfloat16"),
+    "int4-ch-asym": QuantScheme(granularity="channel", symmetric=False),
+    "fp4": QuantScheme(dtype="fp4", group_size=64),
+}
+
+
+def _layer(out_f: int, in_f: int, scheme: QuantScheme, device: str = "cpu", bias: bool = True, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    linear = torch.nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_f, in_f, generator=gen) * 0.02)
+        if bias:
+            linear.bias.copy_(torch.randn(out_f, generator=gen) * 0.1)
+    return QuantLinear.from_linear(linear.to(device), scheme)
+
+
+# --- CPU: reference decode and dispatch rules -----------------------------------------------------------
+@pytest.mark.parametrize("name", list(SCHEMES) + list(EXTRA_SCHEMES))
+@pytest.mark.parametrize("in_f", [256, 328])
+def test_reference_decode_is_dequantize(name, in_f):
+    scheme = {**SCHEMES, **EXTRA_SCHEMES}[name]
+    layer = _layer(24, in_f, scheme)
+    reason = packed.why_unsupported(layer)
+    if scheme.is_codebook and in_f % scheme.group_size:
+        assert reason is not None and "straddle" in reason
+        return
+    assert reason is None
+    p = packed.plan(layer)
+    decoded = packed.reference_decode(packed.operands(layer, p), p)
+    assert torch.equal(decoded, layer.dequantize_weight(torch.float32))
+
+
+def test_unsupported_formats_say_why():
+    assert "4-bit" in packed.why_unsupported(_layer(8, 64, QuantScheme(bits=8)))
+    assert "multiple of 8" in packed.why_unsupported(_layer(8, 60, QuantScheme(group_size=32)))
+    assert "power of two" in packed.why_unsupported(_layer(8, 192, QuantScheme(group_size=96)))
+
+
+def test_cpu_tensors_never_pick_the_kernel():
+    from holdall import kernels
+
+    layer = _layer(16, 128, SCHEMES["int4-sym"])
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    assert kernels.enable(force=True)  # registered even without triton: the predicate is what is tested
+    try:
+        assert dispatch.BACKEND in backends.available_backends()
+        assert not dispatch.supports(layer, x)
+        assert backends.select_backend(layer, x) is backends.reference_forward
+        y = layer(x)
+        assert torch.equal(y, backends.reference_forward(layer, x))
+    finally:
+        kernels.disable()
+    assert dispatch.BACKEND not in backends.available_backends()
+
+
+def test_import_and_cpu_forward_stay_light():
+    """`import holdall` and a CPU forward load neither holdall.kernels nor triton."""
+    code = textwrap.dedent(
+        """
+        import sys, torch, holdall
+        from holdall.core.linear import QuantLinear
+        from holdall.core.scheme import QuantScheme
+        layer = QuantLinear.from_linear(torch.nn.Linear(64, 8), QuantScheme(group_size=32))
+        layer(torch.randn(1, 64))
+        print([m for m in ("holdall.kernels", "triton") if m in sys.modules])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+# --- CUDA: kernels vs reference -------------------------------------------------------------------------
+SHAPES = [(11008, 4096), (4096, 11008), (40, 256)]  # [out, in]; the small one has a partial row block
+ROWS = [1, 3, 17, 64]
+_LAYERS: dict = {}
+
+
+def _cuda_layer(out_f, in_f, name):
+    key = (out_f, in_f, name)
+    if key not in _LAYERS:
+        _LAYERS.clear()  # one big layer at a time keeps GPU memory small
+        scheme = {**SCHEMES, **EXTRA_SCHEMES}[name]
+        _LAYERS[key] = _layer(out_f, in_f, scheme, device="cuda", seed=out_f + in_f)
+    return _LAYERS[key]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+# bf16 output rounding alone is ~2e-3 relative; fp16 ~3e-4. Kernels accumulate in fp32.
+TOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3}
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_kernel_matches_reference(shape, name, rows, dtype):
+    from holdall import kernels
+
+    assert kernels.enable()
+    layer = _cuda_layer(*shape, name)
+    x = torch.randn(rows, shape[1], device="cuda", dtype=dtype)
+    with torch.no_grad():
+        assert backends.select_backend(layer, x) is dispatch.forward
+        y = layer(x)
+        ref = packed.reference_linear(layer, x)  # fp32 decode + fp32 matmul
+        with backends.use_backend("reference"):
+            y_ref_path = layer(x)
+    assert y.dtype == dtype and y.shape == (rows, shape[0])
+    assert _rel(y, ref) < TOL[dtype]
+    assert _rel(y, y_ref_path) < 2 * TOL[dtype]
+
+
+@cuda_only
+@pytest.mark.parametrize("name", list(EXTRA_SCHEMES))
+@pytest.mark.parametrize("rows", [1, 5])
+def test_other_formats(name, rows):
+    from holdall import kernels
+
+    assert kernels.enable()
+    layer = _cuda_layer(72, 512, name)
+    x = torch.randn(2, rows, 512, device="cuda", dtype=torch.bfloat16)[:1]  # [1, rows, 512]
+    with torch.no_grad():
+        assert backends.select_backend(layer, x) is dispatch.forward
+        y = layer(x)
+    assert y.shape == (1, rows, 72)
+    assert _rel(y, packed.reference_linear(layer, x)) < TOL[torch.bfloat16]
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [1, 2, 33])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_every_output_written(rows, split_k):
+    """Launch directly into a NaN-poisoned output with each config family: every element must be written."""
+    from holdall.kernels import triton_wq4
+
+    layer = _cuda_layer(4096, 11008, "nf4-dq")
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    x = torch.randn(rows, p.in_features, device="cuda", dtype=torch.float16)
+    out = torch.full((rows, p.out_features), float("nan"), device="cuda", dtype=torch.float16)
+    if rows == 1:
+        triton_wq4.gemv(ops, p, x.reshape(-1), layer.bias.detach(), out.view(-1),
+                        {"BLOCK_N": 4 * split_k, "BLOCK_G": 2, "num_warps": 4})
+    else:
+        triton_wq4.gemm(ops, p, x, layer.bias.detach(), out,
+                        {"BLOCK_M": 16 if rows < 17 else 64, "BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4,
+                         "num_stages": 3})
+    assert _rel(out, packed.reference_linear(layer, x)) < TOL[torch.float16]
+
+
+@cuda_only
+def test_dispatch_rules_on_cuda():
+    from holdall import kernels
+
+    assert kernels.enable()
+    layer = _cuda_layer(40, 256, "int4-sym")
+    ok = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    assert dispatch.supports(layer, ok)
+    assert not dispatch.supports(layer, torch.randn(65, 256, device="cuda", dtype=torch.bfloat16))  # > 64 rows
+    assert not dispatch.supports(layer, torch.randn(2, 256, device="cuda"))  # fp32 compute stays reference
+    grad_x = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert not dispatch.supports(layer, grad_x)  # training: the reference has the backward
+    with torch.no_grad():
+        assert dispatch.supports(layer, grad_x)
+    # outside no_grad, a bias that requires grad still takes the kernel and gets its gradient
+    assert layer.bias.requires_grad
+    y = layer(ok[:2])
+    y.float().sum().backward()
+    assert torch.allclose(layer.bias.grad, torch.full_like(layer.bias, 2.0))
+    layer.bias.grad = None
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        x32 = torch.randn(3, 256, device="cuda")
+        assert dispatch.supports(layer, x32)
+        with torch.no_grad():
+            y = layer(x32)
+    assert y.dtype == torch.bfloat16
+    assert _rel(y, packed.reference_linear(layer, x32.bfloat16())) < TOL[torch.bfloat16]
+    # a layer whose format the kernels cannot read falls back
+    int8 = _layer(16, 256, QuantScheme(bits=8), device="cuda")
+    assert not dispatch.supports(int8, ok)
+
+
+@cuda_only
+def test_first_cuda_forward_registers_the_kernels():
+    """In a fresh process nothing calls enable(): the first CUDA forward loads the plugin itself."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from holdall.core import backends
+        from holdall.core.linear import QuantLinear
+        from holdall.core.scheme import QuantScheme
+        layer = QuantLinear.from_linear(torch.nn.Linear(256, 64), QuantScheme()).cuda()
+        assert "holdall.kernels" not in sys.modules and "triton" not in sys.modules
+        with torch.no_grad():
+            layer(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16))
+        print("triton-wq4" in backends.available_backends(), "triton" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
