@@ -1,33 +1,44 @@
-"""GPTQ wall time on a GPU at 7B width, beside the llm-compressor anchor measured the same way.
+"""GPTQ (and AWQ) wall time on a GPU at 7B width, beside the llm-compressor anchors measured the same way.
 
 anchors.md ("On the GPU", `anchors/gpu_llmcompressor.py`, one H200): 4 decoder layers of Llama-2-7B width
 (hidden 4096, ffn 11008, 32 heads, vocab 32000) with random bf16 weights (time does not depend on values),
-GPTQ W4A16 g128 with 128 x 2048 calibration tokens: 26.0 s, 6.5 s per layer, ~3.5 min for 32 layers.
+GPTQ W4A16 g128 with 128 x 2048 calibration tokens: 26.0 s, 6.5 s per layer, ~3.5 min for 32 layers; AWQ
+W4A16_ASYM g128 with 128 x 512: 22.8 s, 5.7 s per layer.
 
 This script builds the same model (random N(0, 0.02) bf16 weights, random token ids), runs holdall's GPTQ
 (int4 g128 symmetric, true-sequential, damp 0.01) with the model held on the CPU and each decoder layer moved to
-the GPU in turn (`CalibrationConfig(device="cuda")`), and reports the time per layer. It also checks first, on a
-tiny random Llama, that calibrating on the GPU gives the same codes as calibrating on the CPU (to float noise).
+the GPU in turn (`CalibrationConfig(device="cuda")`), and reports the time per layer; then the same for AWQ
+(int4 g128 asymmetric, 128 x 512) when holdall has it. It also checks first, on a tiny random Llama, that
+calibrating on the GPU gives the same codes as calibrating on the CPU (to float noise).
 
-The llm-compressor number is anchors.md's, not re-measured here (its own venv would have to travel as wheels);
+`--profile` instead runs one decoder layer with a synchronizing timer around each phase of the engine and of
+GPTQ (capture, calibration forwards, Hessian accumulation, factorization, column loop, error report, re-run) and
+prints where the time goes; the synchronizations cost a little, so its total is a bit above the plain run's.
+
+The llm-compressor numbers are anchors.md's, not re-measured here (its own venv would have to travel as wheels);
 the comparison is across runs, so it is indicative only. Usage:
   PYTHONPATH=src python benchmarks/gptq_gpu_speed.py [--layers 4] [--samples 128] [--seq-len 2048] [--out DIR]
+  PYTHONPATH=src python benchmarks/gptq_gpu_speed.py --profile [--layers 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from holdall.algorithms import CalibrationConfig, GPTQConfig, QuantConfig, quantize
+from holdall.algorithms.config import method_names
 from holdall.core.linear import QuantLinear
 
 ANCHOR = {"tool": "llm-compressor 0.14 (anchors.md, H200)", "layers": 4, "seconds": 26.0, "per_layer_s": 6.5}
+AWQ_ANCHOR = {"tool": "llm-compressor 0.14 (anchors.md, H200)", "layers": 4, "seconds": 22.8, "per_layer_s": 5.7}
 
 
 def llama(hidden: int, ffn: int, layers: int, heads: int, vocab: int, dtype: torch.dtype, seed: int = 0):
@@ -48,6 +59,11 @@ def gptq_config(n: int, seq_len: int, device: str) -> QuantConfig:
                                   calibration=CalibrationConfig(n_samples=n, seq_len=seq_len, device=device))
 
 
+def awq_config(n: int, seq_len: int, device: str) -> QuantConfig:
+    # the method's default scheme is int4 g128 asymmetric: llm-compressor's W4A16_ASYM
+    return QuantConfig.for_method("awq", calibration=CalibrationConfig(n_samples=n, seq_len=seq_len, device=device))
+
+
 def codes_of(model) -> dict[str, torch.Tensor]:
     return {n: m.qdata.cpu() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -63,38 +79,167 @@ def gpu_matches_cpu() -> float:
     return sum(int((a[k] == b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--out", default=None, help="directory for gptq_gpu_speed.json")
-    args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "anchor": ANCHOR}
-    result["gpu_vs_cpu_code_agreement"] = round(gpu_matches_cpu(), 5)
-    print("GPU vs CPU code agreement:", result["gpu_vs_cpu_code_agreement"], flush=True)
+def kernel_matches_loop(rows: int = 2048, cols: int = 1024) -> dict:
+    """Code agreement of GPTQ's GPU column kernel with its torch column loop on the same GPU inputs.
 
-    model = llama(4096, 11008, args.layers, 32, 32000, torch.bfloat16)
-    ids = torch.randint(0, 32000, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    Isolates the kernel from the rest of the GPU-vs-CPU difference (cuBLAS vs CPU float sums in the forwards and
+    Hessians). One code differing feeds a different error to every later column, so a single rounding tie can
+    move a few codes after it: agreement slightly under 1 is float rounding, a wrong kernel gives ~0.1–0.5.
+    """
+    from holdall.algorithms import gptq
+    from holdall.core.scheme import QuantScheme
+
+    if not gptq._use_triton(torch.empty(1, device="cuda")):
+        return {"skipped": "no Triton"}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4 * cols, cols, device="cuda", generator=gen)
+    x = x @ torch.randn(cols, cols, device="cuda", generator=gen)  # correlated inputs: a far-from-diagonal H
+    H = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(rows, cols, device="cuda", generator=gen) * 0.02
+    hinv, _, _ = gptq.inverse_hessian_factor(H, GPTQConfig())
+    out = {}
+    for label, scheme in (("int4-g128-sym", QuantScheme(bits=4, group_size=128)),
+                          ("int3-g64-asym", QuantScheme(bits=3, group_size=64, symmetric=False))):
+        g = scheme.group_size
+        group_of = torch.arange(cols, device="cuda") // g
+        codes = []
+        for fn in (gptq._blocks_torch, gptq._blocks_triton):
+            scale, zero = gptq._empty_qparams(w, scheme)
+            codes.append(fn(w.t().contiguous(), hinv, scale, zero, group_of, scheme, 128, g, False))
+        out[label] = round(float((codes[0] == codes[1]).float().mean()), 5)
+    return out
+
+
+# --- profiling ------------------------------------------------------------------------------------------
+# (module attribute, label): the engine's and GPTQ's phases; names a version lacks are skipped
+PHASES = [
+    ("holdall.algorithms.sequential:capture_inputs", "capture (embeddings, first-layer inputs)"),
+    ("holdall.algorithms.sequential:_run_layer", "calibration forwards (incl. Hessian hooks)"),
+    ("holdall.algorithms.gptq:HessianObserver.add_batch", "  Hessian accumulation (X^T X)"),
+    ("holdall.algorithms.sequential:_requantized_outputs", "re-run of the quantized layer"),
+    ("holdall.algorithms.gptq:GPTQQuantizer.quantize", "GPTQ per linear group (all below)"),
+    ("holdall.algorithms.gptq:inverse_hessian_factor", "  Cholesky / inverse factor"),
+    ("holdall.algorithms.gptq:_quantize_columns", "  column loop"),
+    ("holdall.algorithms.gptq:output_error", "  error report (vs RTN)"),
+]
+
+
+def install_phase_timers() -> dict[str, list[float]]:
+    """Wrap each phase in a CUDA-synchronizing timer; returns the {label: [seconds, calls]} it fills."""
+    import importlib
+
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for target, label in PHASES:
+        module_name, _, attr = target.partition(":")
+        owner = importlib.import_module(module_name)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, name):
+            continue
+        original = getattr(owner, name)
+
+        def timed(*args, __original=original, __label=label, **kwargs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                totals[__label][0] += time.perf_counter() - t0
+                totals[__label][1] += 1
+
+        setattr(owner, name, functools.wraps(original)(timed))
+    return totals
+
+
+def profile(layers: int, samples: int, seq_len: int) -> dict:
+    totals = install_phase_timers()
+    model = llama(4096, 11008, layers, 32, 32000, torch.bfloat16)
+    ids = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     torch.cuda.synchronize()
     start = time.perf_counter()
-    quantize(model, gptq_config(args.samples, args.seq_len, "cuda"), progress=True, calibration_data=ids)
+    quantize(model, gptq_config(samples, seq_len, "cuda"), progress=False, calibration_data=ids)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    layer_s = sum(layer["seconds"] for layer in model.holdall_quant["report"]["layers"])
+    table = {label: {"seconds": round(totals[label][0], 3), "calls": totals[label][1]} for _, label in PHASES
+             if label in totals}
+    print(f"profile: {layers} layer(s), {samples}x{seq_len}: {seconds:.2f} s in all, {layer_s:.2f} s in the layer loop")
+    for label, row in table.items():
+        print(f"  {label:46s} {row['seconds']:8.3f} s  ({row['calls']} calls)")
+    return {"seconds": round(seconds, 2), "layer_loop_s": round(layer_s, 2), "phases": table}
+
+
+# --- timing ---------------------------------------------------------------------------------------------
+def time_method(config: QuantConfig, layers: int, samples: int, seq_len: int) -> dict:
+    model = llama(4096, 11008, layers, 32, 32000, torch.bfloat16)
+    ids = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    quantize(model, config, progress=True, calibration_data=ids)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     report = model.holdall_quant["report"]
-    result["holdall"] = {
-        "layers": args.layers, "calibration": f"{args.samples}x{args.seq_len}", "seconds": round(seconds, 1),
-        "per_layer_s": round(seconds / args.layers, 2),
+    ratios = [i["rel_error"] / i["rtn_rel_error"] for i in report["linears"].values()
+              if i.get("rel_error") is not None and i.get("rtn_rel_error")]
+    return {
+        "layers": layers, "calibration": f"{samples}x{seq_len}", "seconds": round(seconds, 1),
+        "per_layer_s": round(seconds / layers, 2),
         "layer_seconds": [round(layer["seconds"], 2) for layer in report["layers"]],
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "linear_error_vs_rtn": round(
-            sum(i["rel_error"] / i["rtn_rel_error"] for i in report["linears"].values()) / len(report["linears"]), 3
-        ),
+        "linear_error_vs_rtn": round(sum(ratios) / len(ratios), 3) if ratios else None,
+        "layer_rel_error": [None if layer["rel_error"] is None else round(layer["rel_error"], 4)
+                            for layer in report["layers"]],
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 1 with --profile)")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--awq-samples", type=int, default=128)
+    parser.add_argument("--awq-seq-len", type=int, default=512)
+    parser.add_argument("--no-awq", action="store_true", help="skip the AWQ timing")
+    parser.add_argument("--no-check", action="store_true", help="skip the GPU-vs-CPU code check")
+    parser.add_argument("--profile", action="store_true", help="per-phase breakdown of one GPTQ run")
+    parser.add_argument("--check-only", action="store_true", help="only the code-agreement checks")
+    parser.add_argument("--out", default=None, help="directory for gptq_gpu_speed.json")
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "anchor": ANCHOR}
+    if not args.no_check:
+        result["gpu_vs_cpu_code_agreement"] = round(gpu_matches_cpu(), 5)
+        print("GPU vs CPU code agreement:", result["gpu_vs_cpu_code_agreement"], flush=True)
+        try:
+            result["gpu_kernel_vs_torch_loop_agreement"] = kernel_matches_loop()
+        except AttributeError:  # a holdall from before the kernel
+            result["gpu_kernel_vs_torch_loop_agreement"] = {"skipped": "no kernel in this version"}
+        print("GPU column kernel vs torch loop code agreement:", result["gpu_kernel_vs_torch_loop_agreement"],
+              flush=True)
+
+    if args.check_only:
+        pass
+    elif args.profile:
+        result["profile"] = profile(args.layers or 1, args.samples, args.seq_len)
+    else:
+        layers = args.layers or 4
+        result["holdall"] = time_method(gptq_config(args.samples, args.seq_len, "cuda"), layers, args.samples,
+                                        args.seq_len)
+        result["holdall"]["vs_anchor"] = round(result["holdall"]["per_layer_s"] / ANCHOR["per_layer_s"], 3)
+        print("GPTQ:", json.dumps(result["holdall"]), flush=True)
+        if not args.no_awq and "awq" in method_names():
+            awq = time_method(awq_config(args.awq_samples, args.awq_seq_len, "cuda"), layers, args.awq_samples,
+                              args.awq_seq_len)
+            awq["vs_anchor"] = round(awq["per_layer_s"] / AWQ_ANCHOR["per_layer_s"], 3)
+            result["awq"], result["awq_anchor"] = awq, AWQ_ANCHOR
+            print("AWQ:", json.dumps(awq), flush=True)
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gptq_gpu_speed.json").write_text(json.dumps(result, indent=1))
+        name = "gptq_gpu_profile.json" if args.profile else "gptq_gpu_speed.json"
+        (Path(args.out) / name).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

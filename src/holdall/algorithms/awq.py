@@ -9,14 +9,14 @@ inference.
 
 Per decoder layer and per *scaling group* (the linears reading one input, with the module producing it):
 
-====================  =======================  =====================================================
-consumers             producer (1/s goes to)   output the search compares
-====================  =======================  =====================================================
-q, k, v               input_layernorm          the attention block (``self_attn``), o_proj included
-o                     v (if shapes allow)      o's own output
-gate, up              post_attention_layernorm the MLP block (``mlp``), down included
-down                  up                       down's own output
-====================  =======================  =====================================================
+==========  ========================  ====================================================
+consumers   producer (1/s goes to)    output the search compares
+==========  ========================  ====================================================
+q, k, v     input_layernorm           the attention block (``self_attn``), o_proj included
+o           v (if shapes allow)       o's own output
+gate, up    post_attention_layernorm  the MLP block (``mlp``), down included
+down        up                        down's own output
+==========  ========================  ====================================================
 
 1. **Scale search.** With ``x̄`` the mean ``|x|`` per input channel and ``w̄`` the mean of ``|W|`` normalized by
    its quantization group's max (per input channel, over every consumer's rows), try ``α = i / n_grid`` for

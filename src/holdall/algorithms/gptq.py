@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,19 +222,49 @@ def _quantize_columns(
 
     Returns uint8 codes ``[out, in]`` in the original column order, or None if the updates became non-finite.
     The loop is bound by per-op overhead (~10 small ops per column), so it works on ``Wᵀ``: a column of ``W``
-    is then a contiguous row, and each step is a handful of in-place ops on contiguous memory.
+    is then a contiguous row. On a CPU each step is a handful of in-place torch ops (:func:`_blocks_torch`); on
+    a GPU with Triton one kernel launch walks up to 128 columns (:func:`_blocks_triton`).
     """
     n_cols = W.shape[1]
-    maxq = 2**scheme.bits - 1
-    midpoint = float(2 ** (scheme.bits - 1))
     g = scheme.group_size if scheme.granularity == "group" else n_cols
     order = perm.tolist() if perm is not None else range(n_cols)
     group_of = torch.tensor([c // g for c in order], device=W.device)  # scale column of each loop position
     # dynamic groups are fitted at their first column from the block's up-to-date copy: blocks must hold whole groups
     block = config.block_size if fixed_params else g * max(1, config.block_size // g)
-    fit_scheme = dataclasses.replace(scheme, granularity="channel")
     Wt = W.t().contiguous()  # [in, out]
-    codes_t = torch.empty(n_cols, W.shape[0], dtype=torch.uint8, device=W.device)
+    if _use_triton(Wt):
+        codes_t = _blocks_triton(Wt, hinv, scale, zero, group_of, scheme, block, g, fixed_params)
+    else:
+        codes_t = _blocks_torch(Wt, hinv, scale, zero, group_of, scheme, block, g, fixed_params)
+    if codes_t is None:
+        return None
+    codes = codes_t.t()
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.contiguous()
+
+
+def _blocks_torch(
+    Wt: torch.Tensor,
+    hinv: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_of: torch.Tensor,
+    scheme: QuantScheme,
+    block: int,
+    g: int,
+    fixed_params: bool,
+) -> torch.Tensor | None:
+    """The lazy-block loop with one handful of tensor ops per column (CPU, or a GPU without Triton).
+
+    ``Wt [in, out]`` is corrected in place; returns the codes ``[in, out]`` in loop order, or None on non-finite
+    updates. On a CPU the per-op cost is small, so this is also the fast path there.
+    """
+    n_cols = Wt.shape[0]
+    maxq = 2**scheme.bits - 1
+    midpoint = float(2 ** (scheme.bits - 1))
+    fit_scheme = dataclasses.replace(scheme, granularity="channel")
+    codes_t = torch.empty(n_cols, Wt.shape[1], dtype=torch.uint8, device=Wt.device)
     for i1 in range(0, n_cols, block):
         i2 = min(i1 + block, n_cols)
         W1 = Wt[i1:i2].clone()  # [b, out]: this block's columns, corrected eagerly
@@ -269,10 +300,142 @@ def _quantize_columns(
             return None
         codes_t[i1:i2] = Q1.to(torch.uint8)
         Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy update of everything after the block
-    codes = codes_t.t()
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return codes.contiguous()
+    return codes_t
+
+
+# --- the column loop as one GPU kernel per block ----------------------------------------------------------
+# On a GPU the torch loop above is bound by kernel launches: ~12 launches of a few microseconds per column,
+# ~23k columns per 7B decoder layer, 3.6 s of a 7.5 s layer (H200). GPTQ treats output rows independently, so
+# one Triton program can own a tile of rows and walk a whole segment of columns with the tile in registers: the
+# segment costs one launch instead of ~1500. The arithmetic per column is the torch loop's, in the same order
+# (IEEE division, round-half-to-even), so codes agree with the CPU's up to float rounding of the updates.
+_TRITON_SEGMENT = 128  # columns one kernel launch walks: the register tile is [128, rows per program]
+_triton_kernel = None  # compiled lazily: importing triton costs time, and CPU machines need not have it
+
+
+def _use_triton(Wt: torch.Tensor) -> bool:
+    """True when the per-block kernel can run: a CUDA tensor and an importable Triton (HOLDALL_KERNELS=0 disables)."""
+    if Wt.device.type != "cuda" or os.environ.get("HOLDALL_KERNELS", "1").strip() == "0":
+        return False
+    return _load_triton_kernel() is not None
+
+
+def _load_triton_kernel():
+    global _triton_kernel, triton, tl, libdevice
+    if _triton_kernel is not None:
+        return _triton_kernel or None
+    try:
+        import triton
+        import triton.language as tl
+        from triton.language.extra import libdevice
+    except ImportError:
+        _triton_kernel = False  # remembered: the torch loop serves
+        return None
+
+    @triton.jit
+    def gptq_segment_kernel(
+        W, stride_w, H, stride_h, S, stride_s, Z, INV, Q, stride_q, E, stride_e, R, L, maxq, midpoint,
+        HAS_ZERO: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # W [L, R] columns x rows of the (transposed) weight, corrected eagerly in registers; H [L, L] the segment's
+        # block of the inverse-Hessian factor; S/Z [L, R] per-position scale/zero; INV [L] 1 / H_ii.
+        # Writes the codes Q [L, R] (uint8) and the scaled errors E [L, R] that update the rest of the weight.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_L)
+        rmask = rows < R
+        cmask = cols < L
+        w = tl.load(W + cols[:, None] * stride_w + rows[None, :], mask=cmask[:, None] & rmask[None, :], other=0.0)
+        for i in tl.range(0, L):
+            # a register tile cannot be indexed by a loop variable: pick column i out with a masked sum
+            wi = tl.sum(tl.where(cols[:, None] == i, w, 0.0), axis=0)  # [BLOCK_R]
+            s = tl.load(S + i * stride_s + rows, mask=rmask, other=1.0)
+            if HAS_ZERO:
+                z = tl.load(Z + i * stride_s + rows, mask=rmask, other=0.0)
+            else:
+                z = midpoint
+            # div_rn: IEEE division as torch's (Triton's default '/' is approximate); rint rounds half to even
+            q = libdevice.rint(tl.math.div_rn(wi, s)) + z
+            q = tl.minimum(tl.maximum(q, 0.0), maxq)
+            err = (wi - (q - z) * s) * tl.load(INV + i)
+            tl.store(Q + i * stride_q + rows, q.to(tl.uint8), mask=rmask)
+            tl.store(E + i * stride_e + rows, err, mask=rmask)
+            # feed the error to the segment's later columns (column i itself is done)
+            h = tl.load(H + i * stride_h + cols, mask=cmask & (cols > i), other=0.0)  # [BLOCK_L]
+            w = w - h[:, None] * err[None, :]
+
+    _triton_kernel = gptq_segment_kernel
+    return _triton_kernel
+
+
+def _blocks_triton(
+    Wt: torch.Tensor,
+    hinv: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_of: torch.Tensor,
+    scheme: QuantScheme,
+    block: int,
+    g: int,
+    fixed_params: bool,
+) -> torch.Tensor | None:
+    """:func:`_blocks_torch` with each block's column loop done by :func:`_load_triton_kernel`'s kernel.
+
+    A block is walked in segments of at most ``_TRITON_SEGMENT`` columns that never straddle a group start
+    (dynamic groups are fitted, with the core's ``choose_qparams``, on the block's up-to-date columns when a
+    segment opens a group); after each segment the block's later columns get its errors in one matmul, which is
+    the same correction the eager loop applies column by column.
+    """
+    kernel = _load_triton_kernel()
+    n_cols, n_rows = Wt.shape
+    maxq = float(2**scheme.bits - 1)
+    midpoint = float(2 ** (scheme.bits - 1))
+    fit_scheme = dataclasses.replace(scheme, granularity="channel")
+    block_r = 32 if n_rows <= 8192 else 64  # enough programs to fill the SMs at 4096 rows
+    grid = (triton.cdiv(n_rows, block_r),)
+    hinv = hinv.contiguous()
+    inv_diag = 1.0 / hinv.diagonal()
+    codes_t = torch.empty(n_cols, n_rows, dtype=torch.uint8, device=Wt.device)
+    for i1 in range(0, n_cols, block):
+        i2 = min(i1 + block, n_cols)
+        W1 = Wt[i1:i2].clone()  # [b, out]
+        Err1 = torch.empty_like(W1)
+        if fixed_params:
+            S1, Z1 = _block_params(scale, zero, group_of[i1:i2])
+            S1 = S1.expand(i2 - i1, n_rows).contiguous()  # a per-tensor scale is one column: give every row one
+            Z1 = Z1.expand(i2 - i1, n_rows).contiguous() if Z1 is not None else None
+        s1 = i1
+        while s1 < i2:
+            s2 = min(s1 + _TRITON_SEGMENT, i2)
+            if not fixed_params:
+                s2 = min(s2, (s1 // g + 1) * g)
+            a, b = s1 - i1, s2 - i1
+            if fixed_params:
+                S, Z = S1[a:b], Z1[a:b] if Z1 is not None else None
+            else:
+                if s1 % g == 0:
+                    fit = W1[a : a + g]  # the whole group, corrected up to its first column
+                    if not torch.isfinite(fit).all():
+                        return None
+                    s_fit, z_fit = affine.choose_qparams(fit.t(), fit_scheme)  # [out, 1] each
+                    scale[:, s1 // g] = s_fit[:, 0]
+                    if zero is not None:
+                        zero[:, s1 // g] = z_fit[:, 0]
+                S = scale[:, s1 // g].float()[None].expand(b - a, n_rows).contiguous()
+                Z = zero[:, s1 // g].float()[None].expand(b - a, n_rows).contiguous() if zero is not None else None
+            seg_h = hinv[s1:s2, s1:s2]
+            kernel[grid](
+                W1[a:b], W1.stride(0), seg_h, hinv.stride(0), S, S.stride(0), Z if Z is not None else S,
+                inv_diag[s1:s2], codes_t[s1:s2], codes_t.stride(0), Err1[a:b], Err1.stride(0), n_rows, s2 - s1,
+                maxq, midpoint, HAS_ZERO=Z is not None, BLOCK_L=triton.next_power_of_2(s2 - s1),
+                BLOCK_R=block_r, num_warps=4,
+            )
+            if s2 < i2:  # the segment's errors reach the block's later columns
+                W1[b:].addmm_(hinv[s1:s2, s2:i2].t(), Err1[a:b], alpha=-1)
+            s1 = s2
+        if not torch.isfinite(Err1).all():
+            return None
+        Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy update of everything after the block
+    return codes_t
 
 
 def _block_params(
@@ -286,7 +449,14 @@ def _block_params(
 
 # --- the engine's side ----------------------------------------------------------------------------------
 class HessianObserver:
-    """Accumulates ``Σ x xᵀ`` (float32) over the calibration tokens of one linear group's input."""
+    """Accumulates ``Σ x xᵀ`` (float32) over the calibration tokens of one linear group's input.
+
+    The sum is float32 whatever the activations' dtype. For bfloat16/float16 activations on a GPU the product is
+    taken on the tensor cores with the half-precision inputs as they are and float32 accumulation and output
+    (``torch.mm(..., out_dtype=float32)``): a product of two bf16 (8-bit significand) or fp16 (11-bit) numbers is
+    exact in float32, so this is the float32 ``xᵀx`` of the upcast inputs up to summation order, at the tensor
+    cores' rate instead of the CUDA cores' (~50 TFLOP/s): 1.7 s -> 0.16 s of a 7B-width layer on an H200.
+    """
 
     def __init__(self, names: list[str], in_features: int, device: torch.device):
         self.names = names
@@ -294,8 +464,10 @@ class HessianObserver:
         self.n_tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.float()  # [tokens, in]
-        self.sum.addmm_(x.T, x)
+        # x: [tokens, in]
+        if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _half_gram(self.sum, x)):
+            x = x.float()
+            self.sum.addmm_(x.T, x)
         self.n_tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -307,6 +479,25 @@ class HessianObserver:
                 "the model's activations are broken or need a wider dtype"
             )
         return H
+
+
+_HALF_GRAM: list[bool] = []  # [works?] once probed: torch.mm's out_dtype needs a recent torch with CUDA
+
+
+def _half_gram(total: torch.Tensor, x: torch.Tensor) -> bool:
+    """``total += xᵀx`` from half-precision ``x`` with float32 accumulation and output; False if unavailable."""
+    if _HALF_GRAM and not _HALF_GRAM[0]:
+        return False
+    try:
+        total.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+    except (TypeError, RuntimeError, NotImplementedError):
+        if _HALF_GRAM:
+            raise  # it worked before: this is a real error (out of memory, ...), not a missing feature
+        _HALF_GRAM.append(False)
+        return False
+    if not _HALF_GRAM:
+        _HALF_GRAM.append(True)
+    return True
 
 
 class GPTQQuantizer:
