@@ -18,10 +18,12 @@ Methods per setting: `rtn`; `hqq` (symmetric: the scale is optimized, same stora
 `gptq`; `gptq-act` (act-order with static groups); `awq` (AutoAWQ's defaults: duo scaling, 20-point grid, clip
 search; symmetric here like the other rows, so the storage is the same). Quantize time is wall-clock on this machine.
 
-The llm-compressor rows are *not* measured here: they are anchors.md's numbers (same protocol, measured on this
-workplace's 2-core CPU machine on 2026-11-27) and print as "anchor". TODO: run llm-compressor side by side in
-this script (it needs its own venv: llm-compressor 0.14 + transformers 5.17; see
-/work/shared/anchors/cpu_llmcompressor.py) so that its time is a ratio measured in the same run.
+`llmc-gptq`: llm-compressor's own GPTQ, side by side in the same run: it lives in its own virtual environment
+(llm-compressor 0.14 pins transformers 5.17; `--llmc-python`, default `/work/lcvenv/bin/python`), so this script
+saves the float model and the very calibration windows holdall uses, runs `llmcompressor_gptq.py` there (its
+GPTQModifier with its defaults: static act-order, dampening 0.01), and reads the compressed checkpoint back with
+holdall's compressed-tensors reader (bit-exact with transformers + compressed-tensors: tests/test_formats_*):
+both tools are scored by the same code on the same windows. anchors.md's numbers still print as "anchor".
 
 Usage:
   python benchmarks/gptq_quality.py                      # the full protocol (~tens of minutes on 2 CPU cores)
@@ -53,7 +55,7 @@ ANCHORS = {
     (4, 128): {"rtn, absmax/(2^(b-1)-1) convention": (31.213, None)},
 }
 ANCHOR_BASE_PPL = 20.256
-METHODS = ("rtn", "hqq", "hqq-asym", "gptq", "gptq-act", "awq")
+METHODS = ("rtn", "hqq", "hqq-asym", "gptq", "gptq-act", "awq", "llmc-gptq")
 
 
 def method_config(method: str, bits: int, group: int, calibration: CalibrationConfig) -> QuantConfig:
@@ -88,11 +90,17 @@ def run_setting(base, tokenizer, test_text, bits, group, methods, calibration, a
     """Quantize one (bits, group) setting with every method, score all of them on the same windows."""
     models, rows = {}, {}
     for method in methods:
+        name = f"{method} w{bits}g{group}"
+        if method == "llmc-gptq":
+            models[name], seconds = run_llm_compressor(base, tokenizer, bits, group, calibration, args)
+            rows[name] = {"method": method, "bits": bits, "group": group, "quantize_s": seconds,
+                          "bits_per_weight": bits_per_weight(models[name])}
+            print(f"{name}: quantized by llm-compressor in {seconds:.1f} s", flush=True)
+            continue
         config = method_config(method, bits, group, calibration)
         start = time.perf_counter()
         qmodel = quantize(copy.deepcopy(base), config, progress=args.progress, tokenizer=tokenizer)
         seconds = time.perf_counter() - start
-        name = f"{method} w{bits}g{group}"
         models[name] = qmodel
         rows[name] = {"method": method, "bits": bits, "group": group, "quantize_s": seconds,
                       "bits_per_weight": bits_per_weight(qmodel)}
@@ -108,6 +116,34 @@ def run_setting(base, tokenizer, test_text, bits, group, methods, calibration, a
         rows[name].update(ppl=result.ppl, kld=result.kld_mean, top1=result.top1_agreement,
                           base_ppl=result.base_ppl, scored_tokens=result.n_tokens)
     return rows
+
+
+def run_llm_compressor(base, tokenizer, bits: int, group: int, calibration: CalibrationConfig, args):
+    """llm-compressor's GPTQ in its own venv on the same float model and calibration windows; the result read
+    back by holdall. Returns ``(model, oneshot seconds)``."""
+    import subprocess
+    import tempfile
+
+    from holdall.algorithms.calibration import calibration_ids
+    from holdall.models.loading import save_hf
+
+    python = Path(args.llmc_python)
+    if not python.is_file():
+        raise SystemExit(f"llm-compressor's python {python} does not exist; create its venv (see "
+                         "benchmarks/make_llmcompressor_fixture.py) or pass --llmc-python")
+    with tempfile.TemporaryDirectory(prefix="llmc-") as tmp:
+        tmp = Path(tmp)
+        save_hf(base, tokenizer, tmp / "base")
+        torch.save(calibration_ids(calibration, tokenizer), tmp / "calib.pt")
+        threads = str(args.threads or torch.get_num_threads())
+        command = [str(python), str(Path(__file__).parent / "llmcompressor_gptq.py"), str(tmp / "base"),
+                   str(tmp / "calib.pt"), str(bits), str(group), str(tmp / "out"), threads]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"llm-compressor failed:\n{done.stderr[-3000:]}")
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["quantize_s"]
+        model, _ = holdall.load_model(tmp / "out", dtype=torch.float32)
+    return model, seconds
 
 
 def render_markdown(meta: dict, rows: dict[str, dict]) -> str:
@@ -149,6 +185,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes to prove the script runs end to end")
     parser.add_argument("--progress", action="store_true", help="show per-layer / per-window progress bars")
+    parser.add_argument("--llmc-python", default="/work/lcvenv/bin/python",
+                        help="python of llm-compressor's own venv (for --methods llmc-gptq)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if args.dry_run:
