@@ -70,7 +70,8 @@ def collect(pipeline: "Pipeline") -> tuple[dict | None, list[Row]]:
         rec = _load(pipeline.eval_path(f"eval/{t.name}"))
         if not rec:
             continue
-        for name, part in rec["per_customer"].items():
+        for name in [c.name for c in cfg.customers if c.name in rec["per_customer"]]:
+            part = rec["per_customer"][name]
             size = rec["base_bytes"] + part["adapter_bytes"]
             note = f"shared base {rec['base_bytes'] / MB:.1f} MB + adapter {part['adapter_bytes'] / MB:.1f} MB"
             rows.append(Row(name, t.name, rec["describe"], size, note, part["heldout"], part["text"],
