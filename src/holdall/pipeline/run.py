@@ -248,7 +248,10 @@ class Pipeline:
 
         model = self.base_model()
         scores = score_artifact(self.reference("base"), self.eval_data, progress=self.progress)
-        return self._write_eval("eval/base", {"kind": "base", "size_bytes": _param_bytes(model),
+        from ..models.info import model_info
+
+        size = model_info(model)["memory_bytes"]
+        return self._write_eval("eval/base", {"kind": "base", "size_bytes": size,
                                               "size_note": "float32 parameters", **scores})
 
     def _finetune(self, customer) -> list[Path]:
@@ -443,12 +446,3 @@ def _use_llamacpp(engine: str) -> bool:
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
-
-def _param_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
