@@ -53,7 +53,7 @@ LC_SCRIPT = textwrap.dedent('''
     seconds = time.time() - t
     model.save_pretrained(out, save_compressed=True)
     tok.save_pretrained(out)
-    test_ids = torch.load(ids_path)
+    test_ids = torch.load(ids_path, weights_only=True)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = reloaded(test_ids).logits
@@ -129,7 +129,7 @@ def main() -> int:
                         str(args.calib_samples), str(args.calib_len)], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         results["llmcompressor_run_s"] = round(time.time() - t, 1)
-        reference = torch.load(lc_dir / "reference_logits.pt")
+        reference = torch.load(lc_dir / "reference_logits.pt", weights_only=True)
         t = time.time()
         lc_model, _ = holdall.load_model(lc_dir)
         read_s = time.time() - t

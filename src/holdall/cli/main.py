@@ -553,7 +553,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------- wiring
 # --------------------------------------------------------------------------------------------- pipeline
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -646,6 +645,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- wiring
 _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "plan": (_add_plan, cmd_plan),
     "quantize": (_add_quantize, cmd_quantize),

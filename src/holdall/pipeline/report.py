@@ -79,12 +79,13 @@ def collect(pipeline: "Pipeline") -> tuple[dict | None, list[Row]]:
     return base, rows
 
 
-def write_report(pipeline: "Pipeline", state: "PipelineState") -> Path:
+def write_report(pipeline: "Pipeline", state: "PipelineState", order: list[str]) -> Path:
+    """Write report.md, its plots and the model cards; ``order``: the stage ids in plan order."""
     out = pipeline.out / "report"
     out.mkdir(parents=True, exist_ok=True)
     base, rows = collect(pipeline)
     plots = _plots(pipeline, base, rows, out)
-    text = _markdown(pipeline, state, base, rows, plots)
+    text = _markdown(pipeline, state, base, rows, plots, order)
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -110,7 +111,8 @@ def specialisation(base: dict | None, rows: list[Row], customers: list[str]) -> 
 
 
 # --- markdown ------------------------------------------------------------------------------------------
-def _markdown(pipeline: "Pipeline", state: "PipelineState", base: dict | None, rows: list[Row], plots: dict) -> str:
+def _markdown(pipeline: "Pipeline", state: "PipelineState", base: dict | None, rows: list[Row], plots: dict,
+              order: list[str]) -> str:
     cfg = pipeline.config
     ft = cfg.finetune
     customers = [c.name for c in cfg.customers]
@@ -138,7 +140,7 @@ def _markdown(pipeline: "Pipeline", state: "PipelineState", base: dict | None, r
     lines += _heldout_section(base, rows, customers, plots)
     lines += _artifact_section(base, rows, plots)
     lines += _usage_section(pipeline, rows)
-    lines += _timing_section(state, [s.id for s in pipeline.stages()])
+    lines += _timing_section(state, order)
     return "\n".join(lines) + "\n"
 
 

@@ -231,7 +231,7 @@ class Pipeline:
             self.log(f"[{total}/{total}] report ...")
             from .report import write_report
 
-            write_report(self, state)
+            write_report(self, state, [s.id for s in stages])
             return result
 
     # --- stages ------------------------------------------------------------------------------------
