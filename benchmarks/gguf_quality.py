@@ -55,6 +55,8 @@ def main(argv=None) -> dict:
                    help="which files to build and score (holdall's plain file is byte-equal to llama.cpp's)")
     p.add_argument("--work", type=Path, default=REPO / "out" / "gguf_quality")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--name", default="gguf_quality", help="stem of the result files")
+    p.add_argument("--resume", action="store_true", help="keep the rows of types already measured in --work")
     args = p.parse_args(argv)
 
     import torch
@@ -86,8 +88,19 @@ def main(argv=None) -> dict:
         return {"ppl": round(r.ppl, 4), "kld": round(r.kld_mean, 5), "top1": round(r.top1_agreement, 4),
                 "bytes": os.path.getsize(path), "base_ppl": round(r.base_ppl, 4)}
 
+    # Rows are appended to a JSON-lines file as each type finishes, so a long run that is stopped keeps what it
+    # measured; --resume skips the types already there (same work dir, same settings).
+    rows_path = args.work / "rows.jsonl"
+    done = {}
+    if args.resume and rows_path.exists():
+        done = {r["type"]: r for r in map(json.loads, rows_path.read_text().splitlines()) if r.get("type")}
+    elif rows_path.exists():
+        rows_path.unlink()
     rows = []
     for file_type in args.types:
+        if file_type in done:
+            rows.append(done[file_type])
+            continue
         row = {"type": file_type}
         if "llama.cpp" in args.variants:
             llama_path = args.work / f"llama-{file_type}.gguf"
@@ -113,13 +126,15 @@ def main(argv=None) -> dict:
             if top in row and base in row:
                 row[key] = round(row[top]["kld"] / row[base]["kld"], 4)
         log(json.dumps(row))
+        with open(rows_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
         rows.append(row)
     report = {"machine": cpu_name(), "threads": args.threads, "chunks": args.chunks, "imatrix_s": round(imatrix_s, 1),
               "calib_chunks": args.calib_chunks, "date": time.strftime("%Y-%m-%d", time.gmtime()),
               "f16_ppl": next((r[v]["base_ppl"] for r in rows for v in VARIANTS if v in r), None),
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gguf_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# GGUF quality on SmolLM2-135M: llama.cpp's quantizer vs holdall (plain, imatrix, imatrix + GPTQ refine)", "",
         f"Machine: {report['machine']}, {args.threads} threads, {report['date']}. WikiText-2 test, llama-perplexity protocol (ctx 512, "
@@ -135,7 +150,7 @@ def main(argv=None) -> dict:
                        ("kld_ratio_gptq_vs_imatrix", "holdall+gptq / holdall+imatrix (= llama.cpp + the same imatrix)")):
         if any(key in r for r in rows):
             lines += ["", f"KLD ratio {label}: " + ", ".join(f"{r['type']} {r[key]}" for r in rows if key in r)]
-    (args.out / "gguf_quality.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return report
 

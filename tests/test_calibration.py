@@ -169,3 +169,66 @@ def test_explicit_cpu_device_and_model_stays_put(one_thread):
     result = run_sequential(model, decoder_names(model), Identity(), ids, device="cpu", progress=False)
     assert result.hidden_states.device.type == "cpu"
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+# --- the piecewise (Llama-shaped) path ------------------------------------------------------------------------
+def _gptq_run(model, piecewise: bool, monkeypatch, calls: list):
+    from holdall.algorithms import sequential
+    from holdall.algorithms.gptq import GPTQConfig
+
+    original = sequential._ResidualBlock.calibrate
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.layer)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sequential._ResidualBlock, "calibrate", spy)
+    if not piecewise:
+        monkeypatch.setattr(sequential._ResidualBlock, "match", classmethod(lambda cls, layer, groups: None))
+    config = QuantConfig.for_method("gptq", bits=3, group_size=32, options=GPTQConfig(act_order=True),
+                                    calibration=CalibrationConfig(n_samples=6, seq_len=24, batch_size=4))
+    ids = torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(1))
+    quantize(model, config, progress=False, calibration_data=ids)
+    monkeypatch.undo()
+    return model
+
+
+def test_piecewise_llama_block_matches_the_generic_path(monkeypatch, one_thread):
+    # the piecewise path must see the same statistics as re-running the layer: same codes, same outputs
+    calls: list = []
+    fast = _gptq_run(make_tiny_llama(hidden=64, layers=3), True, monkeypatch, calls)
+    assert len(calls) == 3  # every layer took the piecewise path
+    slow_calls: list = []
+    slow = _gptq_run(make_tiny_llama(hidden=64, layers=3), False, monkeypatch, slow_calls)
+    assert not slow_calls
+    fast_layers = fast.holdall_quant["report"]["layers"]
+    slow_layers = slow.holdall_quant["report"]["layers"]
+    for a, b in zip(fast_layers, slow_layers):
+        assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-3)
+    fs, ss = fast.state_dict(), slow.state_dict()
+    codes = [k for k in fs if fs[k].dtype in (torch.uint8, torch.int8, torch.int32)]
+    assert codes
+    mismatch = sum(int((fs[k] != ss[k]).sum()) for k in codes)
+    total = sum(fs[k].numel() for k in codes)
+    assert mismatch <= 0.001 * total  # float summation order may flip a rare tie, nothing more
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(tokens).logits, slow(tokens).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_a_layer_of_another_shape_takes_the_generic_path(monkeypatch, one_thread):
+    # a residual the pieces don't know about (here: the MLP's update doubled) must be caught by the check
+    model = make_tiny_llama(hidden=64, layers=2)
+    for layer in model.model.layers:
+        mlp_forward = layer.mlp.forward
+        layer.mlp.forward = lambda x, f=mlp_forward: f(x)
+        original = layer.forward
+
+        def doubled(hidden_states, *args, _orig=original, _layer=layer, **kwargs):
+            h = hidden_states + _layer.self_attn(hidden_states=_layer.input_layernorm(hidden_states), **kwargs)[0]
+            return h + 2 * _layer.mlp(_layer.post_attention_layernorm(h))
+
+        layer.forward = doubled
+    calls: list = []
+    _gptq_run(model, True, monkeypatch, calls)
+    assert not calls

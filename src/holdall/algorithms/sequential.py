@@ -11,13 +11,16 @@ How it runs (the GPTQ reference's layer-by-layer scheme, written for transformer
 2. **Per layer**, on ``device`` (only this layer is moved there; everything else stays where it was):
    the linears are grouped by the input they read, in forward order (Llama: ``[q, k, v]``, ``[o]``,
    ``[gate, up]``, ``[down]``). With ``true_sequential`` each group's statistics are collected *after* the
-   earlier groups were quantized, so ``o_proj`` sees the attention output of the quantized q/k/v; a group's
-   pass stops as soon as its input was seen (the rest of the layer is skipped). The first pass also stores the
-   float layer's output. The quantized layer is then re-run: its outputs are the next layer's inputs, so the
-   errors of earlier layers are visible to later ones (the quantized model is what gets calibrated).
+   earlier groups were quantized, so ``o_proj`` sees the attention output of the quantized q/k/v. A Llama-shaped
+   layer (``h = x + attn(norm1(x)); y = h + mlp(norm2(h))``, checked against the layer's own forward) is run one
+   piece at a time (:class:`_ResidualBlock`): each linear once per window, about one forward of the layer in all.
+   Any other layer is re-run from its input for each group, each pass stopping as soon as the group's input was
+   seen. The quantized layer's outputs are the next layer's inputs, so the errors of earlier layers are visible
+   to later ones (the quantized model is what gets calibrated).
 3. **Report.** Per layer: time and the relative error of what the layer adds to the residual stream,
-   ``||Y_q - Y_f|| / ||Y_f - X||`` (X its input, Y_f the float layer's output, Y_q the quantized layer's, all on
-   the same calibration inputs); per linear: whatever the quantizer reports; bits per weight overall.
+   ``||Y_q - Y_f|| / ||Y_f - X||`` (X its input, Y_f the float layer's output, Y_q the quantized layer's), on the
+   first calibration batch (``batch_size`` windows: one float forward of a batch per layer, not of all windows);
+   per linear: whatever the quantizer reports; bits per weight overall.
 
 A method plugs in through :class:`LayerQuantizer`: ``observer(names, linears)`` makes a statistics collector fed
 with the group's input activations ``[tokens, in_features]``; ``quantize(names, linears, observer)`` returns each
@@ -291,11 +294,7 @@ def _feed(observer: Observer, name: str, stop: bool):
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
         x = x.reshape(-1, x.shape[-1])  # [tokens, in_features]
-        if not torch.isfinite(x).all():
-            raise DataError(
-                f"the calibration activations entering {name} hold NaN/Inf: an earlier layer overflowed "
-                "(float16?) or its weights are broken. Calibrate in float32/bfloat16, or exclude that layer"
-            )
+        _check_finite(x, name)
         observer.add_batch(x)
         if stop:
             raise _StopForward
@@ -336,17 +335,24 @@ def _calibrate_layer(
     if not groups:
         _run_layer(layer, inps, kwargs, batch_size, outs)
         return None
-    # pass 1: the float layer's outputs (the reference), observing the first group (or all of them)
+    # the float layer's outputs on the first batch: the reference the layer's error is measured against
+    x_ref = inps[:batch_size]
+    y_ref = _output(layer(x_ref, **kwargs))
+    if true_sequential and getattr(quantizer, "layer_scope", None) is None:
+        block = _ResidualBlock.match(layer, groups)
+        if block is not None and block.reproduces(x_ref, kwargs, y_ref):
+            block.calibrate(inps, outs, kwargs, quantizer, report, batch_size)
+            return _layer_error(x_ref, outs[:batch_size], y_ref)
+    # generic path: re-run the layer from its input for every group; each pass stops at the group's input
     first = groups[:1] if true_sequential else groups
-    observers, handles = _observe(layer, first, quantizer, stop=False)
+    observers, handles = _observe(layer, first, quantizer, stop=true_sequential)
     try:
-        _run_layer(layer, inps, kwargs, batch_size, outs)
+        _run_layer(layer, inps, kwargs, batch_size)
     finally:
         for h in handles:
             h.remove()
     for group, observer in zip(first, observers):
         _quantize_group(layer, group, observer, quantizer, report)
-    # later groups, each observed with everything before it already quantized; the pass stops at its input
     for group in groups[len(first) :]:
         (observer,), handles = _observe(layer, [group], quantizer, stop=True)
         try:
@@ -355,22 +361,167 @@ def _calibrate_layer(
             for h in handles:
                 h.remove()
         _quantize_group(layer, group, observer, quantizer, report)
-    return _requantized_outputs(layer, inps, outs, kwargs, batch_size)
+    _run_layer(layer, inps, kwargs, batch_size, outs)  # the quantized layer's outputs: the next layer's inputs
+    return _layer_error(x_ref, outs[:batch_size], y_ref)
 
 
-def _requantized_outputs(
-    layer: nn.Module, inps: torch.Tensor, outs: torch.Tensor, kwargs: dict[str, Any], batch_size: int
-) -> float:
-    """Replace the float outputs in ``outs`` by the quantized layer's; return ||Y_q - Y_f|| / ||Y_f - X||."""
-    diff = update = 0.0
-    for b0 in range(0, inps.shape[0], batch_size):
-        x, y_float = inps[b0 : b0 + batch_size], outs[b0 : b0 + batch_size]
-        y = layer(x, **kwargs)
-        y = y[0] if isinstance(y, tuple) else y
-        diff += float((y.double() - y_float.double()).pow(2).sum())
-        update += float((y_float.double() - x.double()).pow(2).sum())
-        y_float.copy_(y)
+def _output(y: Any) -> torch.Tensor:
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _layer_error(x: torch.Tensor, y_q: torch.Tensor, y_f: torch.Tensor) -> float:
+    """``||Y_q - Y_f|| / ||Y_f - X||`` (the quantized layer's error relative to what the float layer adds to the
+    residual stream), on the first calibration batch: one float forward of one batch per layer, not of all."""
+    diff = float((y_q.double() - y_f.double()).pow(2).sum())
+    update = float((y_f.double() - x.double()).pow(2).sum())
     return math.sqrt(diff / update) if update > 0 else 0.0
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(x).all():
+        raise DataError(
+            f"the calibration activations entering {name} hold NaN/Inf: an earlier layer overflowed "
+            "(float16?) or its weights are broken. Calibrate in float32/bfloat16, or exclude that layer"
+        )
+
+
+class _ResidualBlock:
+    """A Llama-shaped decoder layer computed one piece at a time, for true-sequential calibration::
+
+        h = x + attn(norm1(x))      attn's output is o_proj(o_proj's input)
+        y = h + mlp(norm2(h))       mlp's output is down_proj(down_proj's input)
+
+    Re-running the layer from its input for every group costs ~2.6 quantized forwards of the layer per
+    calibration window (q/k/v; + attention and o; + gate/up; the full layer). Piece by piece, every linear and
+    the attention run once per window after the groups before them were quantized, and what later pieces need
+    (o_proj's input, the residual ``h``, down_proj's input when it fits in ``_CACHE_BYTES``) is kept: about one
+    forward in all, the same statistics up to float summation order. Used only for a layer whose groups are
+    [attention inputs], [o_proj], [mlp inputs], [down_proj] under ``self_attn`` / ``mlp`` between the two norms,
+    and only after the pieces reproduced the layer's own forward on the first batch (``reproduces``): a layer of
+    another shape (Gemma-2's extra norms, a scaled residual) takes the generic path.
+    """
+
+    _CACHE_BYTES = 1 << 30
+
+    def __init__(self, layer: nn.Module, groups: list[list[tuple[str, str]]]):
+        self.layer, self.groups = layer, groups
+        self.o_rel, self.down_rel = groups[1][0][0], groups[3][0][0]
+
+    @classmethod
+    def match(cls, layer: nn.Module, groups: list[list[tuple[str, str]]]) -> "_ResidualBlock | None":
+        parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+        if len(groups) != 4 or not all(isinstance(getattr(layer, p, None), nn.Module) for p in parts):
+            return None
+        rels = [[rel for rel, _ in g] for g in groups]
+        if len(rels[1]) != 1 or len(rels[3]) != 1:
+            return None
+        if not all(r.startswith("self_attn.") for g in rels[:2] for r in g):
+            return None
+        if not all(r.startswith("mlp.") for g in rels[2:] for r in g):
+            return None
+        return cls(layer, groups)
+
+    # the pieces (modules looked up on every call: quantizing a group replaces its linears)
+    def _module(self, rel: str) -> nn.Module:
+        return self.layer.get_submodule(rel)
+
+    def _input_of(self, call, rel: str) -> torch.Tensor:
+        """Run ``call()`` until the linear ``rel`` is reached; its input."""
+        seen: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.append(args[0])
+            raise _StopForward
+
+        handle = self._module(rel).register_forward_pre_hook(hook)
+        try:
+            call()
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not seen:
+            raise ConfigError(f"{rel} was not called by its block; the layer is not Llama-shaped")
+        return seen[0]
+
+    def _o_input(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        a = self.layer.input_layernorm(x)
+        return self._input_of(lambda: self.layer.self_attn(hidden_states=a, **kwargs), self.o_rel)
+
+    def _down_input(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.layer.post_attention_layernorm(h)
+        return self._input_of(lambda: self.layer.mlp(m), self.down_rel)
+
+    def _apply(self, rel: str, x: torch.Tensor) -> torch.Tensor:
+        return self._module(rel)(x)
+
+    def reproduces(self, x: torch.Tensor, kwargs: dict[str, Any], y_ref: torch.Tensor) -> bool:
+        """Do the pieces give the layer's own output ``y_ref`` on ``x``? (float, before anything is quantized; if
+        attn's output were not o_proj's, or a norm or a residual were missing, the outputs would differ)"""
+        try:
+            h = x + self._apply(self.o_rel, self._o_input(x, kwargs))
+            y = h + self._apply(self.down_rel, self._down_input(h))
+        except Exception:  # any call the pieces cannot make: the generic path will run the layer as it is
+            return False
+        if y.shape != y_ref.shape or not torch.isfinite(y_ref).all():
+            return False  # the generic path names the linear whose input broke
+        scale = float(y_ref.abs().max()) or 1.0
+        return torch.allclose(y, y_ref, rtol=1e-4, atol=1e-4 * scale)
+
+    def calibrate(self, inps: torch.Tensor, outs: torch.Tensor, kwargs: dict[str, Any], quantizer: LayerQuantizer,
+                  report: CalibrationReport, batch_size: int) -> None:
+        """Quantize the four groups in order; leave the quantized layer's outputs in ``outs``."""
+        g_attn, g_o, g_mlp, g_down = self.groups
+        batches = [slice(b0, b0 + batch_size) for b0 in range(0, inps.shape[0], batch_size)]
+
+        def observe(group, inputs) -> None:  # inputs(batch) -> the group's input [b, seq, in]
+            name = group[0][1]
+            observer = quantizer.observer([n for _, n in group], [self._module(r) for r, _ in group])
+            for b in batches:
+                x = inputs(b)
+                x = x.reshape(-1, x.shape[-1])
+                _check_finite(x, name)
+                observer.add_batch(x)
+            _quantize_group(self.layer, group, observer, quantizer, report)
+
+        # 1. q/k/v read norm1(x): no attention needed
+        observe(g_attn, lambda b: self.layer.input_layernorm(inps[b]))
+        # 2. o_proj's input: the attention of the quantized q/k/v
+        o_in: torch.Tensor | None = None
+
+        def attention(b: slice) -> torch.Tensor:
+            nonlocal o_in
+            x = self._o_input(inps[b], kwargs)
+            if o_in is None:
+                o_in = x.new_empty((inps.shape[0],) + tuple(x.shape[1:]))
+            o_in[b] = x
+            return x
+
+        observe(g_o, attention)
+        # 3. gate/up read norm2(h), h = x + o_proj(o_in) (kept in outs)
+        def residual(b: slice) -> torch.Tensor:
+            outs[b] = inps[b] + self._apply(self.o_rel, o_in[b])
+            return self.layer.post_attention_layernorm(outs[b])
+
+        observe(g_mlp, residual)
+        del o_in
+        # 4. down_proj's input, with the quantized gate/up (kept when it fits)
+        cache: torch.Tensor | None = None
+
+        def mlp_inner(b: slice) -> torch.Tensor:
+            nonlocal cache
+            d = self._down_input(outs[b])
+            if cache is None and d.element_size() * d[0].numel() * inps.shape[0] <= self._CACHE_BYTES:
+                cache = d.new_empty((inps.shape[0],) + tuple(d.shape[1:]))
+            if cache is not None:
+                cache[b] = d
+            return d
+
+        observe(g_down, mlp_inner)
+        # 5. y = h + down_proj(d)
+        for b in batches:
+            d = cache[b] if cache is not None else self._down_input(outs[b])
+            outs[b] += self._apply(self.down_rel, d)
 
 
 # --- the engine -----------------------------------------------------------------------------------------
