@@ -92,17 +92,19 @@ def run_setting(base, tokenizer, test_text, bits, group, methods, calibration, a
     for method in methods:
         name = f"{method} w{bits}g{group}"
         if method == "llmc-gptq":
-            models[name], seconds = run_llm_compressor(base, tokenizer, bits, group, calibration, args)
+            models[name], seconds, cpu_seconds = run_llm_compressor(base, tokenizer, bits, group, calibration, args)
             rows[name] = {"method": method, "bits": bits, "group": group, "quantize_s": seconds,
+                          "quantize_cpu_s": cpu_seconds,
                           "bits_per_weight": bits_per_weight(models[name])}
             print(f"{name}: quantized by llm-compressor in {seconds:.1f} s", flush=True)
             continue
         config = method_config(method, bits, group, calibration)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         qmodel = quantize(copy.deepcopy(base), config, progress=args.progress, tokenizer=tokenizer)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         models[name] = qmodel
         rows[name] = {"method": method, "bits": bits, "group": group, "quantize_s": seconds,
+                      "quantize_cpu_s": cpu_seconds,
                       "bits_per_weight": bits_per_weight(qmodel)}
         report = qmodel.holdall_quant.get("report")
         if report:
@@ -120,7 +122,7 @@ def run_setting(base, tokenizer, test_text, bits, group, methods, calibration, a
 
 def run_llm_compressor(base, tokenizer, bits: int, group: int, calibration: CalibrationConfig, args):
     """llm-compressor's GPTQ in its own venv on the same float model and calibration windows; the result read
-    back by holdall. Returns ``(model, oneshot seconds)``."""
+    back by holdall. Returns ``(model, oneshot wall seconds, oneshot process CPU seconds)``."""
     import subprocess
     import tempfile
 
@@ -141,9 +143,9 @@ def run_llm_compressor(base, tokenizer, bits: int, group: int, calibration: Cali
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"llm-compressor failed:\n{done.stderr[-3000:]}")
-        seconds = json.loads(done.stdout.strip().splitlines()[-1])["quantize_s"]
+        timing = json.loads(done.stdout.strip().splitlines()[-1])
         model, _ = holdall.load_model(tmp / "out", dtype=torch.float32)
-    return model, seconds
+    return model, timing["quantize_s"], timing.get("quantize_cpu_s")
 
 
 def render_markdown(meta: dict, rows: dict[str, dict]) -> str:
@@ -152,20 +154,22 @@ def render_markdown(meta: dict, rows: dict[str, dict]) -> str:
         f"{meta['windows']} x {meta['seq_len']} tokens ({meta['scored_tokens']:,} scored); base PPL "
         f"{meta['base_ppl']:.3f} (anchor run: {ANCHOR_BASE_PPL}); machine: {meta['machine']}; {meta['date']}.",
         "",
-        "| setting | method | PPL | KLD vs float | top-1 agree | bits/weight | quantize s | linear err / RTN |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | method | PPL | KLD vs float | top-1 agree | bits/weight | quantize s | quantize CPU s | "
+        "linear err / RTN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows.values():
         ratio = f"{r['linear_error_vs_rtn']:.3f}" if "linear_error_vs_rtn" in r else "-"
+        cpu = f"{r['quantize_cpu_s']:.1f}" if r.get("quantize_cpu_s") is not None else "-"
         lines.append(
             f"| w{r['bits']}g{r['group']} | {r['method']} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['top1']:.3f} | "
-            f"{r['bits_per_weight']:.3f} | {r['quantize_s']:.1f} | {ratio} |"
+            f"{r['bits_per_weight']:.3f} | {r['quantize_s']:.1f} | {cpu} | {ratio} |"
         )
     for (bits, group), anchors in ANCHORS.items():
         if any(r["bits"] == bits and r["group"] == group for r in rows.values()):
             for name, (ppl, seconds) in anchors.items():
                 lines.append(f"| w{bits}g{group} | {name} (anchor) | {ppl:.3f} | - | - | - | "
-                             f"{'-' if seconds is None else f'{seconds:.1f}'} | - |")
+                             f"{'-' if seconds is None else f'{seconds:.1f}'} | - | - |")
     notes = [note for r in rows.values() for note in r.get("notes", ())]
     if notes:
         lines += ["", "Notes:"] + [f"- {note}" for note in notes]

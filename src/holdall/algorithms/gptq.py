@@ -29,6 +29,10 @@ holdall's specifics:
 * The codes use the core's conventions (``core/affine.py``: scales rounded to ``scale_dtype`` before the codes,
   symmetric zero ``2**(bits-1)``, round-half-to-even), so with a diagonal ``H`` GPTQ returns exactly the
   round-to-nearest codes, and the result is an ordinary ``QuantLinear``.
+* **Codebook schemes** (nf4/fp4, ± double quant: the QLoRA base) run the same error feedback inside the
+  bitsandbytes block format: block absmax fixed up front (static groups), each column coded by bitsandbytes'
+  rule, optional least-squares re-fit of the block scales; see ``gptq_codebook.py``. The stored bytes have the
+  RTN NF4 layout, so everything that reads NF4 reads them.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class GPTQConfig(MethodOptions):
     static_groups: fit every group's scale/zero up front on the original weights; None = same as act_order.
     true_sequential: collect each linear group's statistics after the earlier groups of the layer were quantized
         (q/k/v, then o, then gate/up, then down); False = all from the float layer in one pass.
+    refit_scales: codebook schemes (nf4/fp4) only: after the error feedback, re-fit each block's scale by least
+        squares for the chosen codes, choose the codes again against those scales and re-fit once more
+        (``gptq_codebook.py``); the stored format is unchanged.
     """
 
     damp_percent: float = 0.01
@@ -70,6 +77,7 @@ class GPTQConfig(MethodOptions):
     act_order: bool = False
     static_groups: bool | None = None
     true_sequential: bool = True
+    refit_scales: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.damp_percent, (int, float)) or isinstance(self.damp_percent, bool) or not (
@@ -80,7 +88,7 @@ class GPTQConfig(MethodOptions):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"GPTQConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        for name in ("act_order", "true_sequential"):
+        for name in ("act_order", "true_sequential", "refit_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}")
         static = self.act_order if self.static_groups is None else self.static_groups
@@ -95,10 +103,18 @@ class GPTQConfig(MethodOptions):
         object.__setattr__(self, "static_groups", static)
 
     def check_scheme(self, scheme: QuantScheme) -> None:
+        if scheme.is_codebook:  # nf4/fp4 (± double quant): block scales fixed up front, codes by error feedback
+            return
+        if self.refit_scales:
+            raise ConfigError(
+                "GPTQConfig.refit_scales applies to codebook schemes (nf4/fp4) only; int groups already get "
+                "their scale fitted by GPTQ itself. Drop refit_scales or use an nf4/fp4 scheme"
+            )
         if scheme.dtype != "int" or scheme.double_quant:
             raise ConfigError(
-                f"GPTQ produces plain affine integers; {scheme.label} is not one (double quantization would change "
-                "the scales after the codes were chosen against them). Use an int scheme without double_quant"
+                f"GPTQ produces plain affine integers or nf4/fp4 codebook weights; {scheme.label} is not one (double "
+                "quantization of int scales would change them after the codes were chosen against them). Use an int "
+                "scheme without double_quant, or an nf4/fp4 scheme (double quant allowed there)"
             )
 
 
@@ -115,8 +131,16 @@ class GPTQResult:
 
 # --- the algorithm on one weight ------------------------------------------------------------------------
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, config: GPTQConfig) -> GPTQResult:
-    """GPTQ-quantize ``w [out, in]`` given the Hessian ``H [in, in]`` of its inputs (``2/n Σ x xᵀ``)."""
+    """GPTQ-quantize ``w [out, in]`` given the Hessian ``H [in, in]`` of its inputs (``2/n Σ x xᵀ``).
+
+    Codebook schemes (nf4/fp4) go to :func:`~holdall.algorithms.gptq_codebook.gptq_codebook`: ``codes`` are then
+    code indices and ``scale`` the raw float32 block scales ``[out, in / block]``.
+    """
     config.check_scheme(scheme)
+    if scheme.is_codebook:
+        from .gptq_codebook import gptq_codebook
+
+        return gptq_codebook(w, hessian, scheme, config)
     n_cols = w.shape[1]
     if tuple(hessian.shape) != (n_cols, n_cols):
         raise ConfigError(
@@ -490,9 +514,11 @@ def _half_gram(total: torch.Tensor, x: torch.Tensor) -> bool:
         return False
     try:
         total.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+    except torch.OutOfMemoryError:
+        raise  # a real error, never a missing feature: the float32 fallback would need even more memory
     except (TypeError, RuntimeError, NotImplementedError):
         if _HALF_GRAM:
-            raise  # it worked before: this is a real error (out of memory, ...), not a missing feature
+            raise  # it worked before: this is a real error, not a missing feature
         _HALF_GRAM.append(False)
         return False
     if not _HALF_GRAM:
@@ -533,7 +559,10 @@ class GPTQQuantizer:
         for linear, c, s, z in zip(linears, codes, scales, zeros):
             c, s, z = c.contiguous(), s.contiguous(), None if z is None else z.contiguous()
             module = quant_linear_from_codes(linear, c, s, z, self.scheme)
-            quantized = affine.dequantize_affine(c, s, z, self.scheme)
+            if self.scheme.is_codebook:
+                quantized = module.dequantize_weight(torch.float32)
+            else:
+                quantized = affine.dequantize_affine(c, s, z, self.scheme)
             rtn = QuantizedTensor.from_float(linear.weight.detach(), self.scheme).dequantize()
             info = {
                 "rel_error": output_error(linear.weight, quantized, H),
@@ -541,6 +570,8 @@ class GPTQQuantizer:
                 "damp": result.damp,
                 "notes": list(result.notes),
             }
+            if getattr(result, "candidate_errors", None):  # codebook: the group's H-norm error per candidate
+                info["group_candidate_errors"] = result.candidate_errors
             out.append((module, info))
         return out
 
@@ -561,7 +592,7 @@ def quantize_gptq(model: nn.Module, names: list[str], config: QuantConfig, run: 
     calibration = config.calibration
     if run.calibration_ids is None or calibration is None:
         raise ConfigError("gptq needs calibration data; call it through holdall.quantize(model, config, tokenizer=...)")
-    label = config.label + ("+act_order" if options.act_order else "")
+    label = config.label + ("+act_order" if options.act_order else "") + ("+refit" if options.refit_scales else "")
     result = run_sequential(
         model,
         names,
@@ -578,9 +609,10 @@ def quantize_gptq(model: nn.Module, names: list[str], config: QuantConfig, run: 
 register_method(
     "gptq",
     quantize_gptq,
-    ("int",),
+    ("int", "nf4", "fp4"),
     QuantScheme(),
-    help="GPTQ: Hessian-aware error feedback on calibration data (default int4, groups of 128, 128x2048 tokens)",
+    help="GPTQ: Hessian-aware error feedback on calibration data (default int4, groups of 128, 128x2048 tokens; "
+    "nf4/fp4 ± double quant: codes chosen by error feedback inside the bitsandbytes block format)",
     options=GPTQConfig,
     calibration=(128, 2048),
 )

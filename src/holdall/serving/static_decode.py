@@ -1,0 +1,209 @@
+"""Batch-1 greedy decoding with a static KV cache, captured as one CUDA graph per token (gpt-fast's recipe).
+
+Why: Hugging Face ``generate`` at batch 1 spends most of each step in Python (cache objects, mask building,
+module dispatch) and launching small kernels; on a 7B model it reaches a few percent of the GPU's memory
+bandwidth, although a decode step only has to read every weight once. Here the step is a fixed sequence of
+tensor ops on fixed-shape buffers:
+
+* the KV cache is preallocated ``[layers, 1, kv_heads, max_len, head_dim]`` and written in place at the current
+  position (``index_copy_``); attention reads the whole cache under a mask of the positions written so far, so
+  no shape depends on the position;
+* the token and its position live in one-element device tensors, so the step can be captured once as a CUDA
+  graph and replayed for every token: one launch per token instead of hundreds;
+* the layers' own modules compute everything (norms, the rotary table, the projections — float ``nn.Linear``,
+  holdall's ``QuantLinear`` with its Triton GEMV on CUDA), so a quantized model decodes with its real kernels.
+
+The prompt is prefilled by the same code with all its tokens at once (eager). Greedy only: this is the path
+that measures how close decoding gets to the memory-bandwidth roofline (``bench/gpu_decode.py``); sampling,
+batching and adapters are the serving engine's. On CPU the same step runs eagerly (no graph); tests check its
+tokens and logits against transformers' ``generate`` and forward.
+
+Supported: the Llama-shaped families (``h = x + attn(norm(x)); y = h + mlp(norm(h))`` with rotary q/k, no
+per-head q/k norms, full attention): llama, mistral (its sliding window is refused when shorter than
+``max_len``), qwen2.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..models.families import get_family
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class DecodeResult:
+    """What :meth:`StaticDecoder.generate` produced and how long it took."""
+
+    tokens: list[int]  # the new tokens (the prompt excluded)
+    prefill_s: float
+    decode_s: float  # the decode steps after the first token (wall time, synchronized)
+
+    @property
+    def tokens_per_s(self) -> float:
+        steps = len(self.tokens) - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+class StaticDecoder:
+    """Greedy batch-1 decoding of a Llama-shaped causal LM with a static KV cache.
+
+    model: a transformers causal LM (float or holdall-quantized linears), on the device it should run on.
+    max_len: prompt + generated tokens the cache holds.
+    cuda_graph: capture the decode step as a CUDA graph (default: on CUDA devices).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None):
+        family = get_family(model)
+        if family.model_type not in SUPPORTED:
+            raise UnsupportedModelError(
+                f"static decoding supports {', '.join(SUPPORTED)}; {family.model_type} is not Llama-shaped here "
+                "(per-head q/k norms, extra norms or a fused projection). Use holdall serve or transformers' generate"
+            )
+        if not isinstance(max_len, int) or max_len < 2:
+            raise ConfigError(f"max_len must be an integer >= 2, got {max_len!r}")
+        config = model.config
+        window = getattr(config, "sliding_window", None)
+        if window is not None and getattr(config, "use_sliding_window", True) and window < max_len:
+            raise ConfigError(
+                f"the model attends over a sliding window of {window} tokens; static decoding attends over the whole "
+                f"cache. Use max_len <= {window}"
+            )
+        self.model = model
+        self.core = model.model
+        self.layers = list(self.core.layers)
+        self.max_len = max_len
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        weight = self.core.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        shape = (len(self.layers), 1, self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_positions = torch.arange(max_len, device=self.device)
+        self.use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        if self.use_graph and self.device.type != "cuda":
+            raise ConfigError("cuda_graph=True needs the model on a CUDA device")
+        # the decode step's fixed buffers (the graph reads and writes these addresses)
+        self._token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._logits: torch.Tensor | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    # --- the forward over the static cache -------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, vocab]`` (float32) of tokens ``ids [1, T]`` at ``positions [T]``; writes their K/V."""
+        x = self.core.embed_tokens(ids)  # [1, T, hidden]
+        cos, sin = self.core.rotary_emb(x, positions[None])
+        # token t attends to cache slots 0..positions[t]
+        mask = self.cache_positions[None, :] <= positions[:, None]  # [T, max_len]
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, positions, mask, i)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.core.norm(x)
+        return self.model.lm_head(x)[0].float()
+
+    def _attention(self, attn: nn.Module, h: torch.Tensor, cos, sin, positions, mask, index: int) -> torch.Tensor:
+        T = h.shape[1]
+        q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)  # [1, heads, T, d]
+        k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, k, cos, sin)
+        k_all, v_all = self.k_cache[index], self.v_cache[index]  # [1, kv, max_len, d]
+        k_all.index_copy_(2, positions, k.to(k_all.dtype))
+        v_all.index_copy_(2, positions, v.to(v_all.dtype))
+        # grouped-query attention: each kv head serves n_heads / n_kv query heads, read in place (no copies)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[None, None],
+                                             scale=getattr(attn, "scaling", None),
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
+
+    # --- prefill and the captured step ---------------------------------------------------------------------
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Write the prompt's K/V (``prompt [1, P]`` or ``[P]``); return the last position's logits ``[vocab]``."""
+        prompt = prompt.reshape(1, -1).to(self.device)
+        n = prompt.shape[1]
+        if n < 1 or n >= self.max_len:
+            raise ConfigError(f"the prompt has {n} tokens; it must have 1..{self.max_len - 1} (max_len {self.max_len})")
+        return self.forward(prompt, torch.arange(n, device=self.device))[-1]
+
+    def _step(self) -> torch.Tensor:
+        return self.forward(self._token, self._position)[-1]
+
+    def _capture(self) -> None:
+        """Warm the step up on a side stream (allocator, Triton autotuning), then capture it as a CUDA graph."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        saved = self.k_cache.clone(), self.v_cache.clone()  # warm-up steps write a slot; keep the prompt's cache
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = self._step()
+        self.k_cache.copy_(saved[0])
+        self.v_cache.copy_(saved[1])
+        self._graph = graph
+
+    def step(self, token: int | torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+        """Logits ``[vocab]`` of one token at ``position`` (its K/V written into the cache)."""
+        self._token.fill_(token) if isinstance(token, int) else self._token.copy_(token.reshape(1, 1))
+        self._position.fill_(position) if isinstance(position, int) else self._position.copy_(position.reshape(1))
+        if not self.use_graph:
+            return self._step()
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self._logits
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> DecodeResult:
+        """Greedy tokens after ``prompt``; the timing excludes the graph capture (done before the clock starts)."""
+        prompt = prompt.reshape(-1)
+        if max_new_tokens < 1 or prompt.numel() + max_new_tokens > self.max_len:
+            raise ConfigError(
+                f"{prompt.numel()} prompt + {max_new_tokens} new tokens do not fit max_len {self.max_len}"
+            )
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        if self.use_graph and self._graph is None:
+            self._capture()
+        sync()
+        start = time.perf_counter()
+        token = self.prefill(prompt).argmax()
+        sync()
+        prefill_s = time.perf_counter() - start
+        # tokens stay on the device until the end (no host sync per token) unless an EOS must be watched for
+        produced = [token]
+        position = prompt.numel()
+        start = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            token = self.step(token, position).argmax()
+            produced.append(token)
+            position += 1
+            if eos_token_id is not None and int(token) == eos_token_id:
+                break
+        sync()
+        decode_s = time.perf_counter() - start
+        return DecodeResult([int(t) for t in produced], prefill_s, decode_s)
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding of ``q``/``k`` ``[1, heads, T, d]`` with ``cos``/``sin`` ``[1, T, d]`` (the rotate-half
+    convention transformers' Llama uses)."""
+    cos, sin = cos[:, None], sin[:, None]
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -1,0 +1,102 @@
+"""The static-cache greedy decoder (serving/static_decode.py) against transformers' own forward and generate.
+
+CPU runs the same step eagerly; the CUDA-graph replay is checked by the same tests on a GPU (they are not skipped
+there: cuda_graph defaults to on for CUDA models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from holdall.errors import ConfigError, UnsupportedModelError
+from holdall.serving.static_decode import StaticDecoder
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qwen2(rope_scaling=None):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def _sharpen(model):
+    # random tiny models have nearly flat logits: ties would make greedy comparisons meaningless
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return model
+
+
+def _hf_greedy(model, prompt, n):
+    out = model.generate(prompt[None], max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                         pad_token_id=0, eos_token_id=None)
+    return out[0, prompt.numel():].tolist()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: make_tiny_llama(hidden=64, layers=2),  # grouped-query attention (4 heads, 2 kv heads)
+    lambda: make_tiny_llama(hidden=64, layers=2, kv_heads=4, tie=True),
+    lambda: make_tiny_llama(hidden=64, layers=2, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    _qwen2,  # q/k/v biases
+])
+def test_logits_and_greedy_tokens_match_transformers(build, one_thread):
+    model = _sharpen(build()).to(DEVICE)
+    prompt = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    decoder = StaticDecoder(model, max_len=40)
+    with torch.no_grad():
+        reference = model(prompt[None]).logits[0].float()
+    ours = decoder.forward(prompt[None], torch.arange(7, device=DEVICE))
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    result = StaticDecoder(model, max_len=40).generate(prompt, 20)
+    assert result.tokens == _hf_greedy(model, prompt, 20)
+
+
+def test_step_by_step_equals_one_pass(one_thread):
+    # decoding token by token through the cache gives the logits of one causal pass over the whole sequence
+    model = make_tiny_llama(hidden=64, layers=2).to(DEVICE)
+    ids = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0].float()
+    decoder = StaticDecoder(model, max_len=16)
+    logits = [decoder.prefill(ids[:5])]
+    for pos in range(5, 12):
+        logits.append(decoder.step(ids[pos], pos).clone())
+    torch.testing.assert_close(torch.stack(logits), reference[4:], rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_model_decodes_like_its_own_forward(one_thread):
+    from holdall.algorithms import QuantConfig, quantize
+
+    model = _sharpen(make_tiny_llama(hidden=64, layers=2))
+    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
+    model = model.to(DEVICE)
+    prompt = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    assert StaticDecoder(model, max_len=32).generate(prompt, 16).tokens == _hf_greedy(model, prompt, 16)
+
+
+def test_bad_input_is_refused():
+    model = make_tiny_llama(hidden=64, layers=1)
+    with pytest.raises(ConfigError, match="max_len"):
+        StaticDecoder(model, max_len=1)
+    decoder = StaticDecoder(model, max_len=8)
+    with pytest.raises(ConfigError, match="do not fit"):
+        decoder.generate(torch.arange(6), 4)
+    with pytest.raises(ConfigError, match="1..7"):
+        decoder.prefill(torch.arange(8))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            StaticDecoder(model, max_len=8, cuda_graph=True)
+
+
+def test_other_shapes_are_refused():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, head_dim=16)
+    with pytest.raises(UnsupportedModelError, match="static decoding"):
+        StaticDecoder(Qwen3ForCausalLM(config), max_len=8)
