@@ -7,6 +7,12 @@ tensors have the same type and the same bytes in both files (with holdall's non-
 
 Usage:  python benchmarks/gguf_export_speed.py [--types Q4_K_M Q8_0 ...] [--out benchmarks/results]
 Writes gguf_export_speed.json and gguf_export_speed.md.
+
+        python benchmarks/gguf_export_speed.py --per-encoder [--encoders Q3_K Q4_K ...] [--repeats 5]
+times each encoder alone on one 4096x4096 float32 tensor (normal, std 0.02), single-threaded, holdall's
+``quants.quantize`` against libggml's ``ggml_quantize_chunk`` (the C quantizer llama-quantize runs), without and
+with an importance matrix; the best of ``--repeats`` interleaved runs of each, the bytes checked equal. Writes
+gguf_encoder_speed.json and gguf_encoder_speed.md.
 """
 
 from __future__ import annotations
@@ -46,11 +52,70 @@ def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, bytes(t.data.tobytes())) for t in reader.tensors}
 
 
+def _ggml_quantize_chunk():
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    return fn
+
+
+def per_encoder(names: list[str], repeats: int, out: Path) -> None:
+    """Each encoder alone, single-threaded, against libggml's C quantizer on the same tensor."""
+    import numpy as np
+
+    from holdall.formats.gguf import quants
+
+    chunk = _ggml_quantize_chunk()
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((4096, 4096)) * 0.02).astype(np.float32)
+    imatrix = rng.uniform(0.1, 4.0, 4096).astype(np.float32)
+    rows = []
+    for name in names:
+        type_id = quants.TYPES[name][0]
+        for imat in (None, imatrix):
+            want = np.empty((4096, quants.row_bytes(name, 4096)), np.uint8)
+            c_s, ours_s = [], []
+            for _ in range(repeats):
+                start = time.process_time()
+                imat_ptr = None if imat is None else imat.ctypes.data
+                chunk(type_id, W.ctypes.data, want.ctypes.data, 0, 4096, 4096, imat_ptr)
+                c_s.append(time.process_time() - start)
+                start = time.process_time()
+                got = quants.quantize(W, name, imat)
+                ours_s.append(time.process_time() - start)
+            rows.append({"type": name, "imatrix": imat is not None, "holdall_s": round(min(ours_s), 3),
+                         "libggml_s": round(min(c_s), 3), "ratio": round(min(ours_s) / min(c_s), 2),
+                         "same_bytes": bool(np.array_equal(got, want))})
+            print(rows[-1], flush=True)
+    record = {"machine": cpu_name(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+              "clock": "process CPU time (time.process_time), best of the repeats", "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gguf_encoder_speed.json").write_text(json.dumps(record, indent=2) + "\n")
+    keys = list(rows[-1])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    (out / "gguf_encoder_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="+", default=[n for n, ft in FILE_TYPES.items() if ft.is_quantized])
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--per-encoder", action="store_true", help="time each encoder alone vs libggml's C")
+    parser.add_argument("--encoders", nargs="+",
+                        default=["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.per_encoder:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
+        per_encoder(args.encoders, args.repeats, Path(args.out))
+        return
     llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
 
     model, tok = load_model("smollm2")

@@ -61,6 +61,22 @@ def test_kld_of_a_file_against_itself_is_zero_and_quantization_raises_it(exporte
     assert q.kld_mean > 1e-5 and q.base_ppl == pytest.approx(same.ppl)
 
 
+def test_a_base_cache_gives_the_same_scores(exported):
+    # scoring several files against one base: the base's log-probs are computed once and reused
+    _, _, f32, q4 = exported
+    plain = evaluate_gguf(q4, TEXT, n_ctx=N_CTX, max_chunks=2, base_path=f32, progress=False)
+    cache: dict = {}
+    first = evaluate_gguf(q4, TEXT, n_ctx=N_CTX, max_chunks=2, base_path=f32, progress=False, base_cache=cache)
+    (entry,) = cache.values()
+    assert len(entry["logp"]) == 2  # one per chunk
+    again = evaluate_gguf(q4, TEXT, n_ctx=N_CTX, max_chunks=2, base_path=f32, progress=False, base_cache=cache)
+    assert len(cache) == 1 and len(entry["logp"]) == 2
+    for r in (first, again):
+        assert r.kld_mean == pytest.approx(plain.kld_mean, rel=1e-5, abs=1e-9)
+        assert r.base_ppl == pytest.approx(plain.base_ppl, rel=1e-6) and r.ppl == plain.ppl
+        assert r.top1_agreement == plain.top1_agreement
+
+
 def test_clear_errors(exported, tmp_path):
     _, _, f32, _ = exported
     with pytest.raises(ModelNotFoundError, match="no GGUF file"):

@@ -142,13 +142,14 @@ def test_identity_hessian_gives_plain_rounding_on_the_same_scales(qtype):
     np.testing.assert_array_equal(ggml_dequantize(raw, qtype, 512)[live], (a * levels + b)[live])
 
 
-def test_unrefined_types_fall_back_to_the_imatrix_encoder():
+def test_unrefined_types_fall_back_to_their_encoder():
+    # every block type is refined (Q2_K and Q3_K: test_gguf_refine_k23.py); the float types are not
     W, H = correlated_case(3, n=256, n_rows=4)
-    result = refine.refine_tensor(W, "Q2_K", H)
-    np.testing.assert_array_equal(result.raw, quants.quantize(W, "Q2_K", np.diagonal(H).copy()))
+    result = refine.refine_tensor(W, "F16", H)
+    np.testing.assert_array_equal(result.raw, quants.quantize(W, "F16", np.diagonal(H).copy()))
     assert "not refined" in result.notes[0]
     with pytest.raises(ConfigError, match="no error-feedback path"):
-        refine.feedback_codes(W, "Q3_K", H, result.raw)
+        refine.feedback_codes(W, "BF16", H, result.raw)
 
 
 def test_bad_input_is_refused():

@@ -10,6 +10,7 @@ With a base file, KL(base || model) and top-1 agreement are computed on the same
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -82,12 +83,26 @@ def evaluate_gguf(
     base_path: str | Path | None = None,
     threads: int | None = None,
     progress: bool = True,
+    base_cache: dict | None = None,
 ) -> EvalResult:
-    """Perplexity of the GGUF file at ``path`` on ``text`` with llama.cpp (and KLD vs ``base_path``)."""
+    """Perplexity of the GGUF file at ``path`` on ``text`` with llama.cpp (and KLD vs ``base_path``).
+
+    base_cache: a dict kept by the caller across calls that score several files against the same base: the
+    base's log-probabilities are computed once per chunk and reused (float32 ``[n_ctx/2, vocab]`` per chunk:
+    kept as float32, ~50 MB per chunk for a 49k vocabulary; the base's scoring is half the work of each call otherwise).
+    """
     if n_ctx < 4 or n_ctx % 2:
         raise ConfigError(f"n_ctx must be an even number >= 4, got {n_ctx}")
     llm = _open(Path(path), n_ctx, threads)
-    base = _open(Path(base_path), n_ctx, threads) if base_path is not None else None
+    base = None
+    if base_path is not None:
+        base_key = (str(Path(base_path).resolve()), os.path.getsize(base_path), n_ctx)
+        cached = base_cache.get(base_key) if base_cache is not None else None
+        if cached is None:
+            cached = {"model": _open(Path(base_path), n_ctx, threads), "logp": {}}
+            if base_cache is not None:
+                base_cache[base_key] = cached
+        base = cached["model"]
     chunks = _chunks(llm, text, n_ctx, max_chunks)
     if base is not None and base.n_vocab() != llm.n_vocab():
         raise ConfigError(f"{base_path} has {base.n_vocab()} tokens, {path} {llm.n_vocab()}: not the same model family")
@@ -105,7 +120,14 @@ def evaluate_gguf(
         nll -= float(logp[rows, targets].sum())
         count += len(targets)
         if base is not None:
-            base_logp = _log_probs(base, chunk)
+            key = tuple(chunk)
+            base_logp = cached["logp"].get(key)
+            if base_logp is None:
+                base_logp = _log_probs(base, chunk)
+                if base_cache is not None:  # kept as float32 (half the memory); every call then sees these values
+                    cached["logp"][key] = base_logp.astype(np.float32)
+            if base_cache is not None:
+                base_logp = cached["logp"][key].astype(np.float64)
             base_nll -= float(base_logp[rows, targets].sum())
             kld += float((np.exp(base_logp) * (base_logp - logp)).sum())
             agree += int((base_logp.argmax(axis=1) == logp.argmax(axis=1)).sum())

@@ -15,6 +15,7 @@ rounded to float16 and back: with the non-calibrated encoders the tensor bytes t
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -58,7 +59,7 @@ def export_gguf(
     refine: ``"none"`` (the imatrix encoders' bytes, llama-quantize --imatrix's) or ``"gptq"``: with
         ``calibration_text``, also measure every linear's full input Hessian and let ``formats.gguf.refine``
         choose codes by error feedback and re-fit the scales inside the same ggml formats (same types, same
-        size, llama.cpp reads it unmodified). Types it does not refine (Q2_K, Q3_K) use the imatrix encoder.
+        size, llama.cpp reads it unmodified); every block type is refined, float tensors are stored as they are.
     hessians: with ``refine="gptq"``, precomputed ``{gguf_tensor_name: mean xᵀx [in, in]}`` (e.g.
         ``collect_statistics(..., hessians=True).hessians``) instead of measuring them on ``calibration_text``;
         ``imatrix`` then defaults to their diagonals.
@@ -102,8 +103,8 @@ def export_gguf(
     importance = _check_imatrix(imatrix, conversion, plan.types)
 
     with atomic_path(output) as tmp:
-        _write(gguf.GGUFWriter(str(tmp), hp.arch), gguf, ft, conversion, vocab, plan.types, importance, progress,
-               hessians)
+        _write(_writer_class(gguf)(str(tmp), hp.arch), gguf, ft, conversion, vocab, plan.types, importance,
+               progress, hessians)
     return output.resolve()
 
 
@@ -127,6 +128,65 @@ def _write(writer, gguf, ft: FileType, conversion: Conversion, vocab, types: dic
             writer.write_tensor_data(encode_tensor(tensor, types[tensor.name], importance.get(tensor.name), **extra))
     finally:
         writer.close()
+
+
+def _writer_class(gguf):
+    """gguf-py's GGUFWriter, with the long metadata arrays (the vocabulary's tokens, types, scores and merges:
+    ~150k values for a 49k-token vocabulary) packed in one go rather than value by value, which cost a tenth of
+    a small model's export. The bytes are the same; anything but a little-endian list of plain str, int or float
+    values goes through gguf-py's own packing, as does everything when ``_pack_val`` is not the method this
+    overrides (a gguf-py that changed it)."""
+    import inspect
+
+    base = gguf.GGUFWriter
+    try:
+        params = list(inspect.signature(base._pack_val).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return base
+    if params != ["self", "val", "vtype", "add_vtype", "sub_type"]:
+        return base
+
+    class Writer(base):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            fast = None
+            if (vtype == gguf.GGUFValueType.ARRAY and sub_type is None and isinstance(val, (list, tuple))
+                    and self.endianess == gguf.GGUFEndian.LITTLE):
+                fast = _pack_list(gguf.GGUFValueType, val)
+            if fast is None:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            ltype, body = fast
+            head = struct.pack("<I", vtype) if add_vtype else b""
+            return head + struct.pack("<IQ", ltype, len(val)) + body
+
+    return Writer
+
+
+def _pack_list(types, values: list | tuple):
+    """(element type, packed elements) of a homogeneous list of str, int (not bool) or float, as gguf-py packs
+    them (STRING: u64 length + UTF-8; INT32; FLOAT32), or None for anything else (gguf-py then decides)."""
+    if len(values) < 2:
+        return None
+    kind = type(values[0])
+    if kind is str and all(type(v) is str for v in values):
+        length = struct.Struct("<Q").pack
+        encoded = [v.encode("utf-8") for v in values]
+        return types.STRING, b"".join([length(len(e)) + e for e in encoded])
+    if all(type(v) is int or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+        try:
+            ints = np.array(values, dtype=np.int64)
+        except OverflowError:
+            return None
+        if ints.min() < -(2**31) or ints.max() >= 2**31:
+            return None  # gguf-py's struct.pack raises for those
+        return types.INT32, ints.astype("<i4").tobytes()
+    if kind is float and all(type(v) is float for v in values):
+        doubles = np.array(values, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            floats = doubles.astype("<f4")
+        if (np.isinf(floats) & ~np.isinf(doubles)).any():
+            return None  # struct.pack raises on float32 overflow
+        return types.FLOAT32, floats.tobytes()
+    return None
 
 
 def gguf_tensor_types(model: nn.Module, file_type: str | FileType = "Q4_K_M", has_imatrix: bool = False) -> TypePlan:
@@ -238,13 +298,36 @@ def source_rows(weight: torch.Tensor, qtype: str) -> np.ndarray:
     source_dtype = weight.dtype
     rows = weight.detach().to("cpu", torch.float32).numpy()
     if quants.TYPES[qtype][1] > 1 and source_dtype == torch.float32 and _fits_float16(rows):
-        rows = rows.astype(np.float16).astype(np.float32)
+        rows = _through_float16(rows)
     return rows.reshape(-1, rows.shape[-1])
 
 
 def _fits_float16(rows: np.ndarray) -> bool:
     # min/max allocate nothing (abs would copy the tensor); NaN compares False and is refused by the encoder.
     return rows.size == 0 or max(-float(rows.min()), float(rows.max())) <= float(np.finfo(np.float16).max)
+
+
+def _through_float16(rows: np.ndarray) -> np.ndarray:
+    """``rows.astype(float16).astype(float32)`` bit for bit, for the finite values within float16's range that
+    :func:`_fits_float16` admits (checked against numpy for every such float32), in a new array.
+
+    numpy's two conversions cost ~5 ns a value; this costs ~2: float16's normal numbers keep 10 of float32's 23
+    mantissa bits, so rounding to nearest even is integer arithmetic on the bits (a carry into the exponent is
+    the correct result); below 2**-14 float16 is subnormal, a fixed step of 2**-24, which adding and removing
+    0.75 (whose float32 step that is) rounds to, to nearest even; the sign is put back (−0.0 stays −0.0)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    bits = rows.view(np.uint32)
+    out = bits >> 13
+    out &= 1
+    out += np.uint32(0xFFF)
+    out += bits
+    out &= np.uint32(0xFFFFE000)
+    small = np.flatnonzero(np.abs(rows) < np.float32(2.0**-14))
+    if small.size:
+        x = rows.reshape(-1)[small]
+        y = (x + np.float32(0.75)) - np.float32(0.75)
+        out.reshape(-1)[small] = y.view(np.uint32) | (x.view(np.uint32) & np.uint32(0x80000000))
+    return out.view(np.float32)
 
 
 def encode_tensor(tensor: SourceTensor, qtype: str, importance: np.ndarray | None = None,

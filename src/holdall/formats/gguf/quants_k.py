@@ -440,6 +440,13 @@ def _q2_k_blocks(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d_sub = (d.astype(_F32)[:, None] * (sc16 & 0xF).astype(_F32)).reshape(-1)
     dm_sub = (dmin.astype(_F32)[:, None] * (sc16 >> 4).astype(_F32)).reshape(-1)
     q = _positions_by_block(_requantize(xs, L, d_sub, dm_sub, 3), n_blocks)
+    return pack_q2_k(d, dmin, sc16, q)
+
+
+def pack_q2_k(d: np.ndarray, dmin: np.ndarray, sc16: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Q2_K blocks ``[S, 84]`` from d, dmin (float16 ``[S]``), the scale bytes ``[S, 16]`` (sub-block j: sc in
+    the low nibble, m in the high one) and the levels ``q [S, 256]`` (0..3, weight order). Shared with
+    formats.gguf.refine, which chooses its own levels and scales."""
     q = q.reshape(-1, 2, 4, 32)  # [S, half h, k, l]: weight 128h + 32k + l -> bits 2k of qs[32h + l]
     qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
     return np.concatenate([sc16, qs.reshape(-1, 64), _fp16_bytes(d), _fp16_bytes(dmin)], axis=1)

@@ -237,80 +237,176 @@ def _qx_sums(x: np.ndarray, w: np.ndarray, iscales: np.ndarray, nmax: int, exact
     return sumlx, suml2
 
 
-def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+class Workspace:
+    """Reusable float/bool buffers for one encode call. A fresh multi-megabyte temporary costs page faults
+    (glibc returns the freed heap top to the OS between chunks), several times the arithmetic done on it; the
+    hot loops write into these instead. ``get(name, shape, dtype)`` returns a C-contiguous view."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape: tuple, dtype=_F32) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
+            buf = self._bufs[name] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
+
+
+_NEAREST_INT_RANGE = _F32(4194304.0)  # np.rint == nearest_int for |v| < 2**22
+_Q3_BLOCK = 1 << 14  # columns per full-width pass of make_q3_quants: 1 MiB per [16, block] float32 buffer
+
+
+def make_q3_quants(x: np.ndarray, nmax: int, work: Workspace | None = None, by_rows: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """make_q3_quants(do_rmse=true): weights x^2, levels in [-nmax, nmax-1] from iscale = -nmax/max, then up
     to 5 coordinate-descent sweeps over the positions, moving one level at a time while sumlx^2/suml2 grows.
-    Returns (scale [B], L [n, B] uint8 = level + nmax).
+    x: finite float32 [n, B] position-major, or [B, n] (one group per row) with ``by_rows``; ``work``: buffers
+    to reuse across calls. Returns (scale [B], L [n, B] uint8 = level + nmax).
 
-    Moves are rare, so each column's next move is found for all its remaining positions at once, with the
-    current sums: the first accepted one is exactly what C's loop does next, as nothing changed before it.
-    Every column then advances on its own: past the move, or to its next sweep (only if this sweep moved
-    something, else it is done: C's ``break``), so the rounds needed are about the most moves of any column."""
-    n = x.shape[0]
-    vmax = signed_absmax(x, axis=0)
-    live = np.abs(vmax) >= GROUP_MAX_EPS
-    iscale = _F32(-nmax) / np.where(live, vmax, _F32(1))
-    L = _clamped_nearest(iscale * x, -nmax, nmax - 1)  # [n, B]
-    w = x * x
-    wx = w * x
-    wxl = wx * L  # each element's terms of the sums: C's w*x[i]*L[i] and w*L[i]*L[i]
-    wl2 = w * L * L
-    sumlx = seq_sum(wxl)
-    suml2 = seq_sum(wl2)
+    C's sweeps are a state machine per column: a position's decision depends only on the current (L, sums), which
+    change only at an accepted move. So after a move at position p, the next move is the first accepted position
+    in the cyclic order p+1 .. n-1 (this sweep), 0 .. p (the next one, if sweeps are left); if none of those n
+    positions moves, the next sweep would repeat the same rejections and C stops. Each round therefore evaluates
+    every position of every searching column with the current sums and takes each column's first move in that
+    order (:func:`_q3_next_moves`); a column leaves the search at its first round without a move. Most columns
+    never move: round one runs at full width, in cache-sized blocks of columns (``work``'s buffers), and the
+    columns that moved are pooled over all blocks for the later rounds, so that those cost arithmetic rather
+    than numpy's per-call overhead."""
+    B, n = x.shape if by_rows else x.shape[::-1]
+    work = work if work is not None else Workspace()
+    levels = np.empty((n, B), np.uint8)
+    sumlx = np.empty(B, _F32)
+    suml2 = np.empty(B, _F32)
+    live = np.empty(B, bool)
+    pool = []
+    with np.errstate(all="ignore"):
+        for c0 in range(0, B, _Q3_BLOCK):
+            c1 = min(B, c0 + _Q3_BLOCK)
+            shape = (n, c1 - c0)
+            xb = work.get("q3_x", shape)
+            np.copyto(xb, x[c0:c1].T if by_rows else x[:, c0:c1])
+            # signed_absmax(xb, axis=0); x is finite here (quantize checks), so plain max/min replace fmax/fmin
+            vmax = _signed_extreme(np.maximum.reduce(xb, axis=0), np.minimum.reduce(xb, axis=0), xb.T)
+            lv = live[c0:c1]
+            np.greater_equal(np.abs(vmax), GROUP_MAX_EPS, out=lv)
+            iscale = _F32(-nmax) / np.where(lv, vmax, _F32(1))
+            # |iscale*x| <= nmax (times 1 + 2 ulp): np.rint is nearest_int there, and only the top needs a clamp
+            L = np.multiply(iscale, xb, out=work.get("q3_L", shape))
+            np.rint(L, out=L)
+            np.minimum(L, _F32(nmax - 1), out=L)
+            w = np.multiply(xb, xb, out=work.get("q3_w", shape))
+            wxl = np.multiply(w, xb, out=work.get("q3_wxl", shape))  # C's w*x[i]*L[i] and w*L[i]*L[i]
+            wxl *= L
+            wl2 = np.multiply(w, L, out=w)
+            wl2 *= L
+            sx, s2 = sumlx[c0:c1], suml2[c0:c1]
+            sx[...] = seq_sum(wxl)
+            s2[...] = seq_sum(wl2)
+            sx[~lv] = -np.inf  # all-zero groups never move (slx = -inf); their scale is 0 below
+            cur = np.zeros(shape[1], np.int8)  # the sweep (C's itry) of positions >= st; those < st: sweep cur+1
+            st = np.zeros(shape[1], np.int8)
+            moves = _q3_next_moves(xb, L, wxl, wl2, sx, s2, cur, st, nmax, _q3_scratch(work, shape))
+            g = _q3_apply(moves, L, wxl, wl2, sx, s2, cur, st)  # columns that go on searching
+            if g.size:
+                pool.append([g + c0] + [a.take(g, axis=1) for a in (xb, L, wxl, wl2)] + [cur[g], st[g]])
+            lb = levels[:, c0:c1].view(np.int8)
+            np.copyto(lb, L, casting="unsafe")
+            lb += np.int8(nmax)
+        if pool:
+            gi, xc, Lc, wxlc, wl2c, cc, sc = (np.concatenate(parts, axis=-1) for parts in zip(*pool))
+            sx, s2 = sumlx[gi], suml2[gi]
+            finished = []
+            while True:
+                moves = _q3_next_moves(xc, Lc, wxlc, wl2c, sx, s2, cc, sc, nmax, _q3_scratch(work, xc.shape))
+                more = _q3_apply(moves, Lc, wxlc, wl2c, sx, s2, cc, sc)
+                if more.size < gi.size:
+                    done = np.ones(gi.size, bool)
+                    done[more] = False
+                    finished.append((gi[done], Lc[:, done], sx[done], s2[done]))
+                if not more.size:
+                    break
+                gi, sx, s2, cc, sc = gi[more], sx[more], s2[more], cc[more], sc[more]
+                xc, Lc, wxlc, wl2c = (a.take(more, axis=1) for a in (xc, Lc, wxlc, wl2c))
+            gi, Lc, sx, s2 = (np.concatenate(parts, axis=-1) for parts in zip(*finished))
+            levels[:, gi] = Lc + _F32(nmax)
+            sumlx[gi], suml2[gi] = sx, s2
+        scale = np.where(live & (suml2 > 0), sumlx / suml2, _F32(0))
+    dead = np.flatnonzero(~live)
+    if dead.size:
+        levels[:, dead] = 0
+    return scale, levels
 
-    act = np.nonzero(live)[0]  # columns still searching, and their state:
-    sweep = np.zeros(x.shape[1], dtype=np.int8)  # current sweep (C's itry)
-    start = np.zeros(x.shape[1], dtype=np.int8)  # next position to visit in it
-    moved = np.zeros(x.shape[1], dtype=bool)  # whether this sweep moved a level yet
-    while act.size:
-        k, p, moves = _first_q3_move(x, w, wx, L, wxl, wl2, sumlx, suml2, act, start[act], nmax)
-        c = act[k]
-        for a, value in zip((L, wxl, wl2), moves[:3]):
-            a[p, c] = value
-        sumlx[c], suml2[c] = moves[3:]
-        moved[c] = True
-        start[c] = p + 1
-        # a column with no further move in this sweep (none found, or the move was at the last position):
-        # another sweep if this one moved something and sweeps are left, else done
-        ended = np.ones(act.size, dtype=bool)
-        ended[k[p + 1 < n]] = False
-        c = act[ended]
-        again = moved[c] & (sweep[c] < 4)
-        sweep[c] += 1
-        start[c] = 0
-        moved[c] = False
-        act = np.concatenate([act[~ended], c[again]])
-        act.sort()
 
-    scale = np.where(suml2 > 0, sumlx / suml2, _F32(0))
-    L = (L + nmax).astype(np.uint8)
-    L[:, ~live] = 0
-    return np.where(live, scale, _F32(0)), L
+def _q3_scratch(work: Workspace, shape: tuple) -> tuple:
+    return (work.get("q3_s1", shape), work.get("q3_s2", shape), work.get("q3_m1", shape, bool),
+            work.get("q3_m2", shape, bool))
 
 
-def _first_q3_move(x, w, wx, L, wxl, wl2, sumlx, suml2, act, start, nmax):
-    """The next move of make_q3_quants' sweep for columns ``act`` (all [n, B] arrays are the full ones): at
-    every position i >= start, C's ``slx = sumlx - w*x*L[i]; if (slx > 0) { sl2 = ...; new_l =
-    nearest_int(x*sl2/slx); if (new_l != L[i]) ...`` with the current sums. Few positions get that far, so the
-    acceptance test runs on those only. Returns the columns that move (indices into act), the position, and
-    there the new level, its terms w*x*l and w*l*l, and the new sums."""
-    sub = (lambda a: a) if act.size == x.shape[1] else (lambda a: a[..., act])  # all columns: no copies
-    sumlx, suml2 = sumlx[act], suml2[act]
-    slx = sumlx - sub(wxl)  # the sums without element i
-    sl2 = suml2 - sub(wl2)
-    new_l = _clamped_nearest(sub(x) * sl2 / slx, -nmax, nmax - 1)
-    pos, col = np.nonzero((slx > 0) & (new_l != sub(L)))  # ordered by position
-    keep = pos >= start[col]
-    pos, col = pos[keep], col[keep]
-    new_l, slx, sl2 = new_l[pos, col], slx[pos, col], sl2[pos, col]
-    new_wxl = wx[pos, act[col]] * new_l
-    new_wl2 = w[pos, act[col]] * new_l * new_l
+def _q3_next_moves(x, L, wxl, wl2, sumlx, suml2, cur, st, nmax, scratch=None):
+    """Each column's next move of make_q3_quants (see there): at every position, C's ``slx = sumlx - w*x*L[i];
+    if (slx > 0) { sl2 = suml2 - w*L[i]*L[i]; new_l = nearest_int(x*sl2/slx); if (new_l != L[i]) { slx += ...;
+    sl2 += ...; accept if (sl2 > 0 && slx*slx*suml2 > sumlx*sumlx*sl2) } }`` with the current sums; the first
+    accepted position in cyclic order from ``st`` wins, positions before ``st`` only if sweep cur+1 is allowed.
+
+    A level can change only where slx > 0 and np.rint(x*sl2/slx) != L, clamped at the top (np.rint is
+    nearest_int within ±2**22; beyond that, or for NaN, it differs from every level, and the clamp is skipped
+    when any value is out of range, where C's result is arbitrary): that superset is found at full width,
+    the exact test runs on it alone. x, L, wxl, wl2: [n, B] C-contiguous; sumlx .. st: [B] (a column whose
+    sumlx is -inf never moves). Returns (idx, col, pos, sweep, new_l, new_wxl, new_wl2, slx, sl2) of the moving
+    columns (idx: the flat index pos*B + col), col ascending."""
+    n, B = x.shape
+    if scratch is None:
+        scratch = (np.empty_like(x), np.empty_like(x), np.empty(x.shape, bool), np.empty(x.shape, bool))
+    slx, v, m, m2 = scratch
+    np.subtract(sumlx, wxl, out=slx)
+    np.subtract(suml2, wl2, out=v)  # sl2
+    v *= x
+    v /= slx
+    np.rint(v, out=v)
+    if v.max(initial=-np.inf) < _NEAREST_INT_RANGE:  # (False for NaN) then the clamp at the top is C's
+        np.minimum(v, _F32(nmax - 1), out=v)
+    np.not_equal(v, L, out=m)
+    np.greater(slx, 0, out=m2)
+    m &= m2
+    idx = np.flatnonzero(m)
+    pos, col = np.divmod(idx, B)
+    slx = slx.reshape(-1)[idx]
+    sx, s2c = sumlx[col], suml2[col]
+    xi = x.reshape(-1)[idx]
+    sl2 = s2c - wl2.reshape(-1)[idx]  # the same float operations as at full width
+    new_l = _clamped_nearest(xi * sl2 / slx, -nmax, nmax - 1)
+    w = xi * xi
+    new_wxl = w * xi * new_l
+    new_wl2 = w * new_l * new_l
     slx += new_wxl
     sl2 += new_wl2
-    ok = np.nonzero((sl2 > 0) & (slx * slx * suml2[col] > sumlx[col] * sumlx[col] * sl2))[0]
-    k, first = np.unique(col[ok], return_index=True)  # each column's first accepted position
-    at = ok[first]
-    return k, pos[at], tuple(a[at] for a in (new_l, new_wxl, new_wl2, slx, sl2))
+    c_st = st[col]
+    sweep = cur[col] + (pos < c_st)
+    ok = (new_l != L.reshape(-1)[idx]) & (sweep <= 4) & (sl2 > 0) & (slx * slx * s2c > sx * sx * sl2)
+    k = np.flatnonzero(ok)
+    key = col[k] * n + (pos[k] - c_st[k]) % n  # column, then rank in its cyclic order
+    k = k[np.argsort(key, kind="stable")]  # a few ascending runs (one per position): timsort merges them
+    c = col[k]
+    first = np.ones(k.size, bool)
+    first[1:] = c[1:] != c[:-1]
+    k = k[first]
+    return idx[k], col[k], pos[k], sweep[k], new_l[k], new_wxl[k], new_wl2[k], slx[k], sl2[k]
+
+
+def _q3_apply(moves, L, wxl, wl2, sumlx, suml2, cur, st) -> np.ndarray:
+    """Apply :func:`_q3_next_moves`' moves in place; returns the moved columns that may move again (a move at
+    the last position of the fifth sweep ends the search)."""
+    idx, col, pos, sweep, new_l, new_wxl, new_wl2, slx, sl2 = moves
+    L.reshape(-1)[idx] = new_l
+    wxl.reshape(-1)[idx] = new_wxl
+    wl2.reshape(-1)[idx] = new_wl2
+    sumlx[col] = slx
+    suml2[col] = sl2
+    last = pos == L.shape[0] - 1
+    cur[col] = sweep + last
+    st[col] = np.where(last, 0, pos + 1)
+    return col[cur[col] <= 4]
 
 
 def make_qkx3_quants(x: np.ndarray, nmax: int, w: np.ndarray, rmin: float, rdelta: float, nstep: int
@@ -397,6 +493,29 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, lo: int, hi: int) -
     return fresh
 
 
+def _requantize_rows(x: np.ndarray, L: np.ndarray, d: np.ndarray, lo: int, hi: int, work: Workspace | None = None,
+                     rows_per_pass: int = 1 << 13) -> np.ndarray:
+    """:func:`_requantize` for groups as rows: x [B, n] (one group per row), d [B]; L [n, B] as the search
+    returned it. Returns uint8 [B, n], in the element order the packers read."""
+    B, n = x.shape
+    out = np.empty((B, n), np.uint8)
+    bias = np.int32(0x00400000 + lo)
+    for r0 in range(0, B, rows_per_pass):
+        r1 = min(B, r0 + rows_per_pass)
+        t = work.get("rq", (r1 - r0, n)) if work is not None else np.empty((r1 - r0, n), _F32)
+        np.divide(x[r0:r1], d[r0:r1, None], out=t)
+        t += _F32(12582912.0)  # nearest_int, in place: the int32 bits, masked, offset
+        bits = t.view(np.int32)
+        bits &= 0x007FFFFF
+        np.clip(bits, bias, bias + (hi - lo), out=bits)
+        bits -= bias
+        np.copyto(out[r0:r1], bits, casting="unsafe")
+    keep = np.flatnonzero(d == 0)  # C's ``if (!d) continue``: the search's levels stay
+    if keep.size:
+        out[keep] = L[:, keep].T
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # bit packing
 
@@ -475,9 +594,15 @@ def pack_levels(name: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = 
 
     Q8_0: q int8 ``[B, 32]``, d ``[B]``. Q4_0/Q4_1/Q5_0/Q5_1: q uint8 ``[B, 32]`` (0..15 / 0..31), d (and m for
     the offset types) ``[B]``. Q6_K: q uint8 ``[B, 256]`` (0..63), the int8 sub-scales ``scales [B, 16]``, d ``[B]``.
-    d and m are stored as fp16 (round to nearest even, as the encoders do)."""
+    Q3_K: q uint8 ``[B, 256]`` (0..7, the level + 4), the 6-bit sub-scales ``scales [B, 16]`` (0..63, the scale
+    + 32), d ``[B]``. d and m are stored as fp16 (round to nearest even, as the encoders do)."""
     n_blocks = q.shape[0]
-    if name == "Q8_0":
+    if name == "Q3_K":
+        out = _new_blocks("Q3_K", n_blocks)
+        out["hmask"], out["qs"] = _pack_q3_k(np.ascontiguousarray(q, dtype=np.uint8))
+        out["scales"] = pack_q3_k_scales(np.asarray(scales, dtype=np.uint8))
+        out["d"] = d
+    elif name == "Q8_0":
         out = _new_blocks("Q8_0", n_blocks)
         out["d"] = d
         out["qs"] = q.astype(np.int8)
@@ -728,19 +853,22 @@ def _q3_k_impl_search(x: np.ndarray, xt: np.ndarray, qw: np.ndarray) -> tuple[np
     return L, np.ascontiguousarray(ls.T), d
 
 
-def _q3_k(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+def _q3_k(x: np.ndarray, imatrix: np.ndarray | None, work: Workspace | None = None) -> np.ndarray:
     nsb = x.size // QK_K
-    xt = _positions_first(x, 16)
     if imatrix is None:
-        scale, L = make_q3_quants(xt, 4)
+        scale, L = make_q3_quants(x.reshape(-1, 16), 4, work, by_rows=True)
         ls, d = _q3_k_ref_scales(scale.reshape(nsb, 16))
+        d = fp16_round(d)
+        sub_d = d[:, None] * (ls.astype(np.int8) - np.int8(32))  # [nsb, 16]
+        q = _requantize_rows(x.reshape(-1, 16), L, sub_d.reshape(-1), -4, 3, work)
     else:
+        xt = _positions_first(x, 16)
         L, ls, d = _q3_k_impl_search(x, xt, _imatrix_columns(imatrix, len(x), 16))
-    d = fp16_round(d)
-    sub_d = d[:, None] * (ls.astype(np.int8) - np.int8(32))  # [nsb, 16]
-    L = _requantize(xt, L, sub_d.reshape(-1), -4, 3)
+        d = fp16_round(d)
+        sub_d = d[:, None] * (ls.astype(np.int8) - np.int8(32))  # [nsb, 16]
+        q = _requantize(xt, L, sub_d.reshape(-1), -4, 3).T
     out = _new_blocks("Q3_K", nsb)
-    out["hmask"], out["qs"] = _pack_q3_k(L.T.reshape(nsb, QK_K))
+    out["hmask"], out["qs"] = _pack_q3_k(q.reshape(nsb, QK_K))
     out["scales"] = pack_q3_k_scales(ls)
     out["d"] = d
     return out
@@ -830,8 +958,10 @@ def _legacy(ref: Callable, name: str) -> Callable:
 
 # Values per chunk, by (type, with imatrix): large enough to amortise numpy's per-call overhead, small enough
 # that the handful of live [n, B] temporaries stay in cache (a fresh, uncached temporary costs several times
-# the arithmetic on it).
-CHUNK_VALUES: dict = {"default": 1 << 17, ("Q3_K", False): 1 << 18}
+# the arithmetic on it). Q3_K without imatrix blocks its own full-width work (make_q3_quants' _Q3_BLOCK, in a
+# Workspace) and takes large chunks so that its coordinate-descent rounds pool the few searching groups of many
+# blocks.
+CHUNK_VALUES: dict = {"default": 1 << 17, ("Q3_K", False): 1 << 21}
 
 quants.register("F32", _encode_f32, _decode_f32)
 quants.register("F16", _encoder("F16", _ignores_imatrix(_f16_chunk)), _decode_f16)
@@ -842,4 +972,11 @@ quants.register("Q4_1", _encoder("Q4_1", _legacy(_q4_1_ref, "Q4_1"), True), _off
 quants.register("Q5_0", _encoder("Q5_0", _legacy(_q5_0_ref, "Q5_0"), True), _symmetric_decoder("Q5_0", 16))
 quants.register("Q5_1", _encoder("Q5_1", _legacy(_q5_1_ref, "Q5_1"), True), _offset_decoder("Q5_1"))
 quants.register("Q6_K", _encoder("Q6_K", _q6_k), _decode_q6_k)
-quants.register("Q3_K", _encoder("Q3_K", _q3_k), _decode_q3_k)
+def _encode_q3_k(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    if imatrix is not None:
+        return _encode_rows("Q3_K", rows, imatrix, _q3_k)
+    work = Workspace()  # one set of buffers for all chunks of this tensor
+    return _encode_rows("Q3_K", rows, None, lambda x, _: _q3_k(x, None, work))
+
+
+quants.register("Q3_K", _encode_q3_k, _decode_q3_k)

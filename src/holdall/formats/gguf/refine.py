@@ -17,16 +17,25 @@ unmodified — and chooses the contents against the full ``H``:
    lazy batches of ``block_size`` columns).
 3. **Scales re-fitted.** For those codes, every row's block parameters are solved jointly by least squares in
    the ``H`` norm (not block by block: the blocks of a row interact through ``H``), rounded to the type's scale
-   fields (fp16 ``d``/``m``; the 6-bit or int8 sub-block scales under a fresh super-block ``d``), and the codes
-   are chosen again by error feedback on the new grids (``iterations`` times).
+   fields (fp16 ``d``/``m``; the 4-bit, 6-bit or int8 sub-block scales under a fresh super-block ``d``), and the
+   codes are chosen again by error feedback on the new grids (``iterations`` times).
 4. **Per-row choice.** Rows are independent in the output and in the bytes, so each row keeps whichever
    candidate — the imatrix encoder's own bytes, the error-feedback codes, the re-fitted ones — has the smallest
    ``(w − ŵ) H (w − ŵ)ᵀ`` as decoded from its bytes. The result is therefore never worse than the imatrix
    encoder on the calibration objective, row by row.
 
-Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-value blocks) and Q4_K, Q5_K, Q6_K (256-value super-blocks) — every type
-llama.cpp's Q4_K_M / Q5_K_M / Q6_K / Q8_0 / legacy files use. Q2_K and Q3_K, and the float types, go through the
-imatrix encoder unchanged (``RefineResult.notes`` says so).
+Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-value blocks) and Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-value super-blocks) —
+every block type llama.cpp's file types use. The k-quants' fields, as the handlers below parse and re-fit them:
+
+* Q6_K: sixteen int8 sub-scales under an fp16 ``d``; ``x = d·sc·(q − 32)``, ``q`` 0..63.
+* Q4_K / Q5_K: eight 6-bit scales and 6-bit mins under fp16 ``d`` and ``dmin``; ``x = d·sc·q − dmin·m``.
+* Q3_K: sixteen signed 6-bit sub-scales (stored + 32) under an fp16 ``d``; ``x = d·(sc − 32)·(q − 4)``, ``q`` 0..7
+  (symmetric levels −4..3). Re-fitted scales put the one of largest magnitude at −32 steps of ``d`` (``d`` takes
+  its sign), as quantize_row_q3_K_ref does, so the signed range is used in full.
+* Q2_K: sixteen 4-bit scales and 4-bit mins under fp16 ``d`` and ``dmin``; ``x = d·sc·q − dmin·m``, ``q`` 0..3.
+  Negative least-squares scales and positive offsets are not storable and are clipped to 0.
+
+The float types go through their encoder unchanged (``RefineResult.notes`` says so).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import torch
 from ...errors import ConfigError, DataError
 from . import quants
 
-REFINED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+REFINED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _F32 = np.float32
 
 
@@ -126,8 +135,8 @@ class _K4:
         n_rows = a.shape[0]
         a = np.maximum(a.reshape(n_rows, -1, 8), 0)  # sc is unsigned: a negative scale is not storable
         neg_b = np.maximum(-b.reshape(n_rows, -1, 8), 0)  # so is m: offsets are <= 0
-        d, sc = _six_bit(a)
-        dmin, m = _six_bit(neg_b)
+        d, sc = _unsigned_levels(a, 63)
+        dmin, m = _unsigned_levels(neg_b, 63)
         return {"d": d, "dmin": dmin, "sc": sc, "m": m}
 
     def pack(self, state: dict, q: np.ndarray) -> np.ndarray:
@@ -141,13 +150,13 @@ class _K4:
         return packer(d, dmin, sc12, q.reshape(-1, 256).astype(np.uint8)).reshape(n_rows, -1)
 
 
-def _six_bit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Non-negative sub-block values ``[R, S, 8]`` -> (fp16 super-block step ``[R, S]``, 6-bit levels): the
-    largest value maps to 63, so the whole 6-bit range is used."""
-    step = _fp16(values.max(axis=2) / _F32(63))
+def _unsigned_levels(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative sub-block values ``[R, S, k]`` -> (fp16 super-block step ``[R, S]``, levels 0..top): the
+    largest value maps to ``top``, so the whole field (6-bit for Q4_K/Q5_K, 4-bit for Q2_K) is used."""
+    step = _fp16(values.max(axis=2) / _F32(top))
     with np.errstate(all="ignore"):
         levels = np.where(step[:, :, None] > 0, np.rint(values / step[:, :, None]), 0)
-    return step, np.clip(levels, 0, 63).astype(np.uint8)
+    return step, np.clip(levels, 0, top).astype(np.uint8)
 
 
 class _Q6K:
@@ -184,6 +193,86 @@ class _Q6K:
         return blocks.reshape(n_rows, -1)
 
 
+class _Q3K:
+    """Q3_K: super-blocks of 256, fp16 d and sixteen signed 6-bit sub-scales (stored + 32); x = d·(sc−32)·(q − 4),
+    q in 0..7 (the 3-bit code: two bits in qs, the third in hmask)."""
+
+    name = "Q3_K"
+    group = 16
+    n_params = 1
+    qmin, qmax, zero = 0, 7, 4
+
+    def parse(self, raw: np.ndarray, n_rows: int) -> dict:
+        from . import quants_legacy
+
+        fields = quants_legacy.block_fields("Q3_K", raw)
+        sc = quants_legacy.unpack_q3_k_scales(fields["scales"])
+        return {"d": fields["d"].astype(_F32).reshape(n_rows, -1), "sc": sc.reshape(n_rows, -1, 16)}
+
+    def grid(self, state: dict) -> tuple[np.ndarray, np.ndarray]:
+        # the decoder's float32 product d·(sc − 32), times the signed level (q − 4)
+        a = (state["d"][:, :, None] * (state["sc"].astype(_F32) - _F32(32))).reshape(len(state["d"]), -1)
+        return a, -_F32(4) * a
+
+    def from_ls(self, state: dict, a: np.ndarray, b: np.ndarray | None) -> dict:
+        # As quantize_row_q3_K_ref: the sub-scale of largest magnitude maps to −32 (d takes its sign), so the
+        # signed range −32..31 is used in full whichever sign that scale has.
+        a = a.reshape(a.shape[0], -1, 16)
+        peak = np.take_along_axis(a, np.abs(a).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+        d = _fp16(peak / _F32(-32))
+        with np.errstate(all="ignore"):
+            sc = np.where(d[:, :, None] != 0, np.rint(a / d[:, :, None]), 0)
+        return {"d": d, "sc": (np.clip(sc, -32, 31) + 32).astype(np.uint8)}
+
+    def pack(self, state: dict, q: np.ndarray) -> np.ndarray:
+        from . import quants_legacy
+
+        n_rows = q.shape[0]
+        blocks = quants_legacy.pack_levels("Q3_K", q.reshape(-1, 256).astype(np.uint8), state["d"].reshape(-1),
+                                           scales=state["sc"].reshape(-1, 16))
+        return blocks.reshape(n_rows, -1)
+
+
+class _Q2K:
+    """Q2_K: super-blocks of 256 with fp16 d, dmin and sixteen 4-bit (sc, m); x = d·sc·q − dmin·m, q in 0..3."""
+
+    name = "Q2_K"
+    group = 16
+    n_params = 2
+    qmin, qmax = 0, 3
+
+    def parse(self, raw: np.ndarray, n_rows: int) -> dict:
+        blocks = np.ascontiguousarray(raw).reshape(-1, 84)
+        d = blocks[:, 80:82].copy().view("<f2").astype(_F32).reshape(n_rows, -1)
+        dmin = blocks[:, 82:84].copy().view("<f2").astype(_F32).reshape(n_rows, -1)
+        sc16 = blocks[:, 0:16]
+        return {"d": d, "dmin": dmin, "sc": (sc16 & 0xF).reshape(n_rows, -1, 16),
+                "m": (sc16 >> 4).reshape(n_rows, -1, 16)}
+
+    def grid(self, state: dict) -> tuple[np.ndarray, np.ndarray]:
+        # the decoder's float32 products: (d·sc)·q − (dmin·m)
+        a = state["d"][:, :, None] * state["sc"].astype(_F32)
+        b = -(state["dmin"][:, :, None] * state["m"].astype(_F32))
+        return a.reshape(len(a), -1), b.reshape(len(b), -1)
+
+    def from_ls(self, state: dict, a: np.ndarray, b: np.ndarray | None) -> dict:
+        n_rows = a.shape[0]
+        a = np.maximum(a.reshape(n_rows, -1, 16), 0)  # sc is unsigned: a negative scale is not storable
+        neg_b = np.maximum(-b.reshape(n_rows, -1, 16), 0)  # so is m: offsets are <= 0
+        d, sc = _unsigned_levels(a, 15)
+        dmin, m = _unsigned_levels(neg_b, 15)
+        return {"d": d, "dmin": dmin, "sc": sc, "m": m}
+
+    def pack(self, state: dict, q: np.ndarray) -> np.ndarray:
+        from . import quants_k
+
+        n_rows = q.shape[0]
+        sc16 = (state["sc"] | (state["m"] << 4)).reshape(-1, 16).astype(np.uint8)
+        d = state["d"].reshape(-1).astype(np.float16)
+        dmin = state["dmin"].reshape(-1).astype(np.float16)
+        return quants_k.pack_q2_k(d, dmin, sc16, q.reshape(-1, 256).astype(np.uint8)).reshape(n_rows, -1)
+
+
 _HANDLERS = {
     "Q8_0": _Legacy("Q8_0", -127, 127, 0),  # ±127: the range quantize_row_q8_0 itself produces
     "Q4_0": _Legacy("Q4_0", 0, 15, 8),
@@ -193,6 +282,8 @@ _HANDLERS = {
     "Q4_K": _K4("Q4_K", 15),
     "Q5_K": _K4("Q5_K", 31),
     "Q6_K": _Q6K(),
+    "Q3_K": _Q3K(),
+    "Q2_K": _Q2K(),
 }
 
 
@@ -256,7 +347,7 @@ def refine_tensor(
     start = quants.quantize(rows, name, importance)  # validates the row length and the values
     if name not in _HANDLERS:
         return RefineResult(start, notes=[f"{name} is not refined (supported: {', '.join(REFINED_TYPES)}); "
-                                          "written by the imatrix encoder"])
+                                          "written by its encoder"])
     handler = _HANDLERS[name]
     perm = np.argsort(-np.diagonal(H), kind="stable") if act_order else None
     U = _inverse_factor(H if perm is None else H[np.ix_(perm, perm)], damp)  # U of the problem in rounding order
