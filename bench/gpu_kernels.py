@@ -119,29 +119,36 @@ def bnb_layer(weight: torch.Tensor, double_quant: bool):
 
 
 def gemv_configs(group: int, codebook: bool) -> list[dict]:
+    """Block configurations the sweep times for one row (the heuristic's own choice is timed beside them)."""
     group_w = group // 8
-    out = []
-    for block_n in (4, 8):
-        for words in (64, 128):
-            for stages, prefetch in ((1, False), (1, True), (3, False), (3, True)):
-                out.append({"BLOCK_N": block_n, "BLOCK_G": words // group_w, "num_warps": 4, "STAGES": stages,
-                            **({"PREFETCH": True} if prefetch else {})})
-    for block_n in (4, 8):
-        for lut16 in ((False, True) if codebook else (False,)):
-            out.append({"BLOCK_N": block_n, "BLOCK_G": 64 // group_w, "num_warps": 4, "STAGES": 1,
-                        "VARIANT": "4d", **({"LUT16": True} if lut16 else {})})
+    if codebook:  # the [rows, groups, words, 8] kernel with the 16-value table; the round-2 kernel
+        return [{"BLOCK_N": 8, "BLOCK_G": 64 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "4d", "LUT16": True},
+                {"BLOCK_N": 4, "BLOCK_G": 512 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "v2"}]
+    # the first round's kernel at the best configuration of its last sweep
+    out = [{"BLOCK_N": 8, "BLOCK_G": 128 // group_w, "num_warps": 4, "STAGES": 3, "PREFETCH": True}]
+    for rows in (2, 4):  # the round-2 kernel (VARIANT v2): rows per program (all held by every thread)
+        for words in (256, 512):
+            for stages in (1, 3):
+                out.append({"BLOCK_N": rows, "BLOCK_G": words // group_w, "num_warps": 4, "STAGES": stages,
+                            "VARIANT": "v2"})
     return out
 
 
 def gemm_configs(rows: int, codebook: bool) -> list[dict]:
+    """Block configurations the sweep times for 2..64 rows."""
     block_m = max(16, 1 << (rows - 1).bit_length())
-    out = []
-    for block_n in (32, 64, 128):
-        for split_k in (2, 4, 8):
-            for stages in (2, 4):
-                for lut16 in ((False, True) if codebook else (False,)):
-                    out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4,
-                                "num_stages": stages, **({"LUT16": True} if lut16 else {})})
+    out = [{"BLOCK_M": block_m, "BLOCK_N": 64, "SPLIT_K": 8, "num_warps": 4, "num_stages": 4}]  # round 1 (v1)
+    if codebook:  # (rows per program, warps, split-K, FOLD)
+        v2 = [(128, 4, 8, False), (128, 4, 16, False), (128, 8, 16, False), (64, 4, 16, False),
+              (64, 4, 16, True), (128, 8, 8, True)]
+        for block_n, warps, split_k, fold in v2:
+            out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,
+                        "num_stages": 1, "STAGES": 1, "PREFETCH": True, "FOLD": fold, "VARIANT": "v2"})
+    else:
+        v2 = [(64, 4, 8), (64, 4, 16), (128, 4, 4), (128, 4, 8), (128, 8, 8), (256, 8, 4), (256, 8, 8)]
+        for block_n, warps, split_k in v2:
+            out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,
+                        "num_stages": 3, "STAGES": 3, "PREFETCH": False, "FOLD": True, "VARIANT": "v2"})
     return out
 
 
@@ -165,19 +172,27 @@ def sweep(layers: list[QuantLinear], rows: int) -> dict:
     def timed(cfg, replays=10):
         return bench_graph([lambda o=o: launch(o, cfg) for o in ops], replays=replays, rounds=3)
 
+    ref = packed.reference_linear(layers[0], x)
+
+    def checked(cfg):  # a config whose output is wrong is recorded as such, never as the fastest
+        out.fill_(float("nan"))
+        launch(ops[0], cfg)
+        err = float((out.float() - ref).norm() / ref.norm())
+        if not err < 8e-3:
+            raise ValueError(f"wrong output: rel err {err}")
+        return err
+
     results = []
     for cfg in configs:
         try:
-            results.append((timed(cfg), cfg))
+            err = checked(cfg)
+            results.append((timed(cfg), {**cfg, "rel_err": err}))
         except Exception as exc:  # a config that does not compile/fit (shared memory) is skipped, not fatal
-            results.append((float("inf"), {**cfg, "error": f"{type(exc).__name__}: {exc}"[:200]}))
+            results.append((float("inf"), {**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]}))
     results.sort(key=lambda r: r[0])
     found = {"best_us": results[0][0], "best": results[0][1], "default_us": timed(default, 20),
-             "default": default, "top5": [{"us": t, **c} for t, c in results[:5]]}
-    if rows == 1:  # is the tensor-core kernel (16-row tile, 15 rows masked) any faster for one row?
-        found["gemm_for_1_row_us"] = min(
-            bench_graph([lambda o=o, c=cfg: triton_wq4.gemm(o, p, x, None, out, c) for o in ops], 10, 3)
-            for cfg in gemm_configs(1, p.kind == 2)[::3])
+             "default": default, "top5": [{"us": t, **c} for t, c in results[:5]],
+             "all": [{"us": t, **c} for t, c in results]}
     return found
 
 
@@ -265,8 +280,9 @@ def main() -> None:
                     sweeps.append({"shape": f"{out_f}x{in_f}", "batch": batch, "scheme": name, **s})
                     print(f"  sweep {name} b{batch}: best {s['best_us']:.2f}us {s['best']}  "
                           f"default {s['default_us']:.2f}us {s['default']}"
-                          + (f"  gemm@1 {s['gemm_for_1_row_us']:.2f}us" if "gemm_for_1_row_us" in s else ""),
-                          flush=True)
+                          , flush=True)
+                    for r in s["all"][:8]:
+                        print(f"    {r}", flush=True)
         del layers, one, bnb_layers, weights, weight, linear
         torch.cuda.empty_cache()
 

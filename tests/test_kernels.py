@@ -168,25 +168,52 @@ def test_other_formats(name, rows):
 
 
 @cuda_only
+@pytest.mark.parametrize("variant", ["v2", "v1"])  # v1: the first round's kernels (pairs / 4d GEMV, v1 GEMM)
+@pytest.mark.parametrize("name", ["nf4-dq", "int4-asym"])
 @pytest.mark.parametrize("rows", [1, 2, 33])
 @pytest.mark.parametrize("split_k", [1, 4])
-def test_every_output_written(rows, split_k):
-    """Launch directly into a NaN-poisoned output with each config family: every element must be written."""
+def test_every_output_written(rows, split_k, name, variant):
+    """Launch directly into a NaN-poisoned output with each kernel and config family: every element written."""
     from holdall.kernels import triton_wq4
 
-    layer = _cuda_layer(4096, 11008, "nf4-dq")
+    layer = _cuda_layer(4096, 11008, name)
     p = dispatch.layer_plan(layer)
     ops = packed.operands(layer, p)
     x = torch.randn(rows, p.in_features, device="cuda", dtype=torch.float16)
     out = torch.full((rows, p.out_features), float("nan"), device="cuda", dtype=torch.float16)
     if rows == 1:
-        triton_wq4.gemv(ops, p, x.reshape(-1), layer.bias.detach(), out.view(-1),
-                        {"BLOCK_N": 4 * split_k, "BLOCK_G": 2, "num_warps": 4})
+        cfg = {"BLOCK_N": 4 * split_k, "BLOCK_G": 2, "num_warps": 4}
+        if variant == "v2":  # 1 or 4 rows per program, a tile of 32 or 256 words (partial last tile)
+            cfg.update(VARIANT="v2", BLOCK_N=split_k, BLOCK_G=2 if split_k == 1 else 16)
+        elif p.kind == 2:
+            cfg.update(VARIANT="4d", LUT16=True)
+        triton_wq4.gemv(ops, p, x.reshape(-1), layer.bias.detach(), out.view(-1), cfg)
     else:
-        triton_wq4.gemm(ops, p, x, layer.bias.detach(), out,
-                        {"BLOCK_M": 16 if rows < 17 else 64, "BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4,
-                         "num_stages": 3})
+        cfg = {"BLOCK_M": 16 if rows < 17 else 64, "BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4,
+               "num_stages": 3}
+        if variant == "v2":
+            cfg["VARIANT"] = "v2"
+        triton_wq4.gemm(ops, p, x, layer.bias.detach(), out, cfg)
     assert _rel(out, packed.reference_linear(layer, x)) < TOL[torch.float16]
+
+
+@cuda_only
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_odd_shapes(name, rows):
+    """Rows not a multiple of any block (42), a partial last int group (264 = 2 groups + 8 codes), and codebook
+    rows of an odd number of blocks (320 = 5 blocks of 64), through the dispatch's own configs."""
+    from holdall import kernels
+
+    assert kernels.enable()
+    in_f = 320 if SCHEMES[name].is_codebook else 264
+    layer = _cuda_layer(42, in_f, name)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(rows, in_f, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            assert backends.select_backend(layer, x) is dispatch.forward
+            y = layer(x)
+        assert _rel(y, packed.reference_linear(layer, x)) < TOL[dtype]
 
 
 @cuda_only

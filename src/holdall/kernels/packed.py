@@ -6,8 +6,8 @@ No repacked copy. holdall's 4-bit layouts are already what a GPU wants to stream
 NF4/FP4 weight is the same bytes over the flattened ``[out, in]`` tensor, so row ``n`` of either is one
 contiguous run of ``in/2`` bytes. Reading it as int32 words (8 codes each) gives 16-byte-per-thread loads,
 coalesced along the input dimension, with no second copy of the weight (extra memory: 0 bytes per layer; the
-only device-side extras are two tables shared by every layer: 2 KiB of NF4/FP4 byte-pair values and 1 KiB of
-the double-quantization map).
+only device-side extras are small tables shared by every layer: 2 KiB of NF4/FP4 byte-pair values, 64 bytes of
+16-bit codebook values and 1 KiB of the double-quantization map).
 
 Everything here needs only torch, so the dispatch predicate and the reference run on machines without
 Triton (CI's CPU runs).
@@ -111,6 +111,7 @@ class Operands:
     dmap: torch.Tensor  # float32 [256] signed dynamic map (double quant), else a dummy
     pairs: torch.Tensor  # int64 [256]: float32 (high-nibble value, low-nibble value) of each byte (codebook)
     values: torch.Tensor  # float32 [16]: the codebook (codebook), else a dummy
+    values16: torch.Tensor  # int16 [32]: the codebook's bf16 bits, then its fp16 bits (codebook), else a dummy
 
 
 def operands(layer: torch.nn.Module, p: Plan) -> Operands:
@@ -127,9 +128,10 @@ def operands(layer: torch.nn.Module, p: Plan) -> Operands:
     zero = layer.zero if p.kind == 1 else dummy
     if p.kind == 2:
         pairs, values = _table("pairs:" + p.codebook, device), _table("values:" + p.codebook, device)
+        values16 = _table("values16:" + p.codebook, device)
     else:
-        pairs = values = dummy
-    return Operands(qdata, words, scale, zero, absmax, offset, dmap, pairs, values)
+        pairs = values = values16 = dummy
+    return Operands(qdata, words, scale, zero, absmax, offset, dmap, pairs, values, values16)
 
 
 _TABLES: dict[tuple[str, str], torch.Tensor] = {}
@@ -143,6 +145,10 @@ def _table(name: str, device: torch.device) -> torch.Tensor:
             table = dynamic_map(signed=True)
         elif name.startswith("values:"):
             table = codebook(name.split(":")[1], "cpu")
+        elif name.startswith("values16:"):  # 16-bit copies for the tensor-core kernel (bf16 bits, fp16 bits)
+            per_code = codebook(name.split(":")[1], "cpu")
+            table = torch.cat([per_code.to(torch.bfloat16).view(torch.int16),
+                               per_code.to(torch.float16).view(torch.int16)])
         else:  # "pairs:<codebook>": one 8-byte entry per byte value, so a kernel decodes a byte with one load
             per_code = codebook(name.split(":")[1], "cpu")
             pairs = torch.stack([per_code.repeat_interleave(16), per_code.repeat(16)], dim=1)  # [256, 2] (hi, lo)

@@ -1,28 +1,33 @@
 """Triton kernels for ``y = x @ W^T (+ b)`` with a 4-bit packed ``W``, read in place (no dequantized copy).
 
-Two kernels, one per regime, each checked against :func:`holdall.kernels.packed.reference_linear` (the
-plain-torch decode + float32 matmul beside them) by ``tests/test_kernels.py``:
+Every kernel is checked against :func:`holdall.kernels.packed.reference_linear` (the plain-torch decode +
+float32 matmul beside them) by ``tests/test_kernels.py``; the launchers take a config dict whose ``VARIANT``
+picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the defaults.
 
-* :func:`gemv` (one input row, decode): bandwidth-bound in principle. Each program streams ``BLOCK_N`` weight
-  rows as int32 words (8 codes), tiled ``[rows, groups, words per group]`` so a group's scale/zero is loaded
-  once per thread and applied once per word, never per code. Int codes become floats without a conversion
-  instruction: ``nibble | 0x4B000000`` is the float ``2**23 + nibble``, so one subtraction of ``2**23 + zero``
-  yields ``code - zero`` exactly (I2F runs at a quarter of the FMA rate on Hopper). ``x`` is read as int32
-  pairs (a bf16 pair becomes two floats by two bit operations). Codebook (NF4/FP4) codes take the
-  ``_gemv4d_kernel`` variant (``[rows, groups, words, 8 codes]`` tiles, one vector load of a word's 8
-  activations) and a 16-entry table (``LUT16``; all lanes of a warp hit one 64-byte line). ``STAGES``
-  software-pipelines the weight loads, ``PREFETCH`` double-buffers them in registers.
-* :func:`gemm` (2..64 rows): tensor cores. Per iteration one group of codes per weight row; the codes are
-  split into the even (high nibble) and odd (low nibble) input positions, multiplied against the matching
-  even/odd columns of ``x`` (two ``tl.dot``s, no interleaving shuffle), and the group scale is applied to the
-  float32 partial sum. Int codes enter the dot as the exact small integers ``code - zero`` (exact in
-  bf16/fp16), so the only rounding is the activations' own; codebook values (byte-pair or 16-entry table)
-  enter in the activation dtype. Split-K (float32 partials summed in a fixed order by ``_splitk_sum``, so
-  results are deterministic) keeps all SMs busy.
+* One row (decode), :func:`gemv`: bandwidth-bound in principle.
+  - ``_gemv_kernel`` ("pairs", the int default): each program streams ``BLOCK_N`` weight rows as int32 words
+    (8 codes), tiled ``[rows, groups, words per group]`` so a group's scale/zero is loaded once per thread and
+    applied once per word. Int codes become floats without a conversion instruction: ``nibble | 0x4B000000``
+    is the float ``2**23 + nibble``, so one subtraction of ``2**23 + zero`` yields ``code - zero`` exactly.
+    ``x`` is read as int32 pairs (a bf16 pair becomes two floats by two bit operations). ``STAGES`` software-
+    pipelines the weight loads, ``PREFETCH`` double-buffers them in registers.
+  - ``_gemv4d_kernel`` ("4d", the codebook default): ``[rows, groups, words, 8 codes]`` tiles, one vector load
+    of a word's 8 activations, NF4/FP4 values from a 16-entry table (``LUT16``; all lanes of a warp on one
+    64-byte line).
+  - ``_gemv2_kernel`` ("v2", round 2, not a default): 4 rows held by every thread, one shift + one LOP3 + one
+    FMA per code (offsets and zero points taken off per word from sums of ``x``). Half the instructions per
+    code in the compiled loop, yet 2.6x slower on an H200: kept, tested, for the next round.
+* 2..64 rows, :func:`gemm` (tensor cores):
+  - ``_gemm2_kernel`` ("v2", round 2, the default): the weight is the MMA's left operand (``y^T = W x^T``), so
+    64..128 weight rows fill Hopper's 64-row MMA and the few input rows its N; bytes decoded in natural input
+    order, one group per iteration; int codes with the scale folded into the decoded bf16/fp16 weight
+    (``FOLD``) and one chained dot, codebooks with the scale on the float32 partial. Split-K (float32
+    partials summed in a fixed order by ``_splitk_sum``, so results are deterministic) buys parallelism.
+  - ``_gemm_kernel`` ("v1", round 1): ``x`` as the left operand, even/odd-nibble split into two dots.
 
-Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)"): GEMV 1.3-1.4x bf16 cuBLAS for int4 and
-about 1.0x for NF4, i.e. ~28% of copy bandwidth: latency/instruction-bound, not yet bandwidth-bound; GEMM below
-bf16 cuBLAS at 4..64 rows (int4 0.5-0.75x, NF4 0.1-0.27x).
+Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)"): GEMV 1.4-1.6x bf16 cuBLAS for int4 and
+0.85-1.1x for NF4 (~30% of copy bandwidth: instruction/latency-bound); GEMM int4 sym 1.1-1.3x bf16 at 4..16
+rows, 0.66-0.92x at 64; asym ~0.9x; NF4 0.4-0.7x.
 
 This module imports Triton at the top: import it only when a CUDA launch is about to happen
 (``holdall.kernels.dispatch`` does).
@@ -274,6 +279,287 @@ def _splitk_sum(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _byte_dot(p, w, pair, magic, val_ptr, J: tl.constexpr, KIND: tl.constexpr, X_BF16: tl.constexpr):
+    """``p + (16 + q_hi) x_even + (256 + q_lo) x_odd`` for byte ``J`` of each word, float32 (codebooks:
+    ``p + value[q_hi] x_even + value[q_lo] x_odd``, the 16-entry table on one 64-byte line).
+
+    One shift serves both codes of the byte: the high nibble (bit 8j+4, even input) lands on mantissa bits
+    19..22 of 1.0, the low nibble (bit 8j, odd input) on bits 15..18, so one AND-OR (LOP3) per code gives the
+    float ``1 + q/16`` / ``1 + q/256``, with no int-to-float conversion and no subtraction. ``magic`` is
+    ``0x3F800000`` passed at run time: with the masks as immediates ptxas splits each AND-OR into two LOP3s.
+    """
+    x_even, x_odd = _unpack_pair(pair, X_BF16)
+    if KIND == 2:
+        p = tl.fma(tl.load(val_ptr + ((w >> (8 * J + 4)) & 0xF)), x_even, p)
+        return tl.fma(tl.load(val_ptr + ((w >> (8 * J)) & 0xF)), x_odd, p)
+    if 15 - 8 * J >= 0:
+        v = w << (15 - 8 * J)
+    else:
+        v = w >> (8 * J - 15)
+    hi = ((v & 0x00780000) | magic).to(tl.float32, bitcast=True)
+    lo = ((v & 0x00078000) | magic).to(tl.float32, bitcast=True)
+    p = tl.fma(hi, x_even * 16.0, p)
+    return tl.fma(lo, x_odd * 256.0, p)
+
+
+@triton.jit
+def _row_part(acc, w_ptr, row, kw, x0, x1, x2, x3, c, xs, magic, val_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr,
+              dmap_ptr, g, gs,
+              stride_wn, scale_row_stride, zero_row_stride, k_ok, g_ok,
+              KIND: tl.constexpr, SCALE_DQ: tl.constexpr, X_BF16: tl.constexpr, MASK_K: tl.constexpr):
+    """One weight row's share of a tile: ``acc += ((16 + q) x ... - offsets) * scale`` per word."""
+    if MASK_K:
+        w = tl.load(w_ptr + row * stride_wn + kw, mask=k_ok, other=0)  # [BG, GW] int32
+    else:
+        w = tl.load(w_ptr + row * stride_wn + kw)
+    p = _byte_dot(-c, w, x0, magic, val_ptr, 0, KIND, X_BF16)  # from -offsets: p ends as sum (q - z) x
+    p = _byte_dot(p, w, x1, magic, val_ptr, 1, KIND, X_BF16)
+    p = _byte_dot(p, w, x2, magic, val_ptr, 2, KIND, X_BF16)
+    p = _byte_dot(p, w, x3, magic, val_ptr, 3, KIND, X_BF16)
+    s = _group_scale(s_ptr, sabs_ptr, soff_ptr, dmap_ptr, row * scale_row_stride + gs, g_ok, SCALE_DQ)  # [BG, 1]
+    if KIND == 1:
+        zero = _group_zero(z_ptr, row, gs, zero_row_stride, g_ok).to(tl.float32)  # [BG, 1]
+        return tl.fma(p - zero * xs, s, acc)
+    else:
+        return tl.fma(p, s, acc)
+
+
+@triton.jit
+def _gemv2_tile(acc0, acc1, acc2, acc3, x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, n0, N,
+                g0, rg, rj,
+                magic, KW, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+                GROUP_W: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr, X_BF16: tl.constexpr,
+                ROWS: tl.constexpr, MASK_K: tl.constexpr):
+    """One ``[groups, words]`` tile for ``ROWS`` weight rows: the activations are loaded and converted once and
+    every row held by the thread reuses them (the row loop is unrolled, so each row has its own registers)."""
+    g = g0 + rg  # [BG, 1]
+    kw = g * GROUP_W + rj  # [BG, GW] word index along the row
+    gs = g * group_step
+    if MASK_K:
+        k_ok = kw < KW
+        g_ok = g < n_groups
+        x0 = tl.load(x_ptr + kw * 4, mask=k_ok, other=0)
+        x1 = tl.load(x_ptr + kw * 4 + 1, mask=k_ok, other=0)
+        x2 = tl.load(x_ptr + kw * 4 + 2, mask=k_ok, other=0)
+        x3 = tl.load(x_ptr + kw * 4 + 3, mask=k_ok, other=0)
+    else:
+        k_ok = tl.full([1, 1], 1, tl.int1)
+        g_ok = tl.full([1, 1], 1, tl.int1)
+        x0 = tl.load(x_ptr + kw * 4)  # x as int32 pairs (x[8w + 2j], x[8w + 2j + 1])
+        x1 = tl.load(x_ptr + kw * 4 + 1)
+        x2 = tl.load(x_ptr + kw * 4 + 2)
+        x3 = tl.load(x_ptr + kw * 4 + 3)
+    # c: the offsets 16 x_even + 256 x_odd (plus the implicit zero 8 for symmetric codes); xs: sum of x
+    c = tl.zeros(kw.shape, dtype=tl.float32)
+    xs = tl.zeros(kw.shape, dtype=tl.float32)
+    for j in tl.static_range(4):
+        pair = x0
+        if j == 1:
+            pair = x1
+        if j == 2:
+            pair = x2
+        if j == 3:
+            pair = x3
+        x_even, x_odd = _unpack_pair(pair, X_BF16)
+        if KIND == 1:
+            c += x_even * 16.0 + x_odd * 256.0
+            xs += x_even + x_odd
+        elif KIND == 0:
+            c += x_even * 24.0 + x_odd * 264.0
+    # rows past N re-read row N - 1 (no masks in the loop); their results are never stored
+    acc0 = _row_part(acc0, w_ptr, tl.minimum(n0, N - 1), kw, x0, x1, x2, x3, c, xs, magic, val_ptr, s_ptr,
+                     z_ptr, sabs_ptr, soff_ptr, dmap_ptr, g, gs, stride_wn, scale_row_stride, zero_row_stride,
+                     k_ok, g_ok, KIND, SCALE_DQ, X_BF16, MASK_K)
+    if ROWS > 1:
+        acc1 = _row_part(acc1, w_ptr, tl.minimum(n0 + 1, N - 1), kw, x0, x1, x2, x3, c, xs, magic, val_ptr, s_ptr,
+                         z_ptr, sabs_ptr, soff_ptr, dmap_ptr, g, gs, stride_wn, scale_row_stride, zero_row_stride,
+                         k_ok, g_ok, KIND, SCALE_DQ, X_BF16, MASK_K)
+    if ROWS > 2:
+        acc2 = _row_part(acc2, w_ptr, tl.minimum(n0 + 2, N - 1), kw, x0, x1, x2, x3, c, xs, magic, val_ptr, s_ptr,
+                         z_ptr, sabs_ptr, soff_ptr, dmap_ptr, g, gs, stride_wn, scale_row_stride, zero_row_stride,
+                         k_ok, g_ok, KIND, SCALE_DQ, X_BF16, MASK_K)
+        acc3 = _row_part(acc3, w_ptr, tl.minimum(n0 + 3, N - 1), kw, x0, x1, x2, x3, c, xs, magic, val_ptr, s_ptr,
+                         z_ptr, sabs_ptr, soff_ptr, dmap_ptr, g, gs, stride_wn, scale_row_stride, zero_row_stride,
+                         k_ok, g_ok, KIND, SCALE_DQ, X_BF16, MASK_K)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv2_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
+    N, KW, n_groups, n_full, stride_wn, scale_row_stride, group_step, zero_row_stride, magic,
+    GROUP_W: tl.constexpr,  # int32 words per group (group / 8)
+    KIND: tl.constexpr,  # 0 int sym, 1 int asym, 2 codebook
+    SCALE_DQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # weight rows per program: 1, 2 or 4 (each thread holds all of them)
+    BLOCK_G: tl.constexpr,  # groups per loop iteration
+    X_BF16: tl.constexpr,  # x is bf16 (else fp16); x_ptr points at it as int32 pairs
+    STAGES: tl.constexpr = 1,
+):
+    """One row with about half the instructions per code of :func:`_gemv_kernel` in the compiled loop (round
+    2) -- but measured 2.6x *slower* on an H200 (48 vs 18.6 us at 4096x11008; why is the next round's question:
+    look at occupancy, the per-row scale loads and the four cross-warp sums first). Not a default.
+
+    * Decode: see :func:`_byte_dot` (one shift per byte, one LOP3 and one FMA per code, nothing else).
+    * The offsets ``16 x_even + 256 x_odd`` and the zero point are taken off once per word per row (``c``),
+      computed once per thread from ``x`` for all ``ROWS`` rows; the cancellation costs at most ~8 of float32's
+      24 bits (a word's partial keeps ~1e-6 relative accuracy).
+    * Every thread holds all ``ROWS`` rows of its words, so one load and conversion of ``x`` serves them all
+      (Triton's own layout would give each thread one row).
+    * Full tiles (``n_full``) run without masks; the last, partial tile runs masked.
+    """
+    pid = tl.program_id(0)
+    n0 = pid * ROWS
+    rg = tl.arange(0, BLOCK_G)[:, None]  # [BG, 1]
+    rj = tl.arange(0, GROUP_W)[None, :]  # [1, GW]
+    acc0 = tl.zeros([BLOCK_G, GROUP_W], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_G, GROUP_W], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_G, GROUP_W], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_G, GROUP_W], dtype=tl.float32)
+    for g0 in tl.range(0, n_full * BLOCK_G, BLOCK_G, num_stages=STAGES):
+        acc0, acc1, acc2, acc3 = _gemv2_tile(
+            acc0, acc1, acc2, acc3, x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, n0, N, g0,
+            rg, rj, magic, KW, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+            GROUP_W, KIND, SCALE_DQ, X_BF16, ROWS, False)
+    if n_full * BLOCK_G < n_groups:
+        acc0, acc1, acc2, acc3 = _gemv2_tile(
+            acc0, acc1, acc2, acc3, x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, n0, N,
+            n_full * BLOCK_G, rg, rj, magic, KW, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+            GROUP_W, KIND, SCALE_DQ, X_BF16, ROWS, True)
+    out_ty = y_ptr.dtype.element_ty
+    y = tl.sum(tl.sum(acc0, axis=1), axis=0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n0).to(tl.float32)
+    tl.store(y_ptr + n0, y.to(out_ty))  # n0 < N always
+    if ROWS > 1:
+        y = tl.sum(tl.sum(acc1, axis=1), axis=0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n0 + 1, mask=n0 + 1 < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n0 + 1, y.to(out_ty), mask=n0 + 1 < N)
+    if ROWS > 2:
+        y = tl.sum(tl.sum(acc2, axis=1), axis=0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n0 + 2, mask=n0 + 2 < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n0 + 2, y.to(out_ty), mask=n0 + 2 < N)
+        y = tl.sum(tl.sum(acc3, axis=1), axis=0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n0 + 3, mask=n0 + 3 < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n0 + 3, y.to(out_ty), mask=n0 + 3 < N)
+
+
+@triton.jit
+def _gemm2_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, val16_ptr, b_ptr, y_ptr,
+    M, N, K, n_groups, stride_xm, stride_ym, stride_wn, scale_row_stride, group_step, zero_row_stride,
+    groups_per_split,
+    GROUP: tl.constexpr,  # codes per group = codes per iteration
+    KIND: tl.constexpr,
+    SCALE_DQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # > 1: write float32 partials [SPLIT_K, M, N] to y_ptr for _splitk_sum
+    BLOCK_M: tl.constexpr,  # input rows (all of them: M <= BLOCK_M)
+    BLOCK_N: tl.constexpr,  # weight rows per program
+    X_BF16: tl.constexpr,
+    FOLD: tl.constexpr = True,  # scale (and zero) folded into the decoded weight: one chained dot
+    STAGES: tl.constexpr = 1,  # Triton's software pipelining of the loads (it turns table lookups into copies)
+    PREFETCH: tl.constexpr = True,  # load the next group's weight and activations into registers first
+):
+    """2..64 rows on tensor cores with the weight as the *left* operand (``y^T = W x^T``): the weight tile
+    (64..256 rows) fills the MMA's M dimension and the few input rows its N, instead of padding 2..16 input
+    rows to the 64-row MMA of Hopper. Bytes are decoded into natural input order (high nibble, low nibble
+    interleaved), one group per iteration.
+
+    ``FOLD`` (default): each code becomes ``(q - zero) * scale`` (int: ``1 + q/16`` from one shift and one
+    AND-OR, then one float32 FMA with per-row constants ``16 s`` and ``-(16 + zero) s``; codebook:
+    ``value * scale``) rounded to the activation dtype, and the dot accumulates straight into the output tile,
+    so consecutive MMAs overlap the next group's decode. Rounding the scaled weight to bf16 costs ~2**-9
+    relative per weight, what bitsandbytes and Marlin accept too.
+    Without ``FOLD``: int codes enter the dot as the exact ``MAG + q`` (bf16 128 + q / fp16 1024 + q), the
+    group scale multiplies the float32 partial, and ``(MAG + zero) * sum(x)`` is taken off once per group.
+    """
+    HALF: tl.constexpr = GROUP // 2  # bytes per group in a weight row
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rb = tl.arange(0, HALF)
+    rk = tl.arange(0, GROUP)
+    dtype = x_ptr.dtype.element_ty
+    MAG_BITS: tl.constexpr = 0x4300 if X_BF16 else 0x6400  # bf16 128.0 (7 mantissa bits) / fp16 1024.0 (10)
+    MAG: tl.constexpr = 128.0 if X_BF16 else 1024.0
+    TABLE: tl.constexpr = 0 if X_BF16 else 16  # the 16-bit table: bf16 bits, then fp16 bits
+    start = pid_k * groups_per_split
+    stop = tl.minimum(start + groups_per_split, n_groups)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    w_rows = w_ptr + rn[:, None] * stride_wn  # [BN, 1] uint8
+    x_cols = x_ptr + rm[None, :] * stride_xm  # [1, BM]
+    if PREFETCH:  # software pipelining by hand: the next group's loads are issued before this group's math
+        kb = start * HALF + rb
+        wb_next = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :] & (start < stop),
+                          other=0)
+        k = start * GROUP + rk
+        xt_next = tl.load(x_cols + k[:, None], mask=(k < K)[:, None] & m_ok[None, :] & (start < stop), other=0.0)
+    for g in tl.range(start, stop, num_stages=STAGES):
+        if PREFETCH:
+            wb = wb_next
+            xt = xt_next
+            kb = (g + 1) * HALF + rb
+            wb_next = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :] & (g + 1 < stop),
+                              other=0)
+            k = (g + 1) * GROUP + rk
+            xt_next = tl.load(x_cols + k[:, None], mask=(k < K)[:, None] & m_ok[None, :] & (g + 1 < stop),
+                              other=0.0)
+        else:
+            kb = g * HALF + rb
+            wb = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :], other=0)  # [BN, HALF]
+            k = g * GROUP + rk
+            xt = tl.load(x_cols + k[:, None], mask=(k < K)[:, None] & m_ok[None, :], other=0.0)  # [GROUP, BM]
+        s = _group_scale(s_ptr, sabs_ptr, soff_ptr, dmap_ptr, rn * scale_row_stride + g * group_step, n_ok,
+                         SCALE_DQ)  # [BN] float32
+        if FOLD:
+            if KIND == 2:
+                v_hi = tl.load(val_ptr + (wb >> 4).to(tl.int32))
+                v_lo = tl.load(val_ptr + (wb & 0xF).to(tl.int32))
+                a = (tl.interleave(v_hi, v_lo) * s[:, None]).to(dtype)
+            else:
+                w32 = wb.to(tl.int32)
+                v_hi = (((w32 << 15) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
+                v_lo = (((w32 << 19) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                if KIND == 1:
+                    zero = _group_zero(z_ptr, rn, g * group_step, zero_row_stride, n_ok).to(tl.float32)
+                else:
+                    zero = 8.0
+                mul = 16.0 * s  # (1 + q/16) * 16 s - (16 + zero) s = (q - zero) s
+                add = -(16.0 + zero) * s
+                a = (tl.interleave(v_hi, v_lo) * mul[:, None] + add[:, None]).to(dtype)
+            acc = tl.dot(a, xt, acc)
+        else:
+            hi = (wb >> 4).to(tl.int16)
+            lo = (wb & 0xF).to(tl.int16)
+            if KIND == 2:
+                a = tl.interleave(tl.load(val16_ptr + TABLE + hi), tl.load(val16_ptr + TABLE + lo))
+            else:
+                a = tl.interleave(hi | MAG_BITS, lo | MAG_BITS)
+            part = tl.dot(a.to(dtype, bitcast=True), xt)  # [BN, BM] float32
+            if KIND == 1:
+                zero = _group_zero(z_ptr, rn, g * group_step, zero_row_stride, n_ok).to(tl.float32)  # [BN]
+                part -= (MAG + zero)[:, None] * tl.sum(xt.to(tl.float32), axis=0)[None, :]
+            elif KIND == 0:
+                part -= (MAG + 8.0) * tl.sum(xt.to(tl.float32), axis=0)[None, :]
+            acc += part * s[:, None]
+    out_ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tl.store(y_ptr + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=out_ok)
+
+
 # --- launch configuration -------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
@@ -281,43 +567,54 @@ def _sm_count(device_index: int) -> int:
 
 
 def gemv_config(p: Plan, sms: int) -> dict:
-    """Block shape for one row (``sms`` kept for callers; unused now), from the sweep on an H200
+    """Launch configuration for one row (``sms`` kept for callers; unused), from the sweeps on an H200
     (bench/gpu_kernels.py --sweep; BENCHMARKS.md).
 
-    Int codes: 4 rows x 64 words (4 groups of 128) per iteration; long rows (in >= 8192) do better with 8 rows x
-    128 words, software-pipelined 3 deep. (The last sweep found 8 x 128 words, 3 stages *plus* ``PREFETCH`` 5-10%
-    faster on all three shapes; that combination has not yet run under tests/test_kernels.py on a GPU, so it is
-    not the default yet.) Codebooks: the [rows, groups, words, 8 codes] variant with the
-    16-value table (every lane of a warp reads the same 64-byte line, one L1 wavefront; the 256-entry pair table
-    spreads a warp over 16 lines and was 1.4x slower), unpipelined (pipelining turns the table lookups into
-    asynchronous copies and was 15x slower).
+    Int codes: the first-round pairs kernel, 8 rows x 128 words per iteration, Triton's pipelining 3 deep plus
+    a register prefetch of the next tile (the best of every sweep, on all three shapes). The round-2 kernel
+    (``VARIANT v2``: half the instructions per code in the compiler's output) measured 2.6x *slower* on the
+    H200 (48 vs 18.6 us at 4096x11008); it is kept, tested, for the next round, not used.
+    Codebooks: the ``[rows, groups, words, 8 codes]`` variant with the 16-value table (every lane of a warp
+    reads the same 64-byte line, one L1 wavefront; the 256-entry pair table spreads a warp over 16 lines and
+    was 1.4x slower), unpipelined (pipelining turns the table lookups into asynchronous copies, 15x slower).
     """
     group_w = p.group // CODES_PER_WORD
     if p.kind == 2:
         return {"BLOCK_N": 8, "BLOCK_G": max(1, 64 // group_w), "num_warps": 4, "STAGES": 1, "VARIANT": "4d",
                 "LUT16": True}
-    if p.in_features >= 8192:
-        return {"BLOCK_N": 8, "BLOCK_G": max(1, 128 // group_w), "num_warps": 4, "STAGES": 3}
-    return {"BLOCK_N": 4, "BLOCK_G": max(1, 64 // group_w), "num_warps": 4, "STAGES": 1}
+    return {"BLOCK_N": 8, "BLOCK_G": max(1, 128 // group_w), "num_warps": 4, "STAGES": 3, "PREFETCH": True}
+
+
+def _split_k(p: Plan, tiles: int, sms: int, programs_per_sm: float) -> int:
+    """Smallest power-of-two split of the groups that gives ``programs_per_sm`` programs per SM (at most 16,
+    and at least 4 groups per split)."""
+    n_groups = triton.cdiv(p.in_features, p.group)
+    split_k = 1
+    while split_k < 16 and tiles * split_k < programs_per_sm * sms and n_groups >= 8 * split_k:
+        split_k *= 2
+    return split_k
 
 
 def gemm_config(p: Plan, m: int, sms: int) -> dict:
-    """Block shape for 2..64 rows (measured as gemv_config): split-K 8 (with 4..8 iterations per split) keeps
-    every SM streaming; codebook tiles stay narrow (their table lookups cost registers)."""
+    """Launch configuration for 2..64 rows: the weight-left tensor-core kernel (``VARIANT v2``), from the sweep
+    on an H200 (bench/gpu_kernels.py --sweep; BENCHMARKS.md).
+
+    The kernel is latency-bound per program, so split-K buys parallelism: ~3.5 programs per SM up to 16 rows,
+    ~2 above (where the float32 partials of split-K cost more). Int codes: scale folded into the decoded
+    weight, Triton's pipelining 3 deep. Codebooks: 128-row tiles, table values in the activation dtype with the
+    scale on the float32 partial (``FOLD=False``), loads prefetched by hand and Triton's pipelining off (it
+    would turn the table lookups into asynchronous copies).
+    """
     block_m = max(16, triton.next_power_of_2(m))
-    lut16 = {}
     if p.kind == 2:
-        block_n, stages = (32 if m <= 16 else 128), 2
-        if m > 16:  # wide tiles: the 16-value table wins (fewer L1 wavefronts); narrow ones: the pair table
-            lut16 = {"LUT16": True}
-    else:
-        block_n, stages = (64 if m <= 4 else 128 if m <= 16 else 64), 4
-    n_iters = triton.cdiv(p.in_features, p.group)
-    split_k = 8 if m <= 16 or p.kind == 2 else 4
-    while split_k > 1 and n_iters < 4 * split_k:
-        split_k //= 2
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": stages,
-            **lut16}
+        block_n = 128
+        split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 3.5 if m <= 16 else 1.9)
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 1,
+                "STAGES": 1, "PREFETCH": True, "FOLD": False, "VARIANT": "v2"}
+    block_n = 64 if m <= 16 else 128
+    split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 3.5 if m <= 16 else 1.9)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
+            "STAGES": 3, "PREFETCH": False, "FOLD": True, "VARIANT": "v2"}
 
 
 # --- launchers ------------------------------------------------------------------------------------------
@@ -329,6 +626,19 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
     grid = (triton.cdiv(p.out_features, block_n),)
+    if variant == "v2":
+        assert block_n in (1, 2, 4), "the v2 GEMV holds 1, 2 or 4 rows per program (BLOCK_N)"
+        words_per_tile = cfg["BLOCK_G"] * (p.group // CODES_PER_WORD)
+        _gemv2_kernel[(triton.cdiv(p.out_features, block_n),)](
+            x.view(torch.int32), ops.words, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap,
+            ops.values, bias if bias is not None else ops.scale, out,
+            p.out_features, p.in_features // CODES_PER_WORD, triton.cdiv(p.in_features, p.group),
+            (p.in_features // CODES_PER_WORD) // words_per_tile, ops.words.stride(0),
+            p.scale_row_stride, p.group_step, p.zero_row_stride, 0x3F800000,
+            GROUP_W=p.group // CODES_PER_WORD, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None,
+            ROWS=block_n, X_BF16=x.dtype == torch.bfloat16, **cfg,
+        )
+        return out
     if variant == "pairs":
         kernel, x_arg, tables = _gemv_kernel, x.view(torch.int32), (ops.pairs,)
         cfg["X_BF16"] = x.dtype == torch.bfloat16
@@ -351,6 +661,8 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     m = x.shape[0]
     config = config or gemm_config(p, m, _sm_count(x.device.index or 0))
     cfg = dict(config)
+    if cfg.pop("VARIANT", "v1") == "v2":
+        return _gemm2(ops, p, x, bias, out, cfg)
     block_m, block_n, split_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("SPLIT_K")
     n_iters = triton.cdiv(p.in_features, p.group)
     per_split = triton.cdiv(n_iters, split_k)
@@ -365,6 +677,35 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         p.scale_row_stride, p.group_step, p.zero_row_stride, per_split,
         GROUP=p.group, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=has_bias, SPLIT_K=split_k,
         BLOCK_M=block_m, BLOCK_N=block_n, **cfg,
+    )
+    if split_k > 1:
+        mn = m * p.out_features
+        block = 1024
+        _splitk_sum[(triton.cdiv(mn, block),)](
+            target, bias if has_bias else target, out, mn, p.out_features,
+            SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block,
+        )
+    return out
+
+
+def _gemm2(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+           cfg: dict) -> torch.Tensor:
+    """Launch :func:`_gemm2_kernel` (weight as the MMA's left operand) and, with split-K, the ordered sum."""
+    m = x.shape[0]
+    block_m, block_n, split_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("SPLIT_K")
+    n_groups = triton.cdiv(p.in_features, p.group)
+    per_split = triton.cdiv(n_groups, split_k)
+    split_k = triton.cdiv(n_groups, per_split)  # no empty splits
+    target = out if split_k == 1 else torch.empty(split_k, m, p.out_features, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(p.out_features, block_n), split_k)
+    has_bias = bias is not None
+    _gemm2_kernel[grid](
+        x, ops.codes, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values, ops.values16,
+        bias if has_bias else ops.scale, target,
+        m, p.out_features, p.in_features, n_groups, x.stride(0), out.stride(0),
+        ops.codes.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride, per_split,
+        GROUP=p.group, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=has_bias,
+        SPLIT_K=split_k, BLOCK_M=max(block_m, 16), BLOCK_N=block_n, X_BF16=x.dtype == torch.bfloat16, **cfg,
     )
     if split_k > 1:
         mn = m * p.out_features
