@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_llama
 from holdall.algorithms import CalibrationConfig, GPTQConfig, QuantConfig, quantize
 from holdall.algorithms.gptq import gptq_quantize, inverse_hessian_factor, output_error
-from holdall.core.affine import dequantize_affine
+from holdall.core.affine import dequantize_affine, quantize_affine
 from holdall.core.linear import QuantLinear
 from holdall.core.packing import unpack
 from holdall.core.qtensor import QuantizedTensor
@@ -56,7 +56,8 @@ def test_diagonal_hessian_is_exactly_rtn(scheme, act_order):
     w, _ = correlated(0)
     order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(0))
     H = torch.diag(torch.linspace(0.5, 3.0, w.shape[1])[order])
-    result = gptq_quantize(w, H, scheme, GPTQConfig(act_order=act_order))
+    # (range_choice off: with it, a symmetric row may take the unclipped grid instead; see the next test)
+    result = gptq_quantize(w, H, scheme, GPTQConfig(act_order=act_order, range_choice=False))
     ref = rtn(w, scheme).tensors()
     assert torch.equal(result.codes, unpack(ref["qdata"], scheme.bits, w.shape[1]))
     assert torch.equal(result.scale, ref["scale"])
@@ -64,6 +65,41 @@ def test_diagonal_hessian_is_exactly_rtn(scheme, act_order):
         assert torch.equal(result.zero, unpack(ref["zero"], scheme.bits, result.scale.shape[1]))
     assert torch.equal(dequant(result, scheme), rtn(w, scheme).dequantize())
     assert result.damp == 0.01 and result.notes == []
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.symmetric and s.granularity != "tensor"],
+                         ids=lambda s: s.label)
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+def test_range_choice_takes_per_row_the_better_of_two_rtn_grids(scheme, act_order):
+    # Diagonal H: no feedback, so each grid's result is its RTN; every row must be one of the two, chosen by the
+    # lower H-weighted error — never worse than plain RTN, row by row, and better on some rows.
+    from holdall.algorithms.gptq import _unclipped_scales
+
+    w, _ = correlated(0)
+    order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(0))
+    H = torch.diag(torch.linspace(0.5, 3.0, w.shape[1])[order])
+    config = GPTQConfig(act_order=act_order)
+    if scheme.granularity == "group" and not config.static_groups:
+        config = GPTQConfig(act_order=act_order, static_groups=True)
+    result = gptq_quantize(w, H, scheme, config)
+    clipped = rtn(w, scheme)
+    scale = clipped.tensors()["scale"]
+    wide = _unclipped_scales(scale, scheme)
+    wide_codes = quantize_affine(w, wide, None, scheme)
+
+    def err(w_hat):
+        e = w - w_hat
+        return ((e @ H) * e).sum(dim=1)
+
+    e_clip, e_wide = err(clipped.dequantize()), err(dequantize_affine(wide_codes, wide, None, scheme))
+    take = e_wide < e_clip
+    assert not take.all()
+    if scheme.bits > 2:  # at 2 bits the unclipped grid (levels -2..1 x absmax) is too coarse to win on this data
+        assert take.any()  # a real choice on this data
+    expected = torch.where(take[:, None], wide_codes, unpack(clipped.tensors()["qdata"], scheme.bits, w.shape[1]))
+    assert torch.equal(result.codes, expected)
+    assert torch.equal(result.scale, torch.where(take[:, None], wide, scale))
+    assert (err(dequant(result, scheme)) <= e_clip).all()
 
 
 def test_all_dead_inputs_give_a_zero_weight():
@@ -119,10 +155,17 @@ def test_act_order_improves_or_matches(scheme):
 def test_act_order_keeps_plain_group_layout_with_static_groups():
     w, H = correlated(3)
     scheme = QuantScheme(bits=4, group_size=40)
-    result = gptq_quantize(w, H, scheme, GPTQConfig(act_order=True))
+    result = gptq_quantize(w, H, scheme, GPTQConfig(act_order=True, range_choice=False))
     # static groups: the parameters are RTN's of the original (unpermuted) groups
     assert torch.equal(result.scale, rtn(w, scheme).tensors()["scale"])
     assert result.scale.shape == (48, 3)
+    # with the range choice a row's scales are RTN's or the unclipped grid's, all groups of a row alike
+    from holdall.algorithms.gptq import _unclipped_scales
+
+    chosen = gptq_quantize(w, H, scheme, GPTQConfig(act_order=True)).scale
+    clipped = rtn(w, scheme).tensors()["scale"]
+    wide_rows = (chosen == _unclipped_scales(clipped, scheme)).all(dim=1)
+    assert torch.equal(chosen[~wide_rows], clipped[~wide_rows])
 
 
 def test_block_size_changes_only_float_rounding():

@@ -69,6 +69,13 @@ class GPTQConfig(MethodOptions):
     refit_scales: codebook schemes (nf4/fp4) only: after the error feedback, re-fit each block's scale by least
         squares for the chosen codes, choose the codes again against those scales and re-fit once more
         (``gptq_codebook.py``); the stored format is unchanged.
+    range_choice: symmetric int schemes with group parameters fixed up front (static groups, per channel): run
+        the column loop on two grids — the usual one (scale ``absmax / ((2^b - 1) / 2)``: levels -2^(b-1) ..
+        2^(b-1) - 1, so a group's positive extreme is clipped by half a step) and one whose top level reaches the
+        absmax (scale ``absmax / (2^(b-1) - 1)``: no clipping, coarser steps) — and keep, per output row, the
+        result with the lower output error ``(w - ŵ) H (w - ŵ)ᵀ``. Rows are independent in GPTQ, so the choice
+        is exact; the stored format is the same. Error feedback pushes values past a clipped extreme, which is
+        why the unclipped grid often wins at 3 bits (SmolLM2 w3g64: PPL 64.9 -> 48.3 with it everywhere).
     """
 
     damp_percent: float = 0.01
@@ -78,6 +85,7 @@ class GPTQConfig(MethodOptions):
     static_groups: bool | None = None
     true_sequential: bool = True
     refit_scales: bool = False
+    range_choice: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.damp_percent, (int, float)) or isinstance(self.damp_percent, bool) or not (
@@ -88,7 +96,7 @@ class GPTQConfig(MethodOptions):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"GPTQConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        for name in ("act_order", "true_sequential", "refit_scales"):
+        for name in ("act_order", "true_sequential", "refit_scales", "range_choice"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}")
         static = self.act_order if self.static_groups is None else self.static_groups
@@ -130,17 +138,24 @@ class GPTQResult:
 
 
 # --- the algorithm on one weight ------------------------------------------------------------------------
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, config: GPTQConfig) -> GPTQResult:
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: QuantScheme,
+    config: GPTQConfig,
+    row_splits: list[int] | None = None,
+) -> GPTQResult:
     """GPTQ-quantize ``w [out, in]`` given the Hessian ``H [in, in]`` of its inputs (``2/n Σ x xᵀ``).
 
     Codebook schemes (nf4/fp4) go to :func:`~holdall.algorithms.gptq_codebook.gptq_codebook`: ``codes`` are then
-    code indices and ``scale`` the raw float32 block scales ``[out, in / block]``.
+    code indices and ``scale`` the raw float32 block scales ``[out, in / block]``; ``row_splits`` (codebook only)
+    gives the row counts of stacked weights that are stored separately (their scales are double-quantized apart).
     """
     config.check_scheme(scheme)
     if scheme.is_codebook:
         from .gptq_codebook import gptq_codebook
 
-        return gptq_codebook(w, hessian, scheme, config)
+        return gptq_codebook(w, hessian, scheme, config, row_splits)
     n_cols = w.shape[1]
     if tuple(hessian.shape) != (n_cols, n_cols):
         raise ConfigError(
@@ -165,6 +180,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, c
     hinv, damp, notes = inverse_hessian_factor(H, config)
     if hinv is not None:
         codes = _quantize_columns(W, hinv, scale, zero, perm, scheme, config, fixed_params)
+        choose = config.range_choice and fixed_params and scheme.symmetric and scheme.granularity != "tensor"
+        if codes is not None and choose:
+            wide = _unclipped_scales(scale, scheme)
+            other = _quantize_columns(W, hinv, wide, None, perm, scheme, config, fixed_params)
+            if other is not None:
+                codes, scale = _per_row_better(w, hessian, dead, (codes, scale), (other, wide), scheme)
         if codes is not None:
             return GPTQResult(codes, scale, zero, damp, notes)
         notes.append("the error feedback stopped being finite (ill-conditioned Hessian)")
@@ -174,6 +195,31 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, c
     scale, zero = affine.choose_qparams(W, scheme)
     notes.append("quantized with round-to-nearest instead of GPTQ")
     return GPTQResult(affine.quantize_affine(W, scale, zero, scheme), scale, zero, None, notes)
+
+
+def _unclipped_scales(scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Symmetric scales whose top level ``2^(b-1) - 1`` reaches the group's absmax (``scale`` reaches it at
+    ``(2^b - 1) / 2`` levels, clipping the positive extreme)."""
+    maxq = 2**scheme.bits - 1
+    wide = scale.float() * ((maxq / 2) / (2 ** (scheme.bits - 1) - 1))
+    return wide.to(scale.dtype)
+
+
+def _per_row_better(w: torch.Tensor, hessian: torch.Tensor, dead: torch.Tensor, first, second, scheme: QuantScheme):
+    """Per output row, the (codes, scale) candidate with the lower ``(w - ŵ) H (w - ŵ)ᵀ`` (ties: the first)."""
+    W = w.detach().float().clone()
+    W[:, dead] = 0.0
+    H = hessian.detach().float()
+
+    def row_errors(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        E = W - affine.dequantize_affine(codes, scale, None, scheme)
+        return ((E @ H) * E).sum(dim=1)  # [out]
+
+    (c1, s1), (c2, s2) = first, second
+    take = row_errors(c2, s2) < row_errors(c1, s1)  # [out]
+    codes = torch.where(take[:, None], c2, c1)
+    scale = torch.where(take[:, None], s2, s1)
+    return codes, scale
 
 
 def inverse_hessian_factor(H: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor | None, float | None, list[str]]:
@@ -551,8 +597,9 @@ class GPTQQuantizer:
 
     def _quantize(self, linears: list[nn.Linear], H: torch.Tensor) -> list[tuple[nn.Module, dict[str, Any]]]:
         stacked = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
-        result = gptq_quantize(stacked, H, self.scheme, self.options)
         rows = [linear.out_features for linear in linears]
+        splits = rows if self.scheme.is_codebook else None
+        result = gptq_quantize(stacked, H, self.scheme, self.options, splits)
         codes, scales = result.codes.split(rows), result.scale.split(rows)
         zeros = result.zero.split(rows) if result.zero is not None else [None] * len(rows)
         out = []
