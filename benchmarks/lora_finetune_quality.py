@@ -42,7 +42,10 @@ CUSTOMERS = {
     "B": ("legal", "client_b_legal.jsonl"),
     "C": ("support", "client_c_support_es.jsonl"),
 }
-METHODS = ("lora", "qlora", "peft-lora", "peft-qlora")
+METHODS = ("lora", "qlora", "qlora-gptq", "peft-lora", "peft-qlora")
+# holdall methods -> (finetune method, QLoRA base quantization): qlora-gptq is QLoRA on an NF4 + DQ base whose codes
+# were chosen by GPTQ error feedback on the training split's activations (same storage, same training path)
+HOLDALL = {"lora": ("lora", "rtn"), "qlora": ("qlora", "rtn"), "qlora-gptq": ("qlora", "gptq")}
 # The incumbents' models (transformers + peft, + bitsandbytes NF4/DQ for QLoRA, exactly the anchor's setup) trained
 # by the same loop, data, optimizer, schedule and seed as holdall's: differences come from the models alone.
 INCUMBENTS = {"peft-lora": False, "peft-qlora": True}
@@ -169,8 +172,9 @@ def mean(values: list[float]) -> float:
 def finetune_config(method: str, args):
     from holdall.training import FinetuneConfig
 
+    method, base_quant = HOLDALL.get(method, (method, "rtn"))
     return FinetuneConfig(
-        method=method, max_steps=args.steps, lr=args.lr, max_len=args.max_len, packing=True,
+        method=method, base_quant=base_quant, max_steps=args.steps, lr=args.lr, max_len=args.max_len, packing=True,
         eval_fraction=args.eval_fraction, eval_every=max(1, args.steps // 4), seed=args.seed,
         device="cpu", progress=args.progress,
     )
@@ -199,6 +203,18 @@ def run_method(method: str, customer: str, prompts: list[list[dict]], args, want
         # finetune keeps an already-quantized base as it is
         quantize_for_qlora(model)
         result["eval_loss_before"] = eval_loss(model, data.eval, pad_id)
+    elif method == "qlora-gptq":
+        # exactly what finetune does for base_quant="gptq": calibration windows from the training split only
+        from holdall.training.qlora import calibration_from_examples
+
+        config = finetune_config(method, args)
+        base = config.qlora_base()
+        ids = calibration_from_examples(data.train, base.calib_samples, config.calibration_seq_len(), args.seed)
+        log(f"{customer}/{method}: GPTQ-NF4 base on {ids.shape[0]}x{ids.shape[1]} training-split tokens")
+        started = time.perf_counter()
+        quantize_for_qlora(model, base=base, calibration_ids=ids, seq_len=config.calibration_seq_len())
+        result["base_quant_seconds"] = round(time.perf_counter() - started, 1)
+        result["eval_loss_before"] = eval_loss(model, data.eval, pad_id)
     else:  # LoRA starts from the float base itself (B = 0): no need to score it twice
         result["eval_loss_before"] = result.get("base_eval_loss") or eval_loss(model, data.eval, pad_id)
     log(f"{customer}/{method}: eval loss before {result['eval_loss_before']:.4f}; fine-tuning {args.steps} steps")
@@ -226,7 +242,7 @@ def finish_method(result, trained, model, tokenizer, data, prompts, customer, me
     )
     log(f"{customer}/{method}: eval loss after {fmt(trained.eval_loss)} ({result['train_seconds']} s); generating")
     result["generations"] = generate(model, tokenizer, prompts, args.max_new_tokens)
-    result["loss_curve"] = copy_loss_curve(trained.plot_path, customer, method, args.out)
+    result["loss_curve"] = copy_loss_curve(trained.plot_path, customer, method, args.out, args.name)
     del model
     gc.collect()
     return result
@@ -258,11 +274,12 @@ def run_incumbent(method, customer, prompts, args, data, result, model, tokenize
     return finish_method(result, trained, model, tokenizer, data, prompts, customer, method, args)
 
 
-def copy_loss_curve(plot: Path | None, customer: str, method: str, out: Path) -> str | None:
+def copy_loss_curve(plot: Path | None, customer: str, method: str, out: Path,
+                    name: str = "lora_finetune_quality") -> str | None:
     """Keep the PNG beside the results (the work dir also holds 60 MB of adapter and checkpoint)."""
     if plot is None or not Path(plot).is_file():
         return None
-    target = Path(out) / f"lora_finetune_quality_{customer}_{method}.png"
+    target = Path(out) / f"{name}_{customer}_{method}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(plot, target)
     return str(target.relative_to(REPO)) if target.is_relative_to(REPO) else str(target)
@@ -284,9 +301,10 @@ def run_customer(customer: str, args) -> dict:
     for method, run in runs.items():
         run["style_score"] = mean([style_score(customer, g) for g in run["generations"]])
         summary["style"][method] = run["style_score"]
-    if "lora" in runs and "qlora" in runs:
-        lora, qlora = runs["lora"]["eval_loss_after"], runs["qlora"]["eval_loss_after"]
-        summary["qlora_vs_lora_eval_loss_pct"] = 100.0 * (qlora / lora - 1.0)
+    for q in ("qlora", "qlora-gptq"):
+        if "lora" in runs and q in runs:
+            lora, qlora = runs["lora"]["eval_loss_after"], runs[q]["eval_loss_after"]
+            summary[f"{q}_vs_lora_eval_loss_pct"] = 100.0 * (qlora / lora - 1.0)
     if "peft-lora" in runs and "peft-qlora" in runs:
         lora, qlora = runs["peft-lora"]["eval_loss_after"], runs["peft-qlora"]["eval_loss_after"]
         summary["peft_qlora_vs_peft_lora_eval_loss_pct"] = 100.0 * (qlora / lora - 1.0)
@@ -337,6 +355,7 @@ def markdown(report: dict) -> str:
     lines.append("")
     for c in report["customers"]:
         for key, label in (("qlora_vs_lora_eval_loss_pct", "holdall QLoRA vs holdall LoRA"),
+                           ("qlora-gptq_vs_lora_eval_loss_pct", "holdall QLoRA (GPTQ-NF4 base) vs holdall LoRA"),
                            ("peft_qlora_vs_peft_lora_eval_loss_pct", "peft+bnb QLoRA vs peft LoRA"),
                            ("lora_vs_peft-lora_eval_loss_pct", "holdall LoRA vs peft LoRA"),
                            ("qlora_vs_peft-qlora_eval_loss_pct", "holdall QLoRA vs peft+bnb QLoRA")):
@@ -372,7 +391,10 @@ def parse_args(argv=None):
     p.add_argument("--customer", default="C", help="A (medical), B (legal) or C (Spanish support); default C")
     p.add_argument("--all", action="store_true", help="all three customers")
     p.add_argument("--methods", default="lora,qlora,peft-lora,peft-qlora",
-                   help="comma-separated subset of lora,qlora,peft-lora,peft-qlora (the last two: the incumbents)")
+                   help="comma-separated subset of lora,qlora,qlora-gptq,peft-lora,peft-qlora (the last two: the "
+                   "incumbents; qlora-gptq: QLoRA on a GPTQ-calibrated NF4 base)")
+    p.add_argument("--name", default="lora_finetune_quality",
+                   help="results file stem under --out (default lora_finetune_quality)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per method (~5-8 min each on 2 quiet cores)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-len", type=int, default=256)
@@ -398,7 +420,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     report = {
         "machine": machine(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "progress")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "progress", "name")},
         "customers": [],
     }
     for customer in customers:
@@ -406,9 +428,9 @@ def main(argv=None) -> dict:
         print_customer(report["customers"][-1])
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_finetune_quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (args.out / "lora_finetune_quality.md").write_text(markdown(report), encoding="utf-8")
-    print(f"\nwrote {args.out / 'lora_finetune_quality.json'} and .md in {report['total_seconds']} s")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(report), encoding="utf-8")
+    print(f"\nwrote {args.out / (args.name + '.json')} and .md in {report['total_seconds']} s")
     return report
 
 

@@ -95,6 +95,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--act-order", action="store_true", help="quantize columns by decreasing activation energy (static groups)"
     )
     gptq.add_argument("--damp", type=float, default=None, help="Hessian damping, fraction of its mean diagonal (0.01)")
+    gptq.add_argument(
+        "--codebook", choices=["nf4", "fp4"], default=None,
+        help="GPTQ into a bitsandbytes 4-bit codebook (blocks of --group-size, default 64; add --double-quant for "
+        "QLoRA's storage) instead of integers",
+    )
+    gptq.add_argument("--refit-scales", action="store_true",
+                      help="with --codebook: least-squares re-fit of each block's scale for the chosen codes")
     awq = p.add_argument_group("awq")
     awq.add_argument("--no-clip", action="store_true", help="skip AWQ's clipping search (scales only)")
     awq.add_argument("--no-duo-scaling", action="store_true", help="AWQ scales s = x^a instead of x^a / w^(1-a)")
@@ -132,7 +139,8 @@ def quant_config_from_args(args: argparse.Namespace):
         options["group_size"] = args.group_size
     calibrated = args.method in ("gptq", "awq")
     for method, flags in (
-        ("gptq", (("--act-order", args.act_order), ("--damp", args.damp is not None))),
+        ("gptq", (("--act-order", args.act_order), ("--damp", args.damp is not None),
+                  ("--codebook", args.codebook is not None), ("--refit-scales", args.refit_scales))),
         ("awq", (("--no-clip", args.no_clip), ("--no-duo-scaling", args.no_duo_scaling))),
     ):
         given = [flag for flag, value in flags if value]
@@ -149,9 +157,17 @@ def quant_config_from_args(args: argparse.Namespace):
     if args.method == "awq":
         method_options = AWQConfig(clip=not args.no_clip, duo_scaling=not args.no_duo_scaling)
     if args.method == "gptq":
-        gptq = {"act_order": args.act_order}
+        gptq = {"act_order": args.act_order, "refit_scales": args.refit_scales}
         if args.damp is not None:
             gptq["damp_percent"] = args.damp
+        if args.refit_scales and args.codebook is None:
+            raise ConfigError("--refit-scales applies to --codebook nf4/fp4 only")
+        if args.codebook is not None:
+            if args.bits not in (None, 4):
+                raise ConfigError(f"--codebook {args.codebook} is a 4-bit format; drop --bits {args.bits}")
+            options.pop("bits", None)
+            options["dtype"] = args.codebook
+            options.setdefault("group_size", 64)
         method_options = GPTQConfig(**gptq)
     if calibrated:
         calibration = CalibrationConfig(
@@ -363,6 +379,20 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl or .txt)")
     p.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
     p.add_argument("--method", choices=["lora", "qlora"], default="qlora")
+    base = p.add_argument_group("qlora base (NF4 + double quant; how its 4-bit codes are chosen)")
+    base.add_argument(
+        "--base-quant", choices=["rtn", "gptq"], default="rtn",
+        help="rtn: round to nearest (bitsandbytes' codes, default); gptq: GPTQ error feedback against each linear's "
+        "input Hessian on calibration text, layer by layer (same storage, usually a much closer base)",
+    )
+    base.add_argument("--calib", default=None, metavar="FILE",
+                      help="--base-quant gptq: UTF-8 text to calibrate on (default: the training split itself)")
+    base.add_argument("--calib-samples", type=int, default=64, metavar="N", help="--base-quant gptq: windows (64)")
+    base.add_argument("--calib-seq-len", type=int, default=None, metavar="L",
+                      help="--base-quant gptq: tokens per window (default: --max-len, at most 512)")
+    base.add_argument("--no-base-act-order", action="store_true", help="--base-quant gptq: columns in plain order")
+    base.add_argument("--no-base-refit", action="store_true",
+                      help="--base-quant gptq: keep the absmax block scales (no least-squares re-fit)")
     p.add_argument("-r", "--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha; scaling = alpha / r (default 32)")
     p.add_argument("--dropout", type=float, default=0.05)
@@ -403,6 +433,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         packing=args.packing, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         save_every=args.save_every, gradient_checkpointing=not args.no_gradient_checkpointing,
         compute_dtype=args.compute_dtype, device=args.device, seed=args.seed, progress=not args.json,
+        base_quant=args.base_quant, calib=args.calib, calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len, base_act_order=not args.no_base_act_order,
+        base_refit_scales=not args.no_base_refit,
     )
     result = finetune(args.model, args.data, config, args.output, resume=args.resume)
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}

@@ -1,9 +1,10 @@
 """``finetune()`` and ``merge()``: the verbs behind ``holdall finetune`` and ``holdall merge``.
 
 finetune: load the base (float32 on CPU, bf16 on GPU) -> qlora: NF4 + double quant (blocks of 64) on every
-decoder linear -> LoRA adapters (float32) -> train on a JSONL/txt file -> ``output_dir`` holds the PEFT
-adapter (``adapter_config.json`` + ``adapter_model.safetensors``), ``metrics.jsonl``, ``loss_curve.png`` and
-``checkpoint/`` (for ``resume=True``).
+decoder linear (codes rounded to nearest, or with ``base_quant="gptq"`` chosen by GPTQ error feedback on
+calibration activations: the training split by default, or ``calib`` text) -> LoRA adapters (float32) -> train
+on a JSONL/txt file -> ``output_dir`` holds the PEFT adapter (``adapter_config.json`` +
+``adapter_model.safetensors``), ``metrics.jsonl``, ``loss_curve.png`` and ``checkpoint/`` (for ``resume=True``).
 
 merge: load the *float* base afresh, load the adapter, fold it in (``W + scaling * B @ A``) and save a plain
 Hugging Face directory. Merging into a 4-bit base would round the weights twice, so a holdall-quantized
@@ -22,12 +23,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models import load_model, resolve_model, save_hf
 from ..tuners.lora import LoraConfig, load_adapter, merge_lora, save_adapter, trainable_report
 from .data import build_datasets
 from .optim import OPTIMIZERS
-from .qlora import prepare_model
+from .qlora import QLoraBase, calibration_from_examples, prepare_model
 from .trainer import Trainer, TrainerConfig
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -43,6 +44,13 @@ class FinetuneConfig:
     alpha: float = 32
     dropout: float = 0.05
     targets: str | tuple[str, ...] = "all-linear"  # or module-name suffixes ("q_proj", "v_proj"), or "re:<regex>"
+    # qlora base: how the NF4 codes are chosen (the storage is NF4 + double quant either way)
+    base_quant: Literal["rtn", "gptq"] = "rtn"  # gptq: error feedback against calibration activations
+    calib: str | None = None  # gptq: calibration text file; None = the training split's own token ids
+    calib_samples: int = 64  # gptq: calibration windows
+    calib_seq_len: int | None = None  # gptq: tokens per window; None = max_len, at most 512
+    base_act_order: bool = True  # gptq: columns by decreasing Hessian diagonal (static block scales)
+    base_refit_scales: bool = True  # gptq: least-squares re-fit of the block scales for the chosen codes
     # optimisation
     lr: float = 2e-4
     epochs: float = 1.0
@@ -77,8 +85,26 @@ class FinetuneConfig:
             raise ConfigError(f"compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
         if not isinstance(self.max_len, int) or self.max_len < 2:
             raise ConfigError(f"max_len must be an integer >= 2, got {self.max_len!r}")
+        if self.base_quant != "rtn" and self.method != "qlora":
+            raise ConfigError(
+                f"base_quant={self.base_quant!r} chooses the codes of QLoRA's NF4 base; method {self.method!r} trains "
+                "on the float base. Use method='qlora' (CLI: --method qlora) or drop base_quant"
+            )
+        if self.calib is not None and self.base_quant != "gptq":
+            raise ConfigError("calib (calibration text) is used by base_quant='gptq' only (CLI: --base-quant gptq)")
+        self.qlora_base()  # validates the base-quantization fields
         self.lora_config()  # validates r / alpha / dropout / targets now, not after the model has loaded
         self.trainer_config(None)  # validates the optimisation fields
+
+    def qlora_base(self) -> QLoraBase:
+        return QLoraBase(
+            method=self.base_quant, calib=self.calib, calib_samples=self.calib_samples,
+            calib_seq_len=self.calib_seq_len, act_order=self.base_act_order, refit_scales=self.base_refit_scales,
+            seed=self.seed,
+        )
+
+    def calibration_seq_len(self) -> int:
+        return self.calib_seq_len or min(self.max_len, 512)
 
     def lora_config(self) -> LoraConfig:
         targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
@@ -94,7 +120,14 @@ class FinetuneConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.base_quant == "rtn":  # the base-quantization knobs mean nothing then: records (and the pipeline's
+            for key in _BASE_QUANT_FIELDS:  # stage fingerprints) stay exactly as they were before these fields existed
+                del data[key]
+        return data
+
+
+_BASE_QUANT_FIELDS = ("base_quant", "calib", "calib_samples", "calib_seq_len", "base_act_order", "base_refit_scales")
 
 
 @dataclass
@@ -167,12 +200,26 @@ def finetune(
     if not isinstance(config, FinetuneConfig):
         raise ConfigError(f"config must be a FinetuneConfig, got {type(config).__name__}")
     output_dir = Path(output_dir)
+    if config.calib is not None and not Path(config.calib).is_file():
+        raise DataError(
+            f"calibration text not found: {config.calib}; pass an existing UTF-8 text file (CLI: --calib FILE), "
+            "or leave it out to calibrate the QLoRA base on the training data"
+        )
     device = pick_device(config.device)
     dtype = pick_compute_dtype(config.compute_dtype, device)
     torch.manual_seed(config.seed)  # the LoRA A init is drawn from torch's RNG: same seed, same adapter
     model, tokenizer = _load_base(model_spec_or_model, tokenizer, dtype, device)
     data = build_datasets(data_path, tokenizer, config.max_len, config.packing, config.eval_fraction, config.seed)
-    prepare_model(model, config.method, config.lora_config(), config.gradient_checkpointing)
+    base = dataclasses.replace(config.qlora_base(), calib_seq_len=config.calibration_seq_len())
+    calibration = None
+    if config.method == "qlora" and base.method == "gptq" and base.calib is None:
+        calibration = calibration_from_examples(
+            data.train, base.calib_samples, config.calibration_seq_len(), config.seed
+        )
+    prepare_model(
+        model, config.method, config.lora_config(), config.gradient_checkpointing, base=base,
+        tokenizer=tokenizer, calibration_ids=calibration,
+    )
     report = trainable_report(model)
     autocast = autocast_dtype(model, dtype, config.method)
     trainer = Trainer(
