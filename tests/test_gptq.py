@@ -56,7 +56,7 @@ def test_diagonal_hessian_is_exactly_rtn(scheme, act_order):
     w, _ = correlated(0)
     order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(0))
     H = torch.diag(torch.linspace(0.5, 3.0, w.shape[1])[order])
-    # (range_choice off: with it, a symmetric row may take the unclipped grid instead; see the next test)
+    # (range_choice off — the default from 4 bits; with it a symmetric row may take the unclipped grid, next test)
     result = gptq_quantize(w, H, scheme, GPTQConfig(act_order=act_order, range_choice=False))
     ref = rtn(w, scheme).tensors()
     assert torch.equal(result.codes, unpack(ref["qdata"], scheme.bits, w.shape[1]))
@@ -78,9 +78,9 @@ def test_range_choice_takes_per_row_the_better_of_two_rtn_grids(scheme, act_orde
     w, _ = correlated(0)
     order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(0))
     H = torch.diag(torch.linspace(0.5, 3.0, w.shape[1])[order])
-    config = GPTQConfig(act_order=act_order)
+    config = GPTQConfig(act_order=act_order, range_choice=True)
     if scheme.granularity == "group" and not config.static_groups:
-        config = GPTQConfig(act_order=act_order, static_groups=True)
+        config = GPTQConfig(act_order=act_order, static_groups=True, range_choice=True)
     result = gptq_quantize(w, H, scheme, config)
     clipped = rtn(w, scheme)
     scale = clipped.tensors()["scale"]
@@ -162,7 +162,7 @@ def test_act_order_keeps_plain_group_layout_with_static_groups():
     # with the range choice a row's scales are RTN's or the unclipped grid's, all groups of a row alike
     from holdall.algorithms.gptq import _unclipped_scales
 
-    chosen = gptq_quantize(w, H, scheme, GPTQConfig(act_order=True)).scale
+    chosen = gptq_quantize(w, H, scheme, GPTQConfig(act_order=True, range_choice=True)).scale
     clipped = rtn(w, scheme).tensors()["scale"]
     wide_rows = (chosen == _unclipped_scales(clipped, scheme)).all(dim=1)
     assert torch.equal(chosen[~wide_rows], clipped[~wide_rows])
@@ -335,3 +335,17 @@ def test_cli_gptq_with_a_calibration_file(capsys, tmp_path, tiny_llama_dir, tiny
 
     code = main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--act-order", "-o", str(tmp_path / "x")])
     assert code == 2 and "gptq only" in capsys.readouterr().err
+
+
+def test_range_choice_default_depends_on_the_width():
+    # None: on for 2-3 bits (where it wins on test text), off from 4 bits (where it does not)
+    w, H = correlated(5)
+    for bits, expect_same in ((4, True), (3, False)):
+        scheme = QuantScheme(bits=bits, group_size=32)
+        default = gptq_quantize(w, H, scheme, GPTQConfig(act_order=True))
+        off = gptq_quantize(w, H, scheme, GPTQConfig(act_order=True, range_choice=False))
+        on = gptq_quantize(w, H, scheme, GPTQConfig(act_order=True, range_choice=True))
+        assert torch.equal(default.codes, off.codes if expect_same else on.codes)
+    assert not torch.equal(on.codes, off.codes)  # at 3 bits the choice really changed rows here
+    with pytest.raises(ConfigError, match="range_choice"):
+        GPTQConfig(range_choice="yes")
