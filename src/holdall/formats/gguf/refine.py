@@ -105,12 +105,35 @@ class _Legacy:
         return blocks.reshape(n_rows, -1)
 
 
-class _K4:
+class _ScaleMinGrid:
+    """``value = (d·sc)·q − (dmin·m)`` per sub-block, with unsigned ``sc``/``m`` of ``scale_max`` levels under
+    float16 ``d``/``dmin`` super-block scales (Q4_K/Q5_K: 8 sub-blocks, 6-bit; Q2_K: 16 sub-blocks, 4-bit)."""
+
+    sub_blocks: int
+    scale_max: int
+
+    def grid(self, state: dict) -> tuple[np.ndarray, np.ndarray]:
+        # the decoder's float32 products: (d·sc)·q − (dmin·m)
+        a = state["d"][:, :, None] * state["sc"].astype(_F32)
+        b = -(state["dmin"][:, :, None] * state["m"].astype(_F32))
+        return a.reshape(len(a), -1), b.reshape(len(b), -1)
+
+    def from_ls(self, state: dict, a: np.ndarray, b: np.ndarray | None) -> dict:
+        n_rows = a.shape[0]
+        a = np.maximum(a.reshape(n_rows, -1, self.sub_blocks), 0)  # sc is unsigned: a negative scale is not storable
+        neg_b = np.maximum(-b.reshape(n_rows, -1, self.sub_blocks), 0)  # so is m: offsets are <= 0
+        d, sc = _unsigned_levels(a, self.scale_max)
+        dmin, m = _unsigned_levels(neg_b, self.scale_max)
+        return {"d": d, "dmin": dmin, "sc": sc, "m": m}
+
+
+class _K4(_ScaleMinGrid):
     """Q4_K / Q5_K: super-blocks of 256 with fp16 d, dmin and eight 6-bit (sc, m); x = d·sc·q − dmin·m."""
 
     group = 32
     n_params = 2
     qmin = 0
+    sub_blocks, scale_max = 8, 63
 
     def __init__(self, name: str, qmax: int):
         self.name, self.qmax = name, qmax
@@ -125,19 +148,6 @@ class _K4:
         sc, m = quants_k.unpack_scales_k4(blocks[:, 4:16])
         return {"d": d, "dmin": dmin, "sc": sc.reshape(n_rows, -1, 8), "m": m.reshape(n_rows, -1, 8)}
 
-    def grid(self, state: dict) -> tuple[np.ndarray, np.ndarray]:
-        # the decoder's float32 products: (d·sc)·q − (dmin·m)
-        a = state["d"][:, :, None] * state["sc"].astype(_F32)
-        b = -(state["dmin"][:, :, None] * state["m"].astype(_F32))
-        return a.reshape(len(a), -1), b.reshape(len(b), -1)
-
-    def from_ls(self, state: dict, a: np.ndarray, b: np.ndarray | None) -> dict:
-        n_rows = a.shape[0]
-        a = np.maximum(a.reshape(n_rows, -1, 8), 0)  # sc is unsigned: a negative scale is not storable
-        neg_b = np.maximum(-b.reshape(n_rows, -1, 8), 0)  # so is m: offsets are <= 0
-        d, sc = _unsigned_levels(a, 63)
-        dmin, m = _unsigned_levels(neg_b, 63)
-        return {"d": d, "dmin": dmin, "sc": sc, "m": m}
 
     def pack(self, state: dict, q: np.ndarray) -> np.ndarray:
         from . import quants_k
@@ -233,13 +243,14 @@ class _Q3K:
         return blocks.reshape(n_rows, -1)
 
 
-class _Q2K:
+class _Q2K(_ScaleMinGrid):
     """Q2_K: super-blocks of 256 with fp16 d, dmin and sixteen 4-bit (sc, m); x = d·sc·q − dmin·m, q in 0..3."""
 
     name = "Q2_K"
     group = 16
     n_params = 2
     qmin, qmax = 0, 3
+    sub_blocks, scale_max = 16, 15
 
     def parse(self, raw: np.ndarray, n_rows: int) -> dict:
         blocks = np.ascontiguousarray(raw).reshape(-1, 84)
@@ -249,19 +260,6 @@ class _Q2K:
         return {"d": d, "dmin": dmin, "sc": (sc16 & 0xF).reshape(n_rows, -1, 16),
                 "m": (sc16 >> 4).reshape(n_rows, -1, 16)}
 
-    def grid(self, state: dict) -> tuple[np.ndarray, np.ndarray]:
-        # the decoder's float32 products: (d·sc)·q − (dmin·m)
-        a = state["d"][:, :, None] * state["sc"].astype(_F32)
-        b = -(state["dmin"][:, :, None] * state["m"].astype(_F32))
-        return a.reshape(len(a), -1), b.reshape(len(b), -1)
-
-    def from_ls(self, state: dict, a: np.ndarray, b: np.ndarray | None) -> dict:
-        n_rows = a.shape[0]
-        a = np.maximum(a.reshape(n_rows, -1, 16), 0)  # sc is unsigned: a negative scale is not storable
-        neg_b = np.maximum(-b.reshape(n_rows, -1, 16), 0)  # so is m: offsets are <= 0
-        d, sc = _unsigned_levels(a, 15)
-        dmin, m = _unsigned_levels(neg_b, 15)
-        return {"d": d, "dmin": dmin, "sc": sc, "m": m}
 
     def pack(self, state: dict, q: np.ndarray) -> np.ndarray:
         from . import quants_k
