@@ -160,13 +160,7 @@ def gptq_quantize(
         from .gptq_codebook import gptq_codebook
 
         return gptq_codebook(w, hessian, scheme, config, row_splits)
-    n_cols = w.shape[1]
-    if tuple(hessian.shape) != (n_cols, n_cols):
-        raise ConfigError(
-            f"the Hessian is {tuple(hessian.shape)}, expected [{n_cols}, {n_cols}] for a weight {tuple(w.shape)}"
-        )
-    if not torch.isfinite(hessian).all():
-        raise DataError("the Hessian holds NaN/Inf: the calibration activations overflow float32")
+    check_hessian(w, hessian)
     affine.check_finite(w)
     W = w.detach().float().clone()  # [out, in], corrected in place as columns are quantized
     H = hessian.detach().float().clone()  # [in, in]
@@ -200,6 +194,17 @@ def gptq_quantize(
     scale, zero = affine.choose_qparams(W, scheme)
     notes.append("quantized with round-to-nearest instead of GPTQ")
     return GPTQResult(affine.quantize_affine(W, scale, zero, scheme), scale, zero, None, notes)
+
+
+def check_hessian(w: torch.Tensor, hessian: torch.Tensor) -> None:
+    """``hessian`` must be ``[in, in]`` for ``w [out, in]`` and finite."""
+    n_cols = w.shape[1]
+    if tuple(hessian.shape) != (n_cols, n_cols):
+        raise ConfigError(
+            f"the Hessian is {tuple(hessian.shape)}, expected [{n_cols}, {n_cols}] for a weight {tuple(w.shape)}"
+        )
+    if not torch.isfinite(hessian).all():
+        raise DataError("the Hessian holds NaN/Inf: the calibration activations overflow float32")
 
 
 def _unclipped_scales(scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:

@@ -204,18 +204,12 @@ def gptq_codebook(
     Returns a ``GPTQResult`` whose ``codes`` are uint8 ``[out, in]`` code indices and ``scale`` the raw float32
     block scales ``[out, in / block]`` (to be double-quantized when stored, as ``QuantizedTensor`` does).
     """
-    from .gptq import GPTQResult, inverse_hessian_factor
+    from .gptq import GPTQResult, check_hessian, inverse_hessian_factor
 
     if not scheme.is_codebook:
         raise ConfigError(f"gptq_codebook quantizes into nf4/fp4 schemes, got {scheme.label}")
     check_codebook_shape(tuple(w.shape), scheme)
-    n_cols = w.shape[1]
-    if tuple(hessian.shape) != (n_cols, n_cols):
-        raise ConfigError(
-            f"the Hessian is {tuple(hessian.shape)}, expected [{n_cols}, {n_cols}] for a weight {tuple(w.shape)}"
-        )
-    if not torch.isfinite(hessian).all():
-        raise DataError("the Hessian holds NaN/Inf: the calibration activations overflow float32")
+    check_hessian(w, hessian)
     if not torch.isfinite(w).all():
         raise DataError("the weight holds NaN/Inf; it cannot be quantized")
     if row_splits is not None and sum(row_splits) != w.shape[0]:
