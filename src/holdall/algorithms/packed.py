@@ -43,15 +43,7 @@ def quant_linear_from_codes(
             raise ConfigError("an asymmetric scheme needs zero points")
         tensors["zero"] = pack(zero.to(torch.uint8), scheme.bits)
     qweight = QuantizedTensor.from_tensors(tensors, (out_features, in_features), scheme)  # checks the layout
-    layer = QuantLinear(
-        in_features, out_features, scheme, bias=linear.bias is not None, dtype=linear.weight.dtype, device="meta"
-    )
-    state = qweight.tensors()
-    if linear.bias is not None:
-        state["bias"] = linear.bias.detach().clone()
-    # assign=True installs these tensors in place of the meta placeholders (no copy, no float weight allocated)
-    layer.load_state_dict(state, assign=True)
-    return layer
+    return _install(linear, qweight, scheme)
 
 
 def _codebook_linear(linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> QuantLinear:
@@ -81,5 +73,6 @@ def _install(linear: nn.Linear, qweight: QuantizedTensor, scheme: QuantScheme) -
     state = qweight.tensors()
     if linear.bias is not None:
         state["bias"] = linear.bias.detach().clone()
+    # assign=True installs these tensors in place of the meta placeholders (no copy, no float weight allocated)
     layer.load_state_dict(state, assign=True)
     return layer
