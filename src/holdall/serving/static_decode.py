@@ -34,6 +34,10 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..models.families import get_family
+from ..models.llama_ops import add_rms_norm as _add_rms_norm
+from ..models.llama_ops import rms_norm as _rms_norm
+from ..models.llama_ops import rotate as _rotate
+from ..models.llama_ops import silu_mul as _silu_mul
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -218,35 +222,6 @@ class StaticDecoder:
         sync()
         decode_s = time.perf_counter() - start
         return DecodeResult([int(t) for t in produced], prefill_s, decode_s)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers' Llama computes it: in float32, cast back, then scaled."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def _add_rms_norm(x: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float):
-    """The residual add and the next norm: ``(x + update, rms_norm(x + update))``."""
-    x = x + update
-    return x, _rms_norm(x, weight, eps)
-
-
-def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotary embedding of ``q``/``k`` ``[1, heads, T, d]`` with ``cos``/``sin`` ``[1, T, d]`` (the rotate-half
-    convention transformers' Llama uses)."""
-    cos, sin = cos[:, None], sin[:, None]
-
-    def rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 @dataclass(frozen=True)

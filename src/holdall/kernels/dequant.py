@@ -1,0 +1,60 @@
+"""Dequantizing base weights for training: one or several linears' float weights in one ``[sum(out), in]`` buffer.
+
+The fast QLoRA step (``training.fast_step``) multiplies q/k/v (and gate/up) as one GEMM, so it wants their
+weights stacked row-wise in one buffer. Each layer is decoded straight into its row range:
+
+* a CUDA ``QuantLinear`` the 4-bit kernels read -> ``triton_dequant`` (one pass, 2 output bytes per weight);
+* any other ``QuantLinear`` -> ``core.backends.dequantize_for_compute`` (the plain-torch path, bit-identical to
+  ``QuantLinear.dequantize_weight``), copied in;
+* a float ``nn.Linear`` -> its weight, cast and copied in (a single float linear is returned as is, no copy).
+
+Needs only torch until a CUDA launch imports Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..core import backends
+from . import available, packed
+from .dispatch import layer_plan
+
+
+def use_kernel(layer: nn.Module, device: torch.device) -> bool:
+    """Whether ``layer``'s weight is decoded by the Triton kernel on ``device``."""
+    return (device.type == "cuda" and hasattr(layer, "scheme") and available()
+            and layer.qdata.device == device and layer_plan(layer) is not None)
+
+
+def dequantize_into(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """``layer``'s float weight written into ``out`` (contiguous ``[out_features, in_features]``, float dtype)."""
+    if not hasattr(layer, "scheme"):  # a float nn.Linear
+        return out.copy_(layer.weight)
+    if use_kernel(layer, out.device):
+        from . import triton_dequant  # only now is Triton imported
+
+        p = layer_plan(layer)
+        return triton_dequant.dequantize(packed.operands(layer, p), p, out)
+    return out.copy_(backends.dequantize_for_compute(layer, out.dtype))
+
+
+def stacked_weight(layers: Sequence[nn.Module], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The layers' weights stacked row-wise, ``[sum(out_features), in_features]`` in ``dtype`` on ``device``.
+
+    All layers must share ``in_features`` (they read the same input). A single float layer of the right dtype
+    is returned without a copy.
+    """
+    if len(layers) == 1 and not hasattr(layers[0], "scheme") and layers[0].weight.dtype == dtype:
+        return layers[0].weight
+    in_features = layers[0].in_features
+    rows = sum(layer.out_features for layer in layers)
+    out = torch.empty(rows, in_features, dtype=dtype, device=device)
+    start = 0
+    for layer in layers:
+        stop = start + layer.out_features
+        dequantize_into(layer, out[start:stop])
+        start = stop
+    return out

@@ -1,0 +1,554 @@
+"""A fused LoRA / QLoRA training step for Llama-shaped models: what the Hugging Face stack leaves separate, done in
+one place.
+
+``FastStep(model)(input_ids, labels)`` computes the same loss and the same adapter gradients as
+``model(input_ids, labels=labels).loss.backward()`` on a model prepared by ``training.prepare_model`` (holdall's
+``LoraLinear`` over a float or 4-bit ``QuantLinear`` base), with gradient checkpointing per decoder layer. The
+model's own modules hold every weight; this class only orders the arithmetic differently:
+
+* **Grouped projections.** q/k/v read the same normed input, and so do gate/up: each group's base weights are
+  dequantized into one ``[sum(out), in]`` buffer (``kernels.dequant``: a Triton kernel on CUDA, 2 bytes written
+  per weight) and multiplied as *one* GEMM. Their LoRA-A products are one ``[T, 3r]`` tensor and the LoRA-B
+  products one GEMM against a block-diagonal ``[sum(out), 3r]`` matrix with the scaling folded in.
+* **A hand-written backward** for each group (``_GroupLinear``): it keeps the group's input and its ``[T, r]``
+  LoRA-A products, never the dequantized weight (dequantized again for the input gradient), and returns the
+  adapter gradients from a handful of skinny GEMMs. LoRA dropout is regenerated from a per-call seed in
+  backward instead of storing masks.
+* **Checkpointing by construction.** The forward runs with no autograd graph at all and keeps only each layer's
+  input (``[B, S, hidden]``); backward recomputes one layer at a time with autograd and frees it. Checkpoints can
+  live in pinned CPU memory (``offload``): copied out on a side stream during the forward, prefetched one layer
+  ahead during the backward.
+* **Token-chunked MLP.** The MLP (and its norm) is token-wise, so it runs in chunks of ``mlp_chunk`` tokens in
+  both passes: its ``[T, intermediate]`` activations never exist for the whole sequence at once, which is what
+  bounds the longest trainable sequence once checkpoints are offloaded.
+* **Chunked cross-entropy.** Logits exist only ``loss_chunk`` tokens at a time (``[chunk, vocab]`` in float32);
+  the loss and its gradient w.r.t. the final hidden states come out of the same pass, so the full ``[T, vocab]``
+  float32 logits (1 GiB at 8k tokens of a 32k vocabulary) never exist.
+* **Fused pointwise ops.** RMSNorm, rotary and SiLU x up are ``models.llama_ops``' functions, compiled with
+  ``torch.compile`` on CUDA (forward and backward each one kernel); attention is PyTorch's SDPA (flash).
+
+Supported: the Llama-shaped families (llama, mistral, qwen2), LoRA adapters (one active adapter) on any of the
+seven decoder linears, every other parameter frozen, no padding inside a sequence (``labels = -100`` marks
+positions that are not scored, e.g. right padding or a prompt). Anything else raises an error that says to use
+the standard trainer path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..kernels.dequant import stacked_weight
+from ..models import llama_ops
+from ..models.families import get_family
+from ..tuners.lora import LoraLinear
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+IGNORE_INDEX = -100
+OFFLOAD_MODES = ("none", "cpu", "auto")
+LAYER_SEEDS = 1 << 20  # dropout seeds per layer: q/k/v, o, then 32 per MLP chunk
+
+
+@dataclass(frozen=True)
+class FastStepConfig:
+    """How :class:`FastStep` trades memory for speed.
+
+    loss_chunk: tokens per lm_head / cross-entropy chunk (float32 logits of ``loss_chunk x vocab`` at a time).
+    mlp_chunk: tokens per MLP chunk; None = the whole sequence up to 8192 tokens, then chunks of 8192.
+    offload: where layer checkpoints live: ``"none"`` on the device, ``"cpu"`` all in pinned CPU memory,
+        ``"auto"`` on the device while they fit beside the step's working set, the rest in CPU memory.
+    compile: ``torch.compile`` the pointwise ops (default: on CUDA).
+    """
+
+    loss_chunk: int = 1024
+    mlp_chunk: int | None = None
+    offload: str = "auto"
+    compile: bool | None = None
+
+    def __post_init__(self):
+        for name in ("loss_chunk", "mlp_chunk"):
+            value = getattr(self, name)
+            if value is None and name == "mlp_chunk":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
+
+
+# --- one group of projections that read the same input --------------------------------------------------------
+@dataclass
+class _Member:
+    base: nn.Module  # QuantLinear or nn.Linear (frozen)
+    lora_A: nn.Parameter | None  # [r, in]
+    lora_B: nn.Parameter | None  # [out, r]
+    scaling: float
+    dropout: float
+
+
+class _Group:
+    """Projections sharing one input: their stacked base weights and their adapters (in output order)."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.members = [_member(m) for m in modules]
+        self.bases = [m.base for m in self.members]
+        self.out_sizes = [m.base.out_features for m in self.members]
+        self.adapted = [j for j, m in enumerate(self.members) if m.lora_A is not None]
+        self.ranks = [self.members[j].lora_A.shape[0] for j in self.adapted]
+        self.no_dropout = all(self.members[j].dropout == 0 for j in self.adapted)
+        biases = [m.base.bias for m in self.members]
+        self.has_bias = any(b is not None for b in biases)
+        self.biases = biases
+
+    def params(self) -> list[nn.Parameter]:
+        """The adapters' parameters in the order ``_GroupLinear`` takes them: A_0, B_0, A_1, B_1, ..."""
+        return [p for j in self.adapted for p in (self.members[j].lora_A, self.members[j].lora_B)]
+
+    def bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        if not self.has_bias:
+            return None
+        parts = [b.to(dtype) if b is not None else torch.zeros(n, dtype=dtype, device=device)
+                 for b, n in zip(self.biases, self.out_sizes)]
+        return torch.cat(parts)
+
+    def b_blockdiag(self, bs: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """``[sum(out), sum(r)]``: each adapted member's ``scaling * B`` in its rows and its rank's columns."""
+        total_out, total_r = sum(self.out_sizes), sum(self.ranks)
+        out = torch.zeros(total_out, total_r, dtype=dtype, device=bs[0].device)
+        row_starts = _starts(self.out_sizes)
+        col = 0
+        for b, j, r in zip(bs, self.adapted, self.ranks):
+            row = row_starts[j]
+            out[row:row + self.out_sizes[j], col:col + r] = b.to(dtype) * self.members[j].scaling
+            col += r
+        return out
+
+
+def _starts(sizes: Sequence[int]) -> list[int]:
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += n
+    return starts
+
+
+def _member(module: nn.Module) -> _Member:
+    if isinstance(module, LoraLinear):
+        if module.row_groups is not None or module.merged_adapters or module.adapters_disabled:
+            raise ConfigError("the fast step trains one active, unmerged adapter; undo adapter_rows / merge first")
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        if len(active) > 1:
+            raise ConfigError(
+                f"the fast step trains one active adapter per layer, this layer has {len(active)} ({active}); "
+                "set_adapter() to the one you train"
+            )
+        if not active:
+            return _Member(module.base_layer, None, None, 0.0, 0.0)
+        name = active[0]
+        return _Member(module.base_layer, module.lora_A[name].weight, module.lora_B[name].weight,
+                       float(module.scaling[name]), float(module.dropout[name]))
+    if isinstance(module, nn.Linear) or hasattr(module, "scheme"):
+        return _Member(module, None, None, 0.0, 0.0)
+    raise UnsupportedModelError(f"the fast step expects linear projections, found {type(module).__name__}")
+
+
+_GENERATORS: dict[str, torch.Generator] = {}
+
+
+def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The ``{0, 1/(1-p)}`` mask of seed ``seed``: the same tensor in forward, recompute and backward."""
+    key = str(like.device)
+    gen = _GENERATORS.get(key)
+    if gen is None:
+        gen = _GENERATORS[key] = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    mask = torch.empty_like(like).bernoulli_(1.0 - p, generator=gen)
+    return mask.mul_(1.0 / (1.0 - p))
+
+
+class _GroupLinear(torch.autograd.Function):
+    """``y = x @ W^T (+ b) + Σ_j s_j · dropout_j(x) @ A_j^T @ B_j^T`` over a group's stacked outputs.
+
+    x ``[N, in]`` (the compute dtype), y ``[N, sum(out)]``. Saves x, the ``[N, sum(r)]`` LoRA-A products and the
+    adapters; the base weight is dequantized again in backward, only if the input gradient is wanted.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: _Group, seed: int, *lora: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        weight = stacked_weight(group.bases, dtype, x.device)  # [O, in]
+        y = F.linear(x, weight, group.bias(dtype, x.device))
+        del weight
+        xa = None
+        if group.adapted:
+            a_list, b_list = lora[0::2], lora[1::2]
+            if group.no_dropout:
+                xa = x @ torch.cat([a.to(dtype) for a in a_list]).t()  # [N, R]
+            else:
+                xa = torch.cat([_dropped(x, group, j, seed) @ a.to(dtype).t()
+                                for j, a in zip(group.adapted, a_list)], dim=1)
+            b_all = group.b_blockdiag(b_list, dtype)  # [O, R]
+            y.addmm_(xa, b_all.t())
+        ctx.group, ctx.seed = group, seed
+        ctx.save_for_backward(x, xa, *lora)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, xa, *lora = ctx.saved_tensors
+        group: _Group = ctx.group
+        dtype = dy.dtype
+        dx = None
+        if ctx.needs_input_grad[0]:
+            weight = stacked_weight(group.bases, dtype, dy.device)
+            dx = dy @ weight  # [N, in]
+            del weight
+        grads: list[torch.Tensor | None] = []
+        if group.adapted:
+            a_list, b_list = lora[0::2], lora[1::2]
+            a16 = [a.to(dtype) for a in a_list]
+            dxa = dy @ group.b_blockdiag(b_list, dtype)  # [N, R], the scaling folded in
+            row_starts = _starts(group.out_sizes)
+            col_starts = _starts(group.ranks)
+            if group.no_dropout:
+                da_all = dxa.t() @ x  # [R, in]
+                if dx is not None:
+                    dx.addmm_(dxa, torch.cat(a16))
+            for k, (j, a, b) in enumerate(zip(group.adapted, a_list, b_list)):
+                rows = slice(row_starts[j], row_starts[j] + group.out_sizes[j])
+                cols = slice(col_starts[k], col_starts[k] + group.ranks[k])
+                scaling = group.members[j].scaling
+                db = (dy[:, rows].t() @ xa[:, cols]).mul_(scaling)  # [out_j, r]
+                if group.no_dropout:
+                    da = da_all[cols]
+                else:
+                    mask = _dropout_mask(x, group.members[j].dropout, seed=ctx.seed + j)
+                    da = dxa[:, cols].t() @ (x * mask)  # [r, in]
+                    if dx is not None:
+                        dx.add_((dxa[:, cols] @ a16[k]).mul_(mask))
+                grads += [da.to(a.dtype), db.to(b.dtype)]
+        return (dx, None, None, *grads)
+
+
+def _dropped(x: torch.Tensor, group: _Group, j: int, seed: int) -> torch.Tensor:
+    p = group.members[j].dropout
+    return x if p == 0 else x * _dropout_mask(x, p, seed=seed + j)
+
+
+def _apply(group: _Group, x: torch.Tensor, seed: int) -> torch.Tensor:
+    return _GroupLinear.apply(x, group, seed, *group.params())
+
+
+# --- checkpoints, optionally in pinned CPU memory ----------------------------------------------------------------
+class _Checkpoints:
+    """Each decoder layer's input during one step: on the device, or copied to pinned CPU memory on a side stream.
+
+    ``on_device`` layers (the last ones, which backward needs first) stay on the device; the others go to host
+    buffers that are allocated once per shape and reused across steps. ``get(i)`` returns layer i's input on the
+    device and starts copying layer ``i - 1`` in, so the copy overlaps layer i's backward.
+    """
+
+    def __init__(self, n_layers: int, on_device: int, host_cache: dict):
+        self.n = n_layers
+        self.first_on_device = n_layers - on_device
+        self.saved: dict[int, torch.Tensor] = {}
+        self.events: dict[int, torch.cuda.Event] = {}
+        self.host_cache = host_cache
+        self.stream = torch.cuda.Stream() if self.first_on_device > 0 else None
+
+    def put(self, i: int, x: torch.Tensor) -> None:
+        if i >= self.first_on_device:
+            self.saved[i] = x
+            return
+        key = (i, tuple(x.shape), x.dtype)
+        host = self.host_cache.get(key)
+        if host is None:
+            host = self.host_cache[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        main = torch.cuda.current_stream()
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            host.copy_(x, non_blocking=True)
+        x.record_stream(self.stream)  # x's memory is not reused before the copy has read it
+        self.saved[i] = host
+
+    def _fetch(self, i: int, device: torch.device) -> None:
+        if i < 0 or i >= self.first_on_device or self.saved[i].is_cuda:
+            return
+        with torch.cuda.stream(self.stream):
+            x = self.saved[i].to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.saved[i], self.events[i] = x, event
+
+    def get(self, i: int, device: torch.device) -> torch.Tensor:
+        if self.stream is None:  # everything stayed on the device
+            return self.saved.pop(i)
+        self._fetch(i, device)
+        event = self.events.pop(i, None)
+        x = self.saved.pop(i)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+            x.record_stream(torch.cuda.current_stream())
+        self._fetch(i - 1, device)
+        return x
+
+
+# --- the step ------------------------------------------------------------------------------------------------------
+class _Layer:
+    def __init__(self, block: nn.Module):
+        attn, mlp = block.self_attn, block.mlp
+        self.qkv = _Group([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _Group([attn.o_proj])
+        self.gate_up = _Group([mlp.gate_proj, mlp.up_proj])
+        self.down = _Group([mlp.down_proj])
+        self.norm1, self.norm2 = block.input_layernorm, block.post_attention_layernorm
+        self.intermediate = mlp.gate_proj.out_features if hasattr(mlp.gate_proj, "out_features") else None
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in (self.qkv, self.o, self.gate_up, self.down) for p in g.params()]
+
+
+class FastStep:
+    """Loss and adapter gradients of one batch, computed the fused way (see the module docstring).
+
+    model: a transformers Llama/Mistral/Qwen2 causal LM whose trainable parameters are exactly the LoRA adapters
+        (``training.prepare_model`` with method ``"lora"`` or ``"qlora"``), on the device it trains on.
+    ``step(input_ids, labels=None)`` accumulates the gradients into the adapters' ``.grad`` (like ``backward``)
+    and returns the token-mean loss (a float32 scalar tensor, detached).
+    """
+
+    def __init__(self, model: nn.Module, config: FastStepConfig | None = None):
+        self.config = config or FastStepConfig()
+        family = get_family(model)
+        if family.model_type not in SUPPORTED:
+            raise UnsupportedModelError(
+                f"the fast step supports {', '.join(SUPPORTED)}; {family.model_type} is not Llama-shaped here. "
+                "Train it with the standard path (finetune without fast_step)"
+            )
+        cfg = model.config
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"the fast step fuses a SiLU-gated MLP; this model uses {cfg.hidden_act!r}")
+        self.model = model
+        self.core = model.model
+        self.layers = [_Layer(block) for block in self.core.layers]
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.hidden = cfg.hidden_size
+        window = getattr(cfg, "sliding_window", None)
+        self.window = window if window is not None and getattr(cfg, "use_sliding_window", True) else None
+        head = model.lm_head
+        if isinstance(head, LoraLinear) or any(p.requires_grad for p in head.parameters()):
+            raise ConfigError("the fast step keeps lm_head frozen; train it with the standard path")
+        self.head = head
+        self._check_trainable()
+        weight = self.core.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        use_compile = self.device.type == "cuda" if self.config.compile is None else bool(self.config.compile)
+        self.ops = _compiled_ops() if use_compile else _EAGER_OPS
+        self._host_cache: dict = {}
+        self.last_on_device: int | None = None  # checkpoints the last step kept on the device
+
+    def _check_trainable(self) -> None:
+        adapters = {id(p) for layer in self.layers for p in layer.params()}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in adapters:
+                raise ConfigError(
+                    f"the fast step trains LoRA adapters only, but {name} requires a gradient (modules_to_save or an "
+                    "unfrozen base?); train this model with the standard path"
+                )
+        if not adapters:
+            raise ConfigError("no LoRA adapter on the decoder projections: nothing for the fast step to train")
+
+    # -- the layer pieces --
+    def _attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seed: int) -> torch.Tensor:
+        """``o_proj(attention(norm1(x)))`` ``[B, S, hidden]``."""
+        layer = self.layers[i]
+        b, s, _ = x.shape
+        h = self.ops.rms_norm(x, layer.norm1.weight, layer.norm1.variance_epsilon).reshape(b * s, -1)
+        qkv = _apply(layer.qkv, h, seed)  # [N, (nh + 2 nkv) d]
+        d, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+        q = q.view(b, s, nh, d).transpose(1, 2)
+        k = k.view(b, s, nkv, d).transpose(1, 2)
+        v = v.reshape(b, s, nkv, d).transpose(1, 2)
+        q, k = self.ops.rotate(q, k, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)  # [B, nh, S, d]
+        attn = attn.transpose(1, 2).reshape(b * s, nh * d)
+        return _apply(layer.o, attn, seed + 8).view(b, s, -1)
+
+    def _mlp(self, i: int, x2: torch.Tensor, seed: int) -> torch.Tensor:
+        """``down(silu(gate(norm2(x2))) * up(norm2(x2)))`` for a chunk of tokens ``[n, hidden]``."""
+        layer = self.layers[i]
+        h = self.ops.rms_norm(x2, layer.norm2.weight, layer.norm2.variance_epsilon)
+        gu = _apply(layer.gate_up, h, seed)  # [n, 2 I]
+        gate, up = gu.chunk(2, dim=-1)
+        return _apply(layer.down, self.ops.silu_mul(gate, up), seed + 4)
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.config.mlp_chunk or (n if n <= 8192 else 8192)
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def _layer_forward(self, i: int, x: torch.Tensor, cos, sin, seed: int) -> torch.Tensor:
+        x2 = x + self._attention(i, x, cos, sin, seed)
+        flat = x2.view(-1, self.hidden)
+        out = torch.empty_like(flat)
+        for c, rows in enumerate(self._chunks(flat.shape[0])):
+            out[rows] = flat[rows] + self._mlp(i, flat[rows], seed + 16 + 32 * c)
+        return out.view_as(x)
+
+    def _layer_backward(self, i: int, x: torch.Tensor, dout: torch.Tensor, cos, sin, seed: int,
+                        need_dx: bool) -> torch.Tensor | None:
+        """Recompute layer i from its input with autograd and backpropagate ``dout``; returns d(loss)/dx."""
+        xg = x.detach().requires_grad_(need_dx)
+        with torch.enable_grad():
+            attn = self._attention(i, xg, cos, sin, seed)
+        x2 = (x + attn.detach()).view(-1, self.hidden)
+        dx2 = dout.reshape(-1, self.hidden)  # out = x2 + mlp(x2): d/dx2 = dout + mlp's input gradient
+        for c, rows in enumerate(self._chunks(x2.shape[0])):
+            x2c = x2[rows].detach().requires_grad_()
+            with torch.enable_grad():
+                y = self._mlp(i, x2c, seed + 16 + 32 * c)
+            torch.autograd.backward(y, dout.reshape(-1, self.hidden)[rows])
+            dx2[rows] += x2c.grad
+            del y, x2c
+        del x2
+        if attn.requires_grad:  # False only when nothing in the attention is trained and x needs no gradient
+            torch.autograd.backward(attn, dx2.view_as(attn))  # x2 = x + attn(x)
+        if not need_dx:
+            return None
+        return dx2.view_as(x).add_(xg.grad)
+
+    # -- the whole step --
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        ids = input_ids.to(self.device)
+        if ids.dim() != 2:
+            raise ConfigError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
+        labels = ids if labels is None else labels.to(self.device)
+        if labels.shape != ids.shape:
+            raise ConfigError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(ids.shape)}")
+        b, s = ids.shape
+        if self.window is not None and s > self.window:
+            raise ConfigError(
+                f"the model attends over a sliding window of {self.window} tokens and the fast step attends over the "
+                f"whole sequence; use sequences of at most {self.window} tokens or the standard path"
+            )
+        seed = int(torch.randint(0, 2**40, (1,)).item())  # the step's dropout masks (torch's seed decides)
+        positions = torch.arange(s, device=self.device)[None].expand(b, s)
+        with torch.no_grad():
+            x = F.embedding(ids, self.core.embed_tokens.weight)  # [B, S, hidden]
+            cos, sin = self.core.rotary_emb(x, positions)
+            saves = self._checkpoints(x)
+            for i in range(len(self.layers)):
+                saves.put(i, x)
+                x = self._layer_forward(i, x, cos, sin, seed + LAYER_SEEDS * i)
+        xl = x.detach().requires_grad_()
+        with torch.enable_grad():
+            norm = self.core.norm
+            hn = self.ops.rms_norm(xl, norm.weight, norm.variance_epsilon)
+        loss, dhn = lm_loss(hn.detach(), self._head_weight(), labels, self.config.loss_chunk)
+        torch.autograd.backward(hn, dhn)
+        dx = xl.grad
+        del x, xl, hn, dhn
+        for i in reversed(range(len(self.layers))):
+            x_i = saves.get(i, self.device)
+            dx = self._layer_backward(i, x_i, dx, cos, sin, seed + LAYER_SEEDS * i, need_dx=i > 0)
+            del x_i
+        return loss
+
+    __call__ = step
+
+    def _head_weight(self) -> torch.Tensor:
+        head = self.head
+        if hasattr(head, "scheme"):
+            return stacked_weight([head], self.dtype, self.device)
+        return head.weight.to(self.dtype)
+
+    def _checkpoints(self, x: torch.Tensor) -> "_Checkpoints":
+        n = len(self.layers)
+        mode = self.config.offload
+        if self.device.type != "cuda" or mode == "none":
+            on_device = n
+        elif mode == "cpu":
+            on_device = 0
+        else:
+            on_device = min(n, self._fitting_checkpoints(x))
+        self.last_on_device = on_device
+        return _Checkpoints(n, on_device, self._host_cache)
+
+    def _fitting_checkpoints(self, x: torch.Tensor) -> int:
+        """How many layer inputs fit on the device beside the step's working set (the rest go to CPU memory).
+
+        The working set of one layer's backward is ~24 hidden-sized activations (q/k/v and their gradients, the
+        attention output, the layer's input, output and their gradients, flash attention's float32 buffers) plus
+        the MLP chunk's ``[chunk, intermediate]`` tensors and the loss chunk's logits; a quarter more is kept
+        back for the allocator's fragmentation.
+        """
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        unit = x.numel() * x.element_size()
+        inter = max((layer.intermediate or 0) for layer in self.layers) or 4 * self.hidden
+        chunk = self._chunks(x.shape[0] * x.shape[1])[0].stop
+        mlp = 8 * chunk * inter * x.element_size()
+        logits = self.config.loss_chunk * self.head.out_features * 6
+        working = (24 * unit + mlp + logits) * 1.25
+        return max(0, int((free - working) // unit))
+
+
+def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    """Token-mean causal-LM cross-entropy and its gradient w.r.t. ``hidden``, ``chunk`` tokens at a time.
+
+    hidden ``[B, S, H]`` (the final norm's output), weight ``[V, H]`` (lm_head), labels ``[B, S]`` (position t is
+    scored against label t + 1, as transformers shifts them; ``-100`` is not scored). Returns ``(loss float32 [],
+    d loss / d hidden [B, S, H])``. The logits are the lm_head GEMM in the hidden dtype, then float32, as
+    transformers computes them; their gradient ``softmax - onehot`` is formed in place in the float32 chunk.
+    """
+    b, s, h = hidden.shape
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [N]
+    flat = hidden.reshape(-1, h)
+    n_valid = (targets != IGNORE_INDEX).sum()
+    if int(n_valid) == 0:
+        raise ConfigError("no position of this batch has a label to score (every label is -100)")
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 logits (float64 stays float64)
+    inv = 1.0 / n_valid.to(acc)
+    grad = torch.empty_like(flat)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    for start in range(0, flat.shape[0], chunk):
+        rows = slice(start, min(start + chunk, flat.shape[0]))
+        logits = (flat[rows] @ weight.t()).to(acc)  # [c, V]
+        t = targets[rows]
+        valid = t != IGNORE_INDEX
+        safe = t.clamp(min=0)
+        lse = torch.logsumexp(logits, dim=-1)  # [c]
+        picked = logits.gather(1, safe[:, None]).squeeze(1)
+        total += ((lse - picked) * valid).sum()
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        probs[torch.arange(probs.shape[0], device=probs.device), safe] -= 1.0
+        probs.mul_((valid.to(acc) * inv)[:, None])
+        grad[rows] = probs.to(hidden.dtype) @ weight
+        del logits, probs
+    return total * inv, grad.view(b, s, h)
+
+
+# --- pointwise ops: eager or compiled -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Ops:
+    rms_norm: object
+    silu_mul: object
+    rotate: object
+
+
+_EAGER_OPS = _Ops(llama_ops.rms_norm, llama_ops.silu_mul, llama_ops.rotate)
+_COMPILED: list[_Ops] = []
+
+
+def _compiled_ops() -> _Ops:
+    if not _COMPILED:
+        c = torch.compile
+        _COMPILED.append(_Ops(c(llama_ops.rms_norm), c(llama_ops.silu_mul), c(llama_ops.rotate)))
+    return _COMPILED[0]

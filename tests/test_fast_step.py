@@ -1,0 +1,234 @@
+"""The fused LoRA / QLoRA step (training.fast_step) against the reference step: transformers' forward over holdall's
+LoRA layers, ``loss.backward()`` — same loss, same adapter gradients — plus its pieces against plain torch math.
+
+CPU tests run in float32 (agreement to float rounding); the CUDA tests (device machine) run the real bf16 path with
+the Triton dequantize kernel and compile, against the same reference in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from holdall.errors import ConfigError, UnsupportedModelError
+from holdall.training.fast_step import FastStep, FastStepConfig, _Group, _GroupLinear, lm_loss
+from holdall.training.qlora import prepare_model
+from holdall.tuners.lora import LoraConfig
+
+HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+cuda_only = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton (run on the device machine)"
+)
+
+
+def _model(kind: str = "llama", layers: int = 2, dtype=torch.float32, device="cpu", method="qlora",
+           dropout=0.0, targets="all-linear", seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=96, max_position_embeddings=256)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model = model.to(device=device, dtype=dtype)
+    prepare_model(model, method, LoraConfig(r=4, alpha=8, dropout=dropout, targets=targets),
+                  gradient_checkpointing=False)
+    # B = 0 at init makes every A gradient zero: give B values so both halves of the adapter are tested.
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def _adapter_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _reference(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), _adapter_grads(model)
+
+
+def _fast(model, ids, labels, **config):
+    model.zero_grad(set_to_none=True)
+    loss = FastStep(model, FastStepConfig(**config))(ids, labels)
+    return loss, _adapter_grads(model)
+
+
+def _assert_close_grads(ref: dict, got: dict, rtol: float, atol: float):
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_matches_the_reference_step(kind, method):
+    model = _model(kind, method=method)
+    ids = torch.randint(0, 96, (2, 24))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that is not scored
+    labels[1, -3:] = -100  # right padding
+    ref_loss, ref = _reference(model, ids, labels)
+    loss, got = _fast(model, ids, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_close_grads(ref, got, rtol=1e-4, atol=1e-6)
+
+
+def test_chunking_changes_nothing():
+    """MLP and loss chunks smaller than the sequence (and not dividing it) give the same loss and gradients."""
+    model = _model(layers=3)
+    ids = torch.randint(0, 96, (1, 37))
+    ref_loss, ref = _reference(model, ids, ids)
+    loss, got = _fast(model, ids, ids, mlp_chunk=5, loss_chunk=7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_close_grads(ref, got, rtol=1e-4, atol=1e-6)
+
+
+def test_only_some_targets():
+    """Adapters on q/v only (peft's classic choice): the other projections are frozen bases inside the groups."""
+    model = _model(targets=("q_proj", "v_proj"))
+    ids = torch.randint(0, 96, (1, 16))
+    ref_loss, ref = _reference(model, ids, ids)
+    loss, got = _fast(model, ids, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_close_grads(ref, got, rtol=1e-4, atol=1e-6)
+    mlp_only = _model(targets=("down_proj",))  # layer 0's attention then has nothing to backpropagate
+    ref_loss, ref = _reference(mlp_only, ids, ids)
+    loss, got = _fast(mlp_only, ids, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_close_grads(ref, got, rtol=1e-4, atol=1e-6)
+
+
+def test_group_linear_with_dropout_against_autograd():
+    """The hand-written backward (masks regenerated from the seed) against autograd of the same formula."""
+    torch.manual_seed(1)
+    lin = [torch.nn.Linear(16, n, bias=False).double() for n in (8, 4, 4)]
+    loras = []
+    for layer, p in zip(lin, (0.3, 0.0, 0.5)):
+        from holdall.tuners.lora.layer import LoraLinear
+
+        wrapped = LoraLinear(layer)
+        wrapped.add_adapter("a", r=2, alpha=4, dropout=p, dtype=torch.float64)
+        wrapped.lora_B["a"].weight.data.normal_()
+        wrapped.active_adapters = ("a",)
+        loras.append(wrapped)
+    group = _Group(loras)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    params = group.params()
+    y = _GroupLinear.apply(x, group, 123, *params)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *params], dy)
+
+    from holdall.training.fast_step import _dropout_mask
+
+    x2 = x.detach().clone().requires_grad_()
+    outs = []
+    for j, m in enumerate(loras):
+        p = m.dropout["a"]
+        xd = x2 if p == 0 else x2 * _dropout_mask(x2.detach(), p, seed=123 + j)
+        outs.append(F.linear(x2, m.base_layer.weight)
+                    + m.scaling["a"] * (xd @ m.lora_A["a"].weight.t()) @ m.lora_B["a"].weight.t())
+    y_ref = torch.cat(outs, 1)
+    torch.testing.assert_close(y, y_ref)
+    want = torch.autograd.grad(y_ref, [x2, *params], dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_lm_loss_is_cross_entropy():
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 9))
+    labels[1, 2] = -100
+    loss, grad = lm_loss(hidden.detach(), weight, labels, chunk=4)
+    logits = hidden @ weight.t()
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, hidden.grad)
+    with pytest.raises(ConfigError, match="no position"):
+        lm_loss(hidden.detach(), weight, torch.full_like(labels, -100), chunk=4)
+
+
+def test_dropout_step_is_reproducible_and_trains():
+    """With dropout the masks come from torch's seed: the same seed gives the same loss and gradients, and the
+    loss with dropout differs from the loss without it (the masks are really applied)."""
+    model = _model(dropout=0.3)
+    ids = torch.randint(0, 96, (1, 16))
+    torch.manual_seed(5)
+    loss_a, grads_a = _fast(model, ids, ids)
+    torch.manual_seed(5)
+    loss_b, grads_b = _fast(model, ids, ids)
+    assert torch.equal(loss_a, loss_b)
+    _assert_close_grads(grads_a, grads_b, rtol=0, atol=0)
+    for m in model.modules():
+        if hasattr(m, "dropout") and isinstance(m.dropout, dict):
+            m.dropout = {k: 0.0 for k in m.dropout}
+    loss_c, _ = _fast(model, ids, ids)
+    assert not torch.equal(loss_a, loss_c)
+
+
+def test_refusals():
+    model = _model()
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match="lm_head"):
+        FastStep(model)
+    model = _model()
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match="model.norm.weight"):
+        FastStep(model)
+    with pytest.raises(ConfigError, match="offload"):
+        FastStepConfig(offload="disk")
+    with pytest.raises(ConfigError, match="mlp_chunk"):
+        FastStepConfig(mlp_chunk=0)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        FastStep(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)))
+    with pytest.raises(ConfigError, match="labels"):
+        FastStep(_model())(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
+
+
+# --- on the device -------------------------------------------------------------------------------------------------
+@cuda_only
+def test_dequant_kernel_matches_reference():
+    from holdall.core.linear import QuantLinear
+    from holdall.core.scheme import QuantScheme
+    from holdall.kernels import dequant, packed
+
+    torch.manual_seed(0)
+    for scheme in (QuantScheme(dtype="nf4", group_size=64, double_quant=True), QuantScheme(dtype="nf4", group_size=64),
+                   QuantScheme(), QuantScheme(symmetric=False), QuantScheme(granularity="channel", symmetric=False)):
+        lin = torch.nn.Linear(512, 384, bias=False)
+        layer = QuantLinear.from_linear(lin, scheme).cuda()
+        assert dequant.use_kernel(layer, torch.device("cuda"))
+        p = packed.plan(layer)
+        want = packed.reference_decode(packed.operands(layer, p), p)
+        for dtype in (torch.bfloat16, torch.float16):
+            out = torch.full((400, 512), float("nan"), dtype=dtype, device="cuda")
+            dequant.dequantize_into(layer, out[8:392])
+            torch.testing.assert_close(out[8:392].float(), want.to(dtype).float(), rtol=0, atol=0, msg=scheme.label)
+            assert out[:8].isnan().all() and out[392:].isnan().all()  # nothing written outside its rows
+
+
+@cuda_only
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_cuda_bf16_step_matches_the_reference(method):
+    model = _model(layers=3, dtype=torch.bfloat16, device="cuda", method=method)
+    ids = torch.randint(0, 96, (1, 200), device="cuda")
+    ref_loss, ref = _reference(model, ids, ids)
+    for offload in ("none", "cpu"):
+        loss, got = _fast(model, ids, ids, offload=offload, mlp_chunk=64)
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=2e-3)
+        for name in ref:
+            cos = F.cosine_similarity(got[name].flatten().double(), ref[name].flatten().double(), dim=0)
+            assert cos > 0.995, (name, float(cos))
+            rel = (got[name] - ref[name]).norm() / ref[name].norm()
+            assert rel < 0.1, (name, float(rel))
