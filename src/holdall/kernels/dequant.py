@@ -23,10 +23,15 @@ from . import available, packed
 from .dispatch import layer_plan
 
 
+_OPS_ATTR = "_holdall_dequant_ops"  # (plan, operands) cached on the layer: training dequantizes it 3x a step
+
+
 def use_kernel(layer: nn.Module, device: torch.device) -> bool:
     """Whether ``layer``'s weight is decoded by the Triton kernel on ``device``."""
-    return (device.type == "cuda" and hasattr(layer, "scheme") and available()
-            and layer.qdata.device == device and layer_plan(layer) is not None)
+    if device.type != "cuda" or not hasattr(layer, "scheme") or not layer.qdata.is_cuda:
+        return False
+    same = device.index is None or layer.qdata.device == device  # torch.device("cuda") means the current one
+    return same and available() and layer_plan(layer) is not None
 
 
 def dequantize_into(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -37,7 +42,10 @@ def dequantize_into(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
         from . import triton_dequant  # only now is Triton imported
 
         p = layer_plan(layer)
-        return triton_dequant.dequantize(packed.operands(layer, p), p, out)
+        cached = layer.__dict__.get(_OPS_ATTR)
+        if cached is None or cached[0] is not p:  # a new plan (new buffers): new views
+            cached = layer.__dict__[_OPS_ATTR] = (p, packed.operands(layer, p))
+        return triton_dequant.dequantize(cached[1], p, out)
     return out.copy_(backends.dequantize_for_compute(layer, out.dtype))
 
 

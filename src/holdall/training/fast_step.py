@@ -63,12 +63,15 @@ class FastStepConfig:
     offload: where layer checkpoints live: ``"none"`` on the device, ``"cpu"`` all in pinned CPU memory,
         ``"auto"`` on the device while they fit beside the step's working set, the rest in CPU memory.
     compile: ``torch.compile`` the pointwise ops (default: on CUDA).
+    memory_budget_gib: ``"auto"`` plans checkpoints for this much device memory (default: the device's free memory);
+        for running as if on a smaller card, together with ``torch.cuda.set_per_process_memory_fraction``.
     """
 
-    loss_chunk: int = 1024
+    loss_chunk: int = 512
     mlp_chunk: int | None = None
     offload: str = "auto"
     compile: bool | None = None
+    memory_budget_gib: float | None = None
 
     def __post_init__(self):
         for name in ("loss_chunk", "mlp_chunk"):
@@ -104,6 +107,27 @@ class _Group:
         biases = [m.base.bias for m in self.members]
         self.has_bias = any(b is not None for b in biases)
         self.biases = biases
+        self._mats_key: tuple | None = None
+        self._mats: tuple | None = None
+
+    def lora_mats(self, lora: Sequence[torch.Tensor], dtype: torch.dtype):
+        """``(A_cat [R, in], [A_j [r, in]], B_blockdiag [O, R])`` in ``dtype``, computed once per parameter update.
+
+        Keyed by the adapters' version counters (the optimizer's in-place update bumps them), so the forward,
+        the recompute and the backward of one step share one cast; ``clear()`` drops it after a layer is done.
+        """
+        key = (dtype, tuple(t._version for t in lora), tuple(t.data_ptr() for t in lora))
+        if key != self._mats_key:
+            a_list = [a.detach().to(dtype) for a in lora[0::2]]
+            a_cat = torch.cat(a_list)
+            starts = _starts(self.ranks)
+            a_views = [a_cat[st:st + r] for st, r in zip(starts, self.ranks)]
+            self._mats = (a_cat, a_views, self.b_blockdiag([b.detach() for b in lora[1::2]], dtype))
+            self._mats_key = key
+        return self._mats
+
+    def clear(self) -> None:
+        self._mats_key = self._mats = None
 
     def params(self) -> list[nn.Parameter]:
         """The adapters' parameters in the order ``_GroupLinear`` takes them: A_0, B_0, A_1, B_1, ..."""
@@ -186,13 +210,11 @@ class _GroupLinear(torch.autograd.Function):
         del weight
         xa = None
         if group.adapted:
-            a_list, b_list = lora[0::2], lora[1::2]
+            a_cat, a_views, b_all = group.lora_mats(lora, dtype)  # [R, in], [r, in] each, [O, R]
             if group.no_dropout:
-                xa = x @ torch.cat([a.to(dtype) for a in a_list]).t()  # [N, R]
+                xa = x @ a_cat.t()  # [N, R]
             else:
-                xa = torch.cat([_dropped(x, group, j, seed) @ a.to(dtype).t()
-                                for j, a in zip(group.adapted, a_list)], dim=1)
-            b_all = group.b_blockdiag(b_list, dtype)  # [O, R]
+                xa = torch.cat([_dropped(x, group, j, seed) @ a.t() for j, a in zip(group.adapted, a_views)], dim=1)
             y.addmm_(xa, b_all.t())
         ctx.group, ctx.seed = group, seed
         ctx.save_for_backward(x, xa, *lora)
@@ -211,14 +233,14 @@ class _GroupLinear(torch.autograd.Function):
         grads: list[torch.Tensor | None] = []
         if group.adapted:
             a_list, b_list = lora[0::2], lora[1::2]
-            a16 = [a.to(dtype) for a in a_list]
-            dxa = dy @ group.b_blockdiag(b_list, dtype)  # [N, R], the scaling folded in
+            a_cat, a16, b_all = group.lora_mats(lora, dtype)
+            dxa = dy @ b_all  # [N, R], the scaling folded in
             row_starts = _starts(group.out_sizes)
             col_starts = _starts(group.ranks)
             if group.no_dropout:
                 da_all = dxa.t() @ x  # [R, in]
                 if dx is not None:
-                    dx.addmm_(dxa, torch.cat(a16))
+                    dx.addmm_(dxa, a_cat)
             for k, (j, a, b) in enumerate(zip(group.adapted, a_list, b_list)):
                 rows = slice(row_starts[j], row_starts[j] + group.out_sizes[j])
                 cols = slice(col_starts[k], col_starts[k] + group.ranks[k])
@@ -309,8 +331,15 @@ class _Layer:
         self.norm1, self.norm2 = block.input_layernorm, block.post_attention_layernorm
         self.intermediate = mlp.gate_proj.out_features if hasattr(mlp.gate_proj, "out_features") else None
 
+    def groups(self) -> tuple[_Group, ...]:
+        return (self.qkv, self.o, self.gate_up, self.down)
+
     def params(self) -> list[nn.Parameter]:
-        return [p for g in (self.qkv, self.o, self.gate_up, self.down) for p in g.params()]
+        return [p for g in self.groups() for p in g.params()]
+
+    def clear(self) -> None:
+        for group in self.groups():
+            group.clear()
 
 
 class FastStep:
@@ -447,6 +476,7 @@ class FastStep:
             for i in range(len(self.layers)):
                 saves.put(i, x)
                 x = self._layer_forward(i, x, cos, sin, seed + LAYER_SEEDS * i)
+                self.layers[i].clear()
         xl = x.detach().requires_grad_()
         with torch.enable_grad():
             norm = self.core.norm
@@ -458,6 +488,7 @@ class FastStep:
         for i in reversed(range(len(self.layers))):
             x_i = saves.get(i, self.device)
             dx = self._layer_backward(i, x_i, dx, cos, sin, seed + LAYER_SEEDS * i, need_dx=i > 0)
+            self.layers[i].clear()
             del x_i
         return loss
 
@@ -491,6 +522,8 @@ class FastStep:
         """
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if self.config.memory_budget_gib is not None:
+            free = min(free, self.config.memory_budget_gib * 2**30 - torch.cuda.memory_allocated(self.device))
         unit = x.numel() * x.element_size()
         inter = max((layer.intermediate or 0) for layer in self.layers) or 4 * self.hidden
         chunk = self._chunks(x.shape[0] * x.shape[1])[0].stop
