@@ -6,7 +6,8 @@ double quant (``Linear4bit``/``Params4bit``, the layers ``from_pretrained(BitsAn
 ``from_pretrained``), peft LoRA r=16 alpha 32 dropout 0.05 on all seven decoder linears, reentrant gradient
 checkpointing, bf16 autocast, bitsandbytes PagedAdamW8bit lr 1e-4. holdall: the same bf16 weights quantized by
 ``training.prepare_model(method="qlora")`` (NF4 + double quant, blocks of 64), the same LoRA settings, its fused
-step (``training.fast_step``) and its fused 8-bit AdamW. Batch 1 x ``--seq`` random tokens (labels = inputs), median
+step (``training.fast_step``; eager, eager with checkpoints offloaded to CPU, or replayed as CUDA graphs) and its
+fused 8-bit AdamW. Batch 1 x ``--seq`` random tokens (labels = inputs), median
 of ``--steps`` timed steps after ``--warmup``; peak memory is ``torch.cuda.max_memory_allocated`` from the first
 step on (bitsandbytes' paged optimizer states live outside torch's allocator and are not counted; holdall's are).
 
@@ -85,7 +86,8 @@ def build_hf(layers: int):
     return model, step, sum(p.numel() for p in params)
 
 
-def build_holdall(layers: int, offload: str, mlp_chunk: int | None = None, budget: float | None = None):
+def build_holdall(layers: int, offload: str, mlp_chunk: int | None = None, budget: float | None = None,
+                  graphs: bool = False):
     from holdall.training.fast_step import FastStep, FastStepConfig
     from holdall.training.optim import FusedAdamW8bit
     from holdall.training.qlora import prepare_model
@@ -99,7 +101,8 @@ def build_holdall(layers: int, offload: str, mlp_chunk: int | None = None, budge
     quantize_s = time.perf_counter() - t
     gc.collect()
     torch.cuda.empty_cache()
-    fast = FastStep(model, FastStepConfig(offload=offload, mlp_chunk=mlp_chunk, memory_budget_gib=budget))
+    fast = FastStep(model, FastStepConfig(offload=offload, mlp_chunk=mlp_chunk, memory_budget_gib=budget,
+                                               cuda_graphs=graphs))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = FusedAdamW8bit(params, lr=LR, weight_decay=0.0)
 
@@ -144,7 +147,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--configs", default="hf,holdall,holdall-offload")
+    ap.add_argument("--configs", default="hf,holdall,holdall-offload,holdall-graphs")
     ap.add_argument("--longest", default="", help="comma-separated sequence lengths for one holdall step each")
     ap.add_argument("--mlp-chunk", type=int, default=None)
     ap.add_argument("--card-gib", type=float, default=78.0,
@@ -165,15 +168,15 @@ def main() -> None:
         if config == "hf":
             model, step, n = build_hf(args.layers)
         else:
-            model, step, n = build_holdall(args.layers, "cpu" if config == "holdall-offload" else "none",
-                                           args.mlp_chunk)
+            offload = {"holdall": "none", "holdall-offload": "cpu", "holdall-graphs": "none"}[config]
+            model, step, n = build_holdall(args.layers, offload, args.mlp_chunk, graphs=config == "holdall-graphs")
         record = {"trainable": n, **timed(step, args.seq, args.steps, args.warmup)}
         if hasattr(step, "quantize_s"):
             record["quantize_s"] = round(step.quantize_s, 1)
         log(config, record)
         free(model, step)
     if "hf" in results:
-        for config in ("holdall", "holdall-offload"):
+        for config in ("holdall", "holdall-offload", "holdall-graphs"):
             if config in results:
                 log(f"{config}_vs_hf", {
                     "speed": round(results[config]["tokens_per_s"] / results["hf"]["tokens_per_s"], 3),

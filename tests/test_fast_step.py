@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from holdall.errors import ConfigError, UnsupportedModelError
-from holdall.training.fast_step import FastStep, FastStepConfig, _Group, _GroupLinear, lm_loss
+from holdall.training.fast_step import FastStep, FastStepConfig, _Group, _GroupLinear, _Seed, lm_loss
 from holdall.training.qlora import prepare_model
 from holdall.tuners.lora import LoraConfig
 
@@ -105,40 +105,47 @@ def test_only_some_targets():
     _assert_close_grads(ref, got, rtol=1e-4, atol=1e-6)
 
 
-def test_group_linear_with_dropout_against_autograd():
-    """The hand-written backward (masks regenerated from the seed) against autograd of the same formula."""
+def _check_group_linear_with_dropout(device: str, dtype, seed: _Seed, **tol):
     torch.manual_seed(1)
-    lin = [torch.nn.Linear(16, n, bias=False).double() for n in (8, 4, 4)]
+    lin = [torch.nn.Linear(16, n, bias=False).to(device, dtype) for n in (8, 4, 4)]
     loras = []
     for layer, p in zip(lin, (0.3, 0.0, 0.5)):
         from holdall.tuners.lora.layer import LoraLinear
 
         wrapped = LoraLinear(layer)
-        wrapped.add_adapter("a", r=2, alpha=4, dropout=p, dtype=torch.float64)
+        wrapped.add_adapter("a", r=2, alpha=4, dropout=p, dtype=dtype)
         wrapped.lora_B["a"].weight.data.normal_()
         wrapped.active_adapters = ("a",)
         loras.append(wrapped)
     group = _Group(loras)
-    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 16, dtype=dtype, device=device, requires_grad=True)
     params = group.params()
-    y = _GroupLinear.apply(x, group, 123, *params)
+    y = _GroupLinear.apply(x, group, seed, *params)
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, *params], dy)
 
-    from holdall.training.fast_step import _dropout_mask
+    from holdall.training.fast_step import _dropout
 
     x2 = x.detach().clone().requires_grad_()
     outs = []
     for j, m in enumerate(loras):
         p = m.dropout["a"]
-        xd = x2 if p == 0 else x2 * _dropout_mask(x2.detach(), p, seed=123 + j)
+        ones = torch.ones_like(x2)
+        xd = x2 * _dropout(ones, p, seed + j)  # the mask itself, as the kernel or the generator draws it
         outs.append(F.linear(x2, m.base_layer.weight)
                     + m.scaling["a"] * (xd @ m.lora_A["a"].weight.t()) @ m.lora_B["a"].weight.t())
     y_ref = torch.cat(outs, 1)
-    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(y, y_ref, **tol)
     want = torch.autograd.grad(y_ref, [x2, *params], dy)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, **tol)
+    kept = (_dropout(torch.ones(4096, dtype=dtype, device=device), 0.3, seed) != 0).float().mean()
+    assert 0.65 < float(kept) < 0.75  # the masks really drop ~p of the elements
+
+
+def test_group_linear_with_dropout_against_autograd():
+    """The hand-written backward (masks regenerated from the seed) against autograd of the same formula."""
+    _check_group_linear_with_dropout("cpu", torch.float64, _Seed(123))
 
 
 def test_lm_loss_is_cross_entropy():
@@ -232,3 +239,38 @@ def test_cuda_bf16_step_matches_the_reference(method):
             assert cos > 0.995, (name, float(cos))
             rel = (got[name] - ref[name]).norm() / ref[name].norm()
             assert rel < 0.1, (name, float(rel))
+
+
+@cuda_only
+def test_cuda_dropout_kernel_group_linear():
+    """The Triton dropout (seed read from device memory) regenerates the forward's masks in backward."""
+    seed = _Seed(0, torch.tensor([123], dtype=torch.int64, device="cuda"))
+    _check_group_linear_with_dropout("cuda", torch.float32, seed, rtol=1e-4, atol=1e-5)
+
+
+@cuda_only
+def test_cuda_graphs_match_the_eager_step():
+    """Two steps with an optimizer update between them: graphed and eager give the same losses and gradients
+    (same torch seed, so the same dropout masks), and a caller's set_to_none between steps is honoured."""
+    from holdall.training.optim import FusedAdamW8bit
+
+    results = []
+    for graphs in (False, True):
+        model = _model(layers=3, dtype=torch.bfloat16, device="cuda", dropout=0.1)
+        fast = FastStep(model, FastStepConfig(cuda_graphs=graphs, offload="none"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = FusedAdamW8bit(params, lr=1e-3)
+        ids = torch.randint(0, 96, (1, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        torch.manual_seed(7)
+        losses, grads = [], None
+        for _ in range(3):
+            losses.append(float(fast(ids)))
+            grads = [p.grad.detach().clone() for p in params]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append((losses, grads))
+    (eager_losses, eager_grads), (graph_losses, graph_grads) = results
+    assert eager_losses[0] != eager_losses[2]  # the adapters trained
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-3)
+    for g, e in zip(graph_grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=1e-4)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..kernels import available as kernels_available
 from ..kernels.dequant import stacked_weight
 from ..models import llama_ops
 from ..models.families import get_family
@@ -51,6 +52,7 @@ from ..tuners.lora import LoraLinear
 SUPPORTED = ("llama", "mistral", "qwen2")
 IGNORE_INDEX = -100
 OFFLOAD_MODES = ("none", "cpu", "auto")
+MAX_GRAPHED_SHAPES = 2
 LAYER_SEEDS = 1 << 20  # dropout seeds per layer: q/k/v, o, then 32 per MLP chunk
 
 
@@ -63,6 +65,9 @@ class FastStepConfig:
     offload: where layer checkpoints live: ``"none"`` on the device, ``"cpu"`` all in pinned CPU memory,
         ``"auto"`` on the device while they fit beside the step's working set, the rest in CPU memory.
     compile: ``torch.compile`` the pointwise ops (default: on CUDA).
+    cuda_graphs: replay each layer's forward and backward as CUDA graphs (checkpoints stay on the device; one
+        capture per batch shape, the last ``MAX_GRAPHED_SHAPES`` kept). Removes the per-op launch cost that
+        bounds a 7B step at short sequences; adapters' ``.grad`` become views of one flat buffer.
     memory_budget_gib: ``"auto"`` plans checkpoints for this much device memory (default: the device's free memory);
         for running as if on a smaller card, together with ``torch.cuda.set_per_process_memory_fraction``.
     """
@@ -72,6 +77,7 @@ class FastStepConfig:
     offload: str = "auto"
     compile: bool | None = None
     memory_budget_gib: float | None = None
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         for name in ("loss_chunk", "mlp_chunk"):
@@ -97,6 +103,8 @@ class _Member:
 class _Group:
     """Projections sharing one input: their stacked base weights and their adapters (in output order)."""
 
+    caching = True  # off while CUDA graphs are captured (the casts must be part of the graphs)
+
     def __init__(self, modules: Sequence[nn.Module]):
         self.members = [_member(m) for m in modules]
         self.bases = [m.base for m in self.members]
@@ -117,14 +125,18 @@ class _Group:
         the recompute and the backward of one step share one cast; ``clear()`` drops it after a layer is done.
         """
         key = (dtype, tuple(t._version for t in lora), tuple(t.data_ptr() for t in lora))
+        if not _Group.caching:
+            self._mats_key = None
+            return self._compute_mats(lora, dtype)
         if key != self._mats_key:
-            a_list = [a.detach().to(dtype) for a in lora[0::2]]
-            a_cat = torch.cat(a_list)
-            starts = _starts(self.ranks)
-            a_views = [a_cat[st:st + r] for st, r in zip(starts, self.ranks)]
-            self._mats = (a_cat, a_views, self.b_blockdiag([b.detach() for b in lora[1::2]], dtype))
+            self._mats = self._compute_mats(lora, dtype)
             self._mats_key = key
         return self._mats
+
+    def _compute_mats(self, lora: Sequence[torch.Tensor], dtype: torch.dtype):
+        a_cat = torch.cat([a.detach().to(dtype) for a in lora[0::2]])
+        a_views = [a_cat[st:st + r] for st, r in zip(_starts(self.ranks), self.ranks)]
+        return a_cat, a_views, self.b_blockdiag([b.detach() for b in lora[1::2]], dtype)
 
     def clear(self) -> None:
         self._mats_key = self._mats = None
@@ -181,18 +193,46 @@ def _member(module: nn.Module) -> _Member:
     raise UnsupportedModelError(f"the fast step expects linear projections, found {type(module).__name__}")
 
 
+@dataclass(frozen=True)
+class _Seed:
+    """Where a dropout mask comes from: the step's base seed plus a fixed per-call offset.
+
+    ``device`` (CUDA with Triton): a one-element int64 device tensor holding the step's base, read by the dropout
+    kernel, so CUDA graphs replay with each step's new seed. Otherwise ``base`` (a Python int) seeds a generator.
+    """
+
+    base: int
+    device: torch.Tensor | None = None
+    offset: int = 0
+
+    def __add__(self, n: int) -> "_Seed":
+        return _Seed(self.base, self.device, self.offset + n)
+
+
 _GENERATORS: dict[str, torch.Generator] = {}
 
 
-def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The ``{0, 1/(1-p)}`` mask of seed ``seed``: the same tensor in forward, recompute and backward."""
+def _dropout_mask(like: torch.Tensor, p: float, seed: _Seed) -> torch.Tensor:
+    """The plain-torch ``{0, 1/(1-p)}`` mask of ``seed``: the same tensor in forward, recompute and backward."""
     key = str(like.device)
     gen = _GENERATORS.get(key)
     if gen is None:
         gen = _GENERATORS[key] = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
+    gen.manual_seed(seed.base + seed.offset)
     mask = torch.empty_like(like).bernoulli_(1.0 - p, generator=gen)
     return mask.mul_(1.0 / (1.0 - p))
+
+
+def _dropout(x: torch.Tensor, p: float, seed: _Seed, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``dropout(x) (+ add)`` with the mask of ``seed`` (``x`` itself when ``p == 0``; never in place on ``x``)."""
+    if p == 0:
+        return x if add is None else add + x
+    if seed.device is not None and x.is_cuda and x.is_contiguous():
+        from ..kernels import triton_dropout
+
+        return triton_dropout.dropout(x, p, seed.device, seed.offset, add=add)
+    dropped = x * _dropout_mask(x, p, seed)
+    return dropped if add is None else dropped.add_(add)
 
 
 class _GroupLinear(torch.autograd.Function):
@@ -203,7 +243,7 @@ class _GroupLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: _Group, seed: int, *lora: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group: _Group, seed: _Seed, *lora: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         weight = stacked_weight(group.bases, dtype, x.device)  # [O, in]
         y = F.linear(x, weight, group.bias(dtype, x.device))
@@ -214,7 +254,8 @@ class _GroupLinear(torch.autograd.Function):
             if group.no_dropout:
                 xa = x @ a_cat.t()  # [N, R]
             else:
-                xa = torch.cat([_dropped(x, group, j, seed) @ a.t() for j, a in zip(group.adapted, a_views)], dim=1)
+                xa = torch.cat([_dropout(x, group.members[j].dropout, seed + j) @ a.t()
+                                for j, a in zip(group.adapted, a_views)], dim=1)
             y.addmm_(xa, b_all.t())
         ctx.group, ctx.seed = group, seed
         ctx.save_for_backward(x, xa, *lora)
@@ -249,20 +290,15 @@ class _GroupLinear(torch.autograd.Function):
                 if group.no_dropout:
                     da = da_all[cols]
                 else:
-                    mask = _dropout_mask(x, group.members[j].dropout, seed=ctx.seed + j)
-                    da = dxa[:, cols].t() @ (x * mask)  # [r, in]
+                    p, seed = group.members[j].dropout, ctx.seed + j
+                    da = dxa[:, cols].t() @ _dropout(x, p, seed)  # [r, in]
                     if dx is not None:
-                        dx.add_((dxa[:, cols] @ a16[k]).mul_(mask))
+                        dx = _dropout(dxa[:, cols] @ a16[k], p, seed, add=dx)  # dx + dropout'(the LoRA path)
                 grads += [da.to(a.dtype), db.to(b.dtype)]
         return (dx, None, None, *grads)
 
 
-def _dropped(x: torch.Tensor, group: _Group, j: int, seed: int) -> torch.Tensor:
-    p = group.members[j].dropout
-    return x if p == 0 else x * _dropout_mask(x, p, seed=seed + j)
-
-
-def _apply(group: _Group, x: torch.Tensor, seed: int) -> torch.Tensor:
+def _apply(group: _Group, x: torch.Tensor, seed: _Seed) -> torch.Tensor:
     return _GroupLinear.apply(x, group, seed, *group.params())
 
 
@@ -382,6 +418,8 @@ class FastStep:
         self.ops = _compiled_ops() if use_compile else _EAGER_OPS
         self._host_cache: dict = {}
         self.last_on_device: int | None = None  # checkpoints the last step kept on the device
+        self._seed_dev: torch.Tensor | None = None
+        self._graphs: dict[tuple, _GraphedLayers] = {}
 
     def _check_trainable(self) -> None:
         adapters = {id(p) for layer in self.layers for p in layer.params()}
@@ -395,7 +433,7 @@ class FastStep:
             raise ConfigError("no LoRA adapter on the decoder projections: nothing for the fast step to train")
 
     # -- the layer pieces --
-    def _attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seed: int) -> torch.Tensor:
+    def _attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seed: _Seed) -> torch.Tensor:
         """``o_proj(attention(norm1(x)))`` ``[B, S, hidden]``."""
         layer = self.layers[i]
         b, s, _ = x.shape
@@ -411,7 +449,7 @@ class FastStep:
         attn = attn.transpose(1, 2).reshape(b * s, nh * d)
         return _apply(layer.o, attn, seed + 8).view(b, s, -1)
 
-    def _mlp(self, i: int, x2: torch.Tensor, seed: int) -> torch.Tensor:
+    def _mlp(self, i: int, x2: torch.Tensor, seed: _Seed) -> torch.Tensor:
         """``down(silu(gate(norm2(x2))) * up(norm2(x2)))`` for a chunk of tokens ``[n, hidden]``."""
         layer = self.layers[i]
         h = self.ops.rms_norm(x2, layer.norm2.weight, layer.norm2.variance_epsilon)
@@ -423,7 +461,7 @@ class FastStep:
         size = self.config.mlp_chunk or (n if n <= 8192 else 8192)
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _layer_forward(self, i: int, x: torch.Tensor, cos, sin, seed: int) -> torch.Tensor:
+    def _layer_forward(self, i: int, x: torch.Tensor, cos, sin, seed: _Seed) -> torch.Tensor:
         x2 = x + self._attention(i, x, cos, sin, seed)
         flat = x2.view(-1, self.hidden)
         out = torch.empty_like(flat)
@@ -431,7 +469,7 @@ class FastStep:
             out[rows] = flat[rows] + self._mlp(i, flat[rows], seed + 16 + 32 * c)
         return out.view_as(x)
 
-    def _layer_backward(self, i: int, x: torch.Tensor, dout: torch.Tensor, cos, sin, seed: int,
+    def _layer_backward(self, i: int, x: torch.Tensor, dout: torch.Tensor, cos, sin, seed: _Seed,
                         need_dx: bool) -> torch.Tensor | None:
         """Recompute layer i from its input with autograd and backpropagate ``dout``; returns d(loss)/dx."""
         xg = x.detach().requires_grad_(need_dx)
@@ -467,7 +505,9 @@ class FastStep:
                 f"the model attends over a sliding window of {self.window} tokens and the fast step attends over the "
                 f"whole sequence; use sequences of at most {self.window} tokens or the standard path"
             )
-        seed = int(torch.randint(0, 2**40, (1,)).item())  # the step's dropout masks (torch's seed decides)
+        seed = self._seed(int(torch.randint(0, 2**40, (1,)).item()))  # torch's seed decides the step's masks
+        if self._use_graphs(ids):
+            return self._graphed_step(ids, labels, seed)
         positions = torch.arange(s, device=self.device)[None].expand(b, s)
         with torch.no_grad():
             x = F.embedding(ids, self.core.embed_tokens.weight)  # [B, S, hidden]
@@ -477,19 +517,65 @@ class FastStep:
                 saves.put(i, x)
                 x = self._layer_forward(i, x, cos, sin, seed + LAYER_SEEDS * i)
                 self.layers[i].clear()
+        loss, dx = self._loss_and_grad(x, labels)
+        del x
+        for i in reversed(range(len(self.layers))):
+            x_i = saves.get(i, self.device)
+            dx = self._layer_backward(i, x_i, dx, cos, sin, seed + LAYER_SEEDS * i, need_dx=i > 0)
+            self.layers[i].clear()
+            del x_i
+        return loss
+
+    def _loss_and_grad(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of the last layer's output ``x`` and its gradient w.r.t. ``x`` (through the final norm)."""
         xl = x.detach().requires_grad_()
         with torch.enable_grad():
             norm = self.core.norm
             hn = self.ops.rms_norm(xl, norm.weight, norm.variance_epsilon)
         loss, dhn = lm_loss(hn.detach(), self._head_weight(), labels, self.config.loss_chunk)
         torch.autograd.backward(hn, dhn)
-        dx = xl.grad
-        del x, xl, hn, dhn
-        for i in reversed(range(len(self.layers))):
-            x_i = saves.get(i, self.device)
-            dx = self._layer_backward(i, x_i, dx, cos, sin, seed + LAYER_SEEDS * i, need_dx=i > 0)
-            self.layers[i].clear()
-            del x_i
+        return loss, xl.grad
+
+    def _seed(self, value: int) -> _Seed:
+        if self.device.type == "cuda" and kernels_available():
+            if self._seed_dev is None:
+                self._seed_dev = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._seed_dev.fill_(value)
+            return _Seed(value, self._seed_dev)
+        return _Seed(value)
+
+    # -- CUDA graphs --
+    def _use_graphs(self, ids: torch.Tensor) -> bool:
+        if not self.config.cuda_graphs or self.device.type != "cuda" or not kernels_available():
+            return False
+        if self.config.offload == "cpu":
+            raise ConfigError("cuda_graphs keeps every checkpoint on the device; use offload='none' or 'auto' with it")
+        if self.config.offload == "auto" and self._fitting_checkpoints_for(ids) < len(self.layers):
+            return False  # the checkpoints do not fit on the device: the eager path offloads them
+        return True
+
+    def _fitting_checkpoints_for(self, ids: torch.Tensor) -> int:
+        return self._fitting_checkpoints(torch.empty(*ids.shape, self.hidden, dtype=self.dtype, device="meta"))
+
+    def _graphed_step(self, ids: torch.Tensor, labels: torch.Tensor, seed: _Seed) -> torch.Tensor:
+        """The step as 2 x layers replayed CUDA graphs (one per layer forward, one per layer backward) around
+        the eager loss: one launch per layer instead of hundreds. Graphs are captured per batch shape."""
+        shape = tuple(ids.shape)
+        graphed = self._graphs.get(shape)
+        if graphed is None:
+            while len(self._graphs) >= MAX_GRAPHED_SHAPES:
+                self._graphs.pop(next(iter(self._graphs)))
+            graphed = self._graphs[shape] = _GraphedLayers(self, ids, seed)
+        with torch.no_grad():
+            graphed.x[0].copy_(F.embedding(ids, self.core.embed_tokens.weight))
+        for graph in graphed.forward:
+            graph.replay()
+        loss, dx = self._loss_and_grad(graphed.x[-1], labels)
+        graphed.dout[len(self.layers) % 2].copy_(dx)
+        del dx
+        graphed.attach_grads()
+        for graph in graphed.backward:
+            graph.replay()
         return loss
 
     __call__ = step
@@ -515,10 +601,10 @@ class FastStep:
     def _fitting_checkpoints(self, x: torch.Tensor) -> int:
         """How many layer inputs fit on the device beside the step's working set (the rest go to CPU memory).
 
-        The working set of one layer's backward is ~24 hidden-sized activations (q/k/v and their gradients, the
-        attention output, the layer's input, output and their gradients, flash attention's float32 buffers) plus
-        the MLP chunk's ``[chunk, intermediate]`` tensors and the loss chunk's logits; a quarter more is kept
-        back for the allocator's fragmentation.
+        The working set of one layer's backward measured ~15 hidden-sized ``[B, S, hidden]`` activations on a
+        7B shape at 64k and 128k tokens (q/k/v and their gradients, the attention output, the layer's input,
+        output and their gradients, the attention's float32 buffers); planned as 16 plus the MLP chunk's
+        ``[chunk, intermediate]`` tensors and the loss chunk's logits, with 15% kept back for fragmentation.
         """
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
@@ -529,8 +615,93 @@ class FastStep:
         chunk = self._chunks(x.shape[0] * x.shape[1])[0].stop
         mlp = 8 * chunk * inter * x.element_size()
         logits = self.config.loss_chunk * self.head.out_features * 6
-        working = (24 * unit + mlp + logits) * 1.25
+        working = (16 * unit + mlp + logits) * 1.15
         return max(0, int((free - working) // unit))
+
+
+class _GraphedLayers:
+    """One batch shape's captured layers: static checkpoint buffers ``x[0..L]``, two gradient buffers, the graphs.
+
+    Forward graph i reads ``x[i]`` and writes ``x[i + 1]``; backward graph i reads ``x[i]`` and the gradient of
+    ``x[i + 1]`` (``dout[(i + 1) % 2]``) and writes the gradient of ``x[i]`` into ``dout[i % 2]``, accumulating the
+    adapters' gradients into fixed buffers (``attach_grads`` puts them back under ``.grad`` when a caller set
+    them to None or replaced them). Dropout seeds are read from the step's device seed, so replays draw new masks.
+    """
+
+    def __init__(self, fast: "FastStep", ids: torch.Tensor, seed: _Seed):
+        n = len(fast.layers)
+        b, s = ids.shape
+        dev, dtype = fast.device, fast.dtype
+        self.params = [p for layer in fast.layers for p in layer.params()]
+        self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype, device=dev)
+        self.grads = [g.view_as(p) for p, g in zip(self.params, self.flat.split([p.numel() for p in self.params]))]
+        self.x = [torch.empty(b, s, fast.hidden, dtype=dtype, device=dev) for _ in range(n + 1)]
+        self.dout = [torch.empty(b, s, fast.hidden, dtype=dtype, device=dev) for _ in range(2)]
+        with torch.no_grad():
+            self.x[0].copy_(F.embedding(ids, fast.core.embed_tokens.weight))
+            positions = torch.arange(s, device=dev)[None].expand(b, s)
+            self.cos, self.sin = fast.core.rotary_emb(self.x[0], positions)
+        kept = [p.grad for p in self.params]
+        self._attach()
+        _Group.caching = False  # the adapters' casts must be recorded in the graphs, not cached beside them
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles, autotunes and allocates before capture
+                self._run_forward(fast, range(n), seed)
+                self.dout[n % 2].normal_(0, 1e-3)
+                self._run_backward(fast, reversed(range(n)), seed)
+            torch.cuda.current_stream().wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            self.forward, self.backward = [], []
+            for i in range(n):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._run_forward(fast, [i], seed)
+                self.forward.append(graph)
+            for i in reversed(range(n)):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._run_backward(fast, [i], seed)
+                self.backward.append(graph)
+        finally:
+            _Group.caching = True
+        self.flat.zero_()  # the warm-up's gradients are not the caller's
+        for p, g, old in zip(self.params, self.grads, kept):
+            if old is not None:
+                g.copy_(old)
+
+    def _run_forward(self, fast: "FastStep", layers, seed: _Seed) -> None:
+        with torch.no_grad():
+            for i in layers:
+                self.x[i + 1].copy_(fast._layer_forward(i, self.x[i], self.cos, self.sin, seed + LAYER_SEEDS * i))
+
+    def _run_backward(self, fast: "FastStep", layers, seed: _Seed) -> None:
+        for i in layers:
+            dx = fast._layer_backward(i, self.x[i], self.dout[(i + 1) % 2], self.cos, self.sin,
+                                      seed + LAYER_SEEDS * i, need_dx=i > 0)
+            if dx is not None:
+                self.dout[i % 2].copy_(dx)
+            del dx
+
+    def _attach(self) -> None:
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+
+    def attach_grads(self) -> None:
+        """Make every adapter's ``.grad`` the buffer the graphs accumulate into, keeping what it held."""
+        current = [p.grad for p in self.params]
+        if all(c is not None and c.data_ptr() == g.data_ptr() for c, g in zip(current, self.grads)):
+            return
+        if all(c is None for c in current):
+            self.flat.zero_()
+        else:
+            for c, g in zip(current, self.grads):
+                if c is None:
+                    g.zero_()
+                elif c.data_ptr() != g.data_ptr():
+                    g.copy_(c)
+        self._attach()
 
 
 def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
