@@ -132,6 +132,7 @@ def timed(step, seq: int, steps: int, warmup: int) -> dict:
     med = statistics.median(times[warmup:])
     return {"step_s": round(med, 4), "tokens_per_s": round(seq / med, 1),
             "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 3),
             "first_step_s": round(times[0], 2), "losses": [round(v, 4) for v in losses]}
 
 
@@ -139,6 +140,7 @@ def free(*objs):
     del objs
     gc.collect()
     torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
 
 
 def main() -> None:
@@ -147,7 +149,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--configs", default="hf,holdall,holdall-offload,holdall-graphs")
+    ap.add_argument("--configs", default="hf,holdall,holdall-offload,holdall-graphs,holdall-graphs-offload")
     ap.add_argument("--longest", default="", help="comma-separated sequence lengths for one holdall step each")
     ap.add_argument("--mlp-chunk", type=int, default=None)
     ap.add_argument("--card-gib", type=float, default=78.0,
@@ -168,15 +170,17 @@ def main() -> None:
         if config == "hf":
             model, step, n = build_hf(args.layers)
         else:
-            offload = {"holdall": "none", "holdall-offload": "cpu", "holdall-graphs": "none"}[config]
-            model, step, n = build_holdall(args.layers, offload, args.mlp_chunk, graphs=config == "holdall-graphs")
+            offload = {"holdall": "none", "holdall-offload": "cpu", "holdall-graphs": "none",
+                       "holdall-graphs-offload": "cpu"}[config]
+            model, step, n = build_holdall(args.layers, offload, args.mlp_chunk, graphs="graphs" in config)
         record = {"trainable": n, **timed(step, args.seq, args.steps, args.warmup)}
         if hasattr(step, "quantize_s"):
             record["quantize_s"] = round(step.quantize_s, 1)
         log(config, record)
-        free(model, step)
+        del model, step
+        free()
     if "hf" in results:
-        for config in ("holdall", "holdall-offload", "holdall-graphs"):
+        for config in ("holdall", "holdall-offload", "holdall-graphs", "holdall-graphs-offload"):
             if config in results:
                 log(f"{config}_vs_hf", {
                     "speed": round(results[config]["tokens_per_s"] / results["hf"]["tokens_per_s"], 3),

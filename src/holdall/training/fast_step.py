@@ -65,9 +65,10 @@ class FastStepConfig:
     offload: where layer checkpoints live: ``"none"`` on the device, ``"cpu"`` all in pinned CPU memory,
         ``"auto"`` on the device while they fit beside the step's working set, the rest in CPU memory.
     compile: ``torch.compile`` the pointwise ops (default: on CUDA).
-    cuda_graphs: replay each layer's forward and backward as CUDA graphs (checkpoints stay on the device; one
-        capture per batch shape, the last ``MAX_GRAPHED_SHAPES`` kept). Removes the per-op launch cost that
-        bounds a 7B step at short sequences; adapters' ``.grad`` become views of one flat buffer.
+    cuda_graphs: replay each layer's forward and backward as CUDA graphs (one capture per batch shape, the last
+        ``MAX_GRAPHED_SHAPES`` kept; checkpoints offloaded as ``offload`` says, through two device buffers).
+        Removes the per-op launch cost that bounds a 7B step at short sequences; adapters' ``.grad`` become views
+        of one flat buffer.
     memory_budget_gib: ``"auto"`` plans checkpoints for this much device memory (default: the device's free memory);
         for running as if on a smaller card, together with ``torch.cuda.set_per_process_memory_fraction``.
     """
@@ -548,11 +549,13 @@ class FastStep:
     def _use_graphs(self, ids: torch.Tensor) -> bool:
         if not self.config.cuda_graphs or self.device.type != "cuda" or not kernels_available():
             return False
-        if self.config.offload == "cpu":
-            raise ConfigError("cuda_graphs keeps every checkpoint on the device; use offload='none' or 'auto' with it")
-        if self.config.offload == "auto" and self._fitting_checkpoints_for(ids) < len(self.layers):
-            return False  # the checkpoints do not fit on the device: the eager path offloads them
         return True
+
+    def _graph_offload(self, ids: torch.Tensor) -> bool:
+        """Graphs keep two checkpoint buffers on the device and the rest in pinned CPU memory ("cpu", or "auto"
+        when the checkpoints do not all fit beside the working set)."""
+        mode = self.config.offload
+        return mode == "cpu" or (mode == "auto" and self._fitting_checkpoints_for(ids) < len(self.layers))
 
     def _fitting_checkpoints_for(self, ids: torch.Tensor) -> int:
         return self._fitting_checkpoints(torch.empty(*ids.shape, self.hidden, dtype=self.dtype, device="meta"))
@@ -565,17 +568,15 @@ class FastStep:
         if graphed is None:
             while len(self._graphs) >= MAX_GRAPHED_SHAPES:
                 self._graphs.pop(next(iter(self._graphs)))
-            graphed = self._graphs[shape] = _GraphedLayers(self, ids, seed)
+            graphed = self._graphs[shape] = _GraphedLayers(self, ids, seed, self._graph_offload(ids))
         with torch.no_grad():
             graphed.x[0].copy_(F.embedding(ids, self.core.embed_tokens.weight))
-        for graph in graphed.forward:
-            graph.replay()
+        graphed.replay_forward()
         loss, dx = self._loss_and_grad(graphed.x[-1], labels)
         graphed.dout[len(self.layers) % 2].copy_(dx)
         del dx
         graphed.attach_grads()
-        for graph in graphed.backward:
-            graph.replay()
+        graphed.replay_backward()
         return loss
 
     __call__ = step
@@ -626,16 +627,28 @@ class _GraphedLayers:
     ``x[i + 1]`` (``dout[(i + 1) % 2]``) and writes the gradient of ``x[i]`` into ``dout[i % 2]``, accumulating the
     adapters' gradients into fixed buffers (``attach_grads`` puts them back under ``.grad`` when a caller set
     them to None or replaced them). Dropout seeds are read from the step's device seed, so replays draw new masks.
+
+    ``offload``: ``x[i]`` is one of two device buffers (``x[i] is buf[i % 2]``) and checkpoints live in pinned CPU
+    memory: after ``x[i]`` is written it is copied out on a side stream (graph ``i + 1``, which overwrites that
+    buffer, waits for the copy), and in backward ``x[i - 1]`` is copied back in while graph ``i`` runs.
     """
 
-    def __init__(self, fast: "FastStep", ids: torch.Tensor, seed: _Seed):
+    def __init__(self, fast: "FastStep", ids: torch.Tensor, seed: _Seed, offload: bool = False):
         n = len(fast.layers)
+        self.n, self.offload = n, offload
         b, s = ids.shape
         dev, dtype = fast.device, fast.dtype
         self.params = [p for layer in fast.layers for p in layer.params()]
         self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype, device=dev)
         self.grads = [g.view_as(p) for p, g in zip(self.params, self.flat.split([p.numel() for p in self.params]))]
-        self.x = [torch.empty(b, s, fast.hidden, dtype=dtype, device=dev) for _ in range(n + 1)]
+        if offload:
+            pair = [torch.empty(b, s, fast.hidden, dtype=dtype, device=dev) for _ in range(2)]
+            self.x = [pair[i % 2] for i in range(n + 1)]
+            # x[0..n-2] are overwritten during the forward; x[n-1] and x[n] are still in their buffers after it
+            self.host = [torch.empty(b, s, fast.hidden, dtype=dtype, pin_memory=True) for _ in range(max(n - 1, 0))]
+            self.copy_stream = torch.cuda.Stream()
+        else:
+            self.x = [torch.empty(b, s, fast.hidden, dtype=dtype, device=dev) for _ in range(n + 1)]
         self.dout = [torch.empty(b, s, fast.hidden, dtype=dtype, device=dev) for _ in range(2)]
         with torch.no_grad():
             self.x[0].copy_(F.embedding(ids, fast.core.embed_tokens.weight))
@@ -670,6 +683,32 @@ class _GraphedLayers:
         for p, g, old in zip(self.params, self.grads, kept):
             if old is not None:
                 g.copy_(old)
+
+    def replay_forward(self) -> None:
+        main = torch.cuda.current_stream()
+        copied: list[torch.cuda.Event | None] = [None] * self.n
+        for i, graph in enumerate(self.forward):
+            if self.offload and i <= self.n - 2:  # save x[i] before graph i + 1 overwrites its buffer
+                self.copy_stream.wait_stream(main)
+                with torch.cuda.stream(self.copy_stream):
+                    self.host[i].copy_(self.x[i], non_blocking=True)
+                    copied[i] = self.copy_stream.record_event()
+            if self.offload and i >= 1 and copied[i - 1] is not None:
+                main.wait_event(copied[i - 1])  # graph i writes the buffer that held x[i - 1]
+            graph.replay()
+
+    def replay_backward(self) -> None:
+        main = torch.cuda.current_stream()
+        for graph, i in zip(self.backward, reversed(range(self.n))):
+            loaded = None
+            if self.offload and i >= 1:  # bring x[i - 1] back while graph i runs (it reads the other buffer)
+                self.copy_stream.wait_stream(main)
+                with torch.cuda.stream(self.copy_stream):
+                    self.x[i - 1].copy_(self.host[i - 1], non_blocking=True)
+                    loaded = self.copy_stream.record_event()
+            graph.replay()
+            if loaded is not None:
+                main.wait_event(loaded)
 
     def _run_forward(self, fast: "FastStep", layers, seed: _Seed) -> None:
         with torch.no_grad():
