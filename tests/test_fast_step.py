@@ -275,3 +275,31 @@ def test_cuda_graphs_match_the_eager_step():
         torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-3)
         for g, e in zip(graph_grads, eager_grads):
             torch.testing.assert_close(g, e, rtol=2e-2, atol=1e-4)
+
+
+def test_padding_rules():
+    model = _model()
+    fast = FastStep(model)
+    ids = torch.randint(0, 96, (2, 8))
+    labels = ids.clone()
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with pytest.raises(ConfigError, match="label -100"):
+        fast(ids, labels, mask)
+    labels[1, 6:] = -100
+    fast(ids, labels, mask)  # right padding with unscored pads: fine
+    mask[0, 0] = 0
+    with pytest.raises(ConfigError, match="right padding"):
+        fast(ids, labels, mask)
+
+
+def test_grad_scale_scales_the_gradients_only():
+    model = _model()
+    ids = torch.randint(0, 96, (1, 12))
+    loss_a, grads_a = _fast(model, ids, ids)
+    model.zero_grad(set_to_none=True)
+    loss_b = FastStep(model)(ids, ids, grad_scale=0.25)
+    grads_b = _adapter_grads(model)
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name] * 0.25, rtol=1e-5, atol=1e-8)

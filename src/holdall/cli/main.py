@@ -406,7 +406,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup", type=float, default=0.03, help="< 1: fraction of the steps; >= 1: steps")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"], default="adamw")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "fused_adamw8bit"],
+                   default="adamw")
+    p.add_argument("--fast-step", action="store_true",
+                   help="the fused LoRA/QLoRA step (Llama/Mistral/Qwen2; grouped projections, hand-written backward, "
+                   "chunked loss; its own checkpointing)")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --fast-step on a GPU: replay layers as CUDA graphs")
     p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--packing", action="store_true", help="pack examples into full max-len sequences")
     p.add_argument("--eval-fraction", type=float, default=0.0, help="held-out share of the data for eval loss")
@@ -435,7 +440,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype, device=args.device, seed=args.seed, progress=not args.json,
         base_quant=args.base_quant, calib=args.calib, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, base_act_order=not args.no_base_act_order,
-        base_refit_scales=not args.no_base_refit,
+        base_refit_scales=not args.no_base_refit, fast_step=args.fast_step, cuda_graphs=args.cuda_graphs,
     )
     result = finetune(args.model, args.data, config, args.output, resume=args.resume)
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}

@@ -420,6 +420,7 @@ class FastStep:
         self._host_cache: dict = {}
         self.last_on_device: int | None = None  # checkpoints the last step kept on the device
         self._seed_dev: torch.Tensor | None = None
+        self._grad_scale = 1.0
         self._graphs: dict[tuple, _GraphedLayers] = {}
 
     def _check_trainable(self) -> None:
@@ -493,13 +494,23 @@ class FastStep:
         return dx2.view_as(x).add_(xg.grad)
 
     # -- the whole step --
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, grad_scale: float = 1.0) -> torch.Tensor:
+        """Loss of the batch; its gradient (times ``grad_scale``, e.g. a micro-batch's share of the targets under
+        gradient accumulation) is added to the adapters' ``.grad``.
+
+        attention_mask: optional; only right padding is supported (each row ``1..1 0..0``), whose padded
+        positions must carry label -100 (``training.data.collate`` does both).
+        """
         ids = input_ids.to(self.device)
         if ids.dim() != 2:
             raise ConfigError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
         labels = ids if labels is None else labels.to(self.device)
         if labels.shape != ids.shape:
             raise ConfigError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(ids.shape)}")
+        if attention_mask is not None:
+            _check_right_padded(attention_mask.to(self.device), labels)
+        self._grad_scale = float(grad_scale)
         b, s = ids.shape
         if self.window is not None and s > self.window:
             raise ConfigError(
@@ -534,6 +545,8 @@ class FastStep:
             norm = self.core.norm
             hn = self.ops.rms_norm(xl, norm.weight, norm.variance_epsilon)
         loss, dhn = lm_loss(hn.detach(), self._head_weight(), labels, self.config.loss_chunk)
+        if self._grad_scale != 1.0:
+            dhn.mul_(self._grad_scale)
         torch.autograd.backward(hn, dhn)
         return loss, xl.grad
 
@@ -741,6 +754,20 @@ class _GraphedLayers:
                 elif c.data_ptr() != g.data_ptr():
                     g.copy_(c)
         self._attach()
+
+
+def _check_right_padded(mask: torch.Tensor, labels: torch.Tensor) -> None:
+    """The fast step attends causally over every position: padding must be at the right end and unscored."""
+    if mask.shape != labels.shape:
+        raise ConfigError(f"attention_mask {tuple(mask.shape)} must have the shape of input_ids {tuple(labels.shape)}")
+    m = mask.to(torch.int64)
+    if bool((m[:, 1:] > m[:, :-1]).any()):
+        raise ConfigError(
+            "the fast step supports right padding only (each attention_mask row 1..1 0..0); left-padded or packed "
+            "masks need the standard path (fast_step=False)"
+        )
+    if bool(((m == 0) & (labels != IGNORE_INDEX)).any()):
+        raise ConfigError("padded positions (attention_mask 0) must have label -100")
 
 
 def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):

@@ -61,7 +61,7 @@ class FinetuneConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "fused_adamw8bit"] = "adamw"
     # data
     max_len: int = 512
     packing: bool = False
@@ -71,6 +71,8 @@ class FinetuneConfig:
     save_every: int | None = None
     log_every: int = 1
     gradient_checkpointing: bool = True
+    fast_step: bool = False  # training.fast_step: fused LoRA/QLoRA step (Llama-shaped models, LoRA-only training)
+    cuda_graphs: bool = False  # with fast_step on a GPU: replay each layer as CUDA graphs
     seed: int = 0
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str | None = None  # None: cuda when available, else cpu
@@ -92,6 +94,8 @@ class FinetuneConfig:
             )
         if self.calib is not None and self.base_quant != "gptq":
             raise ConfigError("calib (calibration text) is used by base_quant='gptq' only (CLI: --base-quant gptq)")
+        if self.cuda_graphs and not self.fast_step:
+            raise ConfigError("cuda_graphs replays the fast step; set fast_step=True too (CLI: --fast-step)")
         self.qlora_base()  # validates the base-quantization fields
         self.lora_config()  # validates r / alpha / dropout / targets now, not after the model has loaded
         self.trainer_config(None)  # validates the optimisation fields
@@ -116,13 +120,16 @@ class FinetuneConfig:
             grad_accum=self.grad_accum, warmup=self.warmup, schedule=self.schedule, max_grad_norm=self.max_grad_norm,
             weight_decay=self.weight_decay, optimizer=self.optimizer, eval_every=self.eval_every,
             save_every=self.save_every, log_every=self.log_every, seed=self.seed, autocast_dtype=autocast_dtype,
-            progress=self.progress,
+            progress=self.progress, fast_step=self.fast_step, cuda_graphs=self.cuda_graphs,
         )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if self.base_quant == "rtn":  # the base-quantization knobs mean nothing then: records (and the pipeline's
             for key in _BASE_QUANT_FIELDS:  # stage fingerprints) stay exactly as they were before these fields existed
+                del data[key]
+        if not self.fast_step:  # likewise for the fast step's switches
+            for key in ("fast_step", "cuda_graphs"):
                 del data[key]
         return data
 

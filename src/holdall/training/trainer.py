@@ -66,6 +66,10 @@ class TrainerConfig:
     seed: int = 0
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: run forward/backward under autocast
     progress: bool = True
+    # LoRA on a Llama-shaped model: training.fast_step's fused step (its own checkpointing; in the model's dtype,
+    # autocast unused); cuda_graphs replays it as CUDA graphs on a GPU
+    fast_step: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -158,6 +162,7 @@ class Trainer:
         self.batch_index = 0  # micro-batches consumed since the start of training: the data position
         self.tokens = 0
         self.history: list[dict] = []
+        self._fast_step = None  # training.fast_step.FastStep, built on the first step when config.fast_step
 
     # --- data order ------------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -195,12 +200,17 @@ class Trainer:
         loss_sum = 0.0
         tokens = 0
         for batch, n_targets in zip(batches, targets):
-            with self._autocast():
-                loss = self.model(**batch).loss  # mean over this micro-batch's targets
             if n_targets == 0:
                 continue  # (all labels masked: HF returns NaN for an empty mean; nothing to learn here)
-            self._check_finite(loss, "loss")
-            (loss * (n_targets / total_targets)).backward()
+            if cfg.fast_step:  # loss and gradients in one fused pass (the gradients already scaled)
+                loss = self._fast()(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                    grad_scale=n_targets / total_targets)
+                self._check_finite(loss, "loss")
+            else:
+                with self._autocast():
+                    loss = self.model(**batch).loss  # mean over this micro-batch's targets
+                self._check_finite(loss, "loss")
+                (loss * (n_targets / total_targets)).backward()
             loss_sum += float(loss.detach()) * n_targets
             tokens += int(batch["attention_mask"].sum())
         grad_norm = self._clip()
@@ -212,6 +222,13 @@ class Trainer:
         self.step += 1
         self.tokens += tokens
         return {"step": self.step, "loss": loss_sum / total_targets, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _fast(self):
+        if self._fast_step is None:
+            from .fast_step import FastStep, FastStepConfig
+
+            self._fast_step = FastStep(self.model, FastStepConfig(cuda_graphs=self.config.cuda_graphs))
+        return self._fast_step
 
     def _clip(self) -> float | None:
         if self.config.max_grad_norm is None:
