@@ -152,10 +152,7 @@ class AdamW8bit(torch.optim.Optimizer):
     # -- the update --
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -199,6 +196,14 @@ class AdamW8bit(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes held by the moment states (codes, absmax, float32 moments; the step counters excluded)."""
         return state_bytes(self)
+
+
+def _run_closure(closure):
+    """torch.optim's closure convention: re-evaluate the loss with gradients enabled (None without a closure)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _adamw(p32: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, group: dict, step: float) -> None:
@@ -254,10 +259,7 @@ class FusedAdamW8bit(AdamW8bit):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         if self._buckets is None:
             self._buckets = self._make_buckets()
         for group, members in self._buckets:
