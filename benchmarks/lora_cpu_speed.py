@@ -12,7 +12,10 @@ the packaged GGUF), sequences of 512 tokens, batch 1, LoRA r=16 alpha 32 dropout
 * ``holdall-lora``    holdall's fine-tuning path on the fp32 base;
 * ``holdall-qlora``   holdall's path on the NF4 + double-quant base, compute dtype as finetune picks it ("auto":
                       bf16 autocast on CPUs with native bf16 math — AVX512-BF16/AMX — else fp32);
-* ``holdall-qlora-fp32`` the same with fp32 compute forced (what a CPU without native bf16 gets).
+* ``holdall-qlora-fp32`` the same with fp32 compute forced (what a CPU without native bf16 gets);
+* ``holdall-lora-fast`` / ``holdall-qlora-fast`` the same as holdall-lora / holdall-qlora with ``fast_step=True``
+                      (``training.fast_step``: it computes in the loaded model's dtype — fp32 for LoRA, bf16 for
+                      QLoRA on a CPU with native bf16 — and does its own checkpointing).
 
 The holdall configurations run what ``holdall.training.finetune`` runs, step for step: ``load_model`` ->
 ``prepare_model`` (quantize for qlora, ``add_lora``, gradient checkpointing) -> ``Trainer.train`` with the
@@ -49,11 +52,13 @@ import torch
 SEQ = 512
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-4
-CONFIGS = ("peft-lora", "peft-bnb-qlora", "holdall-lora", "holdall-qlora", "holdall-qlora-fp32")
+CONFIGS = ("peft-lora", "peft-bnb-qlora", "holdall-lora", "holdall-qlora", "holdall-qlora-fp32", "holdall-lora-fast",
+           "holdall-qlora-fast")
 # holdall configuration -> (method, compute dtype setting). LoRA is compared in fp32, like peft's; QLoRA uses
 # what finetune picks ("auto": bf16 on CPUs with native bf16 math, else fp32) and, for reference, forced fp32.
-HOLDALL = {"holdall-lora": ("lora", "float32"), "holdall-qlora": ("qlora", "auto"),
-           "holdall-qlora-fp32": ("qlora", "float32")}
+HOLDALL = {"holdall-lora": ("lora", "float32", False), "holdall-qlora": ("qlora", "auto", False),
+           "holdall-qlora-fp32": ("qlora", "float32", False), "holdall-lora-fast": ("lora", "float32", True),
+           "holdall-qlora-fast": ("qlora", "auto", True)}
 BASELINE = "peft-lora"
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -153,7 +158,7 @@ def run_peft(qlora: bool, steps: int, warmup: int) -> dict:
 
 
 # --- holdall ------------------------------------------------------------------------------------------------------
-def run_holdall(method: str, compute: str, steps: int, warmup: int) -> dict:
+def run_holdall(method: str, compute: str, fast: bool, steps: int, warmup: int) -> dict:
     """finetune()'s path: load_model -> prepare_model -> Trainer.train, on pre-packed full windows."""
     from holdall.models import load_model
     from holdall.training import FinetuneConfig, Trainer, prepare_model
@@ -162,7 +167,7 @@ def run_holdall(method: str, compute: str, steps: int, warmup: int) -> dict:
     config = FinetuneConfig(
         method=method, r=R, alpha=ALPHA, dropout=DROPOUT, targets="all-linear", lr=LR, max_steps=steps + warmup,
         warmup=0, schedule="constant", optimizer="adamw", max_len=SEQ, gradient_checkpointing=True,
-        device="cpu", progress=False, log_every=1, compute_dtype=compute,
+        device="cpu", progress=False, log_every=1, compute_dtype=compute, fast_step=fast,
     )
     dtype = pick_compute_dtype(config.compute_dtype, torch.device("cpu"))  # bf16 where the CPU has native bf16
     torch.manual_seed(config.seed)
@@ -260,7 +265,8 @@ def ratios(results: dict) -> dict:
     out = {}
     if not base or "error" in base:
         return out
-    for config in ("holdall-qlora", "holdall-qlora-fp32", "holdall-lora", "peft-bnb-qlora"):
+    for config in ("holdall-qlora", "holdall-qlora-fp32", "holdall-lora", "holdall-lora-fast", "holdall-qlora-fast",
+                   "peft-bnb-qlora"):
         run = results.get(config)
         if run and "error" not in run:
             out[f"{config} / {BASELINE}"] = {

@@ -303,3 +303,13 @@ def test_grad_scale_scales_the_gradients_only():
     assert torch.equal(loss_a, loss_b)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name] * 0.25, rtol=1e-5, atol=1e-8)
+
+
+def test_eval_mode_turns_dropout_off_like_the_reference():
+    model = _model(dropout=0.3)
+    model.eval()
+    ids = torch.randint(0, 96, (1, 16))
+    ref_loss, ref = _reference(model, ids, ids)
+    loss, got = _fast(model, ids, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_close_grads(ref, got, rtol=1e-4, atol=1e-6)
