@@ -105,7 +105,7 @@ def test_only_some_targets():
     _assert_close_grads(ref, got, rtol=1e-4, atol=1e-6)
 
 
-def _check_group_linear_with_dropout(device: str, dtype, seed: _Seed, **tol):
+def _check_group_linear_with_dropout(device: str, dtype, seed: _Seed, keep_masks: bool = True, **tol):
     torch.manual_seed(1)
     lin = [torch.nn.Linear(16, n, bias=False).to(device, dtype) for n in (8, 4, 4)]
     loras = []
@@ -120,7 +120,7 @@ def _check_group_linear_with_dropout(device: str, dtype, seed: _Seed, **tol):
     group = _Group(loras)
     x = torch.randn(5, 16, dtype=dtype, device=device, requires_grad=True)
     params = group.params()
-    y = _GroupLinear.apply(x, group, seed, *params)
+    y = _GroupLinear.apply(x, group, seed, keep_masks, *params)
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, *params], dy)
 
@@ -145,7 +145,8 @@ def _check_group_linear_with_dropout(device: str, dtype, seed: _Seed, **tol):
 
 def test_group_linear_with_dropout_against_autograd():
     """The hand-written backward (masks regenerated from the seed) against autograd of the same formula."""
-    _check_group_linear_with_dropout("cpu", torch.float64, _Seed(123))
+    _check_group_linear_with_dropout("cpu", torch.float64, _Seed(123), keep_masks=True)  # the recompute's masks
+    _check_group_linear_with_dropout("cpu", torch.float64, _Seed(123), keep_masks=False)  # regenerated
 
 
 def test_lm_loss_is_cross_entropy():
