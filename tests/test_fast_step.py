@@ -196,6 +196,8 @@ def test_refusals():
         FastStepConfig(offload="disk")
     with pytest.raises(ConfigError, match="mlp_chunk"):
         FastStepConfig(mlp_chunk=0)
+    with pytest.raises(ConfigError, match="memory_budget_gib"):
+        FastStepConfig(memory_budget_gib=0)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with pytest.raises(UnsupportedModelError, match="gpt2"):

@@ -95,6 +95,8 @@ class FastStepConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
+        if self.memory_budget_gib is not None and not self.memory_budget_gib > 0:
+            raise ConfigError(f"memory_budget_gib must be a positive number of GiB, got {self.memory_budget_gib!r}")
 
 
 # --- one group of projections that read the same input --------------------------------------------------------
