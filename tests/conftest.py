@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -83,4 +85,20 @@ def tiny_text_file(tmp_path: Path) -> Path:
     idx = torch.randint(len(WORDS), (3000,), generator=rng).tolist()
     path = tmp_path / "tiny.txt"
     path.write_text(" ".join(WORDS[i] for i in idx))
+    return path
+
+
+# The small instruction/prompt/chat mix the finetune tests train on (every record format the loader reads).
+FINETUNE_RECORDS = [
+    {"prompt": "the quick brown fox", "response": "jumps over a lazy dog"},
+    {"prompt": "three customers each want", "response": "their own model"},
+    {"instruction": "quantization packs weights", "output": "into fewer bits"},
+    {"messages": [{"role": "user", "content": "a lazy dog"}, {"role": "assistant", "content": "adapters tailor behaviour"}]},
+] * 3
+
+
+@pytest.fixture
+def finetune_data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in FINETUNE_RECORDS))
     return path

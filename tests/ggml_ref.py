@@ -50,3 +50,21 @@ def ggml_quantize(rows: np.ndarray, type_id: int, row_bytes: int, imatrix: np.nd
     written = lib.ggml_quantize_chunk(type_id, rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, imat)
     assert written == out.nbytes, (written, out.nbytes)
     return out
+
+
+def ggml_dequantize(raw: np.ndarray, qtype: str, n_per_row: int) -> np.ndarray:
+    """libggml's ``dequantize_row_<type>`` over all rows of ``raw`` (uint8 ``[n_rows, row_bytes]``):
+    float32 ``[n_rows, n_per_row]``."""
+    lib = require_ggml()
+    fn = getattr(lib, f"dequantize_row_{qtype.lower().replace('_k', '_K')}")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    out = np.empty((raw.shape[0], n_per_row), dtype=np.float32)
+    fn(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
+def f16_field(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian float16 at byte ``at`` of every block row, as float32 ``[n]``."""
+    return np.ascontiguousarray(blocks[:, at:at + 2]).view("<f2").astype(np.float32).reshape(-1)

@@ -8,11 +8,10 @@ float64 numpy from the decoded weights.
 
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest
-from ggml_ref import require_ggml
+from ggml_ref import f16_field, ggml_dequantize
 from gguf_helpers import llama_model, read_gguf_fast, require_llama_cpp, tiny_llama
 
 from holdall.errors import ConfigError, DataError
@@ -26,22 +25,6 @@ TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 # ------------------------------------------------------------------------------ independent references
 
 
-def ggml_dequantize(raw: np.ndarray, qtype: str, n_per_row: int) -> np.ndarray:
-    """libggml's ``dequantize_row_<type>`` over all rows: float32 ``[n_rows, n_per_row]``."""
-    lib = require_ggml()
-    fn = getattr(lib, f"dequantize_row_{qtype.lower().replace('_k', '_K')}")
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    raw = np.ascontiguousarray(raw, dtype=np.uint8)
-    out = np.empty((raw.shape[0], n_per_row), dtype=np.float32)
-    fn(raw.ctypes.data, out.ctypes.data, out.size)
-    return out
-
-
-def _f16(raw: np.ndarray, at: int) -> np.ndarray:
-    return np.ascontiguousarray(raw[:, at:at + 2]).view("<f2").astype(np.float32).reshape(-1)
-
-
 def grid_of(raw: np.ndarray, qtype: str, n: int):
     """Per weight, the grid its block stores: (a, b, qmin, qmax) with weight = a·q + b for an integer q, read
     from ggml-common.h's byte layouts. a, b: float32 ``[n_rows, n]``."""
@@ -49,14 +32,14 @@ def grid_of(raw: np.ndarray, qtype: str, n: int):
     size = quants.TYPES[qtype][2]
     blocks = raw.reshape(-1, size)
     if qtype in ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"):
-        d = _f16(blocks, 0)
-        m = _f16(blocks, 2) if qtype.endswith("_1") else None
+        d = f16_field(blocks, 0)
+        m = f16_field(blocks, 2) if qtype.endswith("_1") else None
         zero = {"Q8_0": 0, "Q4_0": 8, "Q5_0": 16}.get(qtype, 0)
         lo, hi = {"Q8_0": (-128, 127), "Q4_0": (0, 15), "Q5_0": (0, 31), "Q4_1": (0, 15), "Q5_1": (0, 31)}[qtype]
         a = np.repeat(d, 32)
         b = np.repeat(m, 32) if m is not None else -zero * a
     elif qtype in ("Q4_K", "Q5_K"):
-        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+        d, dmin = f16_field(blocks, 0), f16_field(blocks, 2)
         s = blocks[:, 4:16].astype(np.int32)
         sc, mn = np.empty((len(blocks), 8), np.int32), np.empty((len(blocks), 8), np.int32)
         for j in range(8):  # get_scale_min_k4
@@ -70,7 +53,7 @@ def grid_of(raw: np.ndarray, qtype: str, n: int):
         lo, hi = 0, (15 if qtype == "Q4_K" else 31)
     elif qtype == "Q6_K":
         sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
-        a = np.repeat((_f16(blocks, 208)[:, None] * sc).reshape(-1), 16)
+        a = np.repeat((f16_field(blocks, 208)[:, None] * sc).reshape(-1), 16)
         b = -32 * a
         lo, hi = 0, 63
     else:

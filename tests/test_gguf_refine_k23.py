@@ -9,11 +9,10 @@ float64 numpy from the decoded weights.
 
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest
-from ggml_ref import ggml_quantize, require_ggml
+from ggml_ref import f16_field, ggml_dequantize, ggml_quantize, require_ggml
 
 from holdall.formats.gguf import quants, refine
 
@@ -21,22 +20,6 @@ TYPES = ["Q3_K", "Q2_K"]
 
 
 # ------------------------------------------------------------------------------ independent references
-
-
-def ggml_dequantize(raw: np.ndarray, qtype: str, n_per_row: int) -> np.ndarray:
-    """libggml's ``dequantize_row_q3_K`` / ``dequantize_row_q2_K`` over all rows: float32 ``[n_rows, n]``."""
-    lib = require_ggml()
-    fn = getattr(lib, f"dequantize_row_{qtype.lower().replace('_k', '_K')}")
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    raw = np.ascontiguousarray(raw, dtype=np.uint8)
-    out = np.empty((raw.shape[0], n_per_row), dtype=np.float32)
-    fn(raw.ctypes.data, out.ctypes.data, out.size)
-    return out
-
-
-def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
-    return np.ascontiguousarray(blocks[:, at:at + 2]).view("<f2").astype(np.float32).reshape(-1)
 
 
 def layout(raw: np.ndarray, qtype: str, n: int):
@@ -47,7 +30,7 @@ def layout(raw: np.ndarray, qtype: str, n: int):
     nb = len(blocks)
     if qtype == "Q3_K":
         hmask, qs, s = blocks[:, 0:32], blocks[:, 32:96], blocks[:, 96:108]
-        d = _f16(raw.reshape(nb, -1), 108)
+        d = f16_field(raw.reshape(nb, -1), 108)
         sc = np.empty((nb, 16), np.int64)
         for j in range(16):  # dequantize_row_q3_K's kmask unpacking, one sub-block at a time
             low = s[:, j] & 0xF if j < 8 else s[:, j - 8] >> 4
@@ -63,7 +46,7 @@ def layout(raw: np.ndarray, qtype: str, n: int):
         lo, hi = 0, 7
     elif qtype == "Q2_K":
         s, qs = blocks[:, 0:16], blocks[:, 16:80]
-        d, dmin = _f16(raw.reshape(nb, -1), 80), _f16(raw.reshape(nb, -1), 82)
+        d, dmin = f16_field(raw.reshape(nb, -1), 80), f16_field(raw.reshape(nb, -1), 82)
         code = np.empty((nb, 256), np.int64)
         for j in range(256):
             h, k, lane = j // 128, (j % 128) // 32, j % 32

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from holdall.algorithms import GPTQConfig, QuantConfig, quantize
-from holdall.algorithms.gptq import GPTQQuantizer, gptq_quantize, output_error
+from holdall.algorithms.gptq import gptq_quantize, output_error
 from holdall.algorithms.gptq_codebook import decode, refit_scales, rtn_candidate, row_errors
 from holdall.algorithms.packed import quant_linear_from_codes
 from holdall.core import codebook
@@ -176,19 +176,6 @@ def test_calibration_windows_from_training_examples():
 
 
 # --- finetune -----------------------------------------------------------------------------------------------
-RECORDS = [
-    {"prompt": "the quick brown fox", "response": "jumps over a lazy dog"},
-    {"prompt": "three customers each want", "response": "their own model"},
-    {"instruction": "quantization packs weights", "output": "into fewer bits"},
-    {"messages": [{"role": "user", "content": "a lazy dog"}, {"role": "assistant", "content": "adapters tailor behaviour"}]},
-] * 3
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
 
 
 def _config(**kw):
@@ -199,10 +186,10 @@ def _config(**kw):
 
 
 @pytest.mark.parametrize("calib", [None, "text"])
-def test_qlora_finetune_on_a_gptq_nf4_base_trains(data_file, tmp_path, tiny_text_file, calib):
+def test_qlora_finetune_on_a_gptq_nf4_base_trains(finetune_data_file, tmp_path, tiny_text_file, calib):
     model = make_tiny_llama()
     config = _config(calib=str(tiny_text_file) if calib else None, calib_samples=4, calib_seq_len=16)
-    result = finetune(model, data_file, config, tmp_path / "adapter", tokenizer=make_tiny_tokenizer())
+    result = finetune(model, finetune_data_file, config, tmp_path / "adapter", tokenizer=make_tiny_tokenizer())
     assert result.steps == 12
     record = model.holdall_quant
     assert record["config"]["method"] == "gptq" and record["config"]["scheme"]["dtype"] == "nf4"
@@ -217,9 +204,9 @@ def test_qlora_finetune_on_a_gptq_nf4_base_trains(data_file, tmp_path, tiny_text
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_finetune_refuses_bad_base_quant_settings(data_file, tmp_path):
+def test_finetune_refuses_bad_base_quant_settings(finetune_data_file, tmp_path):
     with pytest.raises(DataError, match="calibration text not found"):
-        finetune(make_tiny_llama(), data_file, _config(calib=str(tmp_path / "missing.txt")), tmp_path / "a",
+        finetune(make_tiny_llama(), finetune_data_file, _config(calib=str(tmp_path / "missing.txt")), tmp_path / "a",
                  tokenizer=make_tiny_tokenizer())
     with pytest.raises(ConfigError, match="method 'lora' trains on the float base"):
         _config(method="lora")
@@ -245,18 +232,18 @@ def test_cli_quantize_gptq_into_nf4(tiny_llama_dir, tmp_path, capsys):
     assert isinstance(layer, QuantLinear) and layer.scheme == NF4_DQ
 
 
-def test_cli_finetune_with_a_gptq_base(tiny_llama_dir, data_file, tmp_path, capsys):
+def test_cli_finetune_with_a_gptq_base(tiny_llama_dir, finetune_data_file, tmp_path, capsys):
     from holdall.cli.main import main
 
     out = tmp_path / "adapter"
-    rc = main(["finetune", str(tiny_llama_dir), "--data", str(data_file), "--method", "qlora", "--base-quant", "gptq",
+    rc = main(["finetune", str(tiny_llama_dir), "--data", str(finetune_data_file), "--method", "qlora", "--base-quant", "gptq",
                "--calib-samples", "2", "--calib-seq-len", "16", "--max-steps", "2", "--max-len", "32",
                "--device", "cpu", "-o", str(out), "--json"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
     assert (out / "adapter_model.safetensors").is_file()
     capsys.readouterr()
-    rc = main(["finetune", str(tiny_llama_dir), "--data", str(data_file), "--method", "lora", "--base-quant", "gptq",
+    rc = main(["finetune", str(tiny_llama_dir), "--data", str(finetune_data_file), "--method", "lora", "--base-quant", "gptq",
                "-o", str(tmp_path / "b")])
     assert rc == 2 and "trains on the float base" in capsys.readouterr().err
 

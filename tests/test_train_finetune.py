@@ -11,22 +11,9 @@ from conftest import make_tiny_llama, make_tiny_tokenizer
 from holdall.errors import ConfigError
 from holdall.training import FinetuneConfig, finetune, merge
 
-RECORDS = [
-    {"prompt": "the quick brown fox", "response": "jumps over a lazy dog"},
-    {"prompt": "three customers each want", "response": "their own model"},
-    {"instruction": "quantization packs weights", "output": "into fewer bits"},
-    {"messages": [{"role": "user", "content": "a lazy dog"}, {"role": "assistant", "content": "adapters tailor behaviour"}]},
-] * 3
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
 
 
 def _config(**kw):
@@ -36,10 +23,10 @@ def _config(**kw):
     return FinetuneConfig(**base)
 
 
-def test_qlora_finetune_lowers_the_loss_and_writes_a_peft_adapter(data_file, tmp_path):
+def test_qlora_finetune_lowers_the_loss_and_writes_a_peft_adapter(finetune_data_file, tmp_path):
     out = tmp_path / "adapter"
     model = make_tiny_llama()
-    result = finetune(model, data_file, _config(optimizer="adamw8bit"), out, tokenizer=make_tiny_tokenizer())
+    result = finetune(model, finetune_data_file, _config(optimizer="adamw8bit"), out, tokenizer=make_tiny_tokenizer())
     assert result.steps == 12
     history = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     train = [h["loss"] for h in history if "loss" in h]
@@ -54,13 +41,13 @@ def test_qlora_finetune_lowers_the_loss_and_writes_a_peft_adapter(data_file, tmp
     assert result.tokens_per_s > 0 and "trainable params" in result.trainable
 
 
-def test_lora_finetune_then_merge_matches_the_adapted_model(data_file, tmp_path, tiny_llama_dir):
+def test_lora_finetune_then_merge_matches_the_adapted_model(finetune_data_file, tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     from holdall.tuners.lora import load_adapter
 
     out = tmp_path / "adapter"
-    finetune(str(tiny_llama_dir), data_file, _config(method="lora", max_steps=4, eval_fraction=0.0), out)
+    finetune(str(tiny_llama_dir), finetune_data_file, _config(method="lora", max_steps=4, eval_fraction=0.0), out)
     merged_dir = merge(str(tiny_llama_dir), out, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     adapted = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -98,7 +85,7 @@ def test_finetune_config_validation():
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
-def test_fast_step_finetune_matches_the_standard_step(data_file, tmp_path, method):
+def test_fast_step_finetune_matches_the_standard_step(finetune_data_file, tmp_path, method):
     """finetune(fast_step=True): right-padded batches of 2, gradient accumulation, clipping — the same losses and
     the same adapter as the standard step (float32 on CPU, no dropout, so both compute the same function)."""
     from safetensors.torch import load_file
@@ -108,7 +95,7 @@ def test_fast_step_finetune_matches_the_standard_step(data_file, tmp_path, metho
         out = tmp_path / f"adapter-{fast}"
         config = _config(method=method, fast_step=fast, grad_accum=2, max_steps=4, eval_fraction=0.0,
                          eval_every=None, compute_dtype="float32", max_grad_norm=0.5)
-        finetune(make_tiny_llama(), data_file, config, out, tokenizer=make_tiny_tokenizer())
+        finetune(make_tiny_llama(), finetune_data_file, config, out, tokenizer=make_tiny_tokenizer())
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         results[fast] = ([h["loss"] for h in history if "loss" in h], load_file(out / "adapter_model.safetensors"))
     (slow_losses, slow_adapter), (fast_losses, fast_adapter) = results[False], results[True]
