@@ -136,8 +136,7 @@ def timed(step, seq: int, steps: int, warmup: int) -> dict:
             "first_step_s": round(times[0], 2), "losses": [round(v, 4) for v in losses]}
 
 
-def free(*objs):
-    del objs
+def free():
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -316,3 +316,14 @@ def test_eval_mode_turns_dropout_off_like_the_reference():
     loss, got = _fast(model, ids, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     _assert_close_grads(ref, got, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_refuses_an_unsupported_setup_before_any_step(tmp_path):
+    """Trainer(fast_step=True) builds the step at once: a trainable non-adapter parameter is refused up front."""
+    from holdall.training.data import Example
+    from holdall.training.trainer import Trainer, TrainerConfig
+
+    model = _model()
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match="model.norm.weight"):
+        Trainer(model, [Example([1, 2, 3], [1, 2, 3])], None, TrainerConfig(fast_step=True, progress=False), tmp_path)

@@ -358,13 +358,13 @@ class _Checkpoints:
     device and starts copying layer ``i - 1`` in, so the copy overlaps layer i's backward.
     """
 
-    def __init__(self, n_layers: int, on_device: int, host_cache: dict):
+    def __init__(self, n_layers: int, on_device: int, host_cache: dict, stream: "torch.cuda.Stream | None"):
         self.n = n_layers
         self.first_on_device = n_layers - on_device
         self.saved: dict[int, torch.Tensor] = {}
         self.events: dict[int, torch.cuda.Event] = {}
         self.host_cache = host_cache
-        self.stream = torch.cuda.Stream() if self.first_on_device > 0 else None
+        self.stream = stream if self.first_on_device > 0 else None
 
     def put(self, i: int, x: torch.Tensor) -> None:
         if i >= self.first_on_device:
@@ -463,7 +463,8 @@ class FastStep:
         self.device, self.dtype = weight.device, weight.dtype
         use_compile = self.device.type == "cuda" if self.config.compile is None else bool(self.config.compile)
         self.ops = _compiled_ops() if use_compile else _EAGER_OPS
-        self._host_cache: dict = {}
+        self._host_cache: dict = {}  # pinned checkpoint buffers by (layer, shape, dtype), reused across steps
+        self._copy_stream: torch.cuda.Stream | None = None  # the checkpoints' copies, created once
         self.last_on_device: int | None = None  # checkpoints the last step kept on the device
         self._seed_dev: torch.Tensor | None = None
         self._grad_scale = 1.0
@@ -668,7 +669,9 @@ class FastStep:
         else:
             on_device = min(n, self._fitting_checkpoints(x))
         self.last_on_device = on_device
-        return _Checkpoints(n, on_device, self._host_cache)
+        if on_device < n and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return _Checkpoints(n, on_device, self._host_cache, self._copy_stream)
 
     def _fitting_checkpoints(self, x: torch.Tensor) -> int:
         """How many layer inputs fit on the device beside the step's working set (the rest go to CPU memory).

@@ -162,7 +162,11 @@ class Trainer:
         self.batch_index = 0  # micro-batches consumed since the start of training: the data position
         self.tokens = 0
         self.history: list[dict] = []
-        self._fast_step = None  # training.fast_step.FastStep, built on the first step when config.fast_step
+        self._fast_step = None  # training.fast_step.FastStep when config.fast_step
+        if config.fast_step:  # built now, so an unsupported model or trainable set is refused before any step
+            from .fast_step import FastStep, FastStepConfig
+
+            self._fast_step = FastStep(model, FastStepConfig(cuda_graphs=config.cuda_graphs))
 
     # --- data order ------------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -203,7 +207,7 @@ class Trainer:
             if n_targets == 0:
                 continue  # (all labels masked: HF returns NaN for an empty mean; nothing to learn here)
             if cfg.fast_step:  # loss and gradients in one fused pass (the gradients already scaled)
-                loss = self._fast()(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                loss = self._fast_step(batch["input_ids"], batch["labels"], batch["attention_mask"],
                                     grad_scale=n_targets / total_targets)
                 self._check_finite(loss, "loss")
             else:
@@ -222,13 +226,6 @@ class Trainer:
         self.step += 1
         self.tokens += tokens
         return {"step": self.step, "loss": loss_sum / total_targets, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
-
-    def _fast(self):
-        if self._fast_step is None:
-            from .fast_step import FastStep, FastStepConfig
-
-            self._fast_step = FastStep(self.model, FastStepConfig(cuda_graphs=self.config.cuda_graphs))
-        return self._fast_step
 
     def _clip(self) -> float | None:
         if self.config.max_grad_norm is None:
