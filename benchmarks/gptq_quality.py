@@ -92,7 +92,13 @@ def run_setting(base, tokenizer, test_text, bits, group, methods, calibration, a
     for method in methods:
         name = f"{method} w{bits}g{group}"
         if method == "llmc-gptq":
-            models[name], seconds, cpu_seconds = run_llm_compressor(base, tokenizer, bits, group, calibration, args)
+            try:
+                models[name], seconds, cpu_seconds = run_llm_compressor(base, tokenizer, bits, group, calibration,
+                                                                        args)
+            except ReferenceRefused as refused:  # a row that says why, not an aborted multi-setting run
+                rows[name] = {"method": method, "bits": bits, "group": group, "refused": str(refused)}
+                print(f"{name}: llm-compressor refused: {refused}", flush=True)
+                continue
             rows[name] = {"method": method, "bits": bits, "group": group, "quantize_s": seconds,
                           "quantize_cpu_s": cpu_seconds,
                           "bits_per_weight": bits_per_weight(models[name])}
@@ -120,6 +126,17 @@ def run_setting(base, tokenizer, test_text, bits, group, methods, calibration, a
     return rows
 
 
+class ReferenceRefused(RuntimeError):
+    """The reference tool exited with an error for this setting (llm-compressor refuses group 128 on 576 columns)."""
+
+
+def _last_error_line(stderr: str) -> str:
+    """The exception line of a Python traceback (the last line that names an error), else the last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0]]
+    return (errors or lines or ["exited with an error and no message"])[-1][:300]
+
+
 def run_llm_compressor(base, tokenizer, bits: int, group: int, calibration: CalibrationConfig, args):
     """llm-compressor's GPTQ in its own venv on the same float model and calibration windows; the result read
     back by holdall. Returns ``(model, oneshot wall seconds, oneshot process CPU seconds)``."""
@@ -142,7 +159,7 @@ def run_llm_compressor(base, tokenizer, bits: int, group: int, calibration: Cali
                    str(tmp / "calib.pt"), str(bits), str(group), str(tmp / "out"), threads]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"llm-compressor failed:\n{done.stderr[-3000:]}")
+            raise ReferenceRefused(_last_error_line(done.stderr))
         timing = json.loads(done.stdout.strip().splitlines()[-1])
         model, _ = holdall.load_model(tmp / "out", dtype=torch.float32)
     return model, timing["quantize_s"], timing.get("quantize_cpu_s")
@@ -159,6 +176,10 @@ def render_markdown(meta: dict, rows: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows.values():
+        if "refused" in r:
+            lines.append(f"| w{r['bits']}g{r['group']} | {r['method']} | refused: {r['refused']} | - | - | - | - | - "
+                         "| - |")
+            continue
         ratio = f"{r['linear_error_vs_rtn']:.3f}" if "linear_error_vs_rtn" in r else "-"
         cpu = f"{r['quantize_cpu_s']:.1f}" if r.get("quantize_cpu_s") is not None else "-"
         lines.append(
@@ -218,7 +239,7 @@ def main() -> None:
 
 def write_results(rows: dict[str, dict], args: argparse.Namespace) -> str:
     """Write gptq_quality.json / .md for the rows measured so far into ``args.out``; return the markdown."""
-    first = next(iter(rows.values()))
+    first = next(r for r in rows.values() if "refused" not in r)
     meta = {
         "model": args.model,
         "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens of WikiText-2 valid (seed 0)",
