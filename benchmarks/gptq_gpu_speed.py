@@ -19,6 +19,7 @@ The llm-compressor numbers are anchors.md's, not re-measured here (its own venv 
 the comparison is across runs, so it is indicative only. Usage:
   PYTHONPATH=src python benchmarks/gptq_gpu_speed.py [--layers 4] [--samples 128] [--seq-len 2048] [--out DIR]
   PYTHONPATH=src python benchmarks/gptq_gpu_speed.py --profile [--layers 1]
+  PYTHONPATH=src python benchmarks/gptq_gpu_speed.py --profile-awq --no-check [--layers 2]
 """
 
 from __future__ import annotations
@@ -121,6 +122,13 @@ PHASES = [
     ("holdall.algorithms.gptq:inverse_hessian_factor", "  Cholesky / inverse factor"),
     ("holdall.algorithms.gptq:_quantize_columns", "  column loop"),
     ("holdall.algorithms.gptq:output_error", "  error report (vs RTN)"),
+    ("holdall.algorithms.awq:AWQQuantizer.quantize", "AWQ per scaling group (all below)"),
+    ("holdall.algorithms.awq:_BlockLoss.__init__", "  block float outputs (reference)"),
+    ("holdall.algorithms.awq:_BlockLoss.loss", "  block re-runs (one per candidate)"),
+    ("holdall.algorithms.awq:_LinearLoss.__init__", "  Gram X^T X (o / down)"),
+    ("holdall.algorithms.awq:_LinearLoss.loss", "  linear loss tr(D H D^T) (one per candidate)"),
+    ("holdall.algorithms.awq:clip_search", "  clip search"),
+    ("holdall.algorithms.awq:fake_quantize", "  fake quantize (inside the above)"),
 ]
 
 
@@ -153,19 +161,21 @@ def install_phase_timers() -> dict[str, list[float]]:
     return totals
 
 
-def profile(layers: int, samples: int, seq_len: int) -> dict:
+def profile(layers: int, samples: int, seq_len: int, method: str = "gptq") -> dict:
     totals = install_phase_timers()
     model = llama(4096, 11008, layers, 32, 32000, torch.bfloat16)
     ids = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    config = (gptq_config if method == "gptq" else awq_config)(samples, seq_len, "cuda")
     torch.cuda.synchronize()
     start = time.perf_counter()
-    quantize(model, gptq_config(samples, seq_len, "cuda"), progress=False, calibration_data=ids)
+    quantize(model, config, progress=False, calibration_data=ids)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     layer_s = sum(layer["seconds"] for layer in model.holdall_quant["report"]["layers"])
     table = {label: {"seconds": round(totals[label][0], 3), "calls": totals[label][1]} for _, label in PHASES
              if label in totals}
-    print(f"profile: {layers} layer(s), {samples}x{seq_len}: {seconds:.2f} s in all, {layer_s:.2f} s in the layer loop")
+    print(f"profile ({method}): {layers} layer(s), {samples}x{seq_len}: {seconds:.2f} s in all, {layer_s:.2f} s in the "
+          "layer loop")
     for label, row in table.items():
         print(f"  {label:46s} {row['seconds']:8.3f} s  ({row['calls']} calls)")
     return {"seconds": round(seconds, 2), "layer_loop_s": round(layer_s, 2), "phases": table}
@@ -205,6 +215,8 @@ def main() -> None:
     parser.add_argument("--no-awq", action="store_true", help="skip the AWQ timing")
     parser.add_argument("--no-check", action="store_true", help="skip the GPU-vs-CPU code check")
     parser.add_argument("--profile", action="store_true", help="per-phase breakdown of one GPTQ run")
+    parser.add_argument("--profile-awq", action="store_true",
+                        help="per-phase breakdown of one AWQ run (--awq-samples x --awq-seq-len)")
     parser.add_argument("--check-only", action="store_true", help="only the code-agreement checks")
     parser.add_argument("--out", default=None, help="directory for gptq_gpu_speed.json")
     args = parser.parse_args()
@@ -223,6 +235,8 @@ def main() -> None:
         pass
     elif args.profile:
         result["profile"] = profile(args.layers or 1, args.samples, args.seq_len)
+    elif args.profile_awq:
+        result["profile_awq"] = profile(args.layers or 1, args.awq_samples, args.awq_seq_len, "awq")
     else:
         layers = args.layers or 4
         result["holdall"] = time_method(gptq_config(args.samples, args.seq_len, "cuda"), layers, args.samples,
@@ -238,7 +252,8 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = "gptq_gpu_profile.json" if args.profile else "gptq_gpu_speed.json"
+        name = ("gptq_gpu_profile.json" if args.profile else "awq_gpu_profile.json" if args.profile_awq
+                else "gptq_gpu_speed.json")
         (Path(args.out) / name).write_text(json.dumps(result, indent=1))
 
 

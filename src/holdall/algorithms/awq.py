@@ -59,12 +59,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import affine
 from ..core.linear import QuantLinear
 from ..core.scheme import QuantScheme
 from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..models.families import Family, get_family
 from .config import MethodOptions, MethodResult, MethodRun, QuantConfig, register_method, select_layers
+from .gram import add_gram, half_mm_float32
 from .sequential import CalibrationReport, run_sequential
 
 #: families whose block norms scale as ``x · weight`` (Gemma's ``x · (1 + weight)`` would need another fold)
@@ -252,17 +252,27 @@ def clip_search(
 # --- the losses the search minimizes ---------------------------------------------------------------------
 class _LinearLoss:
     """``Σ ||(W - W') X||²`` over linears that read ``X``: the block *is* the linear (o, down). With more tokens
-    than input channels it works from ``H = Xᵀ X`` (``tr(Δ H Δᵀ)``: cost independent of the token count)."""
+    than input channels it works from ``H = Xᵀ X`` (``tr(Δ H Δᵀ)``: cost independent of the token count).
+
+    On a GPU with half-precision activations (a bf16 model calibrated there) ``H`` is accumulated on the tensor
+    cores (exact products, ``gram.add_gram``) and each loss's ``Δ H`` is a bf16 GEMM with float32 accumulation:
+    Δ and H rounded to bf16 move a loss by ~1e-5 of itself (rounding errors of random sign over millions of
+    terms), far below the gaps between the grid's candidates, and at the down projection's width
+    (``[4096, 11008] x [11008, 11008]``, 1 TFLOP per candidate) it is ~10x faster than float32 on the CUDA cores.
+    Elsewhere everything is float32.
+    """
 
     def __init__(self, x: torch.Tensor, weights: list[torch.Tensor], chunk: int = 8192):
         n_in = x.shape[-1]
         self.gram: torch.Tensor | None = None
+        self.gram_half: torch.Tensor | None = None
         self.x: torch.Tensor | None = None
         if x.shape[0] > n_in:
             self.gram = torch.zeros(n_in, n_in, dtype=torch.float32, device=x.device)
             for t0 in range(0, x.shape[0], chunk):
-                xc = x[t0 : t0 + chunk].float()
-                self.gram.addmm_(xc.T, xc)
+                add_gram(self.gram, x[t0 : t0 + chunk])
+            if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+                self.gram_half = self.gram.to(x.dtype)
         else:
             self.x = x.float()
         self.weights = weights
@@ -270,7 +280,12 @@ class _LinearLoss:
 
     def _sq(self, d: torch.Tensor) -> float:
         if self.gram is not None:
-            return float(((d @ self.gram) * d).sum(dtype=torch.float64))
+            dh = None
+            if self.gram_half is not None:
+                dh = half_mm_float32(d.to(self.gram_half.dtype), self.gram_half)
+            if dh is None:
+                dh = d @ self.gram
+            return float((dh * d).sum(dtype=torch.float64))
         return float((self.x @ d.T).pow(2).sum(dtype=torch.float64))
 
     def loss(self, candidates: list[torch.Tensor]) -> float:
@@ -300,11 +315,22 @@ class _BlockLoss:
         return y[0] if isinstance(y, tuple) else y
 
     def loss(self, candidates: list[torch.Tensor]) -> float:
+        """Summed on the device, read once per candidate (one synchronization, not one per batch)."""
+        total = None
         with _swapped_weights(self.linears, candidates):
-            return sum(
-                float((self._run(b).double() - ref.double()).pow(2).sum())
-                for b, ref in zip(self.batches, self.reference)
-            )
+            for b, ref in zip(self.batches, self.reference):
+                part = squared_distance(self._run(b), ref)
+                total = part if total is None else total + part
+        return float(total)
+
+
+def squared_distance(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``Σ (y - ref)²`` as a float64 0-d tensor. Half-precision outputs are subtracted in float32 (two bf16 or fp16
+    values differ by a float32 exactly unless one is below the other's last bit) and squared there; float32 and
+    wider outputs in float64."""
+    if y.dtype in (torch.bfloat16, torch.float16):
+        return (y.float() - ref.float()).pow_(2).sum(dtype=torch.float64)
+    return (y.double() - ref.double()).pow_(2).sum()
 
 
 @contextlib.contextmanager
