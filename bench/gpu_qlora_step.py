@@ -7,16 +7,20 @@ double quant (``Linear4bit``/``Params4bit``, the layers ``from_pretrained(BitsAn
 checkpointing, bf16 autocast, bitsandbytes PagedAdamW8bit lr 1e-4. holdall: the same bf16 weights quantized by
 ``training.prepare_model(method="qlora")`` (NF4 + double quant, blocks of 64), the same LoRA settings, its fused
 step (``training.fast_step``; eager, eager with checkpoints offloaded to CPU, or replayed as CUDA graphs) and its
-fused 8-bit AdamW. Batch 1 x ``--seq`` random tokens (labels = inputs), median
-of ``--steps`` timed steps after ``--warmup``; peak memory is ``torch.cuda.max_memory_allocated`` from the first
-step on (bitsandbytes' paged optimizer states live outside torch's allocator and are not counted; holdall's are).
+fused 8-bit AdamW, paged like the HF stack's (``FusedAdamW8bit(paged=True)``: states in pinned CPU memory,
+each bucket's on the device only for its update; ``--unpaged`` keeps them on the device). Batch 1 x ``--seq``
+random tokens (labels = inputs), median of ``--steps`` timed steps after ``--warmup``; peak memory is
+``torch.cuda.max_memory_allocated`` from the first step on, and ``step_peaks_GiB`` each step's own peak (the
+first step compiles and, with CUDA graphs, captures). bitsandbytes' paged states are CUDA managed memory, outside
+torch's allocator: not counted.
 
 ``--longest 131072,262144,...``: one holdall step (offload "auto") at each length, peak memory and time; the HF
 stack's limit is its anchor's (~84k tokens on an 80 GB card: ``gpu_hf_seqlen.py``).
 
 Usage (device machine, bitsandbytes wheel carried):
     python bench/gpu_qlora_step.py [--layers 32] [--seq 2048] [--configs hf,holdall,holdall-offload]
-Writes qlora_step.json into $OUT (or --out).
+Writes qlora_step.json into $OUT (or --out); ``--memory-profile`` adds what is alive at each config's peak
+(``memory_peak.py``).
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ def build_hf(layers: int):
 
 
 def build_holdall(layers: int, offload: str, mlp_chunk: int | None = None, budget: float | None = None,
-                  graphs: bool = False):
+                  graphs: bool = False, paged: bool = True):
     from holdall.training.fast_step import FastStep, FastStepConfig
     from holdall.training.optim import FusedAdamW8bit
     from holdall.training.qlora import prepare_model
@@ -104,7 +108,7 @@ def build_holdall(layers: int, offload: str, mlp_chunk: int | None = None, budge
     fast = FastStep(model, FastStepConfig(offload=offload, mlp_chunk=mlp_chunk, memory_budget_gib=budget,
                                                cuda_graphs=graphs))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = FusedAdamW8bit(params, lr=LR, weight_decay=0.0)
+    opt = FusedAdamW8bit(params, lr=LR, weight_decay=0.0, paged=paged)
 
     def step(x):
         loss = fast(x)
@@ -117,22 +121,35 @@ def build_holdall(layers: int, offload: str, mlp_chunk: int | None = None, budge
     return model, step, sum(p.numel() for p in params)
 
 
-def timed(step, seq: int, steps: int, warmup: int) -> dict:
+def timed(step, seq: int, steps: int, warmup: int, profile: Path | None = None) -> dict:
     x = torch.randint(0, 32000, (1, seq), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    if profile is not None:  # every allocation from the first step on, with its Python stack
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        base = torch.cuda.memory_allocated()
+    times, losses, peaks, reserved = [], [], [], []
     for _ in range(warmup + steps):
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # this step's own peak next
         t = time.perf_counter()
         loss = step(x)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
+        peaks.append(torch.cuda.max_memory_allocated())
+        reserved.append(torch.cuda.max_memory_reserved())
     med = statistics.median(times[warmup:])
+    if profile is not None:
+        from memory_peak import peak_report
+
+        report = peak_report(torch.cuda.memory._snapshot(), base)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        profile.write_text(report + "\n")
+        print(report, flush=True)
     return {"step_s": round(med, 4), "tokens_per_s": round(seq / med, 1),
-            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-            "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+            "peak_GiB": round(max(peaks) / 2**30, 3), "step_peaks_GiB": [round(v / 2**30, 3) for v in peaks],
+            "peak_reserved_GiB": round(max(reserved) / 2**30, 3),
             "first_step_s": round(times[0], 2), "losses": [round(v, 4) for v in losses]}
 
 
@@ -151,8 +168,12 @@ def main() -> None:
     ap.add_argument("--configs", default="hf,holdall,holdall-offload,holdall-graphs,holdall-graphs-offload")
     ap.add_argument("--longest", default="", help="comma-separated sequence lengths for one holdall step each")
     ap.add_argument("--mlp-chunk", type=int, default=None)
+    ap.add_argument("--unpaged", action="store_true", help="holdall's optimizer states on the device (not paged)")
     ap.add_argument("--card-gib", type=float, default=78.0,
                     help="--longest runs as if the card had this much memory (an 80 GB H100 has ~78 GiB usable)")
+    ap.add_argument("--memory-profile", action="store_true",
+                    help="record every allocation of each config's steps; write what is alive at the peak to "
+                         "memory_peak_<config>.txt")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -171,8 +192,10 @@ def main() -> None:
         else:
             offload = {"holdall": "none", "holdall-offload": "cpu", "holdall-graphs": "none",
                        "holdall-graphs-offload": "cpu"}[config]
-            model, step, n = build_holdall(args.layers, offload, args.mlp_chunk, graphs="graphs" in config)
-        record = {"trainable": n, **timed(step, args.seq, args.steps, args.warmup)}
+            model, step, n = build_holdall(args.layers, offload, args.mlp_chunk, graphs="graphs" in config,
+                                           paged=not args.unpaged)
+        profile = out / f"memory_peak_{config}.txt" if args.memory_profile else None
+        record = {"trainable": n, **timed(step, args.seq, args.steps, args.warmup, profile)}
         if hasattr(step, "quantize_s"):
             record["quantize_s"] = round(step.quantize_s, 1)
         log(config, record)

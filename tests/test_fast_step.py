@@ -120,9 +120,11 @@ def _check_group_linear_with_dropout(device: str, dtype, seed: _Seed, keep_masks
     group = _Group(loras)
     x = torch.randn(5, 16, dtype=dtype, device=device, requires_grad=True)
     params = group.params()
-    y = _GroupLinear.apply(x, group, seed, keep_masks, *params)
+    ys = _GroupLinear.apply(x, group, seed, keep_masks, *params)  # one output per member
+    assert [tuple(y.shape) for y in ys] == [(5, 8), (5, 4), (5, 4)]
+    y = torch.cat(ys, 1)
     dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, *params], dy)
+    got = torch.autograd.grad(ys, [x, *params], dy.split([8, 4, 4], 1))
 
     from holdall.training.fast_step import _dropout
 
@@ -206,6 +208,28 @@ def test_refusals():
         FastStep(_model())(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
 
 
+def test_input_gradient_by_row_blocks_equals_one_gemm(monkeypatch):
+    """Σ_blocks dy[:, rows] @ W[rows] over 128-row blocks of 4-bit weights == dy @ W, for a group of two."""
+    from holdall.core.linear import QuantLinear
+    from holdall.core.scheme import QuantScheme
+    from holdall.kernels import dequant
+    from holdall.training import fast_step
+
+    torch.manual_seed(5)
+    layers = [QuantLinear.from_linear(torch.nn.Linear(64, n, bias=False), QuantScheme(dtype="nf4", group_size=64,
+                                                                                     double_quant=True))
+              for n in (300, 40)]
+    monkeypatch.setattr(fast_step, "_GRAD_BLOCK_BYTES", 1)  # the smallest blocks: 128 rows
+    assert fast_step._row_blocks(layers[0], torch.float64) == [(0, 128), (128, 256), (256, 300)]
+    group = type("G", (), {"bases": layers})()
+    dys = [torch.randn(7, 300, dtype=torch.float64), torch.randn(7, 40, dtype=torch.float64)]
+    got = fast_step._base_input_grad(group, dys)
+    want = sum(dy @ layer.dequantize_weight().double() for dy, layer in zip(dys, layers))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    rows = dequant.weight_rows(layers[0], 128, 256, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(rows, layers[0].dequantize_weight().float()[128:256], rtol=0, atol=0)
+
+
 # --- on the device -------------------------------------------------------------------------------------------------
 @cuda_only
 def test_dequant_kernel_matches_reference():
@@ -226,6 +250,10 @@ def test_dequant_kernel_matches_reference():
             dequant.dequantize_into(layer, out[8:392])
             torch.testing.assert_close(out[8:392].float(), want.to(dtype).float(), rtol=0, atol=0, msg=scheme.label)
             assert out[:8].isnan().all() and out[392:].isnan().all()  # nothing written outside its rows
+            # a block of rows (the input gradient's path): row 130 is inside an absmax block of 256 scales
+            rows = dequant.weight_rows(layer, 130, 301, dtype, torch.device("cuda"))
+            torch.testing.assert_close(rows.float(), want[130:301].to(dtype).float(), rtol=0, atol=0,
+                                       msg=scheme.label)
 
 
 @cuda_only

@@ -95,3 +95,38 @@ def test_cuda_compiled_update_matches_the_eager_one():
         opt_b.step()
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="paging moves states between CUDA and pinned CPU memory")
+def test_cuda_paged_states_live_on_the_cpu_and_give_the_same_update():
+    """paged=True: every state tensor in (pinned) CPU memory, parameters and states equal to the unpaged run's."""
+    shapes = [(16, 4096), (4096, 16), (8, 64)]  # the last one keeps float32 states
+    a = [torch.nn.Parameter(p.detach().cuda()) for p in _params(shapes)]
+    b = [torch.nn.Parameter(p.detach().cuda()) for p in _params(shapes)]
+    opt_a = FusedAdamW8bit(a, lr=1e-2, weight_decay=0.1, bucket_size=50000)
+    opt_b = FusedAdamW8bit(b, lr=1e-2, weight_decay=0.1, bucket_size=50000, paged=True)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for pa, pb in zip(a, b):
+            g = torch.randn(pa.shape, generator=gen).cuda()
+            pa.grad, pb.grad = g, g.clone()
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pb, pa, rtol=0, atol=0)
+    states_b = [s for s in opt_b.state.values() if s]
+    assert states_b and all(v.device.type == "cpu" and v.is_pinned()
+                            for s in states_b for k, v in s.items() if k != "step")
+    for sa, sb in zip([s for s in opt_a.state.values() if s], states_b):
+        for key in sa:
+            if key != "step":
+                torch.testing.assert_close(sb[key], sa[key].cpu(), rtol=0, atol=0)
+
+
+def test_paged_on_a_cpu_only_run_equals_unpaged():
+    shapes = [(16, 512), (8, 64)]
+    a, b = _params(shapes), _params(shapes)
+    _run(FusedAdamW8bit, a)
+    _run(FusedAdamW8bit, b, paged=True)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pb, pa, rtol=0, atol=0)

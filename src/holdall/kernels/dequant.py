@@ -1,7 +1,9 @@
-"""Dequantizing base weights for training: one or several linears' float weights in one ``[sum(out), in]`` buffer.
+"""Dequantizing base weights for training: a linear's float weight, a block of its rows, or several linears
+stacked row-wise in one ``[sum(out), in]`` buffer.
 
-The fast QLoRA step (``training.fast_step``) multiplies q/k/v (and gate/up) as one GEMM, so it wants their
-weights stacked row-wise in one buffer. Each layer is decoded straight into its row range:
+The fast QLoRA step (``training.fast_step``) decodes one base weight at a time for its forward GEMM and a block
+of rows at a time for the input gradient (``weight_rows``), so that few float weights exist at once. Each layer
+is decoded straight into its buffer:
 
 * a CUDA ``QuantLinear`` the 4-bit kernels read -> ``triton_dequant`` (one pass, 2 output bytes per weight);
 * any other ``QuantLinear`` -> ``core.backends.dequantize_for_compute`` (the plain-torch path, bit-identical to
@@ -41,12 +43,35 @@ def dequantize_into(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
     if use_kernel(layer, out.device):
         from . import triton_dequant  # only now is Triton imported
 
-        p = layer_plan(layer)
-        cached = layer.__dict__.get(_OPS_ATTR)
-        if cached is None or cached[0] is not p:  # a new plan (new buffers): new views
-            cached = layer.__dict__[_OPS_ATTR] = (p, packed.operands(layer, p))
-        return triton_dequant.dequantize(cached[1], p, out)
+        p, ops = _operands(layer)
+        return triton_dequant.dequantize(ops, p, out)
     return out.copy_(backends.dequantize_for_compute(layer, out.dtype))
+
+
+def weight_rows(layer: nn.Module, start: int, stop: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Rows ``start:stop`` of ``layer``'s float weight, ``[stop - start, in_features]`` in ``dtype`` on ``device``.
+
+    The Triton kernel decodes only those rows; a float layer of the right dtype gives a view (no copy); the
+    plain-torch path decodes the whole weight and copies the rows out.
+    """
+    if not hasattr(layer, "scheme"):
+        return layer.weight[start:stop].to(device=device, dtype=dtype)
+    out = torch.empty(stop - start, layer.in_features, dtype=dtype, device=device)
+    if use_kernel(layer, out.device):
+        from . import triton_dequant
+
+        p, ops = _operands(layer)
+        return triton_dequant.dequantize(ops, p, out, row0=start, rows=stop - start)
+    return out.copy_(backends.dequantize_for_compute(layer, dtype)[start:stop])
+
+
+def _operands(layer: nn.Module):
+    """``(plan, kernel operands)`` of a CUDA ``QuantLinear``, cached on the layer until its plan changes."""
+    p = layer_plan(layer)
+    cached = layer.__dict__.get(_OPS_ATTR)
+    if cached is None or cached[0] is not p:  # a new plan (new buffers): new views
+        cached = layer.__dict__[_OPS_ATTR] = (p, packed.operands(layer, p))
+    return cached
 
 
 def stacked_weight(layers: Sequence[nn.Module], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

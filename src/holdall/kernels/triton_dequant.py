@@ -8,8 +8,8 @@ weight, so a 7B model's three dequantizations per step cost ~16 ms of an H100's 
 
 One program decodes ``BLOCK`` packed bytes (``2 * BLOCK`` weights) of one contiguous run: byte ``j`` of the
 flattened ``[out, in/2]`` code tensor holds weights ``2j`` (high nibble) and ``2j + 1`` (low nibble), and the
-output is written in the same flat order, so it may be a row range of a larger buffer (fused q/k/v or gate/up:
-``out`` is a view whose rows continue where the previous layer's stop). The arithmetic is the reference's: the
+output is written in the same flat order; ``row0`` decodes a range of rows only (the training step's input
+gradient multiplies a large weight a row block at a time, so only that block's floats exist at once). The arithmetic is the reference's: the
 float32 value times the float32 scale, rounded once to the output dtype; the plain-torch twin is
 ``kernels.packed.reference_decode`` and ``tests/test_fast_step.py`` compares the two on the device.
 
@@ -28,16 +28,17 @@ BLOCK = 1024  # bytes per program: 2048 weights
 
 
 @triton.jit
-def _dequant_kernel(codes_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, out_ptr, n_bytes, half_in,
+def _dequant_kernel(codes_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, out_ptr, n_bytes, half_in, row0,
                     GROUP: tl.constexpr, GROUP_STEP: tl.constexpr, SCALE_ROW_STRIDE: tl.constexpr,
                     ZERO_ROW_STRIDE: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr,
                     BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte index into the flattened [out, in/2] codes
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte index into rows row0.. of the [out, in/2] codes
     mask = offs < n_bytes
-    byte = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-    row = offs // half_in
-    k0 = (offs - row * half_in) * 2  # input index of the high nibble (even); k0 + 1 is in the same group
+    g = offs + row0 * half_in  # byte index into the layer's whole [out, in/2] codes
+    byte = tl.load(codes_ptr + g, mask=mask, other=0).to(tl.int32)
+    row = g // half_in  # the layer's row: scales, zeros and absmax blocks are indexed by it
+    k0 = (g - row * half_in) * 2  # input index of the high nibble (even); k0 + 1 is in the same group
     group = k0 // GROUP
     index = row * SCALE_ROW_STRIDE + group * GROUP_STEP
     if SCALE_DQ:  # double quant: the scale is a uint8 code of the signed dynamic map, per 256 scales an absmax
@@ -66,13 +67,15 @@ def _dequant_kernel(codes_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_p
     tl.store(out_ptr + out_offs, pair.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
 
 
-def dequantize(ops: Operands, p: Plan, out: torch.Tensor) -> torch.Tensor:
-    """Write the layer's weight into ``out`` (contiguous ``[out_features, in_features]`` bf16/fp16) and return it."""
-    n_bytes = p.out_features * p.in_features // 2
+def dequantize(ops: Operands, p: Plan, out: torch.Tensor, row0: int = 0, rows: int | None = None) -> torch.Tensor:
+    """Write rows ``row0 .. row0 + rows`` (default: all) of the layer's weight into ``out`` (contiguous
+    ``[rows, in_features]`` bf16/fp16) and return it."""
+    rows = p.out_features - row0 if rows is None else rows
+    n_bytes = rows * p.in_features // 2
     grid = (triton.cdiv(n_bytes, BLOCK),)
     _dequant_kernel[grid](
         ops.codes, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values, out,
-        n_bytes, p.in_features // 2,
+        n_bytes, p.in_features // 2, row0,
         GROUP=p.group, GROUP_STEP=p.group_step, SCALE_ROW_STRIDE=p.scale_row_stride,
         ZERO_ROW_STRIDE=p.zero_row_stride, KIND=p.kind, SCALE_DQ=p.double_quant, BLOCK=BLOCK,
     )

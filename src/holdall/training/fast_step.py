@@ -6,10 +6,12 @@ one place.
 ``LoraLinear`` over a float or 4-bit ``QuantLinear`` base), with gradient checkpointing per decoder layer. The
 model's own modules hold every weight; this class only orders the arithmetic differently:
 
-* **Grouped projections.** q/k/v read the same normed input, and so do gate/up: each group's base weights are
-  dequantized into one ``[sum(out), in]`` buffer (``kernels.dequant``: a Triton kernel on CUDA, 2 bytes written
-  per weight) and multiplied as *one* GEMM. Their LoRA-A products are one ``[T, 3r]`` tensor and the LoRA-B
-  products one GEMM against a block-diagonal ``[sum(out), 3r]`` matrix with the scaling folded in.
+* **Grouped projections.** q/k/v read the same normed input, and so do gate/up: a group is one autograd node
+  with one output per member (never concatenated: the outputs and their gradients are not copied). The base
+  weights are dequantized one at a time (``kernels.dequant``: a Triton kernel on CUDA, 2 bytes written per
+  weight) and freed after their GEMM, so only one layer's float weight is ever alive. The group's LoRA-A
+  products are one ``[T, 3r]`` GEMM; each member's LoRA-B product is added into its output with the scaling
+  folded into B.
 * **A hand-written backward** for each group (``_GroupLinear``): it keeps the group's input and its ``[T, r]``
   LoRA-A products, never the dequantized weight (dequantized again for the input gradient), and returns the
   adapter gradients from a handful of skinny GEMMs. LoRA dropout is regenerated from a per-call seed in
@@ -49,7 +51,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..kernels import available as kernels_available
-from ..kernels.dequant import stacked_weight
+from ..kernels.dequant import stacked_weight, weight_rows
 from ..models import llama_ops
 from ..models.families import get_family
 from ..tuners.lora import LoraLinear
@@ -110,25 +112,24 @@ class _Member:
 
 
 class _Group:
-    """Projections sharing one input: their stacked base weights and their adapters (in output order)."""
+    """Projections sharing one input: their base layers and their adapters (in output order)."""
 
     caching = True  # off while CUDA graphs are captured (the casts must be part of the graphs)
 
     def __init__(self, modules: Sequence[nn.Module]):
         self.members = [_member(m) for m in modules]
         self.bases = [m.base for m in self.members]
-        self.out_sizes = [m.base.out_features for m in self.members]
+        self.biases = [m.base.bias for m in self.members]
         self.adapted = [j for j, m in enumerate(self.members) if m.lora_A is not None]
         self.ranks = [self.members[j].lora_A.shape[0] for j in self.adapted]
+        self.rank_slices = [slice(st, st + r) for st, r in zip(_starts(self.ranks), self.ranks)]  # columns of xa
         self.no_dropout = all(self.members[j].dropout == 0 for j in self.adapted)
-        biases = [m.base.bias for m in self.members]
-        self.has_bias = any(b is not None for b in biases)
-        self.biases = biases
         self._mats_key: tuple | None = None
         self._mats: tuple | None = None
 
     def lora_mats(self, lora: Sequence[torch.Tensor], dtype: torch.dtype):
-        """``(A_cat [R, in], [A_j [r, in]], B_blockdiag [O, R])`` in ``dtype``, computed once per parameter update.
+        """``(A_cat [R, in], [A_k [r_k, in]], [scaling_k · B_k [out_k, r_k]])`` in ``dtype`` for the adapted
+        members, computed once per parameter update.
 
         Keyed by the adapters' version counters (the optimizer's in-place update bumps them), so the forward,
         the recompute and the backward of one step share one cast; ``clear()`` drops it after a layer is done.
@@ -144,8 +145,9 @@ class _Group:
 
     def _compute_mats(self, lora: Sequence[torch.Tensor], dtype: torch.dtype):
         a_cat = torch.cat([a.detach().to(dtype) for a in lora[0::2]])
-        a_views = [a_cat[st:st + r] for st, r in zip(_starts(self.ranks), self.ranks)]
-        return a_cat, a_views, self.b_blockdiag([b.detach() for b in lora[1::2]], dtype)
+        a_views = [a_cat[cols] for cols in self.rank_slices]
+        b_scaled = [b.detach().to(dtype) * self.members[j].scaling for b, j in zip(lora[1::2], self.adapted)]
+        return a_cat, a_views, b_scaled
 
     def clear(self) -> None:
         self._mats_key = self._mats = None
@@ -153,25 +155,6 @@ class _Group:
     def params(self) -> list[nn.Parameter]:
         """The adapters' parameters in the order ``_GroupLinear`` takes them: A_0, B_0, A_1, B_1, ..."""
         return [p for j in self.adapted for p in (self.members[j].lora_A, self.members[j].lora_B)]
-
-    def bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        if not self.has_bias:
-            return None
-        parts = [b.to(dtype) if b is not None else torch.zeros(n, dtype=dtype, device=device)
-                 for b, n in zip(self.biases, self.out_sizes)]
-        return torch.cat(parts)
-
-    def b_blockdiag(self, bs: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """``[sum(out), sum(r)]``: each adapted member's ``scaling * B`` in its rows and its rank's columns."""
-        total_out, total_r = sum(self.out_sizes), sum(self.ranks)
-        out = torch.zeros(total_out, total_r, dtype=dtype, device=bs[0].device)
-        row_starts = _starts(self.out_sizes)
-        col = 0
-        for b, j, r in zip(bs, self.adapted, self.ranks):
-            row = row_starts[j]
-            out[row:row + self.out_sizes[j], col:col + r] = b.to(dtype) * self.members[j].scaling
-            col += r
-        return out
 
 
 def _starts(sizes: Sequence[int]) -> list[int]:
@@ -258,36 +241,37 @@ def _uses_kernel(x: torch.Tensor, seed: _Seed) -> bool:
 def _dropout(x: torch.Tensor, p: float, seed: _Seed, add: torch.Tensor | None = None,
              mask: torch.Tensor | None = None) -> torch.Tensor:
     """``dropout(x) (+ add)`` with the mask of ``seed`` (``x`` itself when ``p == 0`` or in eval mode; never in
-    place on ``x``). ``mask``: the keep-mask when the caller already has it (the recompute keeps its masks for
-    the backward that follows, so the plain-torch path draws each mask twice per step, not three times)."""
+    place on ``x``). ``add`` is accumulated into in place and returned (no third ``[N, in]`` tensor in backward).
+    ``mask``: the keep-mask when the caller already has it (the recompute keeps its masks for the backward that
+    follows, so the plain-torch path draws each mask twice per step, not three times)."""
     if p == 0 or not seed.train:
-        return x if add is None else add + x
-    if mask is None and _uses_kernel(x, seed):
+        return x if add is None else add.add_(x)
+    if mask is None and _uses_kernel(x, seed) and (add is None or add.is_contiguous()):
         from ..kernels import triton_dropout
 
-        return triton_dropout.dropout(x, p, seed.device, seed.offset, add=add)
+        return triton_dropout.dropout(x, p, seed.device, seed.offset, add=add, out=add)
     keep = _dropout_mask(x, p, seed) if mask is None else mask
     dropped = (x * keep).mul_(1.0 / (1.0 - p))
-    return dropped if add is None else dropped.add_(add)
+    return dropped if add is None else add.add_(dropped)
 
 
 class _GroupLinear(torch.autograd.Function):
-    """``y = x @ W^T (+ b) + Σ_j s_j · dropout_j(x) @ A_j^T @ B_j^T`` over a group's stacked outputs.
+    """``y_j = x @ W_j^T (+ b_j) + s_j · dropout_j(x) @ A_j^T @ B_j^T`` for each member ``j`` of a group.
 
-    x ``[N, in]`` (the compute dtype), y ``[N, sum(out)]``. Saves x, the ``[N, sum(r)]`` LoRA-A products and the
-    adapters; the base weight is dequantized again in backward, only if the input gradient is wanted.
+    x ``[N, in]`` (the compute dtype); returns one ``[N, out_j]`` tensor per member. There is no concatenated
+    output: the callers split q/k/v and gate/up anyway, and a concatenation would cost a copy of the outputs
+    here and of their gradients in backward. Saves x, the ``[N, sum(r)]`` LoRA-A products and the adapters; the
+    base weights are dequantized again in backward, one at a time, only if the input gradient is wanted.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: _Group, seed: _Seed, keep_masks: bool, *lora: torch.Tensor
-                ) -> torch.Tensor:
+                ) -> tuple[torch.Tensor, ...]:
         dtype = x.dtype
-        weight = stacked_weight(group.bases, dtype, x.device)  # [O, in]
-        y = F.linear(x, weight, group.bias(dtype, x.device))
-        del weight
+        ys = _base_forward(group, x)  # [N, out_j] each
         xa = None
         if group.adapted:
-            a_cat, a_views, b_all = group.lora_mats(lora, dtype)  # [R, in], [r, in] each, [O, R]
+            a_cat, a_views, b_scaled = group.lora_mats(lora, dtype)  # [R, in], [r_k, in] each, [out_j, r_k] each
             if group.no_dropout or not seed.train:
                 xa = x @ a_cat.t()  # [N, R]
             else:
@@ -300,51 +284,88 @@ class _GroupLinear(torch.autograd.Function):
                         ctx.masks = masks
                 xa = torch.cat([_dropout(x, p, seed + j, mask=m) @ a.t()
                                 for j, p, m, a in zip(group.adapted, ps, masks, a_views)], dim=1)
-            y.addmm_(xa, b_all.t())
+            for k, j in enumerate(group.adapted):
+                ys[j].addmm_(xa[:, group.rank_slices[k]], b_scaled[k].t())
         ctx.group, ctx.seed = group, seed
         ctx.save_for_backward(x, xa, *lora)
-        return y
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, *dys: torch.Tensor):
         x, xa, *lora = ctx.saved_tensors
         group: _Group = ctx.group
-        dtype = dy.dtype
-        dx = None
-        if ctx.needs_input_grad[0]:
-            weight = stacked_weight(group.bases, dtype, dy.device)
-            dx = dy @ weight  # [N, in]
-            del weight
+        dtype = dys[0].dtype
         grads: list[torch.Tensor | None] = []
+        dx = None  # [N, in]: the LoRA paths' part first, then the base weights' (added block by block)
         if group.adapted:
             a_list, b_list = lora[0::2], lora[1::2]
-            a_cat, a16, b_all = group.lora_mats(lora, dtype)
-            dxa = dy @ b_all  # [N, R], the scaling folded in
-            row_starts = _starts(group.out_sizes)
-            col_starts = _starts(group.ranks)
+            a_cat, a16, b_scaled = group.lora_mats(lora, dtype)
+            dxa = torch.cat([dys[j] @ b for j, b in zip(group.adapted, b_scaled)], dim=1)  # [N, R], scaling in
             no_dropout = group.no_dropout or not ctx.seed.train
             if no_dropout:
                 da_all = dxa.t() @ x  # [R, in]
-                if dx is not None:
-                    dx.addmm_(dxa, a_cat)
+                if ctx.needs_input_grad[0]:
+                    dx = dxa @ a_cat
             for k, (j, a, b) in enumerate(zip(group.adapted, a_list, b_list)):
-                rows = slice(row_starts[j], row_starts[j] + group.out_sizes[j])
-                cols = slice(col_starts[k], col_starts[k] + group.ranks[k])
+                cols = group.rank_slices[k]
                 scaling = group.members[j].scaling
-                db = (dy[:, rows].t() @ xa[:, cols]).mul_(scaling)  # [out_j, r]
+                db = (dys[j].t() @ xa[:, cols]).mul_(scaling)  # [out_j, r]
                 if no_dropout:
                     da = da_all[cols]
                 else:
                     p, seed = group.members[j].dropout, ctx.seed + j
                     mask = ctx.masks[k] if getattr(ctx, "masks", None) else None
                     da = dxa[:, cols].t() @ _dropout(x, p, seed, mask=mask)  # [r, in]
-                    if dx is not None:  # dx + dropout'(the LoRA path)
+                    if ctx.needs_input_grad[0]:  # dx + dropout'(the LoRA path)
                         dx = _dropout(dxa[:, cols] @ a16[k], p, seed, add=dx, mask=mask)
                 grads += [da.to(a.dtype), db.to(b.dtype)]
+        if ctx.needs_input_grad[0]:
+            dx = _base_input_grad(group, dys, dx)
         return (dx, None, None, None, *grads)
 
 
-def _apply(group: _Group, x: torch.Tensor, seed: _Seed) -> torch.Tensor:
+def _base_forward(group: _Group, x: torch.Tensor) -> list[torch.Tensor]:
+    """``x @ W_j^T (+ b_j)`` ``[N, out_j]`` for each base of the group, one base weight dequantized at a time.
+
+    Each member's ``[out_j, in]`` weight is decoded, multiplied and freed before the next is decoded: a 7B
+    gate/up pair holds one 86 MiB bf16 weight at a time instead of a 172 MiB stacked one, at the same FLOPs.
+    """
+    ys = []
+    for base, bias in zip(group.bases, group.biases):
+        weight = stacked_weight([base], x.dtype, x.device)  # [out_j, in]
+        ys.append(F.linear(x, weight, None if bias is None else bias.to(x.dtype)))
+        del weight
+    return ys
+
+
+_GRAD_BLOCK_BYTES = 32 << 20  # float weight rows decoded at once for the input gradient
+
+
+def _row_blocks(layer: nn.Module, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """Row ranges of ``layer``'s weight holding at most ``_GRAD_BLOCK_BYTES`` of ``dtype`` (multiples of 128 rows);
+    one range for a float layer (its weight is used in place, nothing is decoded)."""
+    n = layer.out_features
+    if not hasattr(layer, "scheme"):
+        return [(0, n)]
+    per_row = layer.in_features * torch.empty((), dtype=dtype).element_size()
+    size = max(128, (_GRAD_BLOCK_BYTES // per_row) // 128 * 128)
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _base_input_grad(group: _Group, dys: Sequence[torch.Tensor], dx: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_j dy_j @ W_j`` ``[N, in]`` over the group's bases, a block of one weight's rows dequantized at a time:
+    ``dy_j @ W_j = Σ_blocks dy_j[:, rows] @ W_j[rows]``, so a 7B down projection's gradient holds ~32 MiB of
+    float weight instead of 86 MiB (one more read and write of ``dx`` per block). Added into ``dx`` when given."""
+    for base, dy in zip(group.bases, dys):
+        for start, stop in _row_blocks(base, dy.dtype):
+            weight = weight_rows(base, start, stop, dy.dtype, dy.device)  # [rows, in]
+            part = dy[:, start:stop]
+            dx = part @ weight if dx is None else dx.addmm_(part, weight)
+            del weight
+    return dx
+
+
+def _apply(group: _Group, x: torch.Tensor, seed: _Seed) -> tuple[torch.Tensor, ...]:
     # with autograd on, this is the recompute whose backward comes next: it may keep its dropout masks
     return _GroupLinear.apply(x, group, seed, torch.is_grad_enabled(), *group.params())
 
@@ -487,24 +508,22 @@ class FastStep:
         layer = self.layers[i]
         b, s, _ = x.shape
         h = self.ops.rms_norm(x, layer.norm1.weight, layer.norm1.variance_epsilon).reshape(b * s, -1)
-        qkv = _apply(layer.qkv, h, seed)  # [N, (nh + 2 nkv) d]
+        q, k, v = _apply(layer.qkv, h, seed)  # [N, nh d], [N, nkv d], [N, nkv d]
         d, nh, nkv = self.head_dim, self.n_heads, self.n_kv
-        q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
         q = q.view(b, s, nh, d).transpose(1, 2)
         k = k.view(b, s, nkv, d).transpose(1, 2)
-        v = v.reshape(b, s, nkv, d).transpose(1, 2)
+        v = v.view(b, s, nkv, d).transpose(1, 2)
         q, k = self.ops.rotate(q, k, cos, sin)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)  # [B, nh, S, d]
         attn = attn.transpose(1, 2).reshape(b * s, nh * d)
-        return _apply(layer.o, attn, seed + 8).view(b, s, -1)
+        return _apply(layer.o, attn, seed + 8)[0].view(b, s, -1)
 
     def _mlp(self, i: int, x2: torch.Tensor, seed: _Seed) -> torch.Tensor:
         """``down(silu(gate(norm2(x2))) * up(norm2(x2)))`` for a chunk of tokens ``[n, hidden]``."""
         layer = self.layers[i]
         h = self.ops.rms_norm(x2, layer.norm2.weight, layer.norm2.variance_epsilon)
-        gu = _apply(layer.gate_up, h, seed)  # [n, 2 I]
-        gate, up = gu.chunk(2, dim=-1)
-        return _apply(layer.down, self.ops.silu_mul(gate, up), seed + 4)
+        gate, up = _apply(layer.gate_up, h, seed)  # [n, I] each
+        return _apply(layer.down, self.ops.silu_mul(gate, up), seed + 4)[0]
 
     def _chunks(self, n: int) -> list[slice]:
         size = self.config.mlp_chunk or (n if n <= 8192 else 8192)
@@ -522,23 +541,23 @@ class FastStep:
                         need_dx: bool) -> torch.Tensor | None:
         """Recompute layer i from its input with autograd and backpropagate ``dout``; returns d(loss)/dx."""
         xg = x.detach().requires_grad_(need_dx)
-        with torch.enable_grad():
-            attn = self._attention(i, xg, cos, sin, seed)
-        x2 = (x + attn.detach()).view(-1, self.hidden)
+        with torch.enable_grad():  # x2 = x + attn(x); the attention's output itself is not kept
+            x2 = xg + self._attention(i, xg, cos, sin, seed)
+        flat = x2.detach().view(-1, self.hidden)
         dx2 = dout.reshape(-1, self.hidden)  # out = x2 + mlp(x2): d/dx2 = dout + mlp's input gradient
-        for c, rows in enumerate(self._chunks(x2.shape[0])):
-            x2c = x2[rows].detach().requires_grad_()
+        for c, rows in enumerate(self._chunks(flat.shape[0])):
+            x2c = flat[rows].detach().requires_grad_()
             with torch.enable_grad():
                 y = self._mlp(i, x2c, seed + 16 + 32 * c)
             torch.autograd.backward(y, dout.reshape(-1, self.hidden)[rows])
             dx2[rows] += x2c.grad
             del y, x2c
-        del x2
-        if attn.requires_grad:  # False only when nothing in the attention is trained and x needs no gradient
-            torch.autograd.backward(attn, dx2.view_as(attn))  # x2 = x + attn(x)
+        del flat
+        if x2.requires_grad:  # False only when nothing in the attention is trained and x needs no gradient
+            torch.autograd.backward(x2, dx2.view_as(x2))  # into the attention and, by the residual, into x
         if not need_dx:
             return None
-        return dx2.view_as(x).add_(xg.grad)
+        return xg.grad
 
     # -- the whole step --
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

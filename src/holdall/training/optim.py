@@ -228,13 +228,17 @@ class FusedAdamW8bit(AdamW8bit):
     multiple of 256 (LoRA's ``[r, in]``/``[out, r]`` with the usual widths) the 8-bit blocks are exactly the
     per-tensor ones, so the result equals :class:`AdamW8bit`'s; otherwise blocks straddle neighbouring tensors
     (same code map, same arithmetic). A parameter without a gradient in a step is treated as a zero gradient for
-    its bucket's moments and is not written. States stay on the parameters' device (no paging): the point is
-    speed on an accelerator, and the states are 2 bytes per adapter parameter.
+    its bucket's moments and is not written. ``paged=True`` keeps the states in pinned CPU memory, as
+    bitsandbytes' paged optimizers do: each bucket's codes go to the device for its update and come back, so
+    the device holds one bucket's states (~2 bytes per element of ``bucket_size``) instead of all of them during
+    the forward and backward, for a host round trip of 2 bytes per parameter per step.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 *, optim_bits: int = 8, min_8bit_size: int = MIN_8BIT_SIZE, bucket_size: int = 1 << 22):
-        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=optim_bits, min_8bit_size=min_8bit_size)
+                 *, optim_bits: int = 8, min_8bit_size: int = MIN_8BIT_SIZE, bucket_size: int = 1 << 22,
+                 paged: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+                         paged=paged)
         if not isinstance(bucket_size, int) or bucket_size < 1:
             raise ConfigError(f"bucket_size must be a positive integer, got {bucket_size!r}")
         self.bucket_size = bucket_size
@@ -284,6 +288,8 @@ class FusedAdamW8bit(AdamW8bit):
             pieces = p32.split([p.numel() for p in members])
             torch._foreach_copy_(with_grad, [piece.view_as(p) for p, piece in zip(members, pieces)
                                              if p.grad is not None])
+        if self.paged and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the states' copies back to pinned memory are complete when step returns
         return loss
 
     def _fused_8bit(self, state: dict, grad: torch.Tensor, p32: torch.Tensor, group: dict) -> torch.Tensor:
@@ -295,12 +301,13 @@ class FusedAdamW8bit(AdamW8bit):
         step = float(state["step"])
         beta1, beta2 = group["betas"]
         hyper = torch.tensor([group["lr"], 1 - beta1**step, math.sqrt(1 - beta2**step)], dtype=torch.float32)
-        p32, mc, ma, vc, va = _compiled_8bit_step()(
-            state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
-            grad, p32, hyper.to(p32.device, non_blocking=True), beta1, beta2, group["eps"], group["weight_decay"])
-        for key, value in (("exp_avg_codes", mc), ("exp_avg_absmax", ma), ("exp_avg_sq_codes", vc),
-                           ("exp_avg_sq_absmax", va)):
-            state[key].copy_(value)
+        keys = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+        moments = [state[key].to(p32.device, non_blocking=True) for key in keys]  # paged: to the device now
+        p32, *updated = _compiled_8bit_step()(
+            *moments, grad, p32, hyper.to(p32.device, non_blocking=True), beta1, beta2, group["eps"],
+            group["weight_decay"])
+        for key, value in zip(keys, updated):
+            state[key].copy_(value, non_blocking=True)  # paged: back to pinned CPU memory
         return p32
 
     def _init_bucket(self, members: list[torch.Tensor]) -> dict:
@@ -309,9 +316,10 @@ class FusedAdamW8bit(AdamW8bit):
         return self._init_state(flat) if self._uses_8bit(members[0]) else self._init_state_fp32(flat)
 
     def _init_state_fp32(self, flat: torch.Tensor) -> dict:
-        n = flat.numel()
-        return {"exp_avg": torch.zeros(n, dtype=torch.float32, device=flat.device),
-                "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=flat.device),
+        n, device = flat.numel(), self._state_device(flat)
+        pin = self.paged and device.type == "cpu" and torch.cuda.is_available()
+        return {"exp_avg": torch.zeros(n, dtype=torch.float32, device=device, pin_memory=pin),
+                "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=device, pin_memory=pin),
                 "step": torch.zeros((), dtype=torch.float32)}
 
     def load_state_dict(self, state_dict: dict) -> None:
