@@ -15,9 +15,11 @@ calibrating on the GPU gives the same codes as calibrating on the CPU (to float 
 GPTQ (capture, calibration forwards, Hessian accumulation, factorization, column loop, error report, re-run) and
 prints where the time goes; the synchronizations cost a little, so its total is a bit above the plain run's.
 
-The llm-compressor numbers are anchors.md's, not re-measured here (its own venv would have to travel as wheels);
-the comparison is across runs, so it is indicative only. Usage:
+The llm-compressor anchors are anchors.md's (another run). ``--llmc TOKENIZER_DIR`` also runs llm-compressor itself
+on the same shape in the same call (``llmcompressor_gpu.py`` in its own process; llm-compressor and its
+dependencies carried as wheels) and reports holdall's per-layer time over its. Usage:
   PYTHONPATH=src python benchmarks/gptq_gpu_speed.py [--layers 4] [--samples 128] [--seq-len 2048] [--out DIR]
+  PYTHONPATH=src:/tmp/site python benchmarks/gptq_gpu_speed.py --no-check --llmc TOKENIZER_DIR --out DIR
   PYTHONPATH=src python benchmarks/gptq_gpu_speed.py --profile [--layers 1]
   PYTHONPATH=src python benchmarks/gptq_gpu_speed.py --profile-awq --no-check [--layers 2]
 """
@@ -205,6 +207,26 @@ def time_method(config: QuantConfig, layers: int, samples: int, seq_len: int) ->
     }
 
 
+def llmcompressor_same_run(tokenizer: str, layers: int, result: dict) -> dict:
+    """llm-compressor's GPTQ and AWQ on the same shape in its own process, now, and holdall's time over its."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("llmcompressor_gpu.py")
+    done = subprocess.run([sys.executable, str(script), "--tokenizer", tokenizer, "--layers", str(layers)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        return {"failed": " | ".join(tail)[:500]}
+    llmc = json.loads(done.stdout.strip().splitlines()[-1])
+    for method, ours in (("gptq", result.get("holdall")), ("awq", result.get("awq"))):
+        theirs = llmc.get(method, {})
+        if ours and "per_layer_s" in theirs:
+            theirs["holdall_over_llmc"] = round(ours["per_layer_s"] / theirs["per_layer_s"], 3)
+    print("llm-compressor, same call:", json.dumps(llmc), flush=True)
+    return llmc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 1 with --profile)")
@@ -218,6 +240,9 @@ def main() -> None:
     parser.add_argument("--profile-awq", action="store_true",
                         help="per-phase breakdown of one AWQ run (--awq-samples x --awq-seq-len)")
     parser.add_argument("--check-only", action="store_true", help="only the code-agreement checks")
+    parser.add_argument("--llmc", metavar="TOKENIZER_DIR", default=None,
+                        help="also time llm-compressor's GPTQ and AWQ in this call (benchmarks/llmcompressor_gpu.py, "
+                             "its own process; needs llmcompressor importable, e.g. from carried wheels)")
     parser.add_argument("--out", default=None, help="directory for gptq_gpu_speed.json")
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "anchor": ANCHOR}
@@ -249,6 +274,8 @@ def main() -> None:
             awq["vs_anchor"] = round(awq["per_layer_s"] / AWQ_ANCHOR["per_layer_s"], 3)
             result["awq"], result["awq_anchor"] = awq, AWQ_ANCHOR
             print("AWQ:", json.dumps(awq), flush=True)
+        if args.llmc:
+            result["llmcompressor_same_run"] = llmcompressor_same_run(args.llmc, layers, result)
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
