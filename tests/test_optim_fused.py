@@ -74,7 +74,9 @@ def test_parameter_without_grad_is_not_written_and_state_round_trips():
 
 def test_build_and_errors():
     opt = build_optimizer("fused_adamw8bit", _params([(4, 4)]), lr=1e-3)
-    assert isinstance(opt, FusedAdamW8bit)
+    assert isinstance(opt, FusedAdamW8bit) and not opt.paged
+    opt = build_optimizer("paged_fused_adamw8bit", _params([(4, 4)]), lr=1e-3)
+    assert isinstance(opt, FusedAdamW8bit) and opt.paged
     with pytest.raises(ConfigError, match="bucket_size"):
         FusedAdamW8bit(_params([(4, 4)]), bucket_size=0)
 

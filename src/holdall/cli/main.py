@@ -406,7 +406,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup", type=float, default=0.03, help="< 1: fraction of the steps; >= 1: steps")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "fused_adamw8bit"],
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "fused_adamw8bit",
+                                            "paged_fused_adamw8bit"],
                    default="adamw")
     p.add_argument("--fast-step", action="store_true",
                    help="the fused LoRA/QLoRA step (Llama/Mistral/Qwen2; grouped projections, hand-written backward, "

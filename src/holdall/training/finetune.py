@@ -61,7 +61,8 @@ class FinetuneConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "fused_adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "fused_adamw8bit",
+                       "paged_fused_adamw8bit"] = "adamw"
     # data
     max_len: int = 512
     packing: bool = False

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 
 STATE_BLOCK = 256
 MIN_8BIT_SIZE = 4096
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "fused_adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "fused_adamw8bit", "paged_fused_adamw8bit")
 
 
 # --- block-wise 8-bit codes ------------------------------------------------------------------------------
@@ -380,7 +380,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def build_optimizer(
     name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)
 ) -> torch.optim.Optimizer:
-    """``"adamw"`` (torch) | ``"adamw8bit"`` | ``"paged_adamw8bit"`` | ``"paged_adamw"`` | ``"fused_adamw8bit"``."""
+    """``"adamw"`` (torch) | ``"adamw8bit"`` | ``"paged_adamw8bit"`` | ``"paged_adamw"`` | ``"fused_adamw8bit"`` |
+    ``"paged_fused_adamw8bit"`` (the fused buckets with their states in pinned CPU memory)."""
     params = list(params)
     if not params:
         raise ConfigError("no trainable parameters: add an adapter (add_lora) or unfreeze something before training")
@@ -392,8 +393,8 @@ def build_optimizer(
         return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "paged_adamw8bit":
         return PagedAdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    if name == "fused_adamw8bit":
-        return FusedAdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name in ("fused_adamw8bit", "paged_fused_adamw8bit"):
+        return FusedAdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, paged=name.startswith("paged"))
     if name == "paged_adamw":
         return PagedAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
