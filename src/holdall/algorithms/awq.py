@@ -141,8 +141,10 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
         raise ConfigError(f"weights overflow {scheme.scale_dtype} scales; use scale_dtype='float32' (or 'bfloat16')")
     scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).tiny), scale).float()
     zero = float(2 ** (scheme.bits - 1)) if lo is None else torch.round(-lo / scale).clamp(0, maxq)
-    q = (torch.round(groups / scale) + zero).clamp(0, maxq)
-    return unview((q - zero) * scale)
+    # round(w / s) + z, clamped, minus z, times s: in place on one [R, G, L] temporary (the search calls this for
+    # every candidate of every group; each full-size temporary is a pass over the weight)
+    q = torch.div(groups, scale).round_().add_(zero).clamp_(0, maxq)
+    return unview(q.sub_(zero).mul_(scale))
 
 
 def _groups(w: torch.Tensor, scheme: QuantScheme):
@@ -153,6 +155,8 @@ def _groups(w: torch.Tensor, scheme: QuantScheme):
         return w.reshape(1, 1, -1), lambda v: v.reshape(n_out, n_in)
     g = scheme.group_size if scheme.granularity == "group" else n_in
     n_groups = -(-n_in // g)
+    if n_groups * g == n_in:  # whole groups: a view, no copy
+        return w.reshape(n_out, n_groups, g), lambda v: v.reshape(n_out, n_in)
     padded = F.pad(w, (0, n_groups * g - n_in)).reshape(n_out, n_groups, g)
     return padded, lambda v: v.reshape(n_out, n_groups * g)[:, :n_in]
 
