@@ -81,6 +81,17 @@ def test_build_and_errors():
         FusedAdamW8bit(_params([(4, 4)]), bucket_size=0)
 
 
+def _step_both(opt_a, opt_b, a, b, steps: int, seed: int) -> None:
+    """``steps`` optimizer steps of both optimizers on the same random gradients (made on the CPU, moved)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for pa, pb in zip(a, b):
+            g = torch.randn(pa.shape, generator=gen).to(pa.device)
+            pa.grad, pb.grad = g, g.clone()
+        opt_a.step()
+        opt_b.step()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled bucket update runs on CUDA (device machine)")
 def test_cuda_compiled_update_matches_the_eager_one():
     shapes = [(16, 4096), (4096, 16), (16, 11008), (11008, 16)]
@@ -88,13 +99,7 @@ def test_cuda_compiled_update_matches_the_eager_one():
     b = [torch.nn.Parameter(p.detach().cuda()) for p in _params(shapes)]
     opt_a = AdamW8bit(a, lr=1e-2, weight_decay=0.1)
     opt_b = FusedAdamW8bit(b, lr=1e-2, weight_decay=0.1, bucket_size=100000)
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(4):
-        for pa, pb in zip(a, b):
-            g = torch.randn(pa.shape, generator=gen).cuda()
-            pa.grad, pb.grad = g, g.clone()
-        opt_a.step()
-        opt_b.step()
+    _step_both(opt_a, opt_b, a, b, steps=4, seed=3)
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
 
@@ -107,13 +112,7 @@ def test_cuda_paged_states_live_on_the_cpu_and_give_the_same_update():
     b = [torch.nn.Parameter(p.detach().cuda()) for p in _params(shapes)]
     opt_a = FusedAdamW8bit(a, lr=1e-2, weight_decay=0.1, bucket_size=50000)
     opt_b = FusedAdamW8bit(b, lr=1e-2, weight_decay=0.1, bucket_size=50000, paged=True)
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        for pa, pb in zip(a, b):
-            g = torch.randn(pa.shape, generator=gen).cuda()
-            pa.grad, pb.grad = g, g.clone()
-        opt_a.step()
-        opt_b.step()
+    _step_both(opt_a, opt_b, a, b, steps=3, seed=4)
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb, pa, rtol=0, atol=0)
     states_b = [s for s in opt_b.state.values() if s]
@@ -128,7 +127,6 @@ def test_cuda_paged_states_live_on_the_cpu_and_give_the_same_update():
 def test_paged_on_a_cpu_only_run_equals_unpaged():
     shapes = [(16, 512), (8, 64)]
     a, b = _params(shapes), _params(shapes)
-    _run(FusedAdamW8bit, a)
-    _run(FusedAdamW8bit, b, paged=True)
+    _step_both(FusedAdamW8bit(a, lr=1e-2), FusedAdamW8bit(b, lr=1e-2, paged=True), a, b, steps=3, seed=5)
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb, pa, rtol=0, atol=0)
