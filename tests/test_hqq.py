@@ -120,3 +120,14 @@ def test_cli_hqq_defaults_to_asymmetric(capsys, tmp_path, tiny_llama_dir):
     code = main(["quantize", str(tiny_llama_dir), "--method", "hqq", "--sym", "-o", str(tmp_path / "s")])
     assert code == 0
     assert json.loads((tmp_path / "s" / "holdall_quant.json").read_text())["config"]["scheme"]["symmetric"] is True
+
+
+def test_symmetric_low_bit_hqq_warns_and_the_default_does_not(one_thread):
+    import warnings
+
+    model = make_tiny_llama(hidden=64, layers=1)
+    with pytest.warns(UserWarning, match="asymmetric form"):
+        quantize(model, QuantConfig.for_method("hqq", bits=3, group_size=32, symmetric=True), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(make_tiny_llama(hidden=64, layers=1), QuantConfig.for_method("hqq", bits=3), progress=False)

@@ -27,6 +27,7 @@ the kept parameters, so the result is an ordinary ``QuantLinear``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,13 @@ def _num(value) -> float:
 def quantize_hqq(model: nn.Module, names: list[str], config: QuantConfig, run: MethodRun) -> dict[str, QuantScheme]:
     """The ``hqq`` method: every selected linear on its own (no calibration data), like rtn."""
     options: HQQConfig = config.options  # type: ignore[assignment]  (QuantConfig resolved it)
+    if config.scheme.symmetric and config.scheme.bits <= 3:
+        warnings.warn(
+            f"symmetric {config.scheme.bits}-bit HQQ fits only the scale and clips the largest weights: on SmolLM2 at "
+            "int3 g128 it did worse than round-to-nearest (BENCHMARKS.md); HQQ's asymmetric form (the default, "
+            "symmetric=False) fits the zero point too and did far better",
+            stacklevel=2,
+        )
     schemes: dict[str, QuantScheme] = {}
     with torch.no_grad():
         for name in tqdm(names, desc=f"quantize {config.label}", unit="layer", disable=not run.progress):
