@@ -636,7 +636,7 @@ class _GroupSearch:
             if rel in clips:
                 ws = clips[rel].apply(ws, self.scheme)
             q = fake_quantize(ws, self.scheme)
-            out.append(q / s if s is not None else q)
+            out.append(q.div_(s) if s is not None else q)  # q is a fresh tensor: divided in place
         return out
 
     def _clip(self, s: torch.Tensor | None) -> dict[str, ClipResult]:
