@@ -9,9 +9,10 @@ weight, so a 7B model's three dequantizations per step cost ~16 ms of an H100's 
 One program decodes ``BLOCK`` packed bytes (``2 * BLOCK`` weights) of one contiguous run: byte ``j`` of the
 flattened ``[out, in/2]`` code tensor holds weights ``2j`` (high nibble) and ``2j + 1`` (low nibble), and the
 output is written in the same flat order; ``row0`` decodes a range of rows only (the training step's input
-gradient multiplies a large weight a row block at a time, so only that block's floats exist at once). The arithmetic is the reference's: the
-float32 value times the float32 scale, rounded once to the output dtype; the plain-torch twin is
-``kernels.packed.reference_decode`` and ``tests/test_fast_step.py`` compares the two on the device.
+gradient multiplies a large weight a row block at a time, so only that block's floats exist at once). The
+arithmetic is the reference's: the float32 value times the float32 scale, rounded once to the output dtype; the
+plain-torch twin is ``kernels.packed.reference_decode`` and ``tests/test_fast_step.py`` compares the two on the
+device.
 
 Imports Triton at the top: only ``kernels.dequant`` imports this module, at the first CUDA launch.
 """
