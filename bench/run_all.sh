@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 6's GPU benchmarks, HF stack and holdall side by side, in one command on the device machine:
+#
+#   bash bench/run_all.sh [kernels] [decode] [qlora]        (default: all three, ~10 minutes on an H200)
+#
+# The bitsandbytes wheel (and any other missing package) travels in .whl/ (the device README says how); it is
+# installed into /tmp/site for this run. Results go to $OUT (default bench/results): gpu_kernels.json,
+# gpu_decode.json, qlora_step.json, each with its log; every script prints its ratios against the HF stack.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(kernels decode qlora)
+for part in "${parts[@]}"; do
+  case "$part" in kernels|decode|qlora) ;; *) echo "unknown part '$part': choose from kernels, decode, qlora" >&2; exit 2 ;; esac
+done
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
+for part in "${parts[@]}"; do
+  case "$part" in
+    kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" ;;
+    decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
+    qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \
+             --configs hf,holdall-graphs-offload,holdall-graphs --out "$OUT" 2>&1 | tee "$OUT/qlora_step.log" ;;
+  esac
+done
