@@ -219,14 +219,18 @@ def test_input_gradient_by_row_blocks_equals_one_gemm(monkeypatch):
     layers = [QuantLinear.from_linear(torch.nn.Linear(64, n, bias=False), QuantScheme(dtype="nf4", group_size=64,
                                                                                      double_quant=True))
               for n in (300, 40)]
+    cpu = torch.device("cpu")
     monkeypatch.setattr(fast_step, "_GRAD_BLOCK_BYTES", 1)  # the smallest blocks: 128 rows
-    assert fast_step._row_blocks(layers[0], torch.float64) == [(0, 128), (128, 256), (256, 300)]
+    # the plain-torch decoder decodes the whole weight per call: one block there, never one decode per block
+    assert fast_step._row_blocks(layers[0], torch.float64, cpu) == [(0, 300)]
+    monkeypatch.setattr(fast_step, "decodes_rows", lambda layer, device: True)  # as where the kernel runs
+    assert fast_step._row_blocks(layers[0], torch.float64, cpu) == [(0, 128), (128, 256), (256, 300)]
     group = type("G", (), {"bases": layers})()
     dys = [torch.randn(7, 300, dtype=torch.float64), torch.randn(7, 40, dtype=torch.float64)]
     got = fast_step._base_input_grad(group, dys)
     want = sum(dy @ layer.dequantize_weight().double() for dy, layer in zip(dys, layers))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    rows = dequant.weight_rows(layers[0], 128, 256, torch.float32, torch.device("cpu"))
+    rows = dequant.weight_rows(layers[0], torch.float32, cpu, 128, 256)
     torch.testing.assert_close(rows, layers[0].dequantize_weight().float()[128:256], rtol=0, atol=0)
 
 
@@ -251,7 +255,7 @@ def test_dequant_kernel_matches_reference():
             torch.testing.assert_close(out[8:392].float(), want.to(dtype).float(), rtol=0, atol=0, msg=scheme.label)
             assert out[:8].isnan().all() and out[392:].isnan().all()  # nothing written outside its rows
             # a block of rows (the input gradient's path): row 130 is inside an absmax block of 256 scales
-            rows = dequant.weight_rows(layer, 130, 301, dtype, torch.device("cuda"))
+            rows = dequant.weight_rows(layer, dtype, torch.device("cuda"), 130, 301)
             torch.testing.assert_close(rows.float(), want[130:301].to(dtype).float(), rtol=0, atol=0,
                                        msg=scheme.label)
 

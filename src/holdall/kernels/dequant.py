@@ -1,21 +1,18 @@
-"""Dequantizing base weights for training: a linear's float weight, a block of its rows, or several linears
-stacked row-wise in one ``[sum(out), in]`` buffer.
+"""Dequantizing base weights for training: a linear's float weight, or a block of its rows.
 
-The fast QLoRA step (``training.fast_step``) decodes one base weight at a time for its forward GEMM and a block
-of rows at a time for the input gradient (``weight_rows``), so that few float weights exist at once. Each layer
-is decoded straight into its buffer:
+The fast QLoRA step (``training.fast_step``) decodes one base weight at a time for its forward GEMM and, where
+the kernel runs, a block of rows at a time for the input gradient, so that few float weights exist at once:
 
-* a CUDA ``QuantLinear`` the 4-bit kernels read -> ``triton_dequant`` (one pass, 2 output bytes per weight);
+* a CUDA ``QuantLinear`` the 4-bit kernels read -> ``triton_dequant`` (one pass, 2 output bytes per weight; any
+  range of rows);
 * any other ``QuantLinear`` -> ``core.backends.dequantize_for_compute`` (the plain-torch path, bit-identical to
-  ``QuantLinear.dequantize_weight``), copied in;
-* a float ``nn.Linear`` -> its weight, cast and copied in (a single float linear is returned as is, no copy).
+  ``QuantLinear.dequantize_weight``; always the whole weight);
+* a float ``nn.Linear`` -> its weight (a view when dtype and device already match).
 
 Needs only torch until a CUDA launch imports Triton.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -48,21 +45,26 @@ def dequantize_into(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(backends.dequantize_for_compute(layer, out.dtype))
 
 
-def weight_rows(layer: nn.Module, start: int, stop: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Rows ``start:stop`` of ``layer``'s float weight, ``[stop - start, in_features]`` in ``dtype`` on ``device``.
-
-    The Triton kernel decodes only those rows; a float layer of the right dtype gives a view (no copy); the
-    plain-torch path decodes the whole weight and copies the rows out.
-    """
-    if not hasattr(layer, "scheme"):
+def weight_rows(layer: nn.Module, dtype: torch.dtype, device: torch.device, start: int = 0,
+                stop: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` (default: all) of ``layer``'s float weight, ``[rows, in_features]`` in ``dtype`` on
+    ``device``. Only the Triton kernel decodes just those rows (:func:`decodes_rows`); the plain-torch path
+    decodes the whole weight and returns a view of the rows."""
+    stop = layer.out_features if stop is None else stop
+    if not hasattr(layer, "scheme"):  # a float nn.Linear
         return layer.weight[start:stop].to(device=device, dtype=dtype)
-    out = torch.empty(stop - start, layer.in_features, dtype=dtype, device=device)
-    if use_kernel(layer, out.device):
-        from . import triton_dequant
+    if decodes_rows(layer, device):
+        from . import triton_dequant  # only now is Triton imported
 
+        out = torch.empty(stop - start, layer.in_features, dtype=dtype, device=device)
         p, ops = _operands(layer)
         return triton_dequant.dequantize(ops, p, out, row0=start, rows=stop - start)
-    return out.copy_(backends.dequantize_for_compute(layer, dtype)[start:stop])
+    return backends.dequantize_for_compute(layer, dtype).to(device)[start:stop]
+
+
+def decodes_rows(layer: nn.Module, device: torch.device) -> bool:
+    """Whether a block of ``layer``'s rows costs only those rows (the kernel) rather than the whole weight."""
+    return hasattr(layer, "scheme") and use_kernel(layer, device)
 
 
 def _operands(layer: nn.Module):
@@ -72,22 +74,3 @@ def _operands(layer: nn.Module):
     if cached is None or cached[0] is not p:  # a new plan (new buffers): new views
         cached = layer.__dict__[_OPS_ATTR] = (p, packed.operands(layer, p))
     return cached
-
-
-def stacked_weight(layers: Sequence[nn.Module], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The layers' weights stacked row-wise, ``[sum(out_features), in_features]`` in ``dtype`` on ``device``.
-
-    All layers must share ``in_features`` (they read the same input). A single float layer of the right dtype
-    is returned without a copy.
-    """
-    if len(layers) == 1 and not hasattr(layers[0], "scheme") and layers[0].weight.dtype == dtype:
-        return layers[0].weight
-    in_features = layers[0].in_features
-    rows = sum(layer.out_features for layer in layers)
-    out = torch.empty(rows, in_features, dtype=dtype, device=device)
-    start = 0
-    for layer in layers:
-        stop = start + layer.out_features
-        dequantize_into(layer, out[start:stop])
-        start = stop
-    return out

@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..kernels import available as kernels_available
-from ..kernels.dequant import stacked_weight, weight_rows
+from ..kernels.dequant import decodes_rows, weight_rows
 from ..models import llama_ops
 from ..models.families import get_family
 from ..tuners.lora import LoraLinear
@@ -332,7 +332,7 @@ def _base_forward(group: _Group, x: torch.Tensor) -> list[torch.Tensor]:
     """
     ys = []
     for base, bias in zip(group.bases, group.biases):
-        weight = stacked_weight([base], x.dtype, x.device)  # [out_j, in]
+        weight = weight_rows(base, x.dtype, x.device)  # [out_j, in]
         ys.append(F.linear(x, weight, None if bias is None else bias.to(x.dtype)))
         del weight
     return ys
@@ -341,14 +341,14 @@ def _base_forward(group: _Group, x: torch.Tensor) -> list[torch.Tensor]:
 _GRAD_BLOCK_BYTES = 32 << 20  # float weight rows decoded at once for the input gradient
 
 
-def _row_blocks(layer: nn.Module, dtype: torch.dtype) -> list[tuple[int, int]]:
-    """Row ranges of ``layer``'s weight holding at most ``_GRAD_BLOCK_BYTES`` of ``dtype`` (multiples of 128 rows);
-    one range for a float layer (its weight is used in place, nothing is decoded)."""
+def _row_blocks(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> list[tuple[int, int]]:
+    """Row ranges of ``layer``'s weight holding at most ``_GRAD_BLOCK_BYTES`` of ``dtype`` (multiples of 128 rows)
+    where the kernel decodes a block of rows on its own; one range otherwise (a float weight is used in place, and
+    the plain-torch decoder would decode the whole weight once per block)."""
     n = layer.out_features
-    if not hasattr(layer, "scheme"):
+    if not decodes_rows(layer, device):
         return [(0, n)]
-    per_row = layer.in_features * torch.empty((), dtype=dtype).element_size()
-    size = max(128, (_GRAD_BLOCK_BYTES // per_row) // 128 * 128)
+    size = max(128, (_GRAD_BLOCK_BYTES // (layer.in_features * dtype.itemsize)) // 128 * 128)
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
@@ -357,8 +357,8 @@ def _base_input_grad(group: _Group, dys: Sequence[torch.Tensor], dx: torch.Tenso
     ``dy_j @ W_j = Σ_blocks dy_j[:, rows] @ W_j[rows]``, so a 7B down projection's gradient holds ~32 MiB of
     float weight instead of 86 MiB (one more read and write of ``dx`` per block). Added into ``dx`` when given."""
     for base, dy in zip(group.bases, dys):
-        for start, stop in _row_blocks(base, dy.dtype):
-            weight = weight_rows(base, start, stop, dy.dtype, dy.device)  # [rows, in]
+        for start, stop in _row_blocks(base, dy.dtype, dy.device):
+            weight = weight_rows(base, dy.dtype, dy.device, start, stop)  # [rows, in]
             part = dy[:, start:stop]
             dx = part @ weight if dx is None else dx.addmm_(part, weight)
             del weight
@@ -675,7 +675,7 @@ class FastStep:
     def _head_weight(self) -> torch.Tensor:
         head = self.head
         if hasattr(head, "scheme"):
-            return stacked_weight([head], self.dtype, self.device)
+            return weight_rows(head, self.dtype, self.device)
         return head.weight.to(self.dtype)
 
     def _checkpoints(self, x: torch.Tensor) -> "_Checkpoints":
