@@ -9,29 +9,30 @@ the tensor cores' rate instead of the CUDA cores' (~50 TFLOP/s on an H200). Need
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-_WORKS: list[bool] = []  # [works?] once probed
+
+@functools.lru_cache(maxsize=None)
+def _supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch multiplies ``dtype`` on ``device`` with a float32 result: probed once on 2x2 inputs, so
+    an error here can only mean the feature is missing (real inputs' errors are never mistaken for it)."""
+    one = torch.ones(2, 2, dtype=dtype, device=device)
+    try:
+        torch.mm(one, one, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):  # no out_dtype keyword / no kernel for it
+        return False
+    return True
 
 
 def half_mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """``a @ b`` in float32 from half-precision CUDA ``a``, ``b`` (same dtype); None where unsupported."""
     if not (a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype):
         return None
-    if _WORKS and not _WORKS[0]:
+    if not _supported(a.device, a.dtype):
         return None
-    try:
-        out = torch.mm(a, b, out_dtype=torch.float32)
-    except torch.OutOfMemoryError:
-        raise  # a real error, never a missing feature: the float32 fallback would need even more memory
-    except (TypeError, RuntimeError, NotImplementedError):
-        if _WORKS:
-            raise  # it worked before: this is a real error, not a missing feature
-        _WORKS.append(False)
-        return None
-    if not _WORKS:
-        _WORKS.append(True)
-    return out
+    return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
