@@ -165,11 +165,17 @@ def run_llm_compressor(base, tokenizer, bits: int, group: int, calibration: Cali
     return model, timing["quantize_s"], timing.get("quantize_cpu_s")
 
 
+def _or_dash(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "-" when nothing was measured (every row refused)."""
+    return "-" if value is None else format(value, spec)
+
+
 def render_markdown(meta: dict, rows: dict[str, dict]) -> str:
     lines = [
         f"SmolLM2-135M-Instruct fp32; calibration {meta['calibration']}; evaluation WikiText-2 test, "
-        f"{meta['windows']} x {meta['seq_len']} tokens ({meta['scored_tokens']:,} scored); base PPL "
-        f"{meta['base_ppl']:.3f} (anchor run: {ANCHOR_BASE_PPL}); machine: {meta['machine']}; {meta['date']}.",
+        f"{meta['windows']} x {meta['seq_len']} tokens ({_or_dash(meta['scored_tokens'], ',')} scored); base PPL "
+        f"{_or_dash(meta['base_ppl'], '.3f')} (anchor run: {ANCHOR_BASE_PPL}); machine: {meta['machine']}; "
+        f"{meta['date']}.",
         "",
         "| setting | method | PPL | KLD vs float | top-1 agree | bits/weight | quantize s | quantize CPU s | "
         "linear err / RTN |",
@@ -239,14 +245,14 @@ def main() -> None:
 
 def write_results(rows: dict[str, dict], args: argparse.Namespace) -> str:
     """Write gptq_quality.json / .md for the rows measured so far into ``args.out``; return the markdown."""
-    first = next(r for r in rows.values() if "refused" not in r)
+    first = next((r for r in rows.values() if "refused" not in r), {})  # {}: every row so far was refused
     meta = {
         "model": args.model,
         "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens of WikiText-2 valid (seed 0)",
         "seq_len": args.seq_len,
         "windows": args.windows,
-        "scored_tokens": first["scored_tokens"],
-        "base_ppl": first["base_ppl"],
+        "scored_tokens": first.get("scored_tokens"),
+        "base_ppl": first.get("base_ppl"),
         "machine": f"{cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "dry_run": args.dry_run,
