@@ -216,8 +216,9 @@ def llmcompressor_same_run(tokenizer: str, layers: int, result: dict) -> dict:
     done = subprocess.run([sys.executable, str(script), "--tokenizer", tokenizer, "--layers", str(layers)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        return {"failed": " | ".join(tail)[:500]}
+        failed = {"failed": " | ".join(done.stderr.strip().splitlines()[-3:])[:500]}
+        print("llm-compressor, same call, failed:", failed["failed"], flush=True)
+        return failed
     llmc = json.loads(done.stdout.strip().splitlines()[-1])
     for method, ours in (("gptq", result.get("holdall")), ("awq", result.get("awq"))):
         theirs = llmc.get(method, {})
