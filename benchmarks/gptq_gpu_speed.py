@@ -130,7 +130,7 @@ PHASES = [
     ("holdall.algorithms.awq:_LinearLoss.__init__", "  Gram X^T X (o / down)"),
     ("holdall.algorithms.awq:_LinearLoss.loss", "  linear loss tr(D H D^T) (one per candidate)"),
     ("holdall.algorithms.awq:clip_search", "  clip search"),
-    ("holdall.algorithms.awq:fake_quantize", "  fake quantize (inside the above)"),
+    ("holdall.algorithms.awq:scaled_fake_quantize", "  fake quantize (inside the above)"),
 ]
 
 

@@ -16,6 +16,7 @@ from holdall.algorithms.awq import (
     clip_search,
     fake_quantize,
     fold_inverse_scale,
+    scaled_fake_quantize,
     weight_mean,
 )
 from holdall.core.linear import QuantLinear
@@ -82,6 +83,71 @@ def test_fake_quantize_is_what_the_core_stores(scheme):
     w[:, 7] = 0
     w[3] = 0  # an all-zero row: the tiny-scale rule
     assert torch.equal(fake_quantize(w, scheme), QuantizedTensor.from_float(w, scheme).dequantize())
+
+
+FUSED_SCHEMES = [
+    QuantScheme(bits=4, group_size=128, symmetric=False), QuantScheme(bits=4, group_size=128),
+    QuantScheme(bits=3, group_size=64), QuantScheme(bits=2, group_size=32, symmetric=False),
+    QuantScheme(bits=8, group_size=128, symmetric=False), QuantScheme(bits=5, group_size=40, scale_dtype="bfloat16"),
+    QuantScheme(bits=4, group_size=256, scale_dtype="float32", symmetric=False),
+]
+
+
+def _scaled_case(device: str = "cpu"):
+    """A [48, 300] weight (300 = 2 x 128 + a partial group, for every group size above), an all-zero row, a zero
+    column, column scales over three decades, and per-(row, group) clip limits below the group max."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 300, generator=g) * 0.03
+    w[5] = 0
+    w[:, 11] = 0
+    s = torch.exp(torch.randn(300, generator=g) * 1.5)
+    return w.to(device), s.to(device), g
+
+
+@pytest.mark.parametrize("scheme", FUSED_SCHEMES, ids=lambda s: s.label)
+def test_scaled_fake_quantize_is_the_core_rounding_of_the_scaled_clipped_weight(scheme):
+    """``Q(clip(w s)) / s`` against the core's stored layer of the scaled, clipped weight, divided back."""
+    w, s, g = _scaled_case()
+    n_groups = -(-w.shape[1] // scheme.group_size)
+    limit = torch.rand(w.shape[0], n_groups, generator=g) * 0.1 + 0.02  # [out, G]
+    ws = w * s
+    per_col = limit.repeat_interleave(scheme.group_size, dim=1)[:, : w.shape[1]]
+    clipped = torch.maximum(torch.minimum(ws, per_col), -per_col)
+    ref = QuantizedTensor.from_float(clipped, scheme).dequantize() / s
+    assert torch.equal(scaled_fake_quantize(w, scheme, s, limit), ref)
+    assert torch.equal(scaled_fake_quantize(w, scheme), QuantizedTensor.from_float(w, scheme).dequantize())
+    half = scaled_fake_quantize(w, scheme, s, out_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, (QuantizedTensor.from_float(ws, scheme).dequantize() / s).bfloat16())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", FUSED_SCHEMES, ids=lambda s: s.label)
+def test_fused_candidate_kernel_matches_the_eager_passes_bit_for_bit(scheme, monkeypatch):
+    from holdall.algorithms import fake_quant_triton
+
+    pytest.importorskip("triton")
+    w, s, g = _scaled_case("cuda")
+    n_groups = -(-w.shape[1] // scheme.group_size)
+    limit = (torch.rand(w.shape[0], n_groups, generator=g) * 0.1 + 0.02).cuda()
+    assert fake_quant_triton.usable(w, scheme)
+    fused = [fake_quant_triton.fake_quantize(w, scheme, s, limit), fake_quant_triton.fake_quantize(w, scheme),
+             fake_quant_triton.fake_quantize(w, scheme, s, out_dtype=torch.bfloat16)]
+    monkeypatch.setenv("HOLDALL_KERNELS", "0")  # the eager passes, on the same GPU
+    assert not fake_quant_triton.usable(w, scheme)
+    eager = [scaled_fake_quantize(w, scheme, s, limit), scaled_fake_quantize(w, scheme),
+             scaled_fake_quantize(w, scheme, s, out_dtype=torch.bfloat16)]
+    for a, b in zip(fused, eager):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b), f"{(a != b).sum().item()} of {a.numel()} values differ"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_candidate_overflowing_fp16_scales_raises_as_the_eager_path():
+    pytest.importorskip("triton")
+    w = torch.full((4, 128), 1e6, device="cuda")
+    with pytest.raises(ConfigError, match="overflow float16 scales"):
+        scaled_fake_quantize(w, QuantScheme(bits=4, group_size=128))
 
 
 def test_weight_mean_and_scales_match_plain_torch():

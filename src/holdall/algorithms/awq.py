@@ -63,6 +63,7 @@ from ..core.linear import QuantLinear
 from ..core.scheme import QuantScheme
 from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..models.families import Family, get_family
+from . import fake_quant_triton
 from .config import MethodOptions, MethodResult, MethodRun, QuantConfig, register_method, select_layers
 from .gram import add_gram, half_mm_float32
 from .sequential import CalibrationReport, run_sequential
@@ -145,6 +146,31 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     # every candidate of every group; each full-size temporary is a pass over the weight)
     q = torch.div(groups, scale).round_().add_(zero).clamp_(0, maxq)
     return unview(q.sub_(zero).mul_(scale))
+
+
+def scaled_fake_quantize(
+    w: torch.Tensor,
+    scheme: QuantScheme,
+    s: torch.Tensor | None = None,
+    max_val: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``Q(clamp_groups(w · s, max_val)) / s`` as ``out_dtype``: a consumer's weight as the scaled, clipped,
+    rounded layer computes it, in the original frame (``s`` None: no column scale, ``max_val`` None: no clip).
+
+    On a GPU with Triton, group schemes take one fused pass (``fake_quant_triton``, bit-identical in float32);
+    elsewhere, and wherever the fused pass meets a non-finite scale (so that the error below is raised), the
+    eager passes of :func:`fake_quantize` run."""
+    if fake_quant_triton.usable(w, scheme):
+        out = fake_quant_triton.fake_quantize(w, scheme, s, max_val, out_dtype)
+        if bool(torch.isfinite(out).all()):
+            return out
+    ws = w.float() * s if s is not None else w.float()
+    if max_val is not None:
+        ws = clamp_groups(ws, max_val, scheme)
+    q = fake_quantize(ws, scheme)
+    q = q.div_(s) if s is not None else q  # q is a fresh tensor: divided in place
+    return q.to(out_dtype)
 
 
 def _groups(w: torch.Tensor, scheme: QuantScheme):
@@ -241,7 +267,7 @@ def clip_search(
     best_err = unclipped = None
     for i in range(max(1, int(max_shrink * grid))):
         max_val = absmax * (1 - i / grid)
-        delta = w - fake_quantize(clamp_groups(w, max_val, scheme), scheme)
+        delta = w - scaled_fake_quantize(w, scheme, max_val=max_val)
         delta = F.pad(delta, (0, pad)).reshape(n_out, n_groups, g).transpose(0, 1)  # [G, out, g]
         err = ((delta @ gram) * delta).sum(-1).transpose(0, 1)  # [out, G]
         if best_err is None:
@@ -632,11 +658,8 @@ class _GroupSearch:
             if rel not in self.targets:
                 out.append(w)
                 continue
-            ws = w * s if s is not None else w
-            if rel in clips:
-                ws = clips[rel].apply(ws, self.scheme)
-            q = fake_quantize(ws, self.scheme)
-            out.append(q.div_(s) if s is not None else q)  # q is a fresh tensor: divided in place
+            max_val = clips[rel].max_val if rel in clips else None
+            out.append(scaled_fake_quantize(w, self.scheme, s, max_val))
         return out
 
     def _clip(self, s: torch.Tensor | None) -> dict[str, ClipResult]:
