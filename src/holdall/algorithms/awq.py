@@ -159,11 +159,12 @@ def scaled_fake_quantize(
     rounded layer computes it, in the original frame (``s`` None: no column scale, ``max_val`` None: no clip).
 
     On a GPU with Triton, group schemes take one fused pass (``fake_quant_triton``, bit-identical in float32);
-    elsewhere, and wherever the fused pass meets a non-finite scale (so that the error below is raised), the
-    eager passes of :func:`fake_quantize` run."""
+    elsewhere, and wherever the fused pass meets a non-finite scale (so that :func:`fake_quantize` raises its
+    error), the eager passes run."""
     if fake_quant_triton.usable(w, scheme):
-        out = fake_quant_triton.fake_quantize(w, scheme, s, max_val, out_dtype)
-        if bool(torch.isfinite(out).all()):
+        flag = torch.zeros(1, dtype=torch.int32, device=w.device)
+        out = fake_quant_triton.fake_quantize(w, scheme, s, max_val, out_dtype, flag)
+        if not flag.item():
             return out
     ws = w.float() * s if s is not None else w.float()
     if max_val is not None:

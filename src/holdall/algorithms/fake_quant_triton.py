@@ -49,11 +49,13 @@ def fake_quantize(
     s: torch.Tensor | None = None,
     max_val: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
+    flag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Q(clamp(w [out, in] · s [in], ±max_val [out, G])) / s`` as ``out_dtype``; call only where :func:`usable`.
 
-    ``s`` None: no column scale; ``max_val`` None: no clipping. Non-finite scales (weights overflowing an fp16
-    ``scale_dtype``) come out as Inf/NaN values, which the caller checks for."""
+    ``s`` None: no column scale; ``max_val`` None: no clipping. A group whose scale is not finite (weights
+    overflowing an fp16 ``scale_dtype``) sets ``flag[0]`` to 1 (an int32 tensor the caller zeroed), so that the
+    caller can tell without another pass over the output."""
     kernel = _load()
     import triton
 
@@ -68,13 +70,15 @@ def fake_quantize(
     if max_val is None:
         max_val = torch.full((n_out, n_groups), float("inf"), device=w.device)
     max_val = max_val.contiguous().float()
+    if flag is None:
+        flag = torch.zeros(1, dtype=torch.int32, device=w.device)
     scale_dtype = scheme.torch_scale_dtype
     maxq = 2**scheme.bits - 1
     block_g = triton.next_power_of_2(g)
     block_r = max(1, min(64, 4096 // block_g))
     grid = (triton.cdiv(n_out, block_r), n_groups)
     kernel[grid](
-        w, s, max_val, out, n_out, n_in, g, n_groups, float(maxq),
+        w, s, max_val, out, flag, n_out, n_in, g, n_groups, float(maxq),
         _reciprocal(maxq / 2 if scheme.symmetric else maxq), float(torch.finfo(scale_dtype).tiny),
         SYMMETRIC=scheme.symmetric, SCALE_DTYPE=_SCALE_CODES[scale_dtype], BLOCK_R=block_r, BLOCK_G=block_g,
         num_warps=4,
@@ -100,11 +104,13 @@ def _load():
         _kernel = False  # remembered: the eager path serves
         return None
 
-    # shapes are not specialized on: each distinct (divisible-by-16, == 1) pattern of them would compile the
-    # kernel again, and a layer's consumers (4096 x 4096, 11008 x 4096, 4096 x 11008, ...) cover several
-    @triton.jit(do_not_specialize=["R", "N", "G", "n_groups"])
+    # The row and group counts are not specialized on: each distinct (divisible by 16, == 1) pattern would compile
+    # the kernel again, and a layer's consumers (4096 x 4096, 11008 x 4096, 4096 x 11008, ...) cover several.
+    # The row length and group size are (both multiples of 16 in every model we know): knowing that, the
+    # compiler proves each row's group contiguous and aligned, and loads/stores it 16 bytes at a time.
+    @triton.jit(do_not_specialize=["R", "n_groups"])
     def fake_quant_kernel(
-        W, S, CLIP, OUT, R, N, G, n_groups, maxq, inv_range, tiny,
+        W, S, CLIP, OUT, FLAG, R, N, G, n_groups, maxq, inv_range, tiny,
         SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
     ):
@@ -131,6 +137,9 @@ def _load():
             scale = scale.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
         elif SCALE_DTYPE == 2:
             scale = scale.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+        bad = tl.max(((scale != scale) | (tl.abs(scale) == float("inf"))).to(tl.int32), axis=0)
+        if bad > 0:
+            tl.store(FLAG, 1)
         scale = tl.where(scale == 0.0, tiny, scale)
         if SYMMETRIC:
             zero = maxq / 2 + 0.5  # 2**(bits - 1)
