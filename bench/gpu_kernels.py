@@ -124,13 +124,14 @@ def gemv_configs(group: int, codebook: bool) -> list[dict]:
     if codebook:  # the [rows, groups, words, 8] kernel with the 16-value table; the round-2 kernel
         return [{"BLOCK_N": 8, "BLOCK_G": 64 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "4d", "LUT16": True},
                 {"BLOCK_N": 4, "BLOCK_G": 512 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "v2"}]
-    # the first round's kernel at the best configuration of its last sweep
-    out = [{"BLOCK_N": 8, "BLOCK_G": 128 // group_w, "num_warps": 4, "STAGES": 3, "PREFETCH": True}]
-    for rows in (2, 4):  # the round-2 kernel (VARIANT v2): rows per program (all held by every thread)
-        for words in (256, 512):
-            for stages in (1, 3):
-                out.append({"BLOCK_N": rows, "BLOCK_G": words // group_w, "num_warps": 4, "STAGES": stages,
-                            "VARIANT": "v2"})
+    # The first round's pairs kernel, split over the groups (round 3): Nsight Compute showed its one-program-
+    # per-8-rows grid at 0.55 waves on an H200 with 20% achieved occupancy and DRAM 25% busy. (The round-2 v2
+    # kernel, 2.6x slower, is out of the sweep: `gpu_kernels_h200_round2_sweep*.json` hold its grid.)
+    out = []
+    for rows, words, warps in ((4, 128, 4), (8, 128, 4), (8, 256, 4), (16, 128, 8), (16, 256, 8)):
+        for split_k in (1, 2, 4, 8):
+            out.append({"BLOCK_N": rows, "BLOCK_G": max(1, words // group_w), "num_warps": warps, "STAGES": 3,
+                        "PREFETCH": True, "SPLIT_K": split_k})
     return out
 
 

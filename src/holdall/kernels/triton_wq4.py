@@ -78,7 +78,7 @@ def _unpack_pair(pair, X_BF16: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, pair_ptr, b_ptr, y_ptr,
-    N, KW, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+    N, KW, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride, groups_per_split,
     GROUP_W: tl.constexpr,  # int32 words per group (group / 8)
     KIND: tl.constexpr,  # 0 int sym, 1 int asym, 2 codebook
     SCALE_DQ: tl.constexpr,
@@ -88,8 +88,12 @@ def _gemv_kernel(
     X_BF16: tl.constexpr,  # x is bf16 (else fp16); x_ptr points at it as int32 pairs
     STAGES: tl.constexpr = 1,  # software pipelining depth of the weight loads (bytes in flight)
     PREFETCH: tl.constexpr = False,  # load the next tile's words before decoding this one (registers)
+    SPLIT_K: tl.constexpr = 1,  # > 1: program (i, k) sums groups [k, k + 1) x groups_per_split into float32
+    # partials [SPLIT_K, N] at y_ptr, for _splitk_sum (groups_per_split a multiple of BLOCK_G)
 ):
     pid = tl.program_id(0)
+    start = tl.program_id(1) * groups_per_split
+    stop = tl.minimum(start + groups_per_split, n_groups)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n3 = rn[:, None, None]  # [BN, 1, 1]
     n_ok = n3 < N
@@ -98,16 +102,16 @@ def _gemv_kernel(
     w_rows = w_ptr + n3 * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_G, GROUP_W], dtype=tl.float32)
     if PREFETCH:
-        first = rg * GROUP_W + rj
+        first = (start + rg) * GROUP_W + rj
         w_next = tl.load(w_rows + first, mask=n_ok & (first < KW), other=0)
-    for g0 in tl.range(0, n_groups, BLOCK_G, num_stages=STAGES):
+    for g0 in tl.range(start, stop, BLOCK_G, num_stages=STAGES):
         g3 = g0 + rg
         kw3 = g3 * GROUP_W + rj  # [1, BG, GW] word index along the row
         k_ok = kw3 < KW
         if PREFETCH:  # the next tile's DRAM latency overlaps this tile's decode
             w = w_next
             after = kw3 + BLOCK_G * GROUP_W
-            w_next = tl.load(w_rows + after, mask=n_ok & (after < KW), other=0)
+            w_next = tl.load(w_rows + after, mask=n_ok & (after < KW) & (g0 + BLOCK_G < stop), other=0)
         else:
             w = tl.load(w_rows + kw3, mask=n_ok & k_ok, other=0)  # [BN, BG, GW] int32
         gs = g3 * group_step
@@ -134,9 +138,12 @@ def _gemv_kernel(
             part += w_even * x_even + w_odd * x_odd
         acc += part * s
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+    if SPLIT_K > 1:
+        tl.store(y_ptr + tl.program_id(1) * N + rn, y, mask=rn < N)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -639,19 +646,37 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
             ROWS=block_n, X_BF16=x.dtype == torch.bfloat16, **cfg,
         )
         return out
-    if variant == "pairs":
-        kernel, x_arg, tables = _gemv_kernel, x.view(torch.int32), (ops.pairs,)
-        cfg["X_BF16"] = x.dtype == torch.bfloat16
-    else:
-        kernel, x_arg, tables = _gemv4d_kernel, x, (ops.pairs, ops.values)
-    kernel[grid](
-        x_arg, ops.words, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, *tables,
-        bias if bias is not None else ops.scale, out,
-        p.out_features, p.in_features // CODES_PER_WORD, triton.cdiv(p.in_features, p.group), ops.words.stride(0),
-        p.scale_row_stride, p.group_step, p.zero_row_stride,
-        GROUP_W=p.group // CODES_PER_WORD, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, **cfg,
+    n_groups = triton.cdiv(p.in_features, p.group)
+    has_bias = bias is not None
+    if variant != "pairs":
+        _gemv4d_kernel[grid](
+            x, ops.words, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.pairs, ops.values,
+            bias if has_bias else ops.scale, out,
+            p.out_features, p.in_features // CODES_PER_WORD, n_groups, ops.words.stride(0),
+            p.scale_row_stride, p.group_step, p.zero_row_stride,
+            GROUP_W=p.group // CODES_PER_WORD, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=has_bias,
+            BLOCK_N=block_n, **cfg,
+        )
+        return out
+    # split-K: each split a whole number of tiles, no empty split; partials summed in a fixed order
+    split_k, tile = cfg.pop("SPLIT_K", 1), cfg["BLOCK_G"]
+    per_split = triton.cdiv(triton.cdiv(n_groups, split_k), tile) * tile
+    split_k = triton.cdiv(n_groups, per_split)
+    target = out if split_k == 1 else torch.empty(split_k, p.out_features, device=x.device, dtype=torch.float32)
+    _gemv_kernel[(grid[0], split_k)](
+        x.view(torch.int32), ops.words, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.pairs,
+        bias if has_bias else ops.scale, target,
+        p.out_features, p.in_features // CODES_PER_WORD, n_groups, ops.words.stride(0),
+        p.scale_row_stride, p.group_step, p.zero_row_stride, per_split,
+        GROUP_W=p.group // CODES_PER_WORD, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=has_bias,
+        BLOCK_N=block_n, X_BF16=x.dtype == torch.bfloat16, SPLIT_K=split_k, **cfg,
     )
+    if split_k > 1:
+        block = 256
+        _splitk_sum[(triton.cdiv(p.out_features, block),)](
+            target, bias if has_bias else target, out, p.out_features, p.out_features,
+            SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block,
+        )
     return out
 
 
