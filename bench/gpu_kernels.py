@@ -127,14 +127,11 @@ def gemv_configs(group: int, codebook: bool) -> list[dict]:
     # The first round's pairs kernel, split over the groups (round 3): Nsight Compute showed its one-program-
     # per-8-rows grid at 0.55 waves on an H200 with 20% achieved occupancy and DRAM 25% busy. (The round-2 v2
     # kernel, 2.6x slower, is out of the sweep: `gpu_kernels_h200_round2_sweep*.json` hold its grid.)
-    # Split-K measured no gain at any shape tried (round 3, `gpu_kernels_h200_round3_splitk.json`); the sweep
-    # now times the 1 + q/16 decode (OFFSET) against the plain one, with and without a split of 2.
     out = []
-    for rows, words, warps in ((4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 128, 8), (16, 64, 4)):
-        for offset in (False, True):
-            for split_k in (1, 2):
-                out.append({"BLOCK_N": rows, "BLOCK_G": max(1, words // group_w), "num_warps": warps, "STAGES": 3,
-                            "PREFETCH": True, "SPLIT_K": split_k, "OFFSET": offset})
+    for rows, words, warps in ((4, 128, 4), (8, 128, 4), (8, 256, 4), (16, 128, 8), (16, 256, 8)):
+        for split_k in (1, 2, 4, 8):
+            out.append({"BLOCK_N": rows, "BLOCK_G": max(1, words // group_w), "num_warps": warps, "STAGES": 3,
+                        "PREFETCH": True, "SPLIT_K": split_k})
     return out
 
 

@@ -76,17 +76,6 @@ def _unpack_pair(pair, X_BF16: tl.constexpr):
 
 
 @triton.jit
-def _one_plus_sixteenth(w, BIT: tl.constexpr):
-    """``1 + q/16`` as float32 for the nibble ``q`` at bits ``[BIT, BIT + 4)`` of the int32 ``w``: the nibble
-    moved to mantissa bits 19..22 and OR-ed into 1.0 (exact; the AND and OR compile to one LOP3)."""
-    if BIT <= 19:
-        moved = w << (19 - BIT)
-    else:
-        moved = w >> (BIT - 19)  # arithmetic: the sign bits land above the mask
-    return ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, pair_ptr, b_ptr, y_ptr,
     N, KW, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride, groups_per_split,
@@ -99,7 +88,6 @@ def _gemv_kernel(
     X_BF16: tl.constexpr,  # x is bf16 (else fp16); x_ptr points at it as int32 pairs
     STAGES: tl.constexpr = 1,  # software pipelining depth of the weight loads (bytes in flight)
     PREFETCH: tl.constexpr = False,  # load the next tile's words before decoding this one (registers)
-    OFFSET: tl.constexpr = False,  # int codes decoded as 1 + q/16 (3 instructions per code instead of 5)
     SPLIT_K: tl.constexpr = 1,  # > 1: program (i, k) sums groups [k, k + 1) x groups_per_split into float32
     # partials [SPLIT_K, N] at y_ptr, for _splitk_sum (groups_per_split a multiple of BLOCK_G)
 ):
@@ -133,32 +121,22 @@ def _gemv_kernel(
         # and a byte of codes meets exactly one pair. Loads of x are the kernel's main L1 traffic.
         x_word = x_ptr + kw3 * 4
         part = tl.zeros([BLOCK_N, BLOCK_G, GROUP_W], dtype=tl.float32)
-        xsum = tl.zeros([1, BLOCK_G, GROUP_W], dtype=tl.float32)  # OFFSET: the word's sum of activations
         if KIND == 1:
-            zero_f = _group_zero(z_ptr, n3, gs, zero_row_stride, n_ok & (g3 < n_groups)).to(tl.float32)
+            zero = _group_zero(z_ptr, n3, gs, zero_row_stride, n_ok & (g3 < n_groups))
+            bias_f = _MAGIC + zero.to(tl.float32)  # [BN, BG, 1]
         else:
-            zero_f = 8.0
-        bias_f = _MAGIC + zero_f  # [BN, BG, 1] (asym) or a number
+            bias_f = _MAGIC + 8.0
         for j in tl.static_range(4):  # byte j of the word: codes 8w + 2j (high nibble) and 8w + 2j + 1 (low)
             x_even, x_odd = _unpack_pair(tl.load(x_word + j, mask=k_ok, other=0), X_BF16)
             if KIND == 2:
                 pair = tl.load(pair_ptr + ((w >> (8 * j)) & 0xFF))  # int64: low half = high-nibble value
                 w_even = pair.to(tl.int32).to(tl.float32, bitcast=True)
                 w_odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            elif OFFSET:  # 1 + q/16: one shift and one AND-OR (LOP3) per code, no subtraction
-                w_even = _one_plus_sixteenth(w, 8 * j + 4)
-                w_odd = _one_plus_sixteenth(w, 8 * j)
-                xsum += x_even + x_odd
             else:
                 w_even = (((w >> (8 * j + 4)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - bias_f
                 w_odd = (((w >> (8 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - bias_f
             part += w_even * x_even + w_odd * x_odd
-        if OFFSET and KIND != 2:
-            # per word: sum (1 + q/16) x = sum x + sum q x / 16, so sum (q - zero) x = 16 part - (16 + zero) xsum;
-            # both terms are a few times the result (no catastrophic cancellation: ~2 bits of float32's 24)
-            acc += (part * 16.0 - (16.0 + zero_f) * xsum) * s
-        else:
-            acc += part * s
+        acc += part * s
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
     if SPLIT_K > 1:
         tl.store(y_ptr + tl.program_id(1) * N + rn, y, mask=rn < N)
