@@ -10,7 +10,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     applied once per word. Int codes become floats without a conversion instruction: ``nibble | 0x4B000000``
     is the float ``2**23 + nibble``, so one subtraction of ``2**23 + zero`` yields ``code - zero`` exactly.
     ``x`` is read as int32 pairs (a bf16 pair becomes two floats by two bit operations). ``STAGES`` software-
-    pipelines the weight loads, ``PREFETCH`` double-buffers them in registers.
+    pipelines the weight loads, ``PREFETCH`` double-buffers them in registers. ``SPLIT_K`` splits the groups
+    over programs (float32 partials, ordered sum): a launch option, not a default (no gain at any shape swept
+    on an H200, round 3).
   - ``_gemv4d_kernel`` ("4d", the codebook default): ``[rows, groups, words, 8 codes]`` tiles, one vector load
     of a word's 8 activations, NF4/FP4 values from a 16-entry table (``LUT16``; all lanes of a warp on one
     64-byte line).
