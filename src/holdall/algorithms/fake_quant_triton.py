@@ -18,6 +18,7 @@ imported on the first call only.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -86,6 +87,7 @@ def fake_quantize(
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _reciprocal(divisor: float) -> float:
     """``1 / divisor`` rounded to float32, as torch's CUDA division by a Python number computes it (its
     ``BinaryDivTrueKernel`` multiplies by the float32 reciprocal); exact in the float the kernel receives."""
