@@ -124,32 +124,43 @@ def gemv_configs(group: int, codebook: bool) -> list[dict]:
     if codebook:  # the [rows, groups, words, 8] kernel with the 16-value table; the round-2 kernel
         return [{"BLOCK_N": 8, "BLOCK_G": 64 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "4d", "LUT16": True},
                 {"BLOCK_N": 4, "BLOCK_G": 512 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "v2"}]
-    # The first round's pairs kernel, split over the groups (round 3): Nsight Compute showed its one-program-
-    # per-8-rows grid at 0.55 waves on an H200 with 20% achieved occupancy and DRAM 25% busy. (The round-2 v2
-    # kernel, 2.6x slower, is out of the sweep: `gpu_kernels_h200_round2_sweep*.json` hold its grid.)
-    out = []
-    for rows, words, warps in ((4, 128, 4), (8, 128, 4), (8, 256, 4), (16, 128, 8), (16, 256, 8)):
-        for split_k in (1, 2, 4, 8):
-            out.append({"BLOCK_N": rows, "BLOCK_G": max(1, words // group_w), "num_warps": warps, "STAGES": 3,
-                        "PREFETCH": True, "SPLIT_K": split_k})
+    # Round 4: the weight-left tensor-core kernel for one row (VARIANT mma: the row padded to the MMA's 16
+    # columns), its codes decoded two per instruction in inline PTX (PACKED) or scalar with the scale folded
+    # (FOLD), split-K summed by the last program of each tile (SEM) or by a second launch; beside the round-1
+    # pairs kernel's best configuration.
+    out = [{"BLOCK_N": 8, "BLOCK_G": max(1, 128 // group_w), "num_warps": 4, "STAGES": 3, "PREFETCH": True}]
+    mma = {"VARIANT": "mma", "num_stages": 3, "STAGES": 3, "PREFETCH": False}
+    for rows, warps, split_k, sem, packed_decode in (
+            (64, 4, 4, True, True), (64, 4, 8, True, True), (64, 4, 16, True, True), (128, 4, 4, True, True),
+            (128, 4, 8, True, True), (128, 8, 8, True, True), (32, 4, 8, True, True), (64, 4, 8, False, True),
+            (64, 4, 8, True, False)):
+        out.append({**mma, "BLOCK_N": rows, "num_warps": warps, "SPLIT_K": split_k, "SEM": sem,
+                    "PACKED": packed_decode, "FOLD": not packed_decode})
     return out
 
 
 def gemm_configs(rows: int, codebook: bool) -> list[dict]:
     """Block configurations the sweep times for 2..64 rows."""
     block_m = max(16, 1 << (rows - 1).bit_length())
-    out = [{"BLOCK_M": block_m, "BLOCK_N": 64, "SPLIT_K": 8, "num_warps": 4, "num_stages": 4}]  # round 1 (v1)
-    if codebook:  # (rows per program, warps, split-K, FOLD)
-        v2 = [(128, 4, 8, False), (128, 4, 16, False), (128, 8, 16, False), (64, 4, 16, False),
-              (64, 4, 16, True), (128, 8, 8, True)]
-        for block_n, warps, split_k, fold in v2:
+    out = []  # round 1's v1 kernel (x as the left operand) is out of the sweep: 1.7-5x slower in round 2
+    if codebook:  # (rows per program, warps, split-K, FOLD, split-K summed by the last program)
+        v2 = [(128, 4, 8, False, False), (128, 4, 16, False, False), (128, 8, 16, False, False),
+              (64, 4, 16, False, False), (64, 4, 16, True, False), (128, 8, 8, True, False),
+              (128, 4, 8, False, True), (128, 4, 16, False, True), (64, 4, 16, False, True)]
+        for block_n, warps, split_k, fold, sem in v2:
             out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,
-                        "num_stages": 1, "STAGES": 1, "PREFETCH": True, "FOLD": fold, "VARIANT": "v2"})
+                        "num_stages": 1, "STAGES": 1, "PREFETCH": True, "FOLD": fold, "SEM": sem, "VARIANT": "v2"})
     else:
-        v2 = [(64, 4, 8), (64, 4, 16), (128, 4, 4), (128, 4, 8), (128, 8, 8), (256, 8, 4), (256, 8, 8)]
-        for block_n, warps, split_k in v2:
+        for block_n, warps, split_k in ((64, 4, 8), (128, 4, 4), (128, 4, 8)):
             out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,
                         "num_stages": 3, "STAGES": 3, "PREFETCH": False, "FOLD": True, "VARIANT": "v2"})
+        # round 4: the two-codes-per-instruction PTX decode (exact 128 + q, scale on the float32 partial) and
+        # split-K summed by each tile's last program
+        for block_n, warps, split_k in ((64, 4, 4), (64, 4, 8), (64, 4, 16), (128, 4, 4), (128, 4, 8), (128, 8, 8)):
+            for packed_decode in (True, False):
+                out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,
+                            "num_stages": 3, "STAGES": 3, "PREFETCH": False, "FOLD": not packed_decode,
+                            "PACKED": packed_decode, "SEM": True, "VARIANT": "v2"})
     return out
 
 

@@ -459,10 +459,50 @@ def _gemv2_kernel(
 
 
 @triton.jit
+def _nibbles16(wb, X_BF16: tl.constexpr):
+    """Both codes of every byte of ``wb`` (uint8) as the exact 16-bit floats ``MAG + q`` (bf16 ``128 + q``, fp16
+    ``1024 + q``), returned as int16 bits ``(high nibbles, low nibbles)``.
+
+    Four bytes per inline-PTX block, two codes per instruction: one AND (one shift + AND for the high nibbles)
+    isolates four codes, and each PRMT builds two 16-bit floats from two of them and the exponent byte ``MAG``
+    (``0x43`` / ``0x64``), so 8 codes cost 7 instructions -- the scalar decode costs 3 or more per code.
+    """
+    if X_BF16:
+        hi, lo = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            mov.b32 m, 0x43434343;
+            and.b32 t, $4, 0x0F0F0F0F;
+            prmt.b32 $2, t, m, 0x4140;
+            prmt.b32 $3, t, m, 0x4342;
+            shr.u32 t, $4, 4;
+            and.b32 t, t, 0x0F0F0F0F;
+            prmt.b32 $0, t, m, 0x4140;
+            prmt.b32 $1, t, m, 0x4342;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[wb], dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
+    else:
+        hi, lo = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            mov.b32 m, 0x64646464;
+            and.b32 t, $4, 0x0F0F0F0F;
+            prmt.b32 $2, t, m, 0x4140;
+            prmt.b32 $3, t, m, 0x4342;
+            shr.u32 t, $4, 4;
+            and.b32 t, t, 0x0F0F0F0F;
+            prmt.b32 $0, t, m, 0x4140;
+            prmt.b32 $1, t, m, 0x4342;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[wb], dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
+    return hi, lo
+
+
+@triton.jit
 def _gemm2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, val16_ptr, b_ptr, y_ptr,
     M, N, K, n_groups, stride_xm, stride_ym, stride_wn, scale_row_stride, group_step, zero_row_stride,
-    groups_per_split,
+    groups_per_split, out_ptr, sem_ptr,
     GROUP: tl.constexpr,  # codes per group = codes per iteration
     KIND: tl.constexpr,
     SCALE_DQ: tl.constexpr,
@@ -474,8 +514,10 @@ def _gemm2_kernel(
     FOLD: tl.constexpr = True,  # scale (and zero) folded into the decoded weight: one chained dot
     STAGES: tl.constexpr = 1,  # Triton's software pipelining of the loads (it turns table lookups into copies)
     PREFETCH: tl.constexpr = True,  # load the next group's weight and activations into registers first
+    PACKED: tl.constexpr = False,  # int codes without FOLD: decode two codes per instruction (_nibbles16)
+    SEM: tl.constexpr = False,  # split-K: the last program of a tile sums the partials (no second launch)
 ):
-    """2..64 rows on tensor cores with the weight as the *left* operand (``y^T = W x^T``): the weight tile
+    """1..64 rows on tensor cores with the weight as the *left* operand (``y^T = W x^T``): the weight tile
     (64..256 rows) fills the MMA's M dimension and the few input rows its N, instead of padding 2..16 input
     rows to the 64-row MMA of Hopper. Bytes are decoded into natural input order (high nibble, low nibble
     interleaved), one group per iteration.
@@ -487,6 +529,12 @@ def _gemm2_kernel(
     relative per weight, what bitsandbytes and Marlin accept too.
     Without ``FOLD``: int codes enter the dot as the exact ``MAG + q`` (bf16 128 + q / fp16 1024 + q), the
     group scale multiplies the float32 partial, and ``(MAG + zero) * sum(x)`` is taken off once per group.
+    ``PACKED`` builds those 16-bit floats two per instruction in inline PTX (:func:`_nibbles16`).
+
+    Split-K writes float32 partials ``[SPLIT_K, M, N]`` to ``y_ptr``. Without ``SEM`` a second launch sums them
+    (:func:`_splitk_sum`); with ``SEM`` each program then counts itself in on its tile's counter
+    (``sem_ptr[pid_n]``, zero before the launch) and the last one in sums the partials in the fixed order
+    ``0..SPLIT_K-1`` (deterministic), writes ``out_ptr`` and puts the counter back to zero.
     """
     HALF: tl.constexpr = GROUP // 2  # bytes per group in a weight row
     pid_n = tl.program_id(0)
@@ -547,10 +595,15 @@ def _gemm2_kernel(
                 a = (tl.interleave(v_hi, v_lo) * mul[:, None] + add[:, None]).to(dtype)
             acc = tl.dot(a, xt, acc)
         else:
-            hi = (wb >> 4).to(tl.int16)
-            lo = (wb & 0xF).to(tl.int16)
+            if PACKED and KIND != 2:
+                hi, lo = _nibbles16(wb, X_BF16)
+            else:
+                hi = (wb >> 4).to(tl.int16)
+                lo = (wb & 0xF).to(tl.int16)
             if KIND == 2:
                 a = tl.interleave(tl.load(val16_ptr + TABLE + hi), tl.load(val16_ptr + TABLE + lo))
+            elif PACKED:
+                a = tl.interleave(hi, lo)
             else:
                 a = tl.interleave(hi | MAG_BITS, lo | MAG_BITS)
             part = tl.dot(a.to(dtype, bitcast=True), xt)  # [BN, BM] float32
@@ -566,7 +619,20 @@ def _gemm2_kernel(
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
     else:
-        tl.store(y_ptr + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=out_ok)
+        tl.store(y_ptr + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=out_ok, cache_modifier=".cg")
+        if SEM:
+            tl.debug_barrier()  # every thread's partial is stored before the counter says so
+            arrived = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:  # the last program of this tile: every partial is in
+                total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for k in tl.static_range(SPLIT_K):  # fixed order: the same sum whichever program is last
+                    total += tl.load(y_ptr + (k * M + rm[None, :]) * N + rn[:, None], mask=out_ok, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                tl.store(out_ptr + rm[None, :] * stride_ym + rn[:, None], total.to(out_ptr.dtype.element_ty),
+                         mask=out_ok)
+                tl.atomic_xchg(sem_ptr + pid_n, 0)  # ready for the next launch
 
 
 # --- launch configuration -------------------------------------------------------------------------------
@@ -609,8 +675,10 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     on an H200 (bench/gpu_kernels.py --sweep; BENCHMARKS.md).
 
     The kernel is latency-bound per program, so split-K buys parallelism: ~3.5 programs per SM up to 16 rows,
-    ~2 above (where the float32 partials of split-K cost more). Int codes: scale folded into the decoded
-    weight, Triton's pipelining 3 deep. Codebooks: 128-row tiles, table values in the activation dtype with the
+    ~2 above (where the float32 partials of split-K cost more). Int codes, Triton's pipelining 3 deep: up to 16
+    rows the exact ``128 + q`` weights decoded two codes per instruction (``PACKED``) with the partials summed
+    by each tile's last program (``SEM``; round 4: 4-37% faster than round 2's folded decode + second launch,
+    most for asym); at 64 rows the scale folded into the decoded weight (``PACKED`` was 10-35% slower there). Codebooks: 128-row tiles, table values in the activation dtype with the
     scale on the float32 partial (``FOLD=False``), loads prefetched by hand and Triton's pipelining off (it
     would turn the table lookups into asynchronous copies).
     """
@@ -622,8 +690,11 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
                 "STAGES": 1, "PREFETCH": True, "FOLD": False, "VARIANT": "v2"}
     block_n = 64 if m <= 16 else 128
     split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 3.5 if m <= 16 else 1.9)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
-            "STAGES": 3, "PREFETCH": False, "FOLD": True, "VARIANT": "v2"}
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
+              "STAGES": 3, "PREFETCH": False, "FOLD": True, "VARIANT": "v2"}
+    if m <= 16:  # round 4: exact 128 + q from the PTX decode, partials summed by each tile's last program
+        config.update(FOLD=False, PACKED=True, SEM=True)
+    return config
 
 
 # --- launchers ------------------------------------------------------------------------------------------
@@ -634,6 +705,8 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     cfg = dict(config)
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
+    if variant == "mma":  # the tensor-core kernel with one input row (padded to the MMA's 16 columns)
+        return _gemm2(ops, p, x.view(1, -1), bias, out.view(1, -1), {**cfg, "BLOCK_N": block_n, "BLOCK_M": 16})
     grid = (triton.cdiv(p.out_features, block_n),)
     if variant == "v2":
         assert block_n in (1, 2, 4), "the v2 GEMV holds 1, 2 or 4 rows per program (BLOCK_N)"
@@ -715,26 +788,47 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     return out
 
 
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters for ``SEM`` split-K, one per output tile, kept per (device, stream): the kernel
+    puts each counter back to zero, so launches in order on one stream share them (launches on two streams at
+    once must not)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch.cuda.current_stream(device).stream_id)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
+
+
 def _gemm2(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
            cfg: dict) -> torch.Tensor:
-    """Launch :func:`_gemm2_kernel` (weight as the MMA's left operand) and, with split-K, the ordered sum."""
+    """Launch :func:`_gemm2_kernel` (weight as the MMA's left operand) and, with split-K, the ordered sum
+    (a second launch, or the kernel's own last program with ``SEM``)."""
     m = x.shape[0]
     block_m, block_n, split_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("SPLIT_K")
     n_groups = triton.cdiv(p.in_features, p.group)
     per_split = triton.cdiv(n_groups, split_k)
     split_k = triton.cdiv(n_groups, per_split)  # no empty splits
     target = out if split_k == 1 else torch.empty(split_k, m, p.out_features, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(p.out_features, block_n), split_k)
+    tiles = triton.cdiv(p.out_features, block_n)
+    grid = (tiles, split_k)
     has_bias = bias is not None
+    sem = bool(cfg.pop("SEM", False)) and split_k > 1
+    counters = _tile_counters(x.device, tiles) if sem else ops.scale
     _gemm2_kernel[grid](
         x, ops.codes, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values, ops.values16,
         bias if has_bias else ops.scale, target,
         m, p.out_features, p.in_features, n_groups, x.stride(0), out.stride(0),
-        ops.codes.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride, per_split,
+        ops.codes.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride, per_split, out, counters,
         GROUP=p.group, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=has_bias,
-        SPLIT_K=split_k, BLOCK_M=max(block_m, 16), BLOCK_N=block_n, X_BF16=x.dtype == torch.bfloat16, **cfg,
+        SPLIT_K=split_k, BLOCK_M=max(block_m, 16), BLOCK_N=block_n, X_BF16=x.dtype == torch.bfloat16, SEM=sem,
+        **cfg,
     )
-    if split_k > 1:
+    if split_k > 1 and not sem:
         mn = m * p.out_features
         block = 1024
         _splitk_sum[(triton.cdiv(mn, block),)](
