@@ -284,17 +284,6 @@ def test_cuda_dropout_kernel_group_linear():
 
 
 @cuda_only
-def test_cuda_dropout_kernel_a_gradient_in_row_blocks(monkeypatch):
-    """The LoRA-A gradient's dropped input made a few rows at a time (blocks of 2 of 5 rows: a partial last block)
-    still uses the whole tensor's mask: the gradients match the reference built from the full masks."""
-    from holdall.training import fast_step
-
-    monkeypatch.setattr(fast_step, "_DROPPED_BLOCK_BYTES", 2 * 16 * 4)
-    seed = _Seed(0, torch.tensor([321], dtype=torch.int64, device="cuda"))
-    _check_group_linear_with_dropout("cuda", torch.float32, seed, rtol=1e-4, atol=1e-5)
-
-
-@cuda_only
 def test_cuda_graphs_match_the_eager_step():
     """Two steps with an optimizer update between them: graphed and eager give the same losses and gradients
     (same torch seed, so the same dropout masks), and a caller's set_to_none between steps is honoured."""

@@ -22,12 +22,12 @@ BLOCK = 2048
 
 
 @triton.jit
-def _dropout_kernel(x_ptr, add_ptr, out_ptr, seed_ptr, seed_add, n, index_offset, p, scale,
-                    ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+def _dropout_kernel(x_ptr, add_ptr, out_ptr, seed_ptr, seed_add, n, p, scale, ACCUMULATE: tl.constexpr,
+                    BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     seed = tl.load(seed_ptr) + seed_add
-    keep = tl.rand(seed, offs + index_offset) >= p
+    keep = tl.rand(seed, offs) >= p
     x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     y = tl.where(keep, x * scale, 0.0)
     if ACCUMULATE:
@@ -36,16 +36,13 @@ def _dropout_kernel(x_ptr, add_ptr, out_ptr, seed_ptr, seed_add, n, index_offset
 
 
 def dropout(x: torch.Tensor, p: float, seed: torch.Tensor, seed_add: int, add: torch.Tensor | None = None,
-            out: torch.Tensor | None = None, index_offset: int = 0) -> torch.Tensor:
-    """``dropout(x)`` (``+ add`` when given) into ``out`` (default: a new tensor like ``x``); all contiguous.
-
-    ``index_offset``: the element index of ``x[0]`` in the tensor whose mask is meant, so a block of rows of a
-    contiguous tensor gets exactly that tensor's mask for those rows."""
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``dropout(x)`` (``+ add`` when given) into ``out`` (default: a new tensor like ``x``); all contiguous."""
     n = x.numel()
-    if n + index_offset >= 2**31:
-        raise ValueError(f"the dropout kernel indexes elements with int32: {n + index_offset} elements is too many")
+    if n >= 2**31:
+        raise ValueError(f"the dropout kernel indexes elements with int32: {n} elements is too many for one call")
     out = torch.empty_like(x) if out is None else out
     grid = (triton.cdiv(n, BLOCK),)
-    _dropout_kernel[grid](x, add if add is not None else x, out, seed, seed_add, n, index_offset, p, 1.0 / (1.0 - p),
+    _dropout_kernel[grid](x, add if add is not None else x, out, seed, seed_add, n, p, 1.0 / (1.0 - p),
                           ACCUMULATE=add is not None, BLOCK=BLOCK)
     return out

@@ -239,9 +239,11 @@ def _uses_kernel(x: torch.Tensor, seed: _Seed) -> bool:
 
 
 def _dropout(x: torch.Tensor, p: float, seed: _Seed, add: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``dropout(x) (+ add)`` with the mask of ``seed`` (``x`` itself when ``p == 0`` or in eval mode; never in
-    place on ``x``). ``add`` is accumulated into in place and returned (no third ``[N, in]`` tensor in backward).
+             mask: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+    """``dropout(x) (+ add)`` with the mask of ``seed`` (``x`` itself when ``p == 0`` or in eval mode; in place
+    on ``x`` only with ``inplace``: a temporary the caller gives up). ``add`` is accumulated into in place and
+    returned (no third ``[N, in]`` tensor in backward); without ``add``, ``inplace`` writes the result over ``x``
+    (the first adapter's input gradient: no second ``[N, in]`` tensor beside its product).
     ``mask``: the keep-mask when the caller already has it (the recompute keeps its masks for the backward that
     follows, so the plain-torch path draws each mask twice per step, not three times)."""
     if p == 0 or not seed.train:
@@ -249,35 +251,13 @@ def _dropout(x: torch.Tensor, p: float, seed: _Seed, add: torch.Tensor | None = 
     if mask is None and _uses_kernel(x, seed) and (add is None or add.is_contiguous()):
         from ..kernels import triton_dropout
 
-        return triton_dropout.dropout(x, p, seed.device, seed.offset, add=add, out=add)
+        out = add if add is not None else (x if inplace else None)
+        return triton_dropout.dropout(x, p, seed.device, seed.offset, add=add, out=out)
     keep = _dropout_mask(x, p, seed) if mask is None else mask
+    if inplace and add is None:
+        return x.mul_(keep).mul_(1.0 / (1.0 - p))
     dropped = (x * keep).mul_(1.0 / (1.0 - p))
     return dropped if add is None else add.add_(dropped)
-
-
-#: Bytes of dropped-out input rows made at once for an adapter's A gradient on the kernel path (a 2k-token
-#: ``[N, 11008]`` bf16 input would otherwise get a 43 MiB dropped copy at the top of the step's memory).
-_DROPPED_BLOCK_BYTES = 8 << 20
-
-
-def _matmul_dropped(g_t: torch.Tensor, x: torch.Tensor, p: float, seed: _Seed, mask: torch.Tensor | None
-                    ) -> torch.Tensor:
-    """``g_t @ dropout(x)`` (``[r, N] @ [N, in]``: a LoRA-A gradient) with ``dropout(x)`` made a block of rows at
-    a time on the kernel path (its mask is a function of the element index, so a block gets the whole tensor's
-    mask); each block's product is rounded once, as the one-shot product is, and summed in float32 (the float32
-    sum is returned: the caller casts to the adapter's dtype)."""
-    rows = max(1, _DROPPED_BLOCK_BYTES // max(1, x.shape[1] * x.element_size()))
-    if mask is not None or not seed.train or p == 0 or not _uses_kernel(x, seed) or rows >= x.shape[0]:
-        return g_t @ _dropout(x, p, seed, mask=mask)
-    from ..kernels import triton_dropout
-
-    total = torch.zeros(g_t.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    for start in range(0, x.shape[0], rows):
-        block = triton_dropout.dropout(x[start:start + rows], p, seed.device, seed.offset,
-                                       index_offset=start * x.shape[1])
-        total += g_t[:, start:start + rows] @ block
-        del block
-    return total
 
 
 class _GroupLinear(torch.autograd.Function):
@@ -340,9 +320,9 @@ class _GroupLinear(torch.autograd.Function):
                 else:
                     p, seed = group.members[j].dropout, ctx.seed + j
                     mask = ctx.masks[k] if getattr(ctx, "masks", None) else None
-                    da = _matmul_dropped(dxa[:, cols].t(), x, p, seed, mask)  # [r, in]
+                    da = dxa[:, cols].t() @ _dropout(x, p, seed, mask=mask)  # [r, in]
                     if ctx.needs_input_grad[0]:  # dx + dropout'(the LoRA path)
-                        dx = _dropout(dxa[:, cols] @ a16[k], p, seed, add=dx, mask=mask)
+                        dx = _dropout(dxa[:, cols] @ a16[k], p, seed, add=dx, mask=mask, inplace=True)
                 grads += [da.to(a.dtype), db.to(b.dtype)]
         if ctx.needs_input_grad[0]:
             dx = _base_input_grad(group, dys, dx)
