@@ -121,9 +121,14 @@ def bnb_layer(weight: torch.Tensor, double_quant: bool):
 def gemv_configs(group: int, codebook: bool) -> list[dict]:
     """Block configurations the sweep times for one row (the heuristic's own choice is timed beside them)."""
     group_w = group // 8
-    if codebook:  # the [rows, groups, words, 8] kernel with the 16-value table; the round-2 kernel
+    if codebook:  # the [rows, groups, words, 8] kernel with the 16-value table; the round-2 kernel; round 4's
+        # tensor-core kernel with the table in registers
+        mma = {"VARIANT": "mma", "PREFETCH": False, "FOLD": False, "PACKED": True, "SEM": True, "num_warps": 4}
         return [{"BLOCK_N": 8, "BLOCK_G": 64 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "4d", "LUT16": True},
-                {"BLOCK_N": 4, "BLOCK_G": 512 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "v2"}]
+                {"BLOCK_N": 4, "BLOCK_G": 512 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "v2"},
+                {**mma, "BLOCK_N": 64, "SPLIT_K": 8, "num_stages": 3, "STAGES": 3},
+                {**mma, "BLOCK_N": 64, "SPLIT_K": 16, "num_stages": 3, "STAGES": 3},
+                {**mma, "BLOCK_N": 128, "SPLIT_K": 8, "num_stages": 3, "STAGES": 3}]
     # Round 4: the weight-left tensor-core kernel for one row (VARIANT mma: the row padded to the MMA's 16
     # columns), its codes decoded two per instruction in inline PTX (PACKED) or scalar with the scale folded
     # (FOLD), split-K summed by the last program of each tile (SEM) or by a second launch; beside the round-1
@@ -150,6 +155,12 @@ def gemm_configs(rows: int, codebook: bool) -> list[dict]:
         for block_n, warps, split_k, fold, sem in v2:
             out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,
                         "num_stages": 1, "STAGES": 1, "PREFETCH": True, "FOLD": fold, "SEM": sem, "VARIANT": "v2"})
+        # round 4: the table in registers (PACKED + BOOK), so Triton's pipelining is allowed again
+        for block_n, warps, split_k, stages in ((64, 4, 8, 3), (64, 4, 16, 3), (128, 4, 8, 3), (128, 4, 16, 3),
+                                                (64, 4, 8, 1), (128, 4, 8, 1)):
+            out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,
+                        "num_stages": stages, "STAGES": stages, "PREFETCH": stages == 1, "FOLD": False,
+                        "PACKED": True, "SEM": True, "VARIANT": "v2"})
     else:
         for block_n, warps, split_k in ((64, 4, 8), (128, 4, 4), (128, 4, 8)):
             out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,

@@ -224,6 +224,35 @@ def test_tensor_core_kernel_packed_decode(split_k, counted, rows, shape, name, d
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["nf4", "nf4-dq", "fp4"])
+@pytest.mark.parametrize("shape", [(4096, 11008), (72, 320)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 20])
+@pytest.mark.parametrize("split_k,counted,stages", [(1, False, 1), (3, True, 3), (4, False, 1)])
+def test_tensor_core_kernel_register_table(split_k, counted, stages, rows, shape, name, dtype):
+    """Codebooks looked up in a register-held table (``PACKED`` with ``BOOK``: NF4 / FP4 values as PTX
+    immediates, two codes per PRMT) in the tensor-core kernel, one row and 20, split-K summed either way, with
+    and without Triton's pipelining (no table loads left for it to turn into copies); a NaN-poisoned output."""
+    from holdall.kernels import triton_wq4
+
+    if dtype == torch.float16 and name != "nf4-dq":
+        pytest.skip("fp16 table bits are covered once, on NF4 + double quant")
+    layer = _cuda_layer(*shape, name)
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    x = torch.randn(rows, p.in_features, device="cuda", dtype=dtype)
+    ref = packed.reference_linear(layer, x)
+    cfg = {"BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": stages, "STAGES": stages,
+           "PREFETCH": False, "FOLD": False, "PACKED": True, "SEM": counted}
+    out = torch.full((rows, p.out_features), float("nan"), device="cuda", dtype=dtype)
+    if rows == 1:
+        triton_wq4.gemv(ops, p, x.reshape(-1), layer.bias.detach(), out.view(-1), {**cfg, "VARIANT": "mma"})
+    else:
+        triton_wq4.gemm(ops, p, x, layer.bias.detach(), out, {**cfg, "VARIANT": "v2", "BLOCK_M": 32})
+    assert _rel(out, ref) < TOL[dtype]
+
+
+@cuda_only
 @pytest.mark.parametrize("variant", ["v2", "v1"])  # v1: the first round's kernels (pairs / 4d GEMV, v1 GEMM)
 @pytest.mark.parametrize("name", ["nf4-dq", "int4-asym"])
 @pytest.mark.parametrize("rows", [1, 2, 33])

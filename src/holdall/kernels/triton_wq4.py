@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..core.codebooks import codebook
 from .packed import CODES_PER_WORD, Operands, Plan
 
 _MAGIC = tl.constexpr(8388608.0)  # 2**23: the float whose low mantissa bits are an OR-ed-in integer
@@ -498,6 +499,64 @@ def _nibbles16(wb, X_BF16: tl.constexpr):
     return hi, lo
 
 
+def _table_asm(name: str, bf16: bool) -> str:
+    """Inline PTX that looks up both codes of 4 bytes in the 16-entry codebook ``name``, two codes per PRMT.
+
+    The table's 16-bit values live in 8 registers as immediates: low bytes ``L0..L3`` and high bytes ``H0..H3``
+    (entry ``i`` at byte ``i % 4`` of register ``i // 4``). A PRMT picks 4 bytes out of 8 by 3-bit selectors, so
+    per 2 input bytes (4 codes): the codes' low 3 bits index entries 0-7 and 8-15 of each byte table (4 PRMTs),
+    bit 3 becomes a byte mask (one PRMT of 0 / -1) that chooses between them (2 LOP3s), and 2 PRMTs lay the low
+    and high bytes side by side as two 16-bit floats per register -- ~3 instructions per code, no memory.
+    Operands: ``$0, $1`` the high nibbles' values of bytes (0, 1), (2, 3); ``$2, $3`` the low nibbles'; ``$4``
+    the 4 bytes.
+    """
+    bits = (codebook(name).to(torch.bfloat16 if bf16 else torch.float16).view(torch.int16).to(torch.int32)
+            & 0xFFFF).tolist()
+    lo_bytes, hi_bytes = [b & 0xFF for b in bits], [b >> 8 for b in bits]
+
+    def word(four: list[int]) -> str:
+        return f"0x{four[0] | four[1] << 8 | four[2] << 16 | four[3] << 24:08X}"
+
+    movs = "".join(f"mov.b32 L{i}, {word(lo_bytes[4 * i:4 * i + 4])}; mov.b32 H{i}, {word(hi_bytes[4 * i:4 * i + 4])};"
+                   for i in range(4))
+
+    def half(src: str, out_hi: str, out_lo: str) -> str:
+        # selector nibbles of src[15:0], in order: byte0.lo, byte0.hi, byte1.lo, byte1.hi (codes c1, c0, c3, c2)
+        return (f"and.b32 s, {src}, 0x7777; shr.u32 t, {src}, 1; and.b32 t, t, 0x4444; prmt.b32 m, z, f, t;"
+                "prmt.b32 a, L0, L1, s; prmt.b32 b, L2, L3, s; lop3.b32 lo, a, b, m, 0xD8;"
+                "prmt.b32 a, H0, H1, s; prmt.b32 b, H2, H3, s; lop3.b32 hi, a, b, m, 0xD8;"
+                f"prmt.b32 {out_hi}, lo, hi, 0x7351; prmt.b32 {out_lo}, lo, hi, 0x6240;")
+
+    return ("{.reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, t, m, a, b, lo, hi, z, f, w;"
+            + movs + "mov.b32 z, 0; mov.b32 f, 0xFFFFFFFF;"
+            + half("$4", "$0", "$2") + "shr.u32 w, $4, 16;" + half("w", "$1", "$3") + "}")
+
+
+_ASM_NF4_BF16 = tl.constexpr(_table_asm("nf4", True))
+_ASM_NF4_F16 = tl.constexpr(_table_asm("nf4", False))
+_ASM_FP4_BF16 = tl.constexpr(_table_asm("fp4", True))
+_ASM_FP4_F16 = tl.constexpr(_table_asm("fp4", False))
+#: codebook name -> the ``BOOK`` constexpr of the tensor-core kernel's register-table decode
+_BOOKS = {"nf4": 1, "fp4": 2}
+
+
+@triton.jit
+def _table16(wb, X_BF16: tl.constexpr, BOOK: tl.constexpr):
+    """Both codes of every byte of ``wb`` (uint8) looked up in the codebook ``BOOK`` (1 NF4, 2 FP4) held in
+    registers (:func:`_table_asm`), as 16-bit float bits ``(high nibbles, low nibbles)``."""
+    if BOOK == 1:
+        if X_BF16:
+            hi, lo = tl.inline_asm_elementwise(_ASM_NF4_BF16, "=r,=r,=r,=r,r", [wb], (tl.int16, tl.int16), True, 4)
+        else:
+            hi, lo = tl.inline_asm_elementwise(_ASM_NF4_F16, "=r,=r,=r,=r,r", [wb], (tl.int16, tl.int16), True, 4)
+    else:
+        if X_BF16:
+            hi, lo = tl.inline_asm_elementwise(_ASM_FP4_BF16, "=r,=r,=r,=r,r", [wb], (tl.int16, tl.int16), True, 4)
+        else:
+            hi, lo = tl.inline_asm_elementwise(_ASM_FP4_F16, "=r,=r,=r,=r,r", [wb], (tl.int16, tl.int16), True, 4)
+    return hi, lo
+
+
 @triton.jit
 def _gemm2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, val16_ptr, b_ptr, y_ptr,
@@ -516,6 +575,7 @@ def _gemm2_kernel(
     PREFETCH: tl.constexpr = True,  # load the next group's weight and activations into registers first
     PACKED: tl.constexpr = False,  # int codes without FOLD: decode two codes per instruction (_nibbles16)
     SEM: tl.constexpr = False,  # split-K: the last program of a tile sums the partials (no second launch)
+    BOOK: tl.constexpr = 0,  # codebook with PACKED: 1 NF4, 2 FP4 looked up in registers (_table16)
 ):
     """1..64 rows on tensor cores with the weight as the *left* operand (``y^T = W x^T``): the weight tile
     (64..256 rows) fills the MMA's M dimension and the few input rows its N, instead of padding 2..16 input
@@ -529,7 +589,8 @@ def _gemm2_kernel(
     relative per weight, what bitsandbytes and Marlin accept too.
     Without ``FOLD``: int codes enter the dot as the exact ``MAG + q`` (bf16 128 + q / fp16 1024 + q), the
     group scale multiplies the float32 partial, and ``(MAG + zero) * sum(x)`` is taken off once per group.
-    ``PACKED`` builds those 16-bit floats two per instruction in inline PTX (:func:`_nibbles16`).
+    ``PACKED`` builds those 16-bit floats two per instruction in inline PTX (:func:`_nibbles16`); for codebooks
+    it looks the values up in a register-held table (:func:`_table16`, ``BOOK``) instead of memory.
 
     Split-K writes float32 partials ``[SPLIT_K, M, N]`` to ``y_ptr``. Without ``SEM`` a second launch sums them
     (:func:`_splitk_sum`); with ``SEM`` each program then counts itself in on its tile's counter
@@ -597,13 +658,15 @@ def _gemm2_kernel(
         else:
             if PACKED and KIND != 2:
                 hi, lo = _nibbles16(wb, X_BF16)
+            elif PACKED:
+                hi, lo = _table16(wb, X_BF16, BOOK)
             else:
                 hi = (wb >> 4).to(tl.int16)
                 lo = (wb & 0xF).to(tl.int16)
-            if KIND == 2:
-                a = tl.interleave(tl.load(val16_ptr + TABLE + hi), tl.load(val16_ptr + TABLE + lo))
-            elif PACKED:
+            if PACKED:
                 a = tl.interleave(hi, lo)
+            elif KIND == 2:
+                a = tl.interleave(tl.load(val16_ptr + TABLE + hi), tl.load(val16_ptr + TABLE + lo))
             else:
                 a = tl.interleave(hi | MAG_BITS, lo | MAG_BITS)
             part = tl.dot(a.to(dtype, bitcast=True), xt)  # [BN, BM] float32
@@ -818,6 +881,10 @@ def _gemm2(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, o
     grid = (tiles, split_k)
     has_bias = bias is not None
     sem = bool(cfg.pop("SEM", False)) and split_k > 1
+    if cfg.get("PACKED") and p.kind == 2:
+        if p.codebook not in _BOOKS:
+            raise ValueError(f"no register table for codebook {p.codebook!r}: launch without PACKED")
+        cfg["BOOK"] = _BOOKS[p.codebook]
     counters = _tile_counters(x.device, tiles) if sem else ops.scale
     _gemm2_kernel[grid](
         x, ops.codes, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values, ops.values16,
