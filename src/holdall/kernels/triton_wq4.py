@@ -741,14 +741,19 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     ~2 above (where the float32 partials of split-K cost more). Int codes, Triton's pipelining 3 deep: up to 16
     rows the exact ``128 + q`` weights decoded two codes per instruction (``PACKED``) with the partials summed
     by each tile's last program (``SEM``; round 4: 4-37% faster than round 2's folded decode + second launch,
-    most for asym); at 64 rows the scale folded into the decoded weight (``PACKED`` was 10-35% slower there). Codebooks: 128-row tiles, table values in the activation dtype with the
-    scale on the float32 partial (``FOLD=False``), loads prefetched by hand and Triton's pipelining off (it
-    would turn the table lookups into asynchronous copies).
+    most for asym); at 64 rows the scale folded into the decoded weight (``PACKED`` was 10-35% slower there).
+    Codebooks: 128-row tiles, table values in the activation dtype with the scale on the float32 partial
+    (``FOLD=False``); up to 16 rows the table is held in registers (``PACKED`` with ``BOOK``, round 4: 1.3x
+    faster) and Triton pipelines the loads; at 64 rows the memory table, loads prefetched by hand and Triton's
+    pipelining off (it would turn the table lookups into asynchronous copies).
     """
     block_m = max(16, triton.next_power_of_2(m))
     if p.kind == 2:
         block_n = 128
         split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 3.5 if m <= 16 else 1.9)
+        if m <= 16 and p.codebook in _BOOKS:  # round 4: the table in registers, so pipelining is allowed again
+            return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
+                    "STAGES": 3, "PREFETCH": False, "FOLD": False, "PACKED": True, "SEM": True, "VARIANT": "v2"}
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 1,
                 "STAGES": 1, "PREFETCH": True, "FOLD": False, "VARIANT": "v2"}
     block_n = 64 if m <= 16 else 128
