@@ -19,17 +19,22 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
   - ``_gemv2_kernel`` ("v2", round 2, not a default): 4 rows held by every thread, one shift + one LOP3 + one
     FMA per code (offsets and zero points taken off per word from sums of ``x``). Half the instructions per
     code in the compiled loop, yet 2.6x slower on an H200: kept, tested, for the next round.
+  - ``"mma"`` (round 4, not a default): the row through ``_gemm2_kernel`` below, padded to 16 MMA columns;
+    10-30% slower than the pairs kernel on an H200 (109 registers per thread, latency-bound).
 * 2..64 rows, :func:`gemm` (tensor cores):
   - ``_gemm2_kernel`` ("v2", round 2, the default): the weight is the MMA's left operand (``y^T = W x^T``), so
     64..128 weight rows fill Hopper's 64-row MMA and the few input rows its N; bytes decoded in natural input
     order, one group per iteration; int codes with the scale folded into the decoded bf16/fp16 weight
     (``FOLD``) and one chained dot, codebooks with the scale on the float32 partial. Split-K (float32
-    partials summed in a fixed order by ``_splitk_sum``, so results are deterministic) buys parallelism.
+    partials summed in a fixed order, so results are deterministic) buys parallelism.
+    Round 4 (the 2..16-row default): ``PACKED`` decodes two codes per PTX instruction into the exact
+    ``128 + q`` (:func:`_nibbles16`) or looks NF4/FP4 up in a register-held table (:func:`_table16`), and
+    ``SEM`` lets each tile's last program sum the split-K partials (no ``_splitk_sum`` launch).
   - ``_gemm_kernel`` ("v1", round 1): ``x`` as the left operand, even/odd-nibble split into two dots.
 
-Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)"): GEMV 1.4-1.6x bf16 cuBLAS for int4 and
-0.85-1.1x for NF4 (~30% of copy bandwidth: instruction/latency-bound); GEMM int4 sym 1.1-1.3x bf16 at 4..16
-rows, 0.66-0.92x at 64; asym ~0.9x; NF4 0.4-0.7x.
+Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)", round 4): GEMV 1.4-1.7x bf16 cuBLAS for
+int4 and 0.85-1.1x for NF4 (~30% of copy bandwidth: instruction/latency-bound); GEMM at 4..16 rows int4 sym
+1.13-1.42x, asym 1.05-1.32x, NF4 0.77-1.01x; at 64 rows 0.4-0.9x.
 
 This module imports Triton at the top: import it only when a CUDA launch is about to happen
 (``holdall.kernels.dispatch`` does).
@@ -740,8 +745,8 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     The kernel is latency-bound per program, so split-K buys parallelism: ~3.5 programs per SM up to 16 rows,
     ~2 above (where the float32 partials of split-K cost more). Int codes, Triton's pipelining 3 deep: up to 16
     rows the exact ``128 + q`` weights decoded two codes per instruction (``PACKED``) with the partials summed
-    by each tile's last program (``SEM``; round 4: 4-37% faster than round 2's folded decode + second launch,
-    most for asym); at 64 rows the scale folded into the decoded weight (``PACKED`` was 10-35% slower there).
+    by each tile's last program (``SEM``; round 4, against round 2's folded decode + second launch: asym
+    1.19-1.38x faster, sym 0.99-1.15x); at 64 rows the scale folded into the decoded weight (``PACKED`` was 6-38% slower there).
     Codebooks: 128-row tiles, table values in the activation dtype with the scale on the float32 partial
     (``FOLD=False``); up to 16 rows the table is held in registers (``PACKED`` with ``BOOK``, round 4: 1.3x
     faster) and Triton pipelines the loads; at 64 rows the memory table, loads prefetched by hand and Triton's
