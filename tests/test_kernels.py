@@ -205,22 +205,29 @@ def test_tensor_core_kernel_packed_decode(split_k, counted, rows, shape, name, d
 
     if dtype == torch.float16 and name != "int4-asym":
         pytest.skip("fp16 (the 1024 + q magic) is covered once, on the asymmetric scheme")
+    _check_tensor_core_packed(name, shape, rows, dtype, split_k, counted, stages=3, launches=2)
+    assert all(int(c.count_nonzero()) == 0 for c in triton_wq4._COUNTERS.values())
+
+
+def _check_tensor_core_packed(name, shape, rows, dtype, split_k, counted, stages, launches=1):
+    """Launch the tensor-core kernel with ``PACKED`` (one row: ``VARIANT mma``) into NaN-poisoned outputs and
+    compare each result with the plain-torch reference."""
+    from holdall.kernels import triton_wq4
 
     layer = _cuda_layer(*shape, name)
     p = dispatch.layer_plan(layer)
     ops = packed.operands(layer, p)
     x = torch.randn(rows, p.in_features, device="cuda", dtype=dtype)
     ref = packed.reference_linear(layer, x)
-    cfg = {"BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3, "STAGES": 3, "PREFETCH": False,
-           "FOLD": False, "PACKED": True, "SEM": counted}
-    for _ in range(2):
+    cfg = {"BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": stages, "STAGES": stages,
+           "PREFETCH": False, "FOLD": False, "PACKED": True, "SEM": counted}
+    for _ in range(launches):
         out = torch.full((rows, p.out_features), float("nan"), device="cuda", dtype=dtype)
         if rows == 1:
             triton_wq4.gemv(ops, p, x.reshape(-1), layer.bias.detach(), out.view(-1), {**cfg, "VARIANT": "mma"})
         else:
             triton_wq4.gemm(ops, p, x, layer.bias.detach(), out, {**cfg, "VARIANT": "v2", "BLOCK_M": 32})
         assert _rel(out, ref) < TOL[dtype]
-    assert all(int(c.count_nonzero()) == 0 for c in triton_wq4._COUNTERS.values())
 
 
 @cuda_only
@@ -233,23 +240,9 @@ def test_tensor_core_kernel_register_table(split_k, counted, stages, rows, shape
     """Codebooks looked up in a register-held table (``PACKED`` with ``BOOK``: NF4 / FP4 values as PTX
     immediates, two codes per PRMT) in the tensor-core kernel, one row and 20, split-K summed either way, with
     and without Triton's pipelining (no table loads left for it to turn into copies); a NaN-poisoned output."""
-    from holdall.kernels import triton_wq4
-
     if dtype == torch.float16 and name != "nf4-dq":
         pytest.skip("fp16 table bits are covered once, on NF4 + double quant")
-    layer = _cuda_layer(*shape, name)
-    p = dispatch.layer_plan(layer)
-    ops = packed.operands(layer, p)
-    x = torch.randn(rows, p.in_features, device="cuda", dtype=dtype)
-    ref = packed.reference_linear(layer, x)
-    cfg = {"BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": stages, "STAGES": stages,
-           "PREFETCH": False, "FOLD": False, "PACKED": True, "SEM": counted}
-    out = torch.full((rows, p.out_features), float("nan"), device="cuda", dtype=dtype)
-    if rows == 1:
-        triton_wq4.gemv(ops, p, x.reshape(-1), layer.bias.detach(), out.view(-1), {**cfg, "VARIANT": "mma"})
-    else:
-        triton_wq4.gemm(ops, p, x, layer.bias.detach(), out, {**cfg, "VARIANT": "v2", "BLOCK_M": 32})
-    assert _rel(out, ref) < TOL[dtype]
+    _check_tensor_core_packed(name, shape, rows, dtype, split_k, counted, stages)
 
 
 @cuda_only

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.codebooks import codebook
+from . import ptx
 from .packed import CODES_PER_WORD, Operands, Plan
 
 _MAGIC = tl.constexpr(8388608.0)  # 2**23: the float whose low mantissa bits are an OR-ed-in integer
@@ -464,91 +464,33 @@ def _gemv2_kernel(
         tl.store(y_ptr + n0 + 3, y.to(out_ty), mask=n0 + 3 < N)
 
 
-@triton.jit
-def _nibbles16(wb, X_BF16: tl.constexpr):
-    """Both codes of every byte of ``wb`` (uint8) as the exact 16-bit floats ``MAG + q`` (bf16 ``128 + q``, fp16
-    ``1024 + q``), returned as int16 bits ``(high nibbles, low nibbles)``.
-
-    Four bytes per inline-PTX block, two codes per instruction: one AND (one shift + AND for the high nibbles)
-    isolates four codes, and each PRMT builds two 16-bit floats from two of them and the exponent byte ``MAG``
-    (``0x43`` / ``0x64``), so 8 codes cost 7 instructions -- the scalar decode costs 3 or more per code.
-    """
-    if X_BF16:
-        hi, lo = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, m;
-            mov.b32 m, 0x43434343;
-            and.b32 t, $4, 0x0F0F0F0F;
-            prmt.b32 $2, t, m, 0x4140;
-            prmt.b32 $3, t, m, 0x4342;
-            shr.u32 t, $4, 4;
-            and.b32 t, t, 0x0F0F0F0F;
-            prmt.b32 $0, t, m, 0x4140;
-            prmt.b32 $1, t, m, 0x4342;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[wb], dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
-    else:
-        hi, lo = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, m;
-            mov.b32 m, 0x64646464;
-            and.b32 t, $4, 0x0F0F0F0F;
-            prmt.b32 $2, t, m, 0x4140;
-            prmt.b32 $3, t, m, 0x4342;
-            shr.u32 t, $4, 4;
-            and.b32 t, t, 0x0F0F0F0F;
-            prmt.b32 $0, t, m, 0x4140;
-            prmt.b32 $1, t, m, 0x4342;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[wb], dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
-    return hi, lo
-
-
-def _table_asm(name: str, bf16: bool) -> str:
-    """Inline PTX that looks up both codes of 4 bytes in the 16-entry codebook ``name``, two codes per PRMT.
-
-    The table's 16-bit values live in 8 registers as immediates: low bytes ``L0..L3`` and high bytes ``H0..H3``
-    (entry ``i`` at byte ``i % 4`` of register ``i // 4``). A PRMT picks 4 bytes out of 8 by 3-bit selectors, so
-    per 2 input bytes (4 codes): the codes' low 3 bits index entries 0-7 and 8-15 of each byte table (4 PRMTs),
-    bit 3 becomes a byte mask (one PRMT of 0 / -1) that chooses between them (2 LOP3s), and 2 PRMTs lay the low
-    and high bytes side by side as two 16-bit floats per register -- ~3 instructions per code, no memory.
-    Operands: ``$0, $1`` the high nibbles' values of bytes (0, 1), (2, 3); ``$2, $3`` the low nibbles'; ``$4``
-    the 4 bytes.
-    """
-    bits = (codebook(name).to(torch.bfloat16 if bf16 else torch.float16).view(torch.int16).to(torch.int32)
-            & 0xFFFF).tolist()
-    lo_bytes, hi_bytes = [b & 0xFF for b in bits], [b >> 8 for b in bits]
-
-    def word(four: list[int]) -> str:
-        return f"0x{four[0] | four[1] << 8 | four[2] << 16 | four[3] << 24:08X}"
-
-    movs = "".join(f"mov.b32 L{i}, {word(lo_bytes[4 * i:4 * i + 4])}; mov.b32 H{i}, {word(hi_bytes[4 * i:4 * i + 4])};"
-                   for i in range(4))
-
-    def half(src: str, out_hi: str, out_lo: str) -> str:
-        # selector nibbles of src[15:0], in order: byte0.lo, byte0.hi, byte1.lo, byte1.hi (codes c1, c0, c3, c2)
-        return (f"and.b32 s, {src}, 0x7777; shr.u32 t, {src}, 1; and.b32 t, t, 0x4444; prmt.b32 m, z, f, t;"
-                "prmt.b32 a, L0, L1, s; prmt.b32 b, L2, L3, s; lop3.b32 lo, a, b, m, 0xD8;"
-                "prmt.b32 a, H0, H1, s; prmt.b32 b, H2, H3, s; lop3.b32 hi, a, b, m, 0xD8;"
-                f"prmt.b32 {out_hi}, lo, hi, 0x7351; prmt.b32 {out_lo}, lo, hi, 0x6240;")
-
-    return ("{.reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, t, m, a, b, lo, hi, z, f, w;"
-            + movs + "mov.b32 z, 0; mov.b32 f, 0xFFFFFFFF;"
-            + half("$4", "$0", "$2") + "shr.u32 w, $4, 16;" + half("w", "$1", "$3") + "}")
-
-
-_ASM_NF4_BF16 = tl.constexpr(_table_asm("nf4", True))
-_ASM_NF4_F16 = tl.constexpr(_table_asm("nf4", False))
-_ASM_FP4_BF16 = tl.constexpr(_table_asm("fp4", True))
-_ASM_FP4_F16 = tl.constexpr(_table_asm("fp4", False))
+# The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
+_ASM_NIB_BF16 = tl.constexpr(ptx.nibbles_asm(True))
+_ASM_NIB_F16 = tl.constexpr(ptx.nibbles_asm(False))
+_ASM_NF4_BF16 = tl.constexpr(ptx.table_asm("nf4", True))
+_ASM_NF4_F16 = tl.constexpr(ptx.table_asm("nf4", False))
+_ASM_FP4_BF16 = tl.constexpr(ptx.table_asm("fp4", True))
+_ASM_FP4_F16 = tl.constexpr(ptx.table_asm("fp4", False))
 #: codebook name -> the ``BOOK`` constexpr of the tensor-core kernel's register-table decode
 _BOOKS = {"nf4": 1, "fp4": 2}
 
 
 @triton.jit
+def _nibbles16(wb, X_BF16: tl.constexpr):
+    """Both codes of every byte of ``wb`` (uint8) as the exact 16-bit floats ``MAG + q`` (bf16 ``128 + q``, fp16
+    ``1024 + q``), two codes per instruction (:func:`holdall.kernels.ptx.nibbles_asm`), returned as int16 bits
+    ``(high nibbles, low nibbles)``."""
+    if X_BF16:
+        hi, lo = tl.inline_asm_elementwise(_ASM_NIB_BF16, "=r,=r,=r,=r,r", [wb], (tl.int16, tl.int16), True, 4)
+    else:
+        hi, lo = tl.inline_asm_elementwise(_ASM_NIB_F16, "=r,=r,=r,=r,r", [wb], (tl.int16, tl.int16), True, 4)
+    return hi, lo
+
+
+@triton.jit
 def _table16(wb, X_BF16: tl.constexpr, BOOK: tl.constexpr):
     """Both codes of every byte of ``wb`` (uint8) looked up in the codebook ``BOOK`` (1 NF4, 2 FP4) held in
-    registers (:func:`_table_asm`), as 16-bit float bits ``(high nibbles, low nibbles)``."""
+    registers (:func:`holdall.kernels.ptx.table_asm`), as 16-bit float bits ``(high nibbles, low nibbles)``."""
     if BOOK == 1:
         if X_BF16:
             hi, lo = tl.inline_asm_elementwise(_ASM_NF4_BF16, "=r,=r,=r,=r,r", [wb], (tl.int16, tl.int16), True, 4)

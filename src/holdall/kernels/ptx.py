@@ -1,0 +1,61 @@
+"""Inline-PTX text for the Triton kernels' decodes, generated in Python (torch only, no Triton or GPU needed).
+
+Kept apart from ``triton_wq4`` so that the exact instructions the kernels run can be checked on any machine:
+``tests/test_ptx.py`` interprets them (PRMT, LOP3, AND, shifts) in plain Python against the codebooks and the
+nibble layout, and the device tests then run them inside the kernels.
+
+Each block takes 4 packed bytes in ``$4`` (byte ``i`` = bits ``8i..8i+7``; a byte holds an even input's code in
+its high nibble and the next input's in its low nibble) and returns four 16-bit floats per output pair:
+``$0, $1`` = the high nibbles' values of bytes (0, 1) and (2, 3), ``$2, $3`` = the low nibbles'.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.codebooks import codebook
+
+#: The exponent byte that makes ``byte | q`` the 16-bit float ``MAG + q``: bf16 ``0x43`` (128), fp16 ``0x64`` (1024).
+MAGIC_BYTE = {True: 0x43, False: 0x64}
+
+
+def nibbles_asm(bf16: bool) -> str:
+    """Int codes as the exact 16-bit floats ``MAG + q``, two codes per instruction: one AND (one shift + AND for
+    the high nibbles) isolates four codes, and each PRMT interleaves two of them with the exponent byte -- 7
+    instructions per 8 codes."""
+    magic = MAGIC_BYTE[bf16] * 0x01010101
+    return ("{.reg .b32 t, m;"
+            f"mov.b32 m, 0x{magic:08X};"
+            "and.b32 t, $4, 0x0F0F0F0F; prmt.b32 $2, t, m, 0x4140; prmt.b32 $3, t, m, 0x4342;"
+            "shr.u32 t, $4, 4; and.b32 t, t, 0x0F0F0F0F; prmt.b32 $0, t, m, 0x4140; prmt.b32 $1, t, m, 0x4342;}")
+
+
+def table_asm(name: str, bf16: bool) -> str:
+    """Codes looked up in the 16-entry codebook ``name``, held in registers as immediates.
+
+    The table's 16-bit values are split into low bytes ``L0..L3`` and high bytes ``H0..H3`` (entry ``i`` at byte
+    ``i % 4`` of register ``i // 4``). A PRMT picks 4 of 8 bytes by 3-bit selectors, so for 2 input bytes (4
+    codes): the codes' low 3 bits index entries 0-7 and 8-15 of each byte table (4 PRMTs), a PRMT of 0 / -1
+    turns bit 3 into a byte mask that chooses between them (2 LOP3 ``c ? b : a``, immediate 0xD8), and 2 PRMTs
+    lay the low and high bytes out as two 16-bit floats per register: ~3 instructions per code, no memory.
+    """
+    bits = (codebook(name).to(torch.bfloat16 if bf16 else torch.float16).view(torch.int16).to(torch.int32)
+            & 0xFFFF).tolist()
+    lo_bytes, hi_bytes = [b & 0xFF for b in bits], [b >> 8 for b in bits]
+
+    def word(four: list[int]) -> str:
+        return f"0x{four[0] | four[1] << 8 | four[2] << 16 | four[3] << 24:08X}"
+
+    movs = "".join(f"mov.b32 L{i}, {word(lo_bytes[4 * i:4 * i + 4])}; mov.b32 H{i}, {word(hi_bytes[4 * i:4 * i + 4])};"
+                   for i in range(4))
+
+    def half(src: str, out_hi: str, out_lo: str) -> str:
+        # selector nibbles of src[15:0], in order: byte0.lo, byte0.hi, byte1.lo, byte1.hi
+        return (f"and.b32 s, {src}, 0x7777; shr.u32 t, {src}, 1; and.b32 t, t, 0x4444; prmt.b32 m, z, f, t;"
+                "prmt.b32 a, L0, L1, s; prmt.b32 b, L2, L3, s; lop3.b32 lo, a, b, m, 0xD8;"
+                "prmt.b32 a, H0, H1, s; prmt.b32 b, H2, H3, s; lop3.b32 hi, a, b, m, 0xD8;"
+                f"prmt.b32 {out_hi}, lo, hi, 0x7351; prmt.b32 {out_lo}, lo, hi, 0x6240;")
+
+    return ("{.reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, t, m, a, b, lo, hi, z, f, w;"
+            + movs + "mov.b32 z, 0; mov.b32 f, 0xFFFFFFFF;"
+            + half("$4", "$0", "$2") + "shr.u32 w, $4, 16;" + half("w", "$1", "$3") + "}")

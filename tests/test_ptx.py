@@ -1,0 +1,117 @@
+"""The kernels' inline PTX, checked on the CPU: a plain-Python interpreter of the few instructions they use
+(MOV, AND, SHR, PRMT, LOP3; PTX ISA semantics) runs the generated text on packed bytes, and the 16-bit results
+must be exactly the codebook's bf16/fp16 bits (register table) or ``MAG + q`` (int nibbles). The device tests
+(``tests/test_kernels.py``) then run the same text inside the Triton kernels."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from holdall.core.codebooks import codebook
+from holdall.kernels import ptx
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """prmt.b32 (default mode): result byte i = byte ``c[4i+2:4i]`` of ``{b, a}`` (bit 3 set = sign replicate)."""
+    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = pool[sel & 7]
+        if sel & 8:  # sign-replicate mode: the kernels must never select it
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    """lop3.b32: bit k of the result is bit ``4 a_k + 2 b_k + c_k`` of ``lut`` (``lut = F(0xF0, 0xCC, 0xAA)``)."""
+    out = 0
+    for k in range(32):
+        index = ((a >> k) & 1) << 2 | ((b >> k) & 1) << 1 | ((c >> k) & 1)
+        out |= ((lut >> index) & 1) << k
+    return out
+
+
+def _run(asm: str, word: int) -> list[int]:
+    """Interpret ``asm`` with ``$4 = word``; return ``$0..$3``."""
+    regs: dict[str, int] = {"$4": word}
+
+    def value(token: str) -> int:
+        token = token.strip()
+        if token in regs:
+            return regs[token]
+        return int(token, 16) if token.lower().startswith("0x") else int(token)
+
+    body = asm.strip().removeprefix("{").removesuffix("}")
+    for ins in filter(None, (i.strip() for i in body.split(";"))):
+        if ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        dst, src = args[0], [value(a) for a in args[1:]]
+        if op == "mov.b32":
+            regs[dst] = src[0] & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[dst] = src[0] & src[1]
+        elif op == "shr.u32":
+            regs[dst] = src[0] >> src[1]
+        elif op == "prmt.b32":
+            regs[dst] = _prmt(*src)
+        elif op == "lop3.b32":
+            regs[dst] = _lop3(*src)
+        else:
+            raise AssertionError(f"instruction outside the interpreter's subset: {op}")
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def _words(count: int = 600) -> list[list[int]]:
+    """4-byte groups: every byte value in every position, plus random ones."""
+    rng = random.Random(0)
+    out = [[(v + 37 * i) % 256 for i in range(4)] for v in range(256)]
+    out += [[rng.randrange(256) for _ in range(4)] for _ in range(count)]
+    return out
+
+
+def _halves(regs: list[int]) -> tuple[list[int], list[int]]:
+    """``$0, $1`` -> the 4 high-nibble results; ``$2, $3`` -> the 4 low-nibble results (16 bits each, low half
+    first: element i of the packed input)."""
+    split = [(r >> s) & 0xFFFF for r in regs for s in (0, 16)]
+    return split[:4], split[4:]
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+def test_nibbles_are_exact_magic_plus_code(bf16):
+    asm = ptx.nibbles_asm(bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    mag = 128.0 if bf16 else 1024.0
+    want = [int(torch.tensor(mag + q, dtype=dtype).view(torch.int16)) & 0xFFFF for q in range(16)]
+    for four in _words():
+        hi, lo = _halves(_run(asm, sum(b << (8 * i) for i, b in enumerate(four))))
+        assert hi == [want[b >> 4] for b in four]
+        assert lo == [want[b & 0xF] for b in four]
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+def test_register_table_is_the_codebook(name, bf16):
+    asm = ptx.table_asm(name, bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    bits = (codebook(name).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    assert len(set(bits)) >= 15  # few repeats for a wrong entry to hide behind (FP4 has +0 twice)
+    for four in _words():
+        hi, lo = _halves(_run(asm, sum(b << (8 * i) for i, b in enumerate(four))))
+        assert hi == [bits[b >> 4] for b in four], four
+        assert lo == [bits[b & 0xF] for b in four], four
+
+
+def test_interpreter_catches_a_wrong_selector():
+    """The check can fail: one swapped PRMT selector in the generated text is caught."""
+    asm = ptx.table_asm("nf4", True).replace("0x7351", "0x7315", 1)
+    bits = (codebook("nf4").to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    four = [0x12, 0x34, 0x56, 0x78]
+    hi, _ = _halves(_run(asm, sum(b << (8 * i) for i, b in enumerate(four))))
+    assert hi != [bits[b >> 4] for b in four]
