@@ -1,7 +1,8 @@
 """Speed-up over bf16 cuBLAS against batch size, one panel per weight shape, from ``bench/gpu_kernels.py`` output.
 
     python bench/plot_kernels.py bench/results/gpu_kernels_h200_round4.json \\
-        --override bench/results/gpu_kernels_h200_round4_nf4_default.json --out bench/results/gpu_kernels_h200_round4.png
+        --override bench/results/gpu_kernels_h200_round4_nf4_default.json \\
+        --out bench/results/gpu_kernels_h200_round4.png
 
 ``--override``: a later run whose (shape, batch, impl) cells replace the first file's (e.g. a run after one more
 default changed); every ratio is against the bf16 time of the run it came from. Runs on any machine (matplotlib).

@@ -520,7 +520,7 @@ def _gemm2_kernel(
     FOLD: tl.constexpr = True,  # scale (and zero) folded into the decoded weight: one chained dot
     STAGES: tl.constexpr = 1,  # Triton's software pipelining of the loads (it turns table lookups into copies)
     PREFETCH: tl.constexpr = True,  # load the next group's weight and activations into registers first
-    PACKED: tl.constexpr = False,  # int codes without FOLD: decode two codes per instruction (_nibbles16)
+    PACKED: tl.constexpr = False,  # without FOLD: int codes two per PTX instruction, codebooks from registers
     SEM: tl.constexpr = False,  # split-K: the last program of a tile sums the partials (no second launch)
     BOOK: tl.constexpr = 0,  # codebook with PACKED: 1 NF4, 2 FP4 looked up in registers (_table16)
 ):
@@ -688,7 +688,8 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     ~2 above (where the float32 partials of split-K cost more). Int codes, Triton's pipelining 3 deep: up to 16
     rows the exact ``128 + q`` weights decoded two codes per instruction (``PACKED``) with the partials summed
     by each tile's last program (``SEM``; round 4, against round 2's folded decode + second launch: asym
-    1.19-1.38x faster, sym 0.99-1.15x); at 64 rows the scale folded into the decoded weight (``PACKED`` was 6-38% slower there).
+    1.19-1.38x faster, sym 0.99-1.15x); at 64 rows the scale folded into the decoded weight (``PACKED`` was
+    6-38% slower there).
     Codebooks: 128-row tiles, table values in the activation dtype with the scale on the float32 partial
     (``FOLD=False``); up to 16 rows the table is held in registers (``PACKED`` with ``BOOK``, round 4: 1.3x
     faster) and Triton pipelines the loads; at 64 rows the memory table, loads prefetched by hand and Triton's
