@@ -190,9 +190,15 @@ def test_gemv_split_k_sums_every_group_once(split_k, shape, name, pipelined):
     assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[torch.bfloat16]
 
 
+# (scheme, activation dtype): every int scheme in bf16, fp16 (the 1024 + q magic) once, on the asymmetric one
+_PACKED_INT = [(n, torch.bfloat16) for n in ("int4-sym", "int4-asym", "int4-asym-dq", "int4-g32-bf16")]
+_PACKED_INT.append(("int4-asym", torch.float16))
+# the codebooks in bf16, fp16 table bits once, on NF4 + double quant
+_PACKED_BOOK = [(n, torch.bfloat16) for n in ("nf4", "nf4-dq", "fp4")] + [("nf4-dq", torch.float16)]
+
+
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["int4-sym", "int4-asym", "int4-asym-dq", "int4-g32-bf16"])
+@pytest.mark.parametrize("name,dtype", _PACKED_INT, ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", [(4096, 11008), (72, 264)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("rows", [1, 20])
 @pytest.mark.parametrize("split_k,counted", [(1, False), (3, True), (4, False)])
@@ -203,8 +209,6 @@ def test_tensor_core_kernel_packed_decode(split_k, counted, rows, shape, name, d
     once, every element of a NaN-poisoned output written. Launched twice: the tile counters go back to zero."""
     from holdall.kernels import triton_wq4
 
-    if dtype == torch.float16 and name != "int4-asym":
-        pytest.skip("fp16 (the 1024 + q magic) is covered once, on the asymmetric scheme")
     _check_tensor_core_packed(name, shape, rows, dtype, split_k, counted, stages=3, launches=2)
     assert all(int(c.count_nonzero()) == 0 for c in triton_wq4._COUNTERS.values())
 
@@ -231,8 +235,7 @@ def _check_tensor_core_packed(name, shape, rows, dtype, split_k, counted, stages
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["nf4", "nf4-dq", "fp4"])
+@pytest.mark.parametrize("name,dtype", _PACKED_BOOK, ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", [(4096, 11008), (72, 320)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("rows", [1, 20])
 @pytest.mark.parametrize("split_k,counted,stages", [(1, False, 1), (3, True, 3), (4, False, 1)])
@@ -240,8 +243,6 @@ def test_tensor_core_kernel_register_table(split_k, counted, stages, rows, shape
     """Codebooks looked up in a register-held table (``PACKED`` with ``BOOK``: NF4 / FP4 values as PTX
     immediates, two codes per PRMT) in the tensor-core kernel, one row and 20, split-K summed either way, with
     and without Triton's pipelining (no table loads left for it to turn into copies); a NaN-poisoned output."""
-    if dtype == torch.float16 and name != "nf4-dq":
-        pytest.skip("fp16 table bits are covered once, on NF4 + double quant")
     _check_tensor_core_packed(name, shape, rows, dtype, split_k, counted, stages)
 
 
