@@ -134,11 +134,18 @@ def gemv_configs(group: int, codebook: bool) -> list[dict]:
     # (FOLD), split-K summed by the last program of each tile (SEM) or by a second launch; beside the round-1
     # pairs kernel's best configuration.
     out = [{"BLOCK_N": 8, "BLOCK_G": max(1, 128 // group_w), "num_warps": 4, "STAGES": 3, "PREFETCH": True}]
+    # Round 5: weight tiles by TMA and one PRMT per code (VARIANT tma), a grid of tilings, and each switch off
+    # at one tiling to separate their effects
+    for rows, words, stages, warps in ((8, 128, 3, 4), (16, 128, 3, 4), (16, 64, 4, 4), (32, 64, 3, 4),
+                                       (16, 128, 3, 8), (32, 128, 3, 8), (8, 64, 4, 4), (64, 32, 4, 4),
+                                       (16, 256, 2, 4), (32, 128, 4, 8)):
+        out.append({"VARIANT": "tma", "BLOCK_N": rows, "BLOCK_G": max(1, words // group_w), "STAGES": stages,
+                    "num_warps": warps, "TMA": True, "PRMT": True})
+    for tma, prmt in ((True, False), (False, True), (False, False)):
+        out.append({"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
+                    "num_warps": 4, "TMA": tma, "PRMT": prmt})
     mma = {"VARIANT": "mma", "num_stages": 3, "STAGES": 3, "PREFETCH": False}
-    for rows, warps, split_k, sem, packed_decode in (
-            (64, 4, 4, True, True), (64, 4, 8, True, True), (64, 4, 16, True, True), (128, 4, 4, True, True),
-            (128, 4, 8, True, True), (128, 8, 8, True, True), (32, 4, 8, True, True), (64, 4, 8, False, True),
-            (64, 4, 8, True, False)):
+    for rows, warps, split_k, sem, packed_decode in ((64, 4, 8, True, True),):  # round 4's best (full grid there)
         out.append({**mma, "BLOCK_N": rows, "num_warps": warps, "SPLIT_K": split_k, "SEM": sem,
                     "PACKED": packed_decode, "FOLD": not packed_decode})
     return out

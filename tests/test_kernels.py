@@ -190,6 +190,44 @@ def test_gemv_split_k_sums_every_group_once(split_k, shape, name, pipelined):
     assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[torch.bfloat16]
 
 
+@cuda_only
+@pytest.mark.parametrize("name,dtype", [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16),
+                                        ("int4-asym-dq", torch.bfloat16), ("int4-g32-bf16", torch.bfloat16),
+                                        ("int4-sym", torch.float16)], ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", [(4096, 11008), (72, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("tma,prmt", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("block_n,block_g,stages", [(16, 8, 3), (64, 2, 1)])
+def test_gemv_tma_kernel(block_n, block_g, stages, tma, prmt, shape, name, dtype):
+    """The round-5 one-row kernel (weight tiles by TMA, one PRMT per code), each switch on and off: a partial
+    last row tile (72 rows), a partial last group tile (86 groups in tiles of 8; 4 groups in a tile of 8), bias
+    added, every element of a NaN-poisoned output written."""
+    from holdall.kernels import triton_wq4
+
+    if tma and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    layer = _cuda_layer(*shape, name)
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
+    out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
+    cfg = {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": stages,
+           "TMA": tma, "PRMT": prmt, "num_warps": 4}
+    triton_wq4.gemv(ops, p, x, layer.bias.detach(), out, cfg)
+    assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
+
+
+@cuda_only
+def test_gemv_tma_kernel_refuses_a_partial_group():
+    from holdall.kernels import triton_wq4
+
+    layer = _cuda_layer(72, 264, "int4-sym")
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(p.in_features, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(p.out_features, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of the group"):
+        triton_wq4.gemv(packed.operands(layer, p), p, x, None, out, {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": 1})
+
+
 # (scheme, activation dtype): every int scheme in bf16, fp16 (the 1024 + q magic) once, on the asymmetric one
 _PACKED_INT = [(n, torch.bfloat16) for n in ("int4-sym", "int4-asym", "int4-asym-dq", "int4-g32-bf16")]
 _PACKED_INT.append(("int4-asym", torch.float16))

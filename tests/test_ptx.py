@@ -36,9 +36,9 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return out
 
 
-def _run(asm: str, word: int) -> list[int]:
-    """Interpret ``asm`` with ``$4 = word``; return ``$0..$3``."""
-    regs: dict[str, int] = {"$4": word}
+def _run(asm: str, word: int, outputs: int = 4) -> list[int]:
+    """Interpret ``asm`` with ``$<outputs> = word``; return ``$0..$<outputs - 1>``."""
+    regs: dict[str, int] = {f"${outputs}": word}
 
     def value(token: str) -> int:
         token = token.strip()
@@ -65,7 +65,7 @@ def _run(asm: str, word: int) -> list[int]:
             regs[dst] = _lop3(*src)
         else:
             raise AssertionError(f"instruction outside the interpreter's subset: {op}")
-    return [regs[f"${i}"] for i in range(4)]
+    return [regs[f"${i}"] for i in range(outputs)]
 
 
 def _words(count: int = 600) -> list[list[int]]:
@@ -106,6 +106,16 @@ def test_register_table_is_the_codebook(name, bf16):
         hi, lo = _halves(_run(asm, sum(b << (8 * i) for i, b in enumerate(four))))
         assert hi == [bits[b >> 4] for b in four], four
         assert lo == [bits[b & 0xF] for b in four], four
+
+
+def test_f32_nibbles_are_exact_128_plus_code():
+    """Every code of a word, in input order (high nibble of byte j = input 2j), as the float32 128 + q."""
+    asm = ptx.nibbles_f32_asm()
+    for four in _words():
+        word = sum(b << (8 * i) for i, b in enumerate(four))
+        got = torch.tensor(_run(asm, word, outputs=8), dtype=torch.int64).to(torch.int32).view(torch.float32)
+        codes = [c for b in four for c in (b >> 4, b & 0xF)]
+        assert got.tolist() == [128.0 + q for q in codes], four
 
 
 def test_interpreter_catches_a_wrong_selector():

@@ -4,9 +4,10 @@ Kept apart from ``triton_wq4`` so that the exact instructions the kernels run ca
 ``tests/test_ptx.py`` interprets them (PRMT, LOP3, AND, shifts) in plain Python against the codebooks and the
 nibble layout, and the device tests then run them inside the kernels.
 
-Each block takes 4 packed bytes in ``$4`` (byte ``i`` = bits ``8i..8i+7``; a byte holds an even input's code in
-its high nibble and the next input's in its low nibble) and returns four 16-bit floats per output pair:
+The 16-bit blocks take 4 packed bytes in ``$4`` (byte ``i`` = bits ``8i..8i+7``; a byte holds an even input's code
+in its high nibble and the next input's in its low nibble) and return four 16-bit floats per output pair:
 ``$0, $1`` = the high nibbles' values of bytes (0, 1) and (2, 3), ``$2, $3`` = the low nibbles'.
+:func:`nibbles_f32_asm` takes the word in ``$8`` and returns its 8 codes as float32 in ``$0..$7``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ def nibbles_asm(bf16: bool) -> str:
             f"mov.b32 m, 0x{magic:08X};"
             "and.b32 t, $4, 0x0F0F0F0F; prmt.b32 $2, t, m, 0x4140; prmt.b32 $3, t, m, 0x4342;"
             "shr.u32 t, $4, 4; and.b32 t, t, 0x0F0F0F0F; prmt.b32 $0, t, m, 0x4140; prmt.b32 $1, t, m, 0x4342;}")
+
+
+def nibbles_f32_asm() -> str:
+    """The 8 int codes of a word as the exact float32 ``128 + q``, one PRMT per code: ``$c`` = input ``8w + c``
+    (code ``2j`` is byte ``j``'s high nibble, ``2j + 1`` its low nibble). One AND, or a shift and an AND,
+    isolates four codes as bytes; each PRMT puts one of them in mantissa bits 16..19 under the exponent byte
+    ``0x43`` (float32 ``0x43000000`` = 128) and zeros below: 11 instructions per 8 codes, no conversion."""
+    out = ["{.reg .b32 h, l, m;", "mov.b32 m, 0x43;",
+           "shr.u32 h, $8, 4; and.b32 h, h, 0x0F0F0F0F; and.b32 l, $8, 0x0F0F0F0F;"]
+    for j in range(4):
+        # result bytes (low to high): 0 (byte 5 of {0x43, src}), 0, source byte j, 0x43 (byte 4)
+        out.append(f"prmt.b32 ${2 * j}, h, m, 0x4{j}55; prmt.b32 ${2 * j + 1}, l, m, 0x4{j}55;")
+    return "".join(out) + "}"
 
 
 def table_asm(name: str, bf16: bool) -> str:

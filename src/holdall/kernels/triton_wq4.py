@@ -464,6 +464,96 @@ def _gemv2_kernel(
         tl.store(y_ptr + n0 + 3, y.to(out_ty), mask=n0 + 3 < N)
 
 
+_ASM_NIB_F32 = tl.constexpr(ptx.nibbles_f32_asm())
+
+
+@triton.jit
+def _code_f32(w, K: tl.constexpr):
+    """Code at bits ``4K..4K+3`` of each word as the float32 ``128 + q``: one shift and one AND-OR."""
+    if K <= 4:
+        v = w << (16 - 4 * K)
+    else:
+        v = w >> (4 * K - 16)  # arithmetic shift: the sign bits land above the mask
+    return ((v & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _codes_f32(w, PRMT: tl.constexpr):
+    """The 8 codes of every int32 word of ``w`` as float32 ``128 + q``, in input order (code ``c`` sits at bit
+    ``4 (c ^ 1)``): one PRMT each in inline PTX (:func:`holdall.kernels.ptx.nibbles_f32_asm`), or two integer
+    instructions each without it."""
+    if PRMT:
+        return tl.inline_asm_elementwise(_ASM_NIB_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], (tl.float32,) * 8, True, 1)
+    return (_code_f32(w, 1), _code_f32(w, 0), _code_f32(w, 3), _code_f32(w, 2),
+            _code_f32(w, 5), _code_f32(w, 4), _code_f32(w, 7), _code_f32(w, 6))
+
+
+@triton.jit
+def _gemv_tma_kernel(
+    x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr,
+    N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+    GROUP_W: tl.constexpr,  # int32 words per group (group / 8); in_features is a whole number of groups
+    KIND: tl.constexpr,  # 0 int sym, 1 int asym
+    SCALE_DQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # weight rows per program
+    BLOCK_G: tl.constexpr,  # groups per loop iteration
+    X_BF16: tl.constexpr,  # x is bf16 (else fp16); x_ptr points at it as int32 pairs
+    STAGES: tl.constexpr = 3,
+    TMA: tl.constexpr = True,  # w_src is a [out, groups, words] tensor descriptor (Hopper's copy engine)
+    PRMT: tl.constexpr = True,  # decode with one PRMT per code (else two integer instructions)
+):
+    """One row, int codes, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy
+    engine writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
+    instructions on addresses), and every code becomes the exact float32 ``128 + q`` in one PRMT (``PRMT``). Per
+    word and row: ``sum_c (128 + q_c) x_c - (128 + zero) sum_c x_c`` -- 8 FMAs and one more, then the group
+    scale; the activation pairs and their sum are computed once per thread for all its rows."""
+    pid = tl.program_id(0)
+    n0 = pid * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    n3 = rn[:, None, None]  # [BN, 1, 1]
+    n_ok = n3 < N
+    rg = tl.arange(0, BLOCK_G)[None, :, None]  # [1, BG, 1]
+    rj = tl.arange(0, GROUP_W)[None, None, :]  # [1, 1, GW]
+    acc = tl.zeros([BLOCK_N, BLOCK_G, GROUP_W], dtype=tl.float32)
+    for g0 in tl.range(0, n_groups, BLOCK_G, num_stages=STAGES):
+        g3 = g0 + rg
+        g_ok = g3 < n_groups
+        kw3 = g3 * GROUP_W + rj  # [1, BG, GW] word index along the row
+        if TMA:  # rows past N and groups past the end arrive as zeros
+            w = w_src.load([n0, g0, 0])  # [BN, BG, GW] int32
+        else:
+            w = tl.load(w_src + n3 * stride_wn + kw3, mask=n_ok & g_ok, other=0)
+        x_word = x_ptr + kw3 * 4
+        x0, x1 = _unpack_pair(tl.load(x_word, mask=g_ok, other=0), X_BF16)
+        x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
+        x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
+        x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
+        xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [1, BG, GW]
+        gs = g3 * group_step
+        if KIND == 1:
+            zero = _group_zero(z_ptr, n3, gs, zero_row_stride, n_ok & g_ok).to(tl.float32)  # [BN, BG, 1]
+            part = xs * -(128.0 + zero)
+        else:
+            part = xs * -136.0
+        q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, PRMT)
+        part = q0 * x0 + part
+        part = q1 * x1 + part
+        part = q2 * x2 + part
+        part = q3 * x3 + part
+        part = q4 * x4 + part
+        part = q5 * x5 + part
+        part = q6 * x6 + part
+        part = q7 * x7 + part
+        s = _group_scale(s_ptr, sabs_ptr, soff_ptr, dmap_ptr, n3 * scale_row_stride + gs, n_ok & g_ok,
+                         SCALE_DQ)  # [BN, BG, 1]
+        acc += part * s
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
 _ASM_NIB_BF16 = tl.constexpr(ptx.nibbles_asm(True))
 _ASM_NIB_F16 = tl.constexpr(ptx.nibbles_asm(False))
@@ -724,6 +814,8 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     if variant == "mma":  # the tensor-core kernel with one input row (padded to the MMA's 16 columns)
         return _gemm2(ops, p, x.view(1, -1), bias, out.view(1, -1), {**cfg, "BLOCK_N": block_n, "BLOCK_M": 16})
     grid = (triton.cdiv(p.out_features, block_n),)
+    if variant == "tma":
+        return _gemv_tma(ops, p, x, bias, out, block_n, cfg)
     if variant == "v2":
         assert block_n in (1, 2, 4), "the v2 GEMV holds 1, 2 or 4 rows per program (BLOCK_N)"
         words_per_tile = cfg["BLOCK_G"] * (p.group // CODES_PER_WORD)
@@ -768,6 +860,31 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
             target, bias if has_bias else target, out, p.out_features, p.out_features,
             SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block,
         )
+    return out
+
+
+def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+              block_n: int, cfg: dict) -> torch.Tensor:
+    """Launch :func:`_gemv_tma_kernel`: int codes, ``in_features`` a whole number of groups (the words are
+    read as ``[out, groups, words per group]``)."""
+    if p.kind == 2 or p.in_features % p.group:
+        raise ValueError("the TMA GEMV takes int codes with in_features a multiple of the group "
+                         f"(kind {p.kind}, in_features {p.in_features}, group {p.group}): use VARIANT 'pairs'")
+    group_w = p.group // CODES_PER_WORD
+    n_groups = p.in_features // p.group
+    src = ops.words
+    if cfg.get("TMA", True):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        src = TensorDescriptor(ops.words, [p.out_features, n_groups, group_w], [ops.words.stride(0), group_w, 1],
+                               [block_n, cfg["BLOCK_G"], group_w])
+    _gemv_tma_kernel[(triton.cdiv(p.out_features, block_n),)](
+        x.view(torch.int32), src, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap,
+        bias if bias is not None else ops.scale, out,
+        p.out_features, n_groups, ops.words.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride,
+        GROUP_W=group_w, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        X_BF16=x.dtype == torch.bfloat16, **cfg,
+    )
     return out
 
 
