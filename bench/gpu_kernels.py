@@ -182,7 +182,7 @@ def gemm_configs(rows: int, codebook: bool) -> list[dict]:
     return out
 
 
-def sweep(layers: list[QuantLinear], rows: int) -> dict:
+def sweep(layers: list[QuantLinear], rows: int, configs: list[dict] | None = None) -> dict:
     """Graph-time every config of the kernel that serves ``rows`` (rotating over ``layers``, copies of one
     weight); return the best and the heuristic's choice."""
     from holdall.kernels import triton_wq4
@@ -194,10 +194,10 @@ def sweep(layers: list[QuantLinear], rows: int) -> dict:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if rows <= dispatch.GEMV_MAX_ROWS:
         launch = lambda o, cfg: triton_wq4.gemv(o, p, x.reshape(-1), None, out.view(-1), cfg)  # noqa: E731
-        configs, default = gemv_configs(p.group, p.kind == 2), triton_wq4.gemv_config(p, sms)
+        configs, default = configs or gemv_configs(p.group, p.kind == 2), triton_wq4.gemv_config(p, sms)
     else:
         launch = lambda o, cfg: triton_wq4.gemm(o, p, x, None, out, cfg)  # noqa: E731
-        configs, default = gemm_configs(rows, p.kind == 2), triton_wq4.gemm_config(p, rows, sms)
+        configs, default = configs or gemm_configs(rows, p.kind == 2), triton_wq4.gemm_config(p, rows, sms)
 
     def timed(cfg, replays=10):
         return bench_graph([lambda o=o: launch(o, cfg) for o in ops], replays=replays, rounds=3)
@@ -231,10 +231,13 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "gpu_kernels.json"))
     parser.add_argument("--sweep", action="store_true", help="also time a grid of block configs per kernel")
     parser.add_argument("--sweep-schemes", default="int4-g128-sym,nf4-dq")
+    parser.add_argument("--sweep-configs", default=None,
+                        help="a JSON file with the list of launch configurations to sweep (instead of the built-in)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    sweep_configs = json.loads(Path(args.sweep_configs).read_text()) if args.sweep_configs else None
 
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     assert kernels.enable(), "this benchmark needs triton"
@@ -306,7 +309,7 @@ def main() -> None:
             print(f"{out_f}x{in_f} b{batch}: {line}", flush=True)
             if args.sweep:
                 for name in args.sweep_schemes.split(","):
-                    s = sweep(layers[name], batch)
+                    s = sweep(layers[name], batch, sweep_configs)
                     sweeps.append({"shape": f"{out_f}x{in_f}", "batch": batch, "scheme": name, **s})
                     print(f"  sweep {name} b{batch}: best {s['best_us']:.2f}us {s['best']}  "
                           f"default {s['default_us']:.2f}us {s['default']}"
