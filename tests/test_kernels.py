@@ -196,11 +196,12 @@ def test_gemv_split_k_sums_every_group_once(split_k, shape, name, pipelined):
                                         ("int4-sym", torch.float16)], ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", [(4096, 11008), (72, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("tma,prmt", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("block_n,block_g,stages", [(16, 8, 3), (64, 2, 1)])
-def test_gemv_tma_kernel(block_n, block_g, stages, tma, prmt, shape, name, dtype):
+@pytest.mark.parametrize("block_n,block_g,stages,per_sm", [(16, 8, 3, 0), (64, 2, 1, 0), (16, 8, 3, 1), (8, 4, 4, 2)])
+def test_gemv_tma_kernel(block_n, block_g, stages, per_sm, tma, prmt, shape, name, dtype):
     """The round-5 one-row kernel (weight tiles by TMA, one PRMT per code), each switch on and off: a partial
-    last row tile (72 rows), a partial last group tile (86 groups in tiles of 8; 4 groups in a tile of 8), bias
-    added, every element of a NaN-poisoned output written."""
+    last row tile (72 rows), a partial last group tile (86 groups in tiles of 8; 4 groups in a tile of 8), one
+    program per tile or persistent programs looping over the tiles (``PROGRAMS_PER_SM``), bias added, every
+    element of a NaN-poisoned output written."""
     from holdall.kernels import triton_wq4
 
     if tma and torch.cuda.get_device_capability() < (9, 0):
@@ -211,7 +212,7 @@ def test_gemv_tma_kernel(block_n, block_g, stages, tma, prmt, shape, name, dtype
     x = torch.randn(p.in_features, device="cuda", dtype=dtype)
     out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
     cfg = {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": stages,
-           "TMA": tma, "PRMT": prmt, "num_warps": 4}
+           "TMA": tma, "PRMT": prmt, "num_warps": 4, "PROGRAMS_PER_SM": per_sm}
     triton_wq4.gemv(ops, p, x, layer.bias.detach(), out, cfg)
     assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
 

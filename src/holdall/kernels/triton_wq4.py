@@ -489,34 +489,20 @@ def _codes_f32(w, PRMT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_tma_kernel(
-    x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr,
-    N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
-    GROUP_W: tl.constexpr,  # int32 words per group (group / 8); in_features is a whole number of groups
-    KIND: tl.constexpr,  # 0 int sym, 1 int asym
-    SCALE_DQ: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # weight rows per program
-    BLOCK_G: tl.constexpr,  # groups per loop iteration
-    X_BF16: tl.constexpr,  # x is bf16 (else fp16); x_ptr points at it as int32 pairs
-    STAGES: tl.constexpr = 3,
-    TMA: tl.constexpr = True,  # w_src is a [out, groups, words] tensor descriptor (Hopper's copy engine)
-    PRMT: tl.constexpr = True,  # decode with one PRMT per code (else two integer instructions)
-):
-    """One row, int codes, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy
-    engine writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
-    instructions on addresses), and every code becomes the exact float32 ``128 + q`` in one PRMT (``PRMT``). Per
-    word and row: ``sum_c (128 + q_c) x_c - (128 + zero) sum_c x_c`` -- 8 FMAs and one more, then the group
-    scale; the activation pairs and their sum are computed once per thread for all its rows."""
-    pid = tl.program_id(0)
-    n0 = pid * BLOCK_N
+def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, n0,
+                   N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+                   GROUP_W: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, X_BF16: tl.constexpr, STAGES: tl.constexpr,
+                   TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr):
+    """Rows ``n0 .. n0 + BLOCK_N`` of ``y``: the loop over the groups, ``STAGES`` deep (1 inside a flattened
+    persistent loop, which pipelines across tiles itself)."""
     rn = n0 + tl.arange(0, BLOCK_N)
     n3 = rn[:, None, None]  # [BN, 1, 1]
     n_ok = n3 < N
     rg = tl.arange(0, BLOCK_G)[None, :, None]  # [1, BG, 1]
     rj = tl.arange(0, GROUP_W)[None, None, :]  # [1, 1, GW]
     acc = tl.zeros([BLOCK_N, BLOCK_G, GROUP_W], dtype=tl.float32)
-    for g0 in tl.range(0, n_groups, BLOCK_G, num_stages=STAGES):
+    for g0 in tl.range(0, n_groups, BLOCK_G, num_stages=STAGES, warp_specialize=WS):
         g3 = g0 + rg
         g_ok = g3 < n_groups
         kw3 = g3 * GROUP_W + rj  # [1, BG, GW] word index along the row
@@ -552,6 +538,47 @@ def _gemv_tma_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _gemv_tma_kernel(
+    x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr,
+    N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+    GROUP_W: tl.constexpr,  # int32 words per group (group / 8); in_features is a whole number of groups
+    KIND: tl.constexpr,  # 0 int sym, 1 int asym
+    SCALE_DQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # weight rows per tile
+    BLOCK_G: tl.constexpr,  # groups per loop iteration
+    X_BF16: tl.constexpr,  # x is bf16 (else fp16); x_ptr points at it as int32 pairs
+    STAGES: tl.constexpr = 3,
+    TMA: tl.constexpr = True,  # w_src is a [out, groups, words] tensor descriptor (Hopper's copy engine)
+    PRMT: tl.constexpr = True,  # decode with one PRMT per code (else two integer instructions)
+    PERSISTENT: tl.constexpr = False,  # a few programs per SM, each looping over row tiles (one flattened loop)
+    WS: tl.constexpr = False,  # Triton's automatic warp specialization of the pipelined loop (loads vs math)
+):
+    """One row, int codes, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy
+    engine writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
+    instructions on addresses), and every code becomes the exact float32 ``128 + q`` in one PRMT (``PRMT``). Per
+    word and row: ``sum_c (128 + q_c) x_c - (128 + zero) sum_c x_c`` -- 8 FMAs and one more, then the group
+    scale; the activation pairs and their sum are computed once per thread for all its rows.
+
+    ``PERSISTENT``: the grid is a few programs per SM and each walks the row tiles ``pid, pid + programs, ...``;
+    Triton flattens the tile and group loops into one pipelined loop, so the next tile's first weights are in
+    flight while this tile finishes (short rows, like 4096 inputs = 4 iterations, otherwise spend most of their
+    time filling the pipeline)."""
+    if PERSISTENT:
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES, flatten=True,
+                             warp_specialize=WS):
+            _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, tile * BLOCK_N,
+                           N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+                           GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA, PRMT, False)
+    else:
+        _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr,
+                       tl.program_id(0) * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
+                       zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
+                       PRMT, WS)
 
 
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
@@ -878,12 +905,15 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
 
         src = TensorDescriptor(ops.words, [p.out_features, n_groups, group_w], [ops.words.stride(0), group_w, 1],
                                [block_n, cfg["BLOCK_G"], group_w])
-    _gemv_tma_kernel[(triton.cdiv(p.out_features, block_n),)](
+    tiles = triton.cdiv(p.out_features, block_n)
+    per_sm = cfg.pop("PROGRAMS_PER_SM", 0)  # > 0: persistent programs
+    grid = (min(tiles, per_sm * _sm_count(x.device.index or 0)),) if per_sm else (tiles,)
+    _gemv_tma_kernel[grid](
         x.view(torch.int32), src, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap,
         bias if bias is not None else ops.scale, out,
         p.out_features, n_groups, ops.words.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride,
         GROUP_W=group_w, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        X_BF16=x.dtype == torch.bfloat16, **cfg,
+        X_BF16=x.dtype == torch.bfloat16, PERSISTENT=per_sm > 0, **cfg,
     )
     return out
 
