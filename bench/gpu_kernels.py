@@ -194,7 +194,8 @@ def sweep(layers: list[QuantLinear], rows: int, configs: list[dict] | None = Non
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if rows <= dispatch.GEMV_MAX_ROWS:
         launch = lambda o, cfg: triton_wq4.gemv(o, p, x.reshape(-1), None, out.view(-1), cfg)  # noqa: E731
-        configs, default = configs or gemv_configs(p.group, p.kind == 2), triton_wq4.gemv_config(p, sms)
+        configs, default = configs or gemv_configs(p.group, p.kind == 2), triton_wq4.gemv_config(
+            p, sms, torch.cuda.get_device_capability() >= (9, 0))
     else:
         launch = lambda o, cfg: triton_wq4.gemm(o, p, x, None, out, cfg)  # noqa: E731
         configs, default = configs or gemm_configs(rows, p.kind == 2), triton_wq4.gemm_config(p, rows, sms)

@@ -768,14 +768,24 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def gemv_config(p: Plan, sms: int) -> dict:
-    """Launch configuration for one row (``sms`` kept for callers; unused), from the sweeps on an H200
-    (bench/gpu_kernels.py --sweep; BENCHMARKS.md).
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
-    Int codes: the first-round pairs kernel, 8 rows x 128 words per iteration, Triton's pipelining 3 deep plus
-    a register prefetch of the next tile (the best of every sweep, on all three shapes). The round-2 kernel
-    (``VARIANT v2``: half the instructions per code in the compiler's output) measured 2.6x *slower* on the
-    H200 (48 vs 18.6 us at 4096x11008); it is kept, tested, for the next round, not used.
+
+def gemv_config(p: Plan, sms: int, tma: bool = False) -> dict:
+    """Launch configuration for one row, from the sweeps on an H200 (bench/gpu_kernels.py --sweep;
+    BENCHMARKS.md). ``tma``: the device has Hopper's tensor memory accelerator (and the words are 16-byte
+    aligned).
+
+    Int codes, symmetric, with TMA and whole groups: the round-5 kernel (``VARIANT tma``). Its best tiling
+    depends on the row length: long rows (>= 8192 inputs) whose 32-row tiles fit in one wave take 32 rows x 128
+    words with one program per SM (4096x11008: 14.7 us against the pairs kernel's 18.3); shorter rows take 16
+    rows x 64 words, more programs to fill the pipeline (11008x4096 15.3 vs 17.4, 4096x4096 7.5 vs 7.9). The
+    same tilings with two programs per SM looping over tiles (``PROGRAMS_PER_SM``) were slower everywhere.
+    Other int codes: the first-round pairs kernel, 8 rows x 128 words per iteration, Triton's pipelining 3 deep
+    plus a register prefetch of the next tile. The round-2 kernel (``VARIANT v2``: half the instructions per
+    code in the compiler's output) measured 2.6x *slower* on the H200; it is kept, tested, not used.
     Codebooks: the ``[rows, groups, words, 8 codes]`` variant with the 16-value table (every lane of a warp
     reads the same 64-byte line, one L1 wavefront; the 256-entry pair table spreads a warp over 16 lines and
     was 1.4x slower), unpipelined (pipelining turns the table lookups into asynchronous copies, 15x slower).
@@ -784,6 +794,11 @@ def gemv_config(p: Plan, sms: int) -> dict:
     if p.kind == 2:
         return {"BLOCK_N": 8, "BLOCK_G": max(1, 64 // group_w), "num_warps": 4, "STAGES": 1, "VARIANT": "4d",
                 "LUT16": True}
+    if tma and p.kind == 0 and p.in_features % p.group == 0:
+        if p.in_features >= 8192 and triton.cdiv(p.out_features, 32) <= sms:
+            return {"VARIANT": "tma", "BLOCK_N": 32, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
+                    "num_warps": 4}
+        return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 64 // group_w), "STAGES": 3, "num_warps": 4}
     return {"BLOCK_N": 8, "BLOCK_G": max(1, 128 // group_w), "num_warps": 4, "STAGES": 3, "PREFETCH": True}
 
 
@@ -834,7 +849,9 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
          config: dict | None = None) -> torch.Tensor:
     """``out [N] = W @ x + b`` for one contiguous row ``x [K]`` (bf16/fp16, 4-byte aligned)."""
-    config = config or gemv_config(p, _sm_count(x.device.index or 0))
+    if config is None:
+        index = x.device.index or 0
+        config = gemv_config(p, _sm_count(index), _has_tma(index) and ops.words.data_ptr() % 16 == 0)
     cfg = dict(config)
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
