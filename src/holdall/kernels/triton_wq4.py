@@ -778,12 +778,13 @@ def gemv_config(p: Plan, sms: int, tma: bool = False) -> dict:
     BENCHMARKS.md). ``tma``: the device has Hopper's tensor memory accelerator (and the words are 16-byte
     aligned).
 
-    Int codes, symmetric, with TMA and whole groups: the round-5 kernel (``VARIANT tma``). Its best tiling
-    depends on the row length: long rows (>= 8192 inputs) whose 32-row tiles fit in one wave take 32 rows x 128
+    Int codes with TMA and whole groups: the round-5 kernel (``VARIANT tma``). Its best tiling depends on the
+    row length: symmetric long rows (>= 8192 inputs) whose 32-row tiles fit in one wave take 32 rows x 128
     words with one program per SM (4096x11008: 14.7 us against the pairs kernel's 18.3); shorter rows take 16
-    rows x 64 words, more programs to fill the pipeline (11008x4096 15.3 vs 17.4, 4096x4096 7.5 vs 7.9). The
-    same tilings with two programs per SM looping over tiles (``PROGRAMS_PER_SM``) were slower everywhere.
-    Other int codes: the first-round pairs kernel, 8 rows x 128 words per iteration, Triton's pipelining 3 deep
+    rows x 64 words, more programs to fill the pipeline (11008x4096 15.3 vs 17.4, 4096x4096 7.5 vs 7.9).
+    Asymmetric: 16 rows x 128 words, 8 warps on long rows (17.5 vs 20.2), 16 x 64, 4 stages otherwise (17.2 vs
+    18.9, 7.8 vs 8.7). The same tilings with programs looping over tiles (``PROGRAMS_PER_SM``) were slower.
+    Other int codes (no TMA, a partial last group): the first-round pairs kernel, 8 rows x 128 words per iteration, Triton's pipelining 3 deep
     plus a register prefetch of the next tile. The round-2 kernel (``VARIANT v2``: half the instructions per
     code in the compiler's output) measured 2.6x *slower* on the H200; it is kept, tested, not used.
     Codebooks: the ``[rows, groups, words, 8 codes]`` variant with the 16-value table (every lane of a warp
@@ -794,8 +795,14 @@ def gemv_config(p: Plan, sms: int, tma: bool = False) -> dict:
     if p.kind == 2:
         return {"BLOCK_N": 8, "BLOCK_G": max(1, 64 // group_w), "num_warps": 4, "STAGES": 1, "VARIANT": "4d",
                 "LUT16": True}
-    if tma and p.kind == 0 and p.in_features % p.group == 0:
-        if p.in_features >= 8192 and triton.cdiv(p.out_features, 32) <= sms:
+    if tma and p.kind in (0, 1) and p.in_features % p.group == 0:
+        long_rows = p.in_features >= 8192
+        if p.kind == 1:  # asymmetric (zero points loaded per row and group): its own sweep
+            if long_rows:
+                return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
+                        "num_warps": 8}
+            return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 64 // group_w), "STAGES": 4, "num_warps": 4}
+        if long_rows and triton.cdiv(p.out_features, 32) <= sms:
             return {"VARIANT": "tma", "BLOCK_N": 32, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
                     "num_warps": 4}
         return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 64 // group_w), "STAGES": 3, "num_warps": 4}
