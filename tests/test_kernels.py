@@ -218,6 +218,33 @@ def test_gemv_tma_kernel(block_n, block_g, stages, per_sm, tma, prmt, shape, nam
 
 
 @cuda_only
+@pytest.mark.parametrize("name,dtype", [("nf4", torch.bfloat16), ("nf4-dq", torch.bfloat16), ("fp4", torch.bfloat16),
+                                        ("nf4-dq", torch.float16)], ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", [(4096, 11008), (72, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("block_n,block_g,stages,per_sm,registers", [(16, 8, 3, 0, True), (32, 16, 3, 0, True),
+                                                                      (8, 8, 4, 2, True), (16, 8, 1, 0, False)])
+def test_gemv_tma_kernel_codebooks(block_n, block_g, stages, per_sm, registers, shape, name, dtype):
+    """The TMA GEMV on NF4/FP4 codes (with and without double-quantized scales): values from the register
+    table or the float32 table in memory, partial row and group tiles, persistent programs, bias added, a
+    NaN-poisoned output."""
+    from holdall.kernels import triton_wq4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    layer = _cuda_layer(*shape, name)
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
+    out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
+    cfg = {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": stages, "num_warps": 4,
+           "PROGRAMS_PER_SM": per_sm}
+    if not registers:
+        cfg["BOOK"] = 0
+    triton_wq4.gemv(ops, p, x, layer.bias.detach(), out, cfg)
+    assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
+
+
+@cuda_only
 def test_gemv_tma_kernel_refuses_a_partial_group():
     from holdall.kernels import triton_wq4
 

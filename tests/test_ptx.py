@@ -59,6 +59,8 @@ def _run(asm: str, word: int, outputs: int = 4) -> list[int]:
             regs[dst] = src[0] & src[1]
         elif op == "shr.u32":
             regs[dst] = src[0] >> src[1]
+        elif op == "shl.b32":
+            regs[dst] = (src[0] << src[1]) & 0xFFFFFFFF
         elif op == "prmt.b32":
             regs[dst] = _prmt(*src)
         elif op == "lop3.b32":
@@ -116,6 +118,17 @@ def test_f32_nibbles_are_exact_128_plus_code():
         got = torch.tensor(_run(asm, word, outputs=8), dtype=torch.int64).to(torch.int32).view(torch.float32)
         codes = [c for b in four for c in (b >> 4, b & 0xF)]
         assert got.tolist() == [128.0 + q for q in codes], four
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+def test_f32_register_table_is_the_bf16_codebook(name):
+    """Every code of a word, in input order, as the float32 widening of the codebook's bf16 value."""
+    asm = ptx.table_f32_asm(name)
+    want = codebook(name).to(torch.bfloat16).float().tolist()
+    for four in _words():
+        word = sum(b << (8 * i) for i, b in enumerate(four))
+        got = torch.tensor(_run(asm, word, outputs=8), dtype=torch.int64).to(torch.int32).view(torch.float32)
+        assert got.tolist() == [want[c] for b in four for c in (b >> 4, b & 0xF)], four
 
 
 def test_interpreter_catches_a_wrong_selector():

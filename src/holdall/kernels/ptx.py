@@ -53,6 +53,26 @@ def table_asm(name: str, bf16: bool) -> str:
     turns bit 3 into a byte mask that chooses between them (2 LOP3 ``c ? b : a``, immediate 0xD8), and 2 PRMTs
     lay the low and high bytes out as two 16-bit floats per register: ~3 instructions per code, no memory.
     """
+    return "{" + _table_body(name, bf16, "$4", ("$0", "$1", "$2", "$3")) + "}"
+
+
+def table_f32_asm(name: str) -> str:
+    """The 8 codes of a word (``$8``) looked up in the codebook ``name`` as float32 ``$0..$7``, in input order:
+    the bf16 register table of :func:`table_asm` (its values rounded to bf16, ~2**-9 relative: far below the
+    codebook's own rounding), then one shift or AND per code widens a bf16 half to float32 (bf16 is the top
+    half of a float32)."""
+    widen = []
+    for j, (pair, upper) in enumerate([("p0", False), ("p0", True), ("p1", False), ("p1", True)]):
+        for k, src in enumerate((pair, "p2" if pair == "p0" else "p3")):  # high nibble (even input), then low
+            out = f"${2 * j + k}"
+            widen.append(f"and.b32 {out}, {src}, 0xFFFF0000;" if upper else f"shl.b32 {out}, {src}, 16;")
+    return ("{.reg .b32 p0, p1, p2, p3;" + _table_body(name, True, "$8", ("p0", "p1", "p2", "p3"))
+            + "".join(widen) + "}")
+
+
+def _table_body(name: str, bf16: bool, src_reg: str, outs: tuple[str, str, str, str]) -> str:
+    """PTX of the register-table lookup (see :func:`table_asm`) from ``src_reg`` into ``outs``: the high
+    nibbles' 16-bit values of bytes (0, 1) and (2, 3), then the low nibbles'."""
     bits = (codebook(name).to(torch.bfloat16 if bf16 else torch.float16).view(torch.int16).to(torch.int32)
             & 0xFFFF).tolist()
     lo_bytes, hi_bytes = [b & 0xFF for b in bits], [b >> 8 for b in bits]
@@ -70,6 +90,6 @@ def table_asm(name: str, bf16: bool) -> str:
                 "prmt.b32 a, H0, H1, s; prmt.b32 b, H2, H3, s; lop3.b32 hi, a, b, m, 0xD8;"
                 f"prmt.b32 {out_hi}, lo, hi, 0x7351; prmt.b32 {out_lo}, lo, hi, 0x6240;")
 
-    return ("{.reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, t, m, a, b, lo, hi, z, f, w;"
+    return (".reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, t, m, a, b, lo, hi, z, f, w;"
             + movs + "mov.b32 z, 0; mov.b32 f, 0xFFFFFFFF;"
-            + half("$4", "$0", "$2") + "shr.u32 w, $4, 16;" + half("w", "$1", "$3") + "}")
+            + half(src_reg, outs[0], outs[2]) + f"shr.u32 w, {src_reg}, 16;" + half("w", outs[1], outs[3]))

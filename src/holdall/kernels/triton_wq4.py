@@ -488,12 +488,36 @@ def _codes_f32(w, PRMT: tl.constexpr):
             _code_f32(w, 5), _code_f32(w, 4), _code_f32(w, 7), _code_f32(w, 6))
 
 
+_ASM_NF4_F32 = tl.constexpr(ptx.table_f32_asm("nf4"))
+_ASM_FP4_F32 = tl.constexpr(ptx.table_f32_asm("fp4"))
+
+
 @triton.jit
-def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, n0,
+def _book_code(w, val_ptr, K: tl.constexpr):
+    """Code at bits ``4K..4K+3`` of each word looked up in the 16-value float32 table at ``val_ptr``."""
+    return tl.load(val_ptr + ((w >> (4 * K)) & 0xF))
+
+
+@triton.jit
+def _book_f32(w, val_ptr, BOOK: tl.constexpr):
+    """The 8 codes of every int32 word of ``w`` as float32 codebook values, in input order: from registers
+    (``BOOK`` 1 NF4, 2 FP4: :func:`holdall.kernels.ptx.table_f32_asm`, bf16-rounded values) or, with ``BOOK``
+    0, from the float32 table at ``val_ptr`` (memory loads: keep Triton's pipelining off then)."""
+    if BOOK == 1:
+        return tl.inline_asm_elementwise(_ASM_NF4_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], (tl.float32,) * 8, True, 1)
+    elif BOOK == 2:
+        return tl.inline_asm_elementwise(_ASM_FP4_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], (tl.float32,) * 8, True, 1)
+    return (_book_code(w, val_ptr, 1), _book_code(w, val_ptr, 0), _book_code(w, val_ptr, 3),
+            _book_code(w, val_ptr, 2), _book_code(w, val_ptr, 5), _book_code(w, val_ptr, 4),
+            _book_code(w, val_ptr, 7), _book_code(w, val_ptr, 6))
+
+
+@triton.jit
+def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr, n0,
                    N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
                    GROUP_W: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, X_BF16: tl.constexpr, STAGES: tl.constexpr,
-                   TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr):
+                   TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr, BOOK: tl.constexpr):
     """Rows ``n0 .. n0 + BLOCK_N`` of ``y``: the loop over the groups, ``STAGES`` deep (1 inside a flattened
     persistent loop, which pipelines across tiles itself)."""
     rn = n0 + tl.arange(0, BLOCK_N)
@@ -515,15 +539,19 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_p
         x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
         x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
         x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
-        xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [1, BG, GW]
         gs = g3 * group_step
-        if KIND == 1:
-            zero = _group_zero(z_ptr, n3, gs, zero_row_stride, n_ok & g_ok).to(tl.float32)  # [BN, BG, 1]
-            part = xs * -(128.0 + zero)
+        if KIND == 2:  # codebook values: no offset to take off
+            q0, q1, q2, q3, q4, q5, q6, q7 = _book_f32(w, val_ptr, BOOK)
+            part = q0 * x0
         else:
-            part = xs * -136.0
-        q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, PRMT)
-        part = q0 * x0 + part
+            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [1, BG, GW]
+            if KIND == 1:
+                zero = _group_zero(z_ptr, n3, gs, zero_row_stride, n_ok & g_ok).to(tl.float32)  # [BN, BG, 1]
+                part = xs * -(128.0 + zero)
+            else:
+                part = xs * -136.0
+            q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, PRMT)
+            part = q0 * x0 + part
         part = q1 * x1 + part
         part = q2 * x2 + part
         part = q3 * x3 + part
@@ -542,10 +570,10 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_p
 
 @triton.jit
 def _gemv_tma_kernel(
-    x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr,
+    x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
     N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
     GROUP_W: tl.constexpr,  # int32 words per group (group / 8); in_features is a whole number of groups
-    KIND: tl.constexpr,  # 0 int sym, 1 int asym
+    KIND: tl.constexpr,  # 0 int sym, 1 int asym, 2 codebook
     SCALE_DQ: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,  # weight rows per tile
@@ -556,6 +584,7 @@ def _gemv_tma_kernel(
     PRMT: tl.constexpr = True,  # decode with one PRMT per code (else two integer instructions)
     PERSISTENT: tl.constexpr = False,  # a few programs per SM, each looping over row tiles (one flattened loop)
     WS: tl.constexpr = False,  # Triton's automatic warp specialization of the pipelined loop (loads vs math)
+    BOOK: tl.constexpr = 0,  # codebook: 1 NF4, 2 FP4 held in registers; 0 the float32 table in memory
 ):
     """One row, int codes, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy
     engine writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
@@ -571,14 +600,14 @@ def _gemv_tma_kernel(
         n_tiles = tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES, flatten=True,
                              warp_specialize=WS):
-            _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, tile * BLOCK_N,
-                           N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
-                           GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA, PRMT, False)
+            _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
+                           tile * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+                           GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA, PRMT, False, BOOK)
     else:
-        _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr,
+        _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                        tl.program_id(0) * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                        zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
-                       PRMT, WS)
+                       PRMT, WS, BOOK)
 
 
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
@@ -916,11 +945,13 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
 
 def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
               block_n: int, cfg: dict) -> torch.Tensor:
-    """Launch :func:`_gemv_tma_kernel`: int codes, ``in_features`` a whole number of groups (the words are
-    read as ``[out, groups, words per group]``)."""
-    if p.kind == 2 or p.in_features % p.group:
-        raise ValueError("the TMA GEMV takes int codes with in_features a multiple of the group "
-                         f"(kind {p.kind}, in_features {p.in_features}, group {p.group}): use VARIANT 'pairs'")
+    """Launch :func:`_gemv_tma_kernel`: ``in_features`` a whole number of groups (the words are read as
+    ``[out, groups, words per group]``)."""
+    if p.in_features % p.group:
+        raise ValueError(f"the TMA GEMV takes in_features a multiple of the group (in_features {p.in_features}, "
+                         f"group {p.group}): use VARIANT 'pairs' (int) or '4d' (codebook)")
+    if p.kind == 2 and "BOOK" not in cfg:  # the register table where there is one
+        cfg["BOOK"] = _BOOKS.get(p.codebook, 0)
     group_w = p.group // CODES_PER_WORD
     n_groups = p.in_features // p.group
     src = ops.words
@@ -933,7 +964,7 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
     per_sm = cfg.pop("PROGRAMS_PER_SM", 0)  # > 0: persistent programs
     grid = (min(tiles, per_sm * _sm_count(x.device.index or 0)),) if per_sm else (tiles,)
     _gemv_tma_kernel[grid](
-        x.view(torch.int32), src, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap,
+        x.view(torch.int32), src, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values,
         bias if bias is not None else ops.scale, out,
         p.out_features, n_groups, ops.words.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride,
         GROUP_W=group_w, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None, BLOCK_N=block_n,
