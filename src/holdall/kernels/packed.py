@@ -55,7 +55,7 @@ class Plan:
 def why_unsupported(layer: torch.nn.Module) -> str | None:
     """None when the kernels can run this layer's format; otherwise the reason (for logs and tests)."""
     scheme = layer.scheme
-    out_features, in_features = layer.out_features, layer.in_features
+    in_features = layer.in_features
     if scheme.bits != 4:
         return f"{scheme.label}: the kernels read 4-bit codes only"
     if in_features % CODES_PER_WORD:

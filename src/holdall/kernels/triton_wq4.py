@@ -804,28 +804,34 @@ def _has_tma(device_index: int) -> bool:
 
 def gemv_config(p: Plan, sms: int, tma: bool = False) -> dict:
     """Launch configuration for one row, from the sweeps on an H200 (bench/gpu_kernels.py --sweep;
-    BENCHMARKS.md). ``tma``: the device has Hopper's tensor memory accelerator (and the words are 16-byte
-    aligned).
+    BENCHMARKS.md, round 5). ``tma``: the device has Hopper's tensor memory accelerator and the words are
+    16-byte aligned.
 
-    Int codes with TMA and whole groups: the round-5 kernel (``VARIANT tma``). Its best tiling depends on the
-    row length: symmetric long rows (>= 8192 inputs) whose 32-row tiles fit in one wave take 32 rows x 128
-    words with one program per SM (4096x11008: 14.7 us against the pairs kernel's 18.3); shorter rows take 16
-    rows x 64 words, more programs to fill the pipeline (11008x4096 15.3 vs 17.4, 4096x4096 7.5 vs 7.9).
-    Asymmetric: 16 rows x 128 words, 8 warps on long rows (17.5 vs 20.2), 16 x 64, 4 stages otherwise (17.2 vs
-    18.9, 7.8 vs 8.7). The same tilings with programs looping over tiles (``PROGRAMS_PER_SM``) were slower.
-    Other int codes (no TMA, a partial last group): the first-round pairs kernel, 8 rows x 128 words per iteration, Triton's pipelining 3 deep
-    plus a register prefetch of the next tile. The round-2 kernel (``VARIANT v2``: half the instructions per
-    code in the compiler's output) measured 2.6x *slower* on the H200; it is kept, tested, not used.
-    Codebooks: the ``[rows, groups, words, 8 codes]`` variant with the 16-value table (every lane of a warp
-    reads the same 64-byte line, one L1 wavefront; the 256-entry pair table spreads a warp over 16 lines and
-    was 1.4x slower), unpipelined (pipelining turns the table lookups into asynchronous copies, 15x slower).
+    With TMA and rows of whole groups, every format takes the round-5 kernel (``VARIANT tma``; us at 4096x11008
+    / 11008x4096 / 4096x4096). Its best tiling depends on the row length:
+    * int symmetric: long rows (>= 8192 inputs) whose 32-row tiles fit in one wave take 32 rows x 128 words,
+      one program per SM (14.7 us against the pairs kernel's 18.3); shorter rows 16 x 64 words, more programs
+      to fill the pipeline (15.3 vs 17.4, 7.5 vs 7.9);
+    * int asymmetric: 16 x 128 words, 8 warps on long rows (17.5 vs 20.2), else 16 x 64, 4 stages (17.2 vs
+      18.9, 7.8 vs 8.7);
+    * NF4/FP4 (register table): 16 x 128 words on long rows, else 16 x 64 (NF4 19.9 / 22.7 / 10.0 against the
+      ``4d`` kernel's 27.5 / 29.5 / 11.9; NF4 + double quant 25.8 / 26.6 / 11.3 against 28.6 / 28.8 / 11.8).
+    The same tilings with programs looping over tiles (``PROGRAMS_PER_SM``) were slower everywhere.
+    Without TMA or with a partial last group: int codes take the first-round pairs kernel (8 rows x 128 words,
+    Triton's pipelining 3 deep plus a register prefetch); codebooks the ``[rows, groups, words, 8 codes]``
+    kernel with the 16-value table (all lanes of a warp on one 64-byte line), unpipelined (pipelining turns
+    the table lookups into asynchronous copies, 15x slower). The round-2 ``v2`` kernel (half the instructions
+    per code) measured 2.6x *slower*; it is kept, tested, not used.
     """
     group_w = p.group // CODES_PER_WORD
+    long_rows = p.in_features >= 8192
     if p.kind == 2:
+        if tma and p.in_features % p.group == 0 and p.codebook in _BOOKS:
+            return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, (128 if long_rows else 64) // group_w),
+                    "STAGES": 3, "num_warps": 4}
         return {"BLOCK_N": 8, "BLOCK_G": max(1, 64 // group_w), "num_warps": 4, "STAGES": 1, "VARIANT": "4d",
                 "LUT16": True}
-    if tma and p.kind in (0, 1) and p.in_features % p.group == 0:
-        long_rows = p.in_features >= 8192
+    if tma and p.in_features % p.group == 0:
         if p.kind == 1:  # asymmetric (zero points loaded per row and group): its own sweep
             if long_rows:
                 return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
