@@ -5,7 +5,12 @@ float32 matmul beside them) by ``tests/test_kernels.py``; the launchers take a c
 picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the defaults.
 
 * One row (decode), :func:`gemv`: bandwidth-bound in principle.
-  - ``_gemv_kernel`` ("pairs", the int default): each program streams ``BLOCK_N`` weight rows as int32 words
+  - ``_gemv_tma_kernel`` ("tma", round 5, the default on Hopper for every format whose rows are whole
+    groups): the weight tiles ``[rows, groups, words]`` come by TMA (a host tensor descriptor; Triton's
+    pipelining keeps several in flight with no address arithmetic in the threads), int codes become the
+    float32 ``128 + q`` in one PRMT each and NF4/FP4 codes are looked up in a register-held table; per word
+    and row 8 FMAs, minus ``(128 + zero) * sum(x)`` for int codes, times the group scale.
+  - ``_gemv_kernel`` ("pairs", the int default without TMA): each program streams ``BLOCK_N`` weight rows as int32 words
     (8 codes), tiled ``[rows, groups, words per group]`` so a group's scale/zero is loaded once per thread and
     applied once per word. Int codes become floats without a conversion instruction: ``nibble | 0x4B000000``
     is the float ``2**23 + nibble``, so one subtraction of ``2**23 + zero`` yields ``code - zero`` exactly.
@@ -13,7 +18,7 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     pipelines the weight loads, ``PREFETCH`` double-buffers them in registers. ``SPLIT_K`` splits the groups
     over programs (float32 partials, ordered sum): a launch option, not a default (no gain at any shape swept
     on an H200, round 3).
-  - ``_gemv4d_kernel`` ("4d", the codebook default): ``[rows, groups, words, 8 codes]`` tiles, one vector load
+  - ``_gemv4d_kernel`` ("4d", the codebook default without TMA): ``[rows, groups, words, 8 codes]`` tiles, one vector load
     of a word's 8 activations, NF4/FP4 values from a 16-entry table (``LUT16``; all lanes of a warp on one
     64-byte line).
   - ``_gemv2_kernel`` ("v2", round 2, not a default): 4 rows held by every thread, one shift + one LOP3 + one
@@ -32,9 +37,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     ``SEM`` lets each tile's last program sum the split-K partials (no ``_splitk_sum`` launch).
   - ``_gemm_kernel`` ("v1", round 1): ``x`` as the left operand, even/odd-nibble split into two dots.
 
-Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)", round 4): GEMV 1.4-1.7x bf16 cuBLAS for
-int4 and 0.85-1.1x for NF4 (~30% of copy bandwidth: instruction/latency-bound); GEMM at 4..16 rows int4 sym
-1.13-1.42x, asym 1.05-1.32x, NF4 0.77-1.01x; at 64 rows 0.4-0.9x.
+Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)", rounds 4-5): GEMV 1.7-1.9x bf16 cuBLAS
+for int4 sym, 1.5-1.7x asym, 1.1-1.4x NF4, 0.95-1.2x NF4 + double quant (~35% of copy bandwidth at best:
+latency-bound); GEMM at 4..16 rows int4 sym 1.13-1.42x, asym 1.05-1.32x, NF4 0.77-1.01x; at 64 rows 0.4-0.9x.
 
 This module imports Triton at the top: import it only when a CUDA launch is about to happen
 (``holdall.kernels.dispatch`` does).
