@@ -202,18 +202,22 @@ def test_gemv_tma_kernel(block_n, block_g, stages, per_sm, tma, prmt, shape, nam
     last row tile (72 rows), a partial last group tile (86 groups in tiles of 8; 4 groups in a tile of 8), one
     program per tile or persistent programs looping over the tiles (``PROGRAMS_PER_SM``), bias added, every
     element of a NaN-poisoned output written."""
+    _check_gemv_tma(name, shape, dtype, {"BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": stages, "TMA": tma,
+                                         "PRMT": prmt, "PROGRAMS_PER_SM": per_sm})
+
+
+def _check_gemv_tma(name, shape, dtype, cfg):
+    """Launch the TMA GEMV with ``cfg`` into a NaN-poisoned output and compare it with the plain-torch reference."""
     from holdall.kernels import triton_wq4
 
-    if tma and torch.cuda.get_device_capability() < (9, 0):
+    if cfg.get("TMA", True) and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs Hopper (sm_90) or newer")
     layer = _cuda_layer(*shape, name)
     p = dispatch.layer_plan(layer)
-    ops = packed.operands(layer, p)
     x = torch.randn(p.in_features, device="cuda", dtype=dtype)
     out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
-    cfg = {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": stages,
-           "TMA": tma, "PRMT": prmt, "num_warps": 4, "PROGRAMS_PER_SM": per_sm}
-    triton_wq4.gemv(ops, p, x, layer.bias.detach(), out, cfg)
+    triton_wq4.gemv(packed.operands(layer, p), p, x, layer.bias.detach(), out,
+                    {"VARIANT": "tma", "num_warps": 4, **cfg})
     assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
 
 
@@ -227,21 +231,8 @@ def test_gemv_tma_kernel_codebooks(block_n, block_g, stages, per_sm, registers, 
     """The TMA GEMV on NF4/FP4 codes (with and without double-quantized scales): values from the register
     table or the float32 table in memory, partial row and group tiles, persistent programs, bias added, a
     NaN-poisoned output."""
-    from holdall.kernels import triton_wq4
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("TMA needs Hopper (sm_90) or newer")
-    layer = _cuda_layer(*shape, name)
-    p = dispatch.layer_plan(layer)
-    ops = packed.operands(layer, p)
-    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
-    out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
-    cfg = {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": stages, "num_warps": 4,
-           "PROGRAMS_PER_SM": per_sm}
-    if not registers:
-        cfg["BOOK"] = 0
-    triton_wq4.gemv(ops, p, x, layer.bias.detach(), out, cfg)
-    assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
+    cfg = {"BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": stages, "PROGRAMS_PER_SM": per_sm}
+    _check_gemv_tma(name, shape, dtype, cfg if registers else {**cfg, "BOOK": 0})
 
 
 @cuda_only
