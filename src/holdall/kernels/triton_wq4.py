@@ -591,11 +591,13 @@ def _gemv_tma_kernel(
     WS: tl.constexpr = False,  # Triton's automatic warp specialization of the pipelined loop (loads vs math)
     BOOK: tl.constexpr = 0,  # codebook: 1 NF4, 2 FP4 held in registers; 0 the float32 table in memory
 ):
-    """One row, int codes, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy
-    engine writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
-    instructions on addresses), and every code becomes the exact float32 ``128 + q`` in one PRMT (``PRMT``). Per
-    word and row: ``sum_c (128 + q_c) x_c - (128 + zero) sum_c x_c`` -- 8 FMAs and one more, then the group
-    scale; the activation pairs and their sum are computed once per thread for all its rows.
+    """One row, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy engine
+    writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
+    instructions on addresses). Int codes become the exact float32 ``128 + q`` in one PRMT each (``PRMT``); per
+    word and row ``sum_c (128 + q_c) x_c - (128 + zero) sum_c x_c`` -- 8 FMAs and one more, then the group
+    scale. NF4/FP4 codes are looked up in a register-held table (``BOOK``) and enter the same 8 FMAs. The
+    activation pairs (and their sum) are converted once per thread for all the rows it holds. Groups of at
+    least 32 codes (16-byte TMA boxes) and rows of whole groups.
 
     ``PERSISTENT``: the grid is a few programs per SM and each walks the row tiles ``pid, pid + programs, ...``;
     Triton flattens the tile and group loops into one pipelined loop, so the next tile's first weights are in
