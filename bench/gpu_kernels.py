@@ -128,11 +128,13 @@ def gemv_configs(group: int, codebook: bool) -> list[dict]:
                 {"BLOCK_N": 4, "BLOCK_G": 512 // group_w, "num_warps": 4, "STAGES": 1, "VARIANT": "v2"},
                 {**mma, "BLOCK_N": 64, "SPLIT_K": 8, "num_stages": 3, "STAGES": 3},
                 {**mma, "BLOCK_N": 64, "SPLIT_K": 16, "num_stages": 3, "STAGES": 3},
-                {**mma, "BLOCK_N": 128, "SPLIT_K": 8, "num_stages": 3, "STAGES": 3}]
-    # Round 4: the weight-left tensor-core kernel for one row (VARIANT mma: the row padded to the MMA's 16
-    # columns), its codes decoded two per instruction in inline PTX (PACKED) or scalar with the scale folded
-    # (FOLD), split-K summed by the last program of each tile (SEM) or by a second launch; beside the round-1
-    # pairs kernel's best configuration.
+                {**mma, "BLOCK_N": 128, "SPLIT_K": 8, "num_stages": 3, "STAGES": 3}] + [
+                # round 5: the TMA kernel with the register table (bench/configs/gemv_tma_book_g64.json: the grid)
+                {"VARIANT": "tma", "BLOCK_N": rows, "BLOCK_G": max(1, words // group_w), "STAGES": 3,
+                 "num_warps": 4} for rows, words in ((16, 64), (16, 128), (32, 64))]
+    # The round-1 pairs kernel's best configuration; round 5's TMA kernel (below); round 4's best one-row
+    # configuration of the weight-left tensor-core kernel (VARIANT mma: the row padded to the MMA's 16 columns,
+    # codes decoded two per PTX instruction, split-K summed by the last program of each tile).
     out = [{"BLOCK_N": 8, "BLOCK_G": max(1, 128 // group_w), "num_warps": 4, "STAGES": 3, "PREFETCH": True}]
     # Round 5: weight tiles by TMA and one PRMT per code (VARIANT tma), a grid of tilings, and each switch off
     # at one tiling to separate their effects

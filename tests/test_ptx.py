@@ -1,7 +1,8 @@
 """The kernels' inline PTX, checked on the CPU: a plain-Python interpreter of the few instructions they use
-(MOV, AND, SHR, PRMT, LOP3; PTX ISA semantics) runs the generated text on packed bytes, and the 16-bit results
-must be exactly the codebook's bf16/fp16 bits (register table) or ``MAG + q`` (int nibbles). The device tests
-(``tests/test_kernels.py``) then run the same text inside the Triton kernels."""
+(MOV, AND, SHR, SHL, PRMT, LOP3; PTX ISA semantics) runs the generated text on packed bytes, and the results must
+be exactly the codebook's bf16/fp16 bits (register table), ``MAG + q`` (int nibbles), or their float32 forms
+(the one-row TMA kernel's decodes). The device tests (``tests/test_kernels.py``) then run the same text inside
+the Triton kernels."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ nibble layout, and the device tests then run them inside the kernels.
 The 16-bit blocks take 4 packed bytes in ``$4`` (byte ``i`` = bits ``8i..8i+7``; a byte holds an even input's code
 in its high nibble and the next input's in its low nibble) and return four 16-bit floats per output pair:
 ``$0, $1`` = the high nibbles' values of bytes (0, 1) and (2, 3), ``$2, $3`` = the low nibbles'.
-:func:`nibbles_f32_asm` takes the word in ``$8`` and returns its 8 codes as float32 in ``$0..$7``.
+:func:`nibbles_f32_asm` and :func:`table_f32_asm` take one int32 word in ``$8`` and return its 8 codes as
+float32 in ``$0..$7``, in input order.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def nibbles_f32_asm() -> str:
     """The 8 int codes of a word as the exact float32 ``128 + q``, one PRMT per code: ``$c`` = input ``8w + c``
     (code ``2j`` is byte ``j``'s high nibble, ``2j + 1`` its low nibble). One AND, or a shift and an AND,
     isolates four codes as bytes; each PRMT puts one of them in mantissa bits 16..19 under the exponent byte
-    ``0x43`` (float32 ``0x43000000`` = 128) and zeros below: 11 instructions per 8 codes, no conversion."""
+    ``0x43`` (float32 ``0x43000000`` = 128) and zeros below: 11 instructions per 8 codes (and one ``mov`` of
+    the constant), no conversion."""
     out = ["{.reg .b32 h, l, m;", "mov.b32 m, 0x43;",
            "shr.u32 h, $8, 4; and.b32 h, h, 0x0F0F0F0F; and.b32 l, $8, 0x0F0F0F0F;"]
     for j in range(4):

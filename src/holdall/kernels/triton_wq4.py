@@ -56,6 +56,11 @@ import triton.language as tl
 from . import ptx
 from .packed import CODES_PER_WORD, Operands, Plan
 
+try:  # host-side TMA descriptors (recent Tritons; 3.6 on the device); without them the pointer-load kernels serve
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
+
 _MAGIC = tl.constexpr(8388608.0)  # 2**23: the float whose low mantissa bits are an OR-ed-in integer
 
 
@@ -806,7 +811,8 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _has_tma(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+    """Hopper or newer and a Triton that builds host tensor descriptors."""
+    return TensorDescriptor is not None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def gemv_config(p: Plan, sms: int, tma: bool = False) -> dict:
@@ -968,9 +974,10 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
     group_w = p.group // CODES_PER_WORD
     n_groups = p.in_features // p.group
     src = ops.words
-    if cfg.get("TMA", True):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
+    if cfg.get("TMA", True):  # built per call (host-side, cheap); a CUDA graph captures it by value
+        if TensorDescriptor is None:
+            raise RuntimeError(f"Triton {triton.__version__} has no host tensor descriptors "
+                               "(triton.tools.tensor_descriptor): upgrade Triton or launch with TMA=False")
         src = TensorDescriptor(ops.words, [p.out_features, n_groups, group_w], [ops.words.stride(0), group_w, 1],
                                [block_n, cfg["BLOCK_G"], group_w])
     tiles = triton.cdiv(p.out_features, block_n)
