@@ -18,9 +18,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     pipelines the weight loads, ``PREFETCH`` double-buffers them in registers. ``SPLIT_K`` splits the groups
     over programs (float32 partials, ordered sum): a launch option, not a default (no gain at any shape swept
     on an H200, round 3).
-  - ``_gemv4d_kernel`` ("4d", the codebook default without TMA): ``[rows, groups, words, 8 codes]`` tiles, one vector load
-    of a word's 8 activations, NF4/FP4 values from a 16-entry table (``LUT16``; all lanes of a warp on one
-    64-byte line).
+  - ``_gemv4d_kernel`` ("4d", the codebook default without TMA): ``[rows, groups, words, 8 codes]`` tiles, one
+    vector load of a word's 8 activations, NF4/FP4 values from a 16-entry table (``LUT16``; all lanes of a warp
+    on one 64-byte line).
   - ``_gemv2_kernel`` ("v2", round 2, not a default): 4 rows held by every thread, one shift + one LOP3 + one
     FMA per code (offsets and zero points taken off per word from sums of ``x``). Half the instructions per
     code in the compiled loop, yet 2.6x slower on an H200: kept, tested, for the next round.
