@@ -303,6 +303,56 @@ def test_tensor_core_kernel_register_table(split_k, counted, stages, rows, shape
     _check_tensor_core_packed(name, shape, rows, dtype, split_k, counted, stages)
 
 
+_V3_FORMATS = [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16), ("nf4", torch.bfloat16),
+               ("nf4-dq", torch.bfloat16), ("fp4", torch.bfloat16), ("int4-asym-dq", torch.bfloat16),
+               ("int4-g32-bf16", torch.bfloat16), ("int4-ch-asym", torch.bfloat16), ("int4-asym", torch.float16),
+               ("nf4-dq", torch.float16)]
+# (rows per program, warps, split-K, split-K summed by the last program, stages, other switches)
+_V3_CONFIGS = [(64, 4, 1, False, 3, {}), (128, 4, 3, True, 3, {}), (256, 8, 4, False, 1, {}),
+               (128, 8, 2, True, 4, {"XREG": False}), (64, 4, 5, True, 3, {"PRMT": False, "BOOK": 0})]
+
+
+@cuda_only
+@pytest.mark.parametrize("name,dtype", _V3_FORMATS, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", [(4096, 11008), (72, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [2, 20, 64])
+@pytest.mark.parametrize("config", _V3_CONFIGS, ids=lambda c: f"n{c[0]}w{c[1]}s{c[2]}{'sem' if c[3] else ''}"
+                         f"st{c[4]}{''.join(c[5])}")
+def test_gemm_v3_kernel(config, rows, shape, name, dtype):
+    """The round-6 tensor-core kernel (words decoded in the MMA's fragment order, activations reordered to
+    match): every 4-bit format, partial row tiles (72 rows), one to five splits summed by a second launch or
+    by each tile's last program, the PTX decodes and their plain-Triton fallbacks, gathered activations, bias
+    added once; launched twice into NaN-poisoned outputs, and the tile counters left at zero."""
+    from holdall.kernels import triton_wq4
+
+    block_n, warps, split_k, counted, stages, extra = config
+    layer = _cuda_layer(*shape, name)
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    x = torch.randn(rows, p.in_features, device="cuda", dtype=dtype)
+    ref = packed.reference_linear(layer, x)
+    cfg = {"VARIANT": "v3", "BLOCK_N": block_n, "num_warps": warps, "SPLIT_K": split_k, "SEM": counted,
+           "num_stages": stages, "STAGES": stages, **extra}
+    for _ in range(2):
+        out = torch.full((rows, p.out_features), float("nan"), device="cuda", dtype=dtype)
+        triton_wq4.gemm(ops, p, x, layer.bias.detach(), out, cfg)
+        assert _rel(out, ref) < TOL[dtype]
+    assert all(int(c.count_nonzero()) == 0 for c in triton_wq4._COUNTERS.values())
+
+
+@cuda_only
+def test_gemm_v3_kernel_refuses_a_partial_group():
+    from holdall.kernels import triton_wq4
+
+    layer = _cuda_layer(72, 264, "int4-sym")
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(4, p.in_features, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(4, p.out_features, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of the group"):
+        triton_wq4.gemm(packed.operands(layer, p), p, x, None, out,
+                        {"VARIANT": "v3", "BLOCK_N": 64, "SPLIT_K": 1})
+
+
 @cuda_only
 @pytest.mark.parametrize("variant", ["v2", "v1"])  # v1: the first round's kernels (pairs / 4d GEMV, v1 GEMM)
 @pytest.mark.parametrize("name", ["nf4-dq", "int4-asym"])

@@ -781,6 +781,38 @@ def _gemm2_kernel(
             elif KIND == 0:
                 part -= (MAG + 8.0) * tl.sum(xt.to(tl.float32), axis=0)[None, :]
             acc += part * s[:, None]
+    _splitk_store(acc, y_ptr, out_ptr, b_ptr, sem_ptr, rm, rn, m_ok, n_ok, pid_n, pid_k, M, N, stride_ym,
+                  SPLIT_K, HAS_BIAS, SEM)
+
+
+@triton.jit
+def _scale_raw(s_ptr, sabs_ptr, index, mask, SCALE_DQ: tl.constexpr):
+    """What :func:`_group_scale` loads from global memory, without the table lookup: ``(scale, scale)``, or the
+    double-quantized ``(code, nested absmax)`` -- a value prefetched an iteration early holds no dependent load."""
+    if SCALE_DQ:
+        return (tl.load(s_ptr + index, mask=mask, other=0).to(tl.int32),
+                tl.load(sabs_ptr + index // 256, mask=mask, other=0.0))
+    else:
+        s = tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        return s, s
+
+
+@triton.jit
+def _scale_value(raw, nested, soff_ptr, dmap_ptr, SCALE_DQ: tl.constexpr):
+    """The float32 scale from :func:`_scale_raw`'s pair (the 1 KB map of a double-quantized code stays in L1)."""
+    if SCALE_DQ:
+        return tl.load(dmap_ptr + raw) * nested + tl.load(soff_ptr)
+    else:
+        return raw
+
+
+@triton.jit
+def _splitk_store(acc, y_ptr, out_ptr, b_ptr, sem_ptr, rm, rn, m_ok, n_ok, pid_n, pid_k, M, N, stride_ym,
+                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SEM: tl.constexpr):
+    """Store a ``[rows, M]`` float32 tile of ``y^T``: the output itself (``SPLIT_K`` 1), or split ``pid_k``'s
+    partial to ``y_ptr [SPLIT_K, M, N]``; with ``SEM`` the tile's last program in (counter ``sem_ptr[pid_n]``,
+    zero before the launch) sums the partials in the fixed order ``0..SPLIT_K-1``, adds the bias, writes
+    ``out_ptr`` and puts the counter back to zero."""
     out_ok = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -792,7 +824,7 @@ def _gemm2_kernel(
             tl.debug_barrier()  # every thread's partial is stored before the counter says so
             arrived = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT_K - 1:  # the last program of this tile: every partial is in
-                total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                total = tl.zeros(acc.shape, dtype=tl.float32)
                 for k in tl.static_range(SPLIT_K):  # fixed order: the same sum whichever program is last
                     total += tl.load(y_ptr + (k * M + rm[None, :]) * N + rn[:, None], mask=out_ok, other=0.0,
                                      cache_modifier=".cg")
@@ -801,6 +833,104 @@ def _gemm2_kernel(
                 tl.store(out_ptr + rm[None, :] * stride_ym + rn[:, None], total.to(out_ptr.dtype.element_ty),
                          mask=out_ok)
                 tl.atomic_xchg(sem_ptr + pid_n, 0)  # ready for the next launch
+
+
+@triton.jit
+def _fragment_order(v, ROWS: tl.constexpr, GROUP: tl.constexpr):
+    """Reorder the columns of ``v [ROWS, GROUP]`` (a group of inputs in natural order) into the order in which
+    the tensor cores' register fragments of the left operand hold them: column ``16 i + 8 h + 2 c + e`` takes
+    input ``(GROUP / 4) c + 4 i + 2 h + e``. A 16-deep MMA step gives thread ``c`` of each quad inputs
+    ``2c, 2c+1, 2c+8, 2c+9``; in this order they are 4 codes of 2 adjacent bytes, and over the group one
+    contiguous quarter of the row's bytes -- so each thread loads its codes as whole words and no decoded
+    weight goes through shared memory. The activations take the same order, so the dot is unchanged."""
+    v = tl.reshape(v, (ROWS, 4, GROUP // 16, 2, 2))
+    return tl.reshape(tl.permute(v, (0, 2, 3, 1, 4)), (ROWS, GROUP))
+
+
+@triton.jit
+def _gemm3_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
+    M, N, n_groups, stride_xm, stride_ym, stride_wn, scale_row_stride, group_step, zero_row_stride,
+    groups_per_split, out_ptr, sem_ptr,
+    GROUP: tl.constexpr,  # codes per group = inputs per iteration (rows are whole groups)
+    KIND: tl.constexpr,
+    SCALE_DQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # > 1: float32 partials [SPLIT_K, M, N] in y_ptr (summed by SEM or _splitk_sum)
+    BLOCK_M: tl.constexpr,  # input rows (all of them: M <= BLOCK_M)
+    BLOCK_N: tl.constexpr,  # weight rows per program
+    X_BF16: tl.constexpr,
+    STAGES: tl.constexpr = 3,  # Triton's software pipelining of the word and activation loads
+    PRMT: tl.constexpr = True,  # int codes by inline PTX (one PRMT each); False: plain Triton bit operations
+    BOOK: tl.constexpr = 1,  # codebook values: 1 NF4 / 2 FP4 from registers (inline PTX), 0 the memory table
+    XREG: tl.constexpr = True,  # activations loaded in input order and reordered in registers (else gathered)
+    SEM: tl.constexpr = False,  # split-K summed by each tile's last program (no second launch)
+):
+    """2..64 rows on tensor cores, round 6: the weight as the MMA's left operand (as ``_gemm2_kernel``), its
+    int32 words loaded whole and decoded in the MMA's own register layout.
+
+    A group's inputs are put in fragment order (:func:`_fragment_order`) on both sides, so every thread's codes
+    are whole words it loads itself (16-byte loads, pipelined ``STAGES`` deep) and the decoded tile feeds the
+    MMA from registers with no shared-memory round trip (``_gemm2_kernel`` reads its bytes one by one and waits
+    for each MMA). Each code becomes the float32 ``128 + q`` by one PRMT (int) or a register-table value
+    (NF4/FP4), the scale is folded in by one FMA (``(128 + q) s - (128 + zero) s``, or ``value * s``) and the
+    bf16/fp16 weight enters one chained dot (rounding the scaled weight costs ~2**-9 relative, as in
+    ``FOLD``). The group scales (and zero points) are loaded an iteration ahead.
+    """
+    GW: tl.constexpr = GROUP // 8  # int32 words per group of a row
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rw = tl.arange(0, GW)
+    kk = tl.arange(0, GROUP)
+    dtype = x_ptr.dtype.element_ty
+    start = pid_k * groups_per_split
+    stop = tl.minimum(start + groups_per_split, n_groups)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    w_rows = w_ptr + rn[:, None] * stride_wn  # [BN, 1] int32
+    s_next, nested_next = _scale_raw(s_ptr, sabs_ptr, rn * scale_row_stride + start * group_step,
+                                     n_ok & (start < stop), SCALE_DQ)
+    if KIND == 1:
+        z_next = tl.load(z_ptr + rn * zero_row_stride + (start * group_step) // 2, mask=n_ok & (start < stop),
+                         other=0).to(tl.int32)
+    for g in tl.range(start, stop, num_stages=STAGES):
+        w = tl.load(w_rows + (g * GW + rw)[None, :], mask=n_ok[:, None], other=0)  # [BN, GW]
+        if XREG:
+            xn = tl.load(x_ptr + rm[:, None] * stride_xm + (g * GROUP + kk)[None, :], mask=m_ok[:, None], other=0.0)
+            xt = tl.trans(_fragment_order(xn, BLOCK_M, GROUP))  # [GROUP, BM]
+        else:  # gathered straight into fragment order (4-byte loads)
+            order = (GROUP // 4) * ((kk // 2) % 4) + 4 * (kk // 16) + 2 * ((kk // 8) % 2) + kk % 2
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + (g * GROUP + order)[:, None], mask=m_ok[None, :],
+                         other=0.0)
+        s = _scale_value(s_next, nested_next, soff_ptr, dmap_ptr, SCALE_DQ)  # [BN] float32
+        s_next, nested_next = _scale_raw(s_ptr, sabs_ptr, rn * scale_row_stride + (g + 1) * group_step,
+                                         n_ok & (g + 1 < stop), SCALE_DQ)
+        if KIND == 2:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _book_f32(w, val_ptr, BOOK)
+            add = tl.zeros_like(s)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _codes_f32(w, PRMT)
+            if KIND == 1:
+                zero = ((z_next >> (4 * (1 - (g * group_step) % 2))) & 0xF).to(tl.float32)
+                z_next = tl.load(z_ptr + rn * zero_row_stride + ((g + 1) * group_step) // 2,
+                                 mask=n_ok & (g + 1 < stop), other=0).to(tl.int32)
+            else:
+                zero = 8.0
+            add = -(128.0 + zero) * s
+        mul = s[:, None]
+        add = add[:, None]
+        # join's new axis is the last, so the outermost join picks code bit 0: [BN, GW, 2, 2, 2] = code 4a+2b+c
+        a = tl.join(tl.join(tl.join((c0 * mul + add).to(dtype), (c4 * mul + add).to(dtype)),
+                            tl.join((c2 * mul + add).to(dtype), (c6 * mul + add).to(dtype))),
+                    tl.join(tl.join((c1 * mul + add).to(dtype), (c5 * mul + add).to(dtype)),
+                            tl.join((c3 * mul + add).to(dtype), (c7 * mul + add).to(dtype))))
+        a = _fragment_order(tl.reshape(a, (BLOCK_N, GROUP)), BLOCK_N, GROUP)  # [BN, GROUP]
+        acc = tl.dot(a, xt, acc)
+    _splitk_store(acc, y_ptr, out_ptr, b_ptr, sem_ptr, rm, rn, m_ok, n_ok, pid_n, pid_k, M, N, stride_ym,
+                  SPLIT_K, HAS_BIAS, SEM)
 
 
 # --- launch configuration -------------------------------------------------------------------------------
@@ -999,7 +1129,10 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     m = x.shape[0]
     config = config or gemm_config(p, m, _sm_count(x.device.index or 0))
     cfg = dict(config)
-    if cfg.pop("VARIANT", "v1") == "v2":
+    variant = cfg.pop("VARIANT", "v1")
+    if variant == "v3":
+        return _gemm3(ops, p, x, bias, out, cfg)
+    if variant == "v2":
         return _gemm2(ops, p, x, bias, out, cfg)
     block_m, block_n, split_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("SPLIT_K")
     n_iters = triton.cdiv(p.in_features, p.group)
@@ -1069,6 +1202,43 @@ def _gemm2(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, o
         GROUP=p.group, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=has_bias,
         SPLIT_K=split_k, BLOCK_M=max(block_m, 16), BLOCK_N=block_n, X_BF16=x.dtype == torch.bfloat16, SEM=sem,
         **cfg,
+    )
+    if split_k > 1 and not sem:
+        mn = m * p.out_features
+        block = 1024
+        _splitk_sum[(triton.cdiv(mn, block),)](
+            target, bias if has_bias else target, out, mn, p.out_features,
+            SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block,
+        )
+    return out
+
+
+def _gemm3(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+           cfg: dict) -> torch.Tensor:
+    """Launch :func:`_gemm3_kernel` (words decoded in the MMA's fragment order); rows must be whole groups."""
+    if p.in_features % p.group:
+        raise ValueError(f"the v3 GEMM takes in_features a multiple of the group (in_features {p.in_features}, "
+                         f"group {p.group}): use VARIANT 'v2'")
+    m = x.shape[0]
+    block_m = cfg.pop("BLOCK_M", triton.next_power_of_2(m))  # a sweep's config may leave it to the rows
+    block_n, split_k = cfg.pop("BLOCK_N"), cfg.pop("SPLIT_K")
+    n_groups = p.in_features // p.group
+    per_split = triton.cdiv(n_groups, split_k)
+    split_k = triton.cdiv(n_groups, per_split)  # no empty splits
+    target = out if split_k == 1 else torch.empty(split_k, m, p.out_features, device=x.device, dtype=torch.float32)
+    tiles = triton.cdiv(p.out_features, block_n)
+    has_bias = bias is not None
+    sem = bool(cfg.pop("SEM", False)) and split_k > 1
+    if p.kind == 2 and "BOOK" not in cfg:
+        cfg["BOOK"] = _BOOKS.get(p.codebook, 0)
+    counters = _tile_counters(x.device, tiles) if sem else ops.scale
+    _gemm3_kernel[(tiles, split_k)](
+        x, ops.words, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values,
+        bias if has_bias else ops.scale, target,
+        m, p.out_features, n_groups, x.stride(0), out.stride(0), ops.words.stride(0),
+        p.scale_row_stride, p.group_step, p.zero_row_stride, per_split, out, counters,
+        GROUP=p.group, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=has_bias, SPLIT_K=split_k,
+        BLOCK_M=max(block_m, 16), BLOCK_N=block_n, X_BF16=x.dtype == torch.bfloat16, SEM=sem, **cfg,
     )
     if split_k > 1 and not sem:
         mn = m * p.out_features
