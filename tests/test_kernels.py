@@ -309,7 +309,8 @@ _V3_FORMATS = [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16), ("nf
                ("nf4-dq", torch.float16)]
 # (rows per program, warps, split-K, split-K summed by the last program, stages, other switches)
 _V3_CONFIGS = [(64, 4, 1, False, 3, {}), (128, 4, 3, True, 3, {}), (256, 8, 4, False, 1, {}),
-               (128, 8, 2, True, 4, {"XREG": False}), (64, 4, 5, True, 3, {"PRMT": False, "BOOK": 0})]
+               (128, 8, 2, True, 4, {"XREG": False}), (64, 4, 5, True, 3, {"PRMT": False, "BOOK": 0}),
+               (128, 4, 2, True, 3, {"FOLD16": True})]
 
 
 @cuda_only
@@ -321,8 +322,8 @@ _V3_CONFIGS = [(64, 4, 1, False, 3, {}), (128, 4, 3, True, 3, {}), (256, 8, 4, F
 def test_gemm_v3_kernel(config, rows, shape, name, dtype):
     """The round-6 tensor-core kernel (words decoded in the MMA's fragment order, activations reordered to
     match): every 4-bit format, partial row tiles (72 rows), one to five splits summed by a second launch or
-    by each tile's last program, the PTX decodes and their plain-Triton fallbacks, gathered activations, bias
-    added once; launched twice into NaN-poisoned outputs, and the tile counters left at zero."""
+    by each tile's last program, the PTX decodes (float32, or scaled in 16-bit pairs: ``FOLD16``) and their
+    plain-Triton fallbacks, gathered activations, bias added once; launched twice into NaN-poisoned outputs, and the tile counters left at zero."""
     from holdall.kernels import triton_wq4
 
     block_n, warps, split_k, counted, stages, extra = config

@@ -37,9 +37,24 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return out
 
 
-def _run(asm: str, word: int, outputs: int = 4) -> list[int]:
-    """Interpret ``asm`` with ``$<outputs> = word``; return ``$0..$<outputs - 1>``."""
+def _fma16x2(a: int, b: int, c: int, bf16: bool) -> int:
+    """fma.rn.{bf16x2,f16x2}: per 16-bit half, ``a * b + c`` rounded once to nearest-even (the products and
+    sums the kernels form are exact in float32, so rounding float32 -> 16 bits is the one rounding)."""
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    out = 0
+    for shift in (0, 16):
+        x, y, z = (torch.tensor([(v >> shift) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype).float()
+                   for v in (a, b, c))
+        r = (x * y + z).to(dtype).view(torch.int16).to(torch.int32).item() & 0xFFFF
+        out |= r << shift
+    return out
+
+
+def _run(asm: str, word: int, outputs: int = 4, inputs: tuple[int, ...] = ()) -> list[int]:
+    """Interpret ``asm`` with ``$<outputs> = word`` and the following operands ``inputs`` (16-bit ones as their
+    bits); return ``$0..$<outputs - 1>``."""
     regs: dict[str, int] = {f"${outputs}": word}
+    regs.update({f"${outputs + 1 + i}": v for i, v in enumerate(inputs)})
 
     def value(token: str) -> int:
         token = token.strip()
@@ -47,11 +62,20 @@ def _run(asm: str, word: int, outputs: int = 4) -> list[int]:
             return regs[token]
         return int(token, 16) if token.lower().startswith("0x") else int(token)
 
-    body = asm.strip().removeprefix("{").removesuffix("}")
-    for ins in filter(None, (i.strip() for i in body.split(";"))):
+    for ins in filter(None, (i.strip().strip("{}").strip() for i in asm.split(";"))):
         if ins.startswith(".reg"):
             continue
         op, rest = ins.split(None, 1)
+        if op == "mov.b32" and "{" in rest:  # pack two 16-bit registers, or split one 32-bit register in two
+            left, right = (part.strip() for part in rest.split(",", 1)) if not rest.startswith("{") else \
+                (rest[:rest.index("}") + 1], rest[rest.index("}") + 2:].strip())
+            if left.startswith("{"):
+                lo, hi = (r.strip() for r in left.strip("{}").split(","))
+                regs[lo], regs[hi] = value(right) & 0xFFFF, value(right) >> 16
+            else:
+                lo, hi = (value(r) for r in right.strip("{}").split(","))
+                regs[left] = (lo & 0xFFFF) | (hi & 0xFFFF) << 16
+            continue
         args = [a.strip() for a in rest.split(",")]
         dst, src = args[0], [value(a) for a in args[1:]]
         if op == "mov.b32":
@@ -66,6 +90,8 @@ def _run(asm: str, word: int, outputs: int = 4) -> list[int]:
             regs[dst] = _prmt(*src)
         elif op == "lop3.b32":
             regs[dst] = _lop3(*src)
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            regs[dst] = _fma16x2(*src, bf16=op == "fma.rn.bf16x2")
         else:
             raise AssertionError(f"instruction outside the interpreter's subset: {op}")
     return [regs[f"${i}"] for i in range(outputs)]
@@ -130,6 +156,34 @@ def test_f32_register_table_is_the_bf16_codebook(name):
         word = sum(b << (8 * i) for i, b in enumerate(four))
         got = torch.tensor(_run(asm, word, outputs=8), dtype=torch.int64).to(torch.int32).view(torch.float32)
         assert got.tolist() == [want[c] for b in four for c in (b >> 4, b & 0xF)], four
+
+
+def _bits16(values, dtype) -> list[int]:
+    return (torch.tensor(values, dtype=torch.float32).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", [None, "nf4", "fp4"], ids=["int", "nf4", "fp4"])
+def test_fold16_is_the_scaled_code_rounded_once(name, bf16):
+    """The round-6 GEMM's decode: every code of a word, in input order, scaled (int: minus the zero point
+    first) and rounded once to the activation dtype -- bit for bit what torch gives for the same 16-bit scale."""
+    asm = ptx.fold16_asm(name, bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    mag = 128.0 if bf16 else 1024.0
+    rng = random.Random(1)
+    values = codebook(name).to(dtype).float().tolist() if name else None
+    for n, four in enumerate(_words(300)):
+        word = sum(b << (8 * i) for i, b in enumerate(four))
+        scale = torch.tensor(rng.choice([0.013, 0.5, 3.7e-3, 1.9, 2.4e-4]) * (1 + n / 997), dtype=dtype)
+        zero = rng.randrange(16)
+        codes = [c for b in four for c in (b >> 4, b & 0xF)]
+        if name is None:
+            want = [(q - zero) * scale.float().item() for q in codes]
+            inputs = (_bits16([scale.float().item()], dtype)[0], _bits16([-(mag + zero)], dtype)[0])
+        else:
+            want = [values[q] * scale.float().item() for q in codes]
+            inputs = (_bits16([scale.float().item()], dtype)[0], 0)
+        assert _run(asm, word, outputs=8, inputs=inputs) == _bits16(want, dtype), (four, scale, zero)
 
 
 def test_interpreter_catches_a_wrong_selector():

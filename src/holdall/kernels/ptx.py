@@ -8,7 +8,7 @@ The 16-bit blocks take 4 packed bytes in ``$4`` (byte ``i`` = bits ``8i..8i+7``;
 in its high nibble and the next input's in its low nibble) and return four 16-bit floats per output pair:
 ``$0, $1`` = the high nibbles' values of bytes (0, 1) and (2, 3), ``$2, $3`` = the low nibbles'.
 :func:`nibbles_f32_asm` and :func:`table_f32_asm` take one int32 word in ``$8`` and return its 8 codes as
-float32 in ``$0..$7``, in input order.
+float32 in ``$0..$7``, in input order; :func:`fold16_asm` returns them already scaled, as 16-bit floats.
 """
 
 from __future__ import annotations
@@ -70,6 +70,41 @@ def table_f32_asm(name: str) -> str:
             widen.append(f"and.b32 {out}, {src}, 0xFFFF0000;" if upper else f"shl.b32 {out}, {src}, 16;")
     return ("{.reg .b32 p0, p1, p2, p3;" + _table_body(name, True, "$8", ("p0", "p1", "p2", "p3"))
             + "".join(widen) + "}")
+
+
+#: 16-bit float bits of 1.0 and -0.0, two per register: bf16, then fp16.
+_ONE2 = {True: 0x3F803F80, False: 0x3C003C00}
+_NEG_ZERO2 = 0x80008000
+
+
+def fold16_asm(name: str | None, bf16: bool) -> str:
+    """The 8 codes of the word ``$8``, scaled, as 16-bit floats ``$0..$7`` in input order: int codes (``name``
+    None) ``(q - zero) * s``, codebook codes ``value * s``, two codes per instruction.
+
+    ``$9`` is the scale and ``$10`` ``-(MAG + zero)`` (int codes; ``MAG`` 128 bf16 / 1024 fp16), both 16-bit
+    floats of the activation dtype. The int codes are built as the exact ``MAG + q`` (:func:`nibbles_asm`) and
+    a codebook's values looked up in registers (:func:`table_asm`), two per register; one paired FMA with 1.0
+    takes ``MAG + zero`` off (exact: small integers) and one with the scale (and -0.0) scales them, rounding
+    once. Per 8 codes: 7 (int) or ~22 (codebook) decode instructions, then 4 FMAs (int: 8); the packed pairs
+    are split into 16-bit registers by moves the compiler folds away. The scale is rounded to the activation
+    dtype first (~2**-9 relative in bf16, shared by a group's weights)."""
+    fma = "fma.rn.bf16x2" if bf16 else "fma.rn.f16x2"
+    regs = ".reg .b32 p0, p1, p2, p3, s2, c2, one, nz;"
+    head = f"mov.b32 s2, {{$9, $9}}; mov.b32 nz, 0x{_NEG_ZERO2:08X};"
+    if name is None:
+        magic = MAGIC_BYTE[bf16] * 0x01010101
+        body = (f"{{.reg .b32 t, m; mov.b32 m, 0x{magic:08X};"
+                "and.b32 t, $8, 0x0F0F0F0F; prmt.b32 p2, t, m, 0x4140; prmt.b32 p3, t, m, 0x4342;"
+                "shr.u32 t, $8, 4; and.b32 t, t, 0x0F0F0F0F; prmt.b32 p0, t, m, 0x4140; prmt.b32 p1, t, m, 0x4342;}")
+        offset = f"mov.b32 c2, {{$10, $10}}; mov.b32 one, 0x{_ONE2[bf16]:08X};" + "".join(
+            f"{fma} p{i}, p{i}, one, c2;" for i in range(4))
+    else:
+        body = "{" + _table_body(name, bf16, "$8", ("p0", "p1", "p2", "p3")) + "}"
+        offset = ""
+    scale = "".join(f"{fma} p{i}, p{i}, s2, nz;" for i in range(4))
+    # p0 = (high nibbles of bytes 0, 1) = inputs (0, 2); p1 = (4, 6); p2 = low nibbles = (1, 3); p3 = (5, 7)
+    split = "mov.b32 {$0, $2}, p0; mov.b32 {$4, $6}, p1; mov.b32 {$1, $3}, p2; mov.b32 {$5, $7}, p3;"
+    return "{" + regs + head + body + offset + scale + split + "}"
 
 
 def _table_body(name: str, bf16: bool, src_reg: str, outs: tuple[str, str, str, str]) -> str:

@@ -785,6 +785,43 @@ def _gemm2_kernel(
                   SPLIT_K, HAS_BIAS, SEM)
 
 
+_ASM_FOLD = {(book, bf16): tl.constexpr(ptx.fold16_asm({0: None, 1: "nf4", 2: "fp4"}[book], bf16))
+             for book in (0, 1, 2) for bf16 in (True, False)}
+_ASM_FOLD_INT_BF16, _ASM_FOLD_INT_F16 = _ASM_FOLD[0, True], _ASM_FOLD[0, False]
+_ASM_FOLD_NF4_BF16, _ASM_FOLD_NF4_F16 = _ASM_FOLD[1, True], _ASM_FOLD[1, False]
+_ASM_FOLD_FP4_BF16, _ASM_FOLD_FP4_F16 = _ASM_FOLD[2, True], _ASM_FOLD[2, False]
+_FOLD_IO = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,h,h")  # 8 16-bit codes out; the word, scale, offset in
+
+
+@triton.jit
+def _fold16(w, s16, c16, BOOK: tl.constexpr, X_BF16: tl.constexpr):
+    """The 8 codes of every int32 word of ``w``, scaled, as 16-bit float bits (int16) in input order
+    (:func:`holdall.kernels.ptx.fold16_asm`): ``s16`` the scale and ``c16`` ``-(MAG + zero)`` as 16-bit bits of
+    the activation dtype, shaped like ``w``; ``BOOK`` 0 int codes, 1 NF4, 2 FP4."""
+    if BOOK == 0:
+        if X_BF16:
+            out = tl.inline_asm_elementwise(_ASM_FOLD_INT_BF16, _FOLD_IO, [w, s16, c16],
+                                            (tl.int16,) * 8, True, 1)
+        else:
+            out = tl.inline_asm_elementwise(_ASM_FOLD_INT_F16, _FOLD_IO, [w, s16, c16],
+                                            (tl.int16,) * 8, True, 1)
+    elif BOOK == 1:
+        if X_BF16:
+            out = tl.inline_asm_elementwise(_ASM_FOLD_NF4_BF16, _FOLD_IO, [w, s16, c16],
+                                            (tl.int16,) * 8, True, 1)
+        else:
+            out = tl.inline_asm_elementwise(_ASM_FOLD_NF4_F16, _FOLD_IO, [w, s16, c16],
+                                            (tl.int16,) * 8, True, 1)
+    else:
+        if X_BF16:
+            out = tl.inline_asm_elementwise(_ASM_FOLD_FP4_BF16, _FOLD_IO, [w, s16, c16],
+                                            (tl.int16,) * 8, True, 1)
+        else:
+            out = tl.inline_asm_elementwise(_ASM_FOLD_FP4_F16, _FOLD_IO, [w, s16, c16],
+                                            (tl.int16,) * 8, True, 1)
+    return out
+
+
 @triton.jit
 def _scale_raw(s_ptr, sabs_ptr, index, mask, SCALE_DQ: tl.constexpr):
     """What :func:`_group_scale` loads from global memory, without the table lookup: ``(scale, scale)``, or the
@@ -865,6 +902,7 @@ def _gemm3_kernel(
     BOOK: tl.constexpr = 1,  # codebook values: 1 NF4 / 2 FP4 from registers (inline PTX), 0 the memory table
     XREG: tl.constexpr = True,  # activations loaded in input order and reordered in registers (else gathered)
     SEM: tl.constexpr = False,  # split-K summed by each tile's last program (no second launch)
+    FOLD16: tl.constexpr = False,  # scale in 16-bit pairs inside the PTX decode (int: with PRMT; codebook: BOOK > 0)
 ):
     """2..64 rows on tensor cores, round 6: the weight as the MMA's left operand (as ``_gemm2_kernel``), its
     int32 words loaded whole and decoded in the MMA's own register layout.
@@ -908,25 +946,35 @@ def _gemm3_kernel(
         s = _scale_value(s_next, nested_next, soff_ptr, dmap_ptr, SCALE_DQ)  # [BN] float32
         s_next, nested_next = _scale_raw(s_ptr, sabs_ptr, rn * scale_row_stride + (g + 1) * group_step,
                                          n_ok & (g + 1 < stop), SCALE_DQ)
-        if KIND == 2:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _book_f32(w, val_ptr, BOOK)
-            add = tl.zeros_like(s)
+        if KIND == 1:
+            zero = ((z_next >> (4 * (1 - (g * group_step) % 2))) & 0xF).to(tl.float32)
+            z_next = tl.load(z_ptr + rn * zero_row_stride + ((g + 1) * group_step) // 2,
+                             mask=n_ok & (g + 1 < stop), other=0).to(tl.int32)
         else:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _codes_f32(w, PRMT)
-            if KIND == 1:
-                zero = ((z_next >> (4 * (1 - (g * group_step) % 2))) & 0xF).to(tl.float32)
-                z_next = tl.load(z_ptr + rn * zero_row_stride + ((g + 1) * group_step) // 2,
-                                 mask=n_ok & (g + 1 < stop), other=0).to(tl.int32)
+            zero = tl.full([BLOCK_N], 8.0, tl.float32)
+        if FOLD16 and (PRMT if KIND != 2 else BOOK != 0):  # scaled in 16-bit pairs inside the PTX decode
+            s16 = tl.broadcast_to(s.to(dtype).to(tl.int16, bitcast=True)[:, None], (BLOCK_N, GW))
+            MAG: tl.constexpr = 128.0 if X_BF16 else 1024.0
+            c16 = tl.broadcast_to((-(MAG + zero)).to(dtype).to(tl.int16, bitcast=True)[:, None], (BLOCK_N, GW))
+            h0, h1, h2, h3, h4, h5, h6, h7 = _fold16(w, s16, c16, BOOK if KIND == 2 else 0, X_BF16)
+            a0, a1, a2, a3 = h0.to(dtype, bitcast=True), h1.to(dtype, bitcast=True), h2.to(dtype, bitcast=True), \
+                h3.to(dtype, bitcast=True)
+            a4, a5, a6, a7 = h4.to(dtype, bitcast=True), h5.to(dtype, bitcast=True), h6.to(dtype, bitcast=True), \
+                h7.to(dtype, bitcast=True)
+        else:  # float32 decode, one FMA per code, rounded to the activation dtype
+            if KIND == 2:
+                c0, c1, c2, c3, c4, c5, c6, c7 = _book_f32(w, val_ptr, BOOK)
+                add = tl.zeros_like(s)[:, None]
             else:
-                zero = 8.0
-            add = -(128.0 + zero) * s
-        mul = s[:, None]
-        add = add[:, None]
+                c0, c1, c2, c3, c4, c5, c6, c7 = _codes_f32(w, PRMT)
+                add = (-(128.0 + zero) * s)[:, None]
+            mul = s[:, None]
+            a0, a1, a2, a3 = (c0 * mul + add).to(dtype), (c1 * mul + add).to(dtype), (c2 * mul + add).to(dtype), \
+                (c3 * mul + add).to(dtype)
+            a4, a5, a6, a7 = (c4 * mul + add).to(dtype), (c5 * mul + add).to(dtype), (c6 * mul + add).to(dtype), \
+                (c7 * mul + add).to(dtype)
         # join's new axis is the last, so the outermost join picks code bit 0: [BN, GW, 2, 2, 2] = code 4a+2b+c
-        a = tl.join(tl.join(tl.join((c0 * mul + add).to(dtype), (c4 * mul + add).to(dtype)),
-                            tl.join((c2 * mul + add).to(dtype), (c6 * mul + add).to(dtype))),
-                    tl.join(tl.join((c1 * mul + add).to(dtype), (c5 * mul + add).to(dtype)),
-                            tl.join((c3 * mul + add).to(dtype), (c7 * mul + add).to(dtype))))
+        a = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7)))
         a = _fragment_order(tl.reshape(a, (BLOCK_N, GROUP)), BLOCK_N, GROUP)  # [BN, GROUP]
         acc = tl.dot(a, xt, acc)
     _splitk_store(acc, y_ptr, out_ptr, b_ptr, sem_ptr, rm, rn, m_ok, n_ok, pid_n, pid_k, M, N, stride_ym,
@@ -987,12 +1035,12 @@ def gemv_config(p: Plan, sms: int, tma: bool = False) -> dict:
     return {"BLOCK_N": 8, "BLOCK_G": max(1, 128 // group_w), "num_warps": 4, "STAGES": 3, "PREFETCH": True}
 
 
-def _split_k(p: Plan, tiles: int, sms: int, programs_per_sm: float) -> int:
+def _split_k(p: Plan, tiles: int, sms: int, programs_per_sm: float, min_groups: int = 4) -> int:
     """Smallest power-of-two split of the groups that gives ``programs_per_sm`` programs per SM (at most 16,
-    and at least 4 groups per split)."""
+    and at least ``min_groups`` groups per split)."""
     n_groups = triton.cdiv(p.in_features, p.group)
     split_k = 1
-    while split_k < 16 and tiles * split_k < programs_per_sm * sms and n_groups >= 8 * split_k:
+    while split_k < 16 and tiles * split_k < programs_per_sm * sms and n_groups >= 2 * min_groups * split_k:
         split_k *= 2
     return split_k
 
@@ -1013,6 +1061,11 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     pipelining off (it would turn the table lookups into asynchronous copies).
     """
     block_m = max(16, triton.next_power_of_2(m))
+    if p.in_features % p.group == 0:  # round 6: whole groups take the fragment-order kernel
+        block_n = 128
+        split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 1.9 if m <= 16 else 1.0, min_groups=2)
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
+                "STAGES": 3, "SEM": True, "VARIANT": "v3"}
     if p.kind == 2:
         block_n = 128
         split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 3.5 if m <= 16 else 1.9)
