@@ -1046,10 +1046,19 @@ def _split_k(p: Plan, tiles: int, sms: int, programs_per_sm: float, min_groups: 
 
 
 def gemm_config(p: Plan, m: int, sms: int) -> dict:
-    """Launch configuration for 2..64 rows: the weight-left tensor-core kernel (``VARIANT v2``), from the sweep
-    on an H200 (bench/gpu_kernels.py --sweep; BENCHMARKS.md).
+    """Launch configuration for 2..64 rows, from the sweeps on an H200 (bench/gpu_kernels.py --sweep;
+    BENCHMARKS.md).
 
-    The kernel is latency-bound per program, so split-K buys parallelism: ~3.5 programs per SM up to 16 rows,
+    Rows of whole groups (round 6): the fragment-order kernel (``VARIANT v3``), 128 weight rows and 4 warps per
+    program, 3-stage pipelining, split-K summed by each tile's last program. It is latency-bound per program,
+    so the split is the smallest power of two giving ~1.9 programs per SM up to 16 rows (4096x11008: 8 splits,
+    16.7 us at 4 rows against 56.0 unsplit) and ~1 above, where the float32 partials of 64 rows cost more
+    (11008x4096 at 64 rows: 2 splits 31.5 us, 4: 34.6, 8: 43.6), keeping at least 8 groups per split there
+    (4096x4096: 4 splits 16.9 us, 8: 17.5; 4096x11008: 8 splits 30.0, 4: 33.3). Asymmetric int codes scale in
+    16-bit pairs inside the PTX decode (``FOLD16``: 14.8 vs 16.7 us at 4 rows); for the others the float32 FMA
+    was as fast or faster (with NF4, Triton re-lays the 16-bit pairs out through warp shuffles).
+
+    Otherwise (a partial last group) the round-2/4 ``v2`` kernel: it is latency-bound per program, so split-K buys parallelism: ~3.5 programs per SM up to 16 rows,
     ~2 above (where the float32 partials of split-K cost more). Int codes, Triton's pipelining 3 deep: up to 16
     rows the exact ``128 + q`` weights decoded two codes per instruction (``PACKED``) with the partials summed
     by each tile's last program (``SEM``; round 4, against round 2's folded decode + second launch: asym
@@ -1063,9 +1072,10 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     block_m = max(16, triton.next_power_of_2(m))
     if p.in_features % p.group == 0:  # round 6: whole groups take the fragment-order kernel
         block_n = 128
-        split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 1.9 if m <= 16 else 1.0, min_groups=2)
+        split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 1.9 if m <= 16 else 1.0,
+                           min_groups=2 if m <= 16 else 8)
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
-                "STAGES": 3, "SEM": True, "VARIANT": "v3"}
+                "STAGES": 3, "SEM": True, "VARIANT": "v3", "FOLD16": p.kind == 1}
     if p.kind == 2:
         block_n = 128
         split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 3.5 if m <= 16 else 1.9)
