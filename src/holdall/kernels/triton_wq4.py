@@ -27,7 +27,13 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
   - ``"mma"`` (round 4, not a default): the row through ``_gemm2_kernel`` below, padded to 16 MMA columns;
     10-30% slower than the pairs kernel on an H200 (109 registers per thread, latency-bound).
 * 2..64 rows, :func:`gemm` (tensor cores):
-  - ``_gemm2_kernel`` ("v2", round 2, the default): the weight is the MMA's left operand (``y^T = W x^T``), so
+  - ``_gemm3_kernel`` ("v3", round 6, the default when rows are whole groups): the weight as the MMA's left
+    operand, a group's inputs reordered on both sides into the order the MMA's register fragments hold them
+    (:func:`_fragment_order`), so each thread loads its own codes as whole words and decodes them straight into
+    the MMA's operand layout (no shared-memory round trip, MMAs pipelined); one PRMT or register-table lookup
+    per code, the scale folded in by one float32 FMA (or, ``FOLD16``, in 16-bit pairs inside the PTX), group
+    scales prefetched an iteration ahead; split-K summed by each tile's last program.
+  - ``_gemm2_kernel`` ("v2", round 2, the default for a partial last group): the weight is the MMA's left operand (``y^T = W x^T``), so
     64..128 weight rows fill Hopper's 64-row MMA and the few input rows its N; bytes decoded in natural input
     order, one group per iteration; int codes with the scale folded into the decoded bf16/fp16 weight
     (``FOLD``) and one chained dot, codebooks with the scale on the float32 partial. Split-K (float32
@@ -37,9 +43,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     ``SEM`` lets each tile's last program sum the split-K partials (no ``_splitk_sum`` launch).
   - ``_gemm_kernel`` ("v1", round 1): ``x`` as the left operand, even/odd-nibble split into two dots.
 
-Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)", rounds 4-5): GEMV 1.7-1.9x bf16 cuBLAS
+Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)", rounds 5-6): GEMV 1.7-1.9x bf16 cuBLAS
 for int4 sym, 1.5-1.7x asym, 1.1-1.4x NF4, 0.95-1.2x NF4 + double quant (~35% of copy bandwidth at best:
-latency-bound); GEMM at 4..16 rows int4 sym 1.13-1.42x, asym 1.05-1.32x, NF4 0.77-1.01x; at 64 rows 0.4-0.9x.
+latency-bound); GEMM at 4..16 rows int4 sym 1.38-1.66x, asym 1.37-1.87x, NF4 0.88-1.05x; at 64 rows 0.55-0.98x.
 
 This module imports Triton at the top: import it only when a CUDA launch is about to happen
 (``holdall.kernels.dispatch`` does).
