@@ -957,7 +957,7 @@ def _gemm3_kernel(
             z_next = tl.load(z_ptr + rn * zero_row_stride + ((g + 1) * group_step) // 2,
                              mask=n_ok & (g + 1 < stop), other=0).to(tl.int32)
         else:
-            zero = tl.full([BLOCK_N], 8.0, tl.float32)
+            zero = s * 0.0 + 8.0  # derived from s, not a constant: a splat here makes Triton re-lay the decode out
         if FOLD16 and (PRMT if KIND != 2 else BOOK != 0):  # scaled in 16-bit pairs inside the PTX decode
             s16 = tl.broadcast_to(s.to(dtype).to(tl.int16, bitcast=True)[:, None], (BLOCK_N, GW))
             MAG: tl.constexpr = 128.0 if X_BF16 else 1024.0
@@ -1081,7 +1081,7 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
         split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 1.9 if m <= 16 else 1.0,
                            min_groups=2 if m <= 16 else 8)
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
-                "STAGES": 3, "SEM": True, "VARIANT": "v3", "FOLD16": p.kind == 1}
+                "STAGES": 3, "SEM": True, "VARIANT": "v3", "FOLD16": True}
     if p.kind == 2:
         block_n = 128
         split_k = _split_k(p, triton.cdiv(p.out_features, block_n), sms, 3.5 if m <= 16 else 1.9)
@@ -1198,6 +1198,8 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     m = x.shape[0]
     config = config or gemm_config(p, m, _sm_count(x.device.index or 0))
     cfg = dict(config)
+    if cfg.get("SPLIT_K") is None:  # a sweep's config may leave the split to the heuristic
+        cfg["SPLIT_K"] = gemm_config(p, m, _sm_count(x.device.index or 0))["SPLIT_K"]
     variant = cfg.pop("VARIANT", "v1")
     if variant == "v3":
         return _gemm3(ops, p, x, bias, out, cfg)
