@@ -31,8 +31,8 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     operand, a group's inputs reordered on both sides into the order the MMA's register fragments hold them
     (:func:`_fragment_order`), so each thread loads its own codes as whole words and decodes them straight into
     the MMA's operand layout (no shared-memory round trip, MMAs pipelined); one PRMT or register-table lookup
-    per code, the scale folded in by one float32 FMA (or, ``FOLD16``, in 16-bit pairs inside the PTX), group
-    scales prefetched an iteration ahead; split-K summed by each tile's last program.
+    per code, the scale folded in 16-bit pairs inside the PTX (``FOLD16``, default) or by one float32 FMA,
+    group scales prefetched an iteration ahead; split-K summed by each tile's last program.
   - ``_gemm2_kernel`` ("v2", round 2, the default for a partial last group): the weight is the MMA's left operand (``y^T = W x^T``), so
     64..128 weight rows fill Hopper's 64-row MMA and the few input rows its N; bytes decoded in natural input
     order, one group per iteration; int codes with the scale folded into the decoded bf16/fp16 weight
@@ -45,7 +45,7 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
 
 Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)", rounds 5-6): GEMV 1.7-1.9x bf16 cuBLAS
 for int4 sym, 1.5-1.7x asym, 1.1-1.4x NF4, 0.95-1.2x NF4 + double quant (~35% of copy bandwidth at best:
-latency-bound); GEMM at 4..16 rows int4 sym 1.38-1.66x, asym 1.37-1.87x, NF4 0.88-1.05x; at 64 rows 0.55-0.98x.
+latency-bound); GEMM at 4..16 rows int4 1.37-1.86x, NF4 0.96-1.12x (4 rows); at 64 rows 0.59-1.03x.
 
 This module imports Triton at the top: import it only when a CUDA launch is about to happen
 (``holdall.kernels.dispatch`` does).
@@ -916,10 +916,12 @@ def _gemm3_kernel(
     A group's inputs are put in fragment order (:func:`_fragment_order`) on both sides, so every thread's codes
     are whole words it loads itself (16-byte loads, pipelined ``STAGES`` deep) and the decoded tile feeds the
     MMA from registers with no shared-memory round trip (``_gemm2_kernel`` reads its bytes one by one and waits
-    for each MMA). Each code becomes the float32 ``128 + q`` by one PRMT (int) or a register-table value
-    (NF4/FP4), the scale is folded in by one FMA (``(128 + q) s - (128 + zero) s``, or ``value * s``) and the
-    bf16/fp16 weight enters one chained dot (rounding the scaled weight costs ~2**-9 relative, as in
-    ``FOLD``). The group scales (and zero points) are loaded an iteration ahead.
+    for each MMA). With ``FOLD16`` the codes become scaled 16-bit weights inside the PTX, two per instruction
+    (:func:`_fold16`: exact ``MAG + q`` pairs minus ``MAG + zero``, or register-table values, times the scale
+    rounded to the activation dtype); without it each code becomes the float32 ``128 + q`` by one PRMT (or a
+    table value), one FMA folds the scale in (``(128 + q) s - (128 + zero) s``, or ``value * s``) and a
+    conversion rounds it. Either way the weight enters one chained dot (the scaled weight rounded once, ~2**-9
+    relative in bf16, as in ``FOLD``). The group scales (and zero points) are loaded an iteration ahead.
     """
     GW: tl.constexpr = GROUP // 8  # int32 words per group of a row
     pid_n = tl.program_id(0)
@@ -1060,9 +1062,9 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     so the split is the smallest power of two giving ~1.9 programs per SM up to 16 rows (4096x11008: 8 splits,
     16.7 us at 4 rows against 56.0 unsplit) and ~1 above, where the float32 partials of 64 rows cost more
     (11008x4096 at 64 rows: 2 splits 31.5 us, 4: 34.6, 8: 43.6), keeping at least 8 groups per split there
-    (4096x4096: 4 splits 16.9 us, 8: 17.5; 4096x11008: 8 splits 30.0, 4: 33.3). Asymmetric int codes scale in
-    16-bit pairs inside the PTX decode (``FOLD16``: 14.8 vs 16.7 us at 4 rows); for the others the float32 FMA
-    was as fast or faster (with NF4, Triton re-lays the 16-bit pairs out through warp shuffles).
+    (4096x4096: 4 splits 16.9 us, 8: 17.5; 4096x11008: 8 splits 30.0, 4: 33.3). Every format scales in 16-bit
+    pairs inside the PTX decode (``FOLD16``; against the float32 FMA at 4096x11008 x 4 rows: int4 asym 14.8 vs
+    16.7 us, sym 14.9 vs 16.7, NF4 + double quant 25.4 vs 27.6).
 
     Otherwise (a partial last group) the round-2/4 ``v2`` kernel: it is latency-bound per program, so split-K buys parallelism: ~3.5 programs per SM up to 16 rows,
     ~2 above (where the float32 partials of split-K cost more). Int codes, Triton's pipelining 3 deep: up to 16
