@@ -1207,11 +1207,9 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         return _gemm3(ops, p, x, bias, out, cfg)
     if variant == "v2":
         return _gemm2(ops, p, x, bias, out, cfg)
-    block_m, block_n, split_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("SPLIT_K")
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     n_iters = triton.cdiv(p.in_features, p.group)
-    per_split = triton.cdiv(n_iters, split_k)
-    split_k = triton.cdiv(n_iters, per_split)  # no empty splits
-    target = out if split_k == 1 else torch.empty(split_k, m, p.out_features, device=x.device, dtype=torch.float32)
+    per_split, split_k, target = _split_target(p, n_iters, cfg.pop("SPLIT_K"), m, out)
     grid = (triton.cdiv(p.out_features, block_n), triton.cdiv(m, block_m), split_k)
     has_bias = bias is not None
     _gemm_kernel[grid](
@@ -1223,12 +1221,7 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         BLOCK_M=block_m, BLOCK_N=block_n, **cfg,
     )
     if split_k > 1:
-        mn = m * p.out_features
-        block = 1024
-        _splitk_sum[(triton.cdiv(mn, block),)](
-            target, bias if has_bias else target, out, mn, p.out_features,
-            SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block,
-        )
+        _sum_partials(target, bias, out, split_k)
     return out
 
 
@@ -1248,16 +1241,33 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
+def _split_target(p: Plan, n_groups: int, split_k: int, m: int, out: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """``(groups per split, splits, target)``: no empty split; with more than one the float32 partials
+    ``[splits, m, out_features]`` are the target, else ``out`` itself."""
+    per_split = triton.cdiv(n_groups, split_k)
+    split_k = triton.cdiv(n_groups, per_split)
+    target = out if split_k == 1 else torch.empty(split_k, m, p.out_features, device=out.device, dtype=torch.float32)
+    return per_split, split_k, target
+
+
+def _sum_partials(target: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split_k: int) -> None:
+    """The second launch of split-K: ``out = sum of the partials in order 0..split_k-1 (+ bias)``."""
+    mn = out.numel()
+    block = 1024
+    _splitk_sum[(triton.cdiv(mn, block),)](
+        target, bias if bias is not None else target, out, mn, out.shape[-1],
+        SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block,
+    )
+
+
 def _gemm2(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
            cfg: dict) -> torch.Tensor:
     """Launch :func:`_gemm2_kernel` (weight as the MMA's left operand) and, with split-K, the ordered sum
     (a second launch, or the kernel's own last program with ``SEM``)."""
     m = x.shape[0]
-    block_m, block_n, split_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("SPLIT_K")
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     n_groups = triton.cdiv(p.in_features, p.group)
-    per_split = triton.cdiv(n_groups, split_k)
-    split_k = triton.cdiv(n_groups, per_split)  # no empty splits
-    target = out if split_k == 1 else torch.empty(split_k, m, p.out_features, device=x.device, dtype=torch.float32)
+    per_split, split_k, target = _split_target(p, n_groups, cfg.pop("SPLIT_K"), m, out)
     tiles = triton.cdiv(p.out_features, block_n)
     grid = (tiles, split_k)
     has_bias = bias is not None
@@ -1277,12 +1287,7 @@ def _gemm2(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, o
         **cfg,
     )
     if split_k > 1 and not sem:
-        mn = m * p.out_features
-        block = 1024
-        _splitk_sum[(triton.cdiv(mn, block),)](
-            target, bias if has_bias else target, out, mn, p.out_features,
-            SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block,
-        )
+        _sum_partials(target, bias, out, split_k)
     return out
 
 
@@ -1294,11 +1299,9 @@ def _gemm3(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, o
                          f"group {p.group}): use VARIANT 'v2'")
     m = x.shape[0]
     block_m = cfg.pop("BLOCK_M", triton.next_power_of_2(m))  # a sweep's config may leave it to the rows
-    block_n, split_k = cfg.pop("BLOCK_N"), cfg.pop("SPLIT_K")
+    block_n = cfg.pop("BLOCK_N")
     n_groups = p.in_features // p.group
-    per_split = triton.cdiv(n_groups, split_k)
-    split_k = triton.cdiv(n_groups, per_split)  # no empty splits
-    target = out if split_k == 1 else torch.empty(split_k, m, p.out_features, device=x.device, dtype=torch.float32)
+    per_split, split_k, target = _split_target(p, n_groups, cfg.pop("SPLIT_K"), m, out)
     tiles = triton.cdiv(p.out_features, block_n)
     has_bias = bias is not None
     sem = bool(cfg.pop("SEM", False)) and split_k > 1
@@ -1314,10 +1317,5 @@ def _gemm3(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, o
         BLOCK_M=max(block_m, 16), BLOCK_N=block_n, X_BF16=x.dtype == torch.bfloat16, SEM=sem, **cfg,
     )
     if split_k > 1 and not sem:
-        mn = m * p.out_features
-        block = 1024
-        _splitk_sum[(triton.cdiv(mn, block),)](
-            target, bias if has_bias else target, out, mn, p.out_features,
-            SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block,
-        )
+        _sum_partials(target, bias, out, split_k)
     return out
