@@ -669,6 +669,18 @@ def _table16(wb, X_BF16: tl.constexpr, BOOK: tl.constexpr):
 
 
 @triton.jit
+def _tile_setup(M, N, n_groups, groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A split-K tensor-core program's place: its tile (``pid_n``) and split (``pid_k``), weight rows ``rn`` and
+    input rows ``rm`` with their masks, and its groups ``start..stop``."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    start = pid_k * groups_per_split
+    return pid_n, pid_k, rn, rn < N, rm, rm < M, start, tl.minimum(start + groups_per_split, n_groups)
+
+
+@triton.jit
 def _gemm2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, val16_ptr, b_ptr, y_ptr,
     M, N, K, n_groups, stride_xm, stride_ym, stride_wn, scale_row_stride, group_step, zero_row_stride,
@@ -709,20 +721,13 @@ def _gemm2_kernel(
     ``0..SPLIT_K-1`` (deterministic), writes ``out_ptr`` and puts the counter back to zero.
     """
     HALF: tl.constexpr = GROUP // 2  # bytes per group in a weight row
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
+    pid_n, pid_k, rn, n_ok, rm, m_ok, start, stop = _tile_setup(M, N, n_groups, groups_per_split, BLOCK_M, BLOCK_N)
     rb = tl.arange(0, HALF)
     rk = tl.arange(0, GROUP)
     dtype = x_ptr.dtype.element_ty
     MAG_BITS: tl.constexpr = 0x4300 if X_BF16 else 0x6400  # bf16 128.0 (7 mantissa bits) / fp16 1024.0 (10)
     MAG: tl.constexpr = 128.0 if X_BF16 else 1024.0
     TABLE: tl.constexpr = 0 if X_BF16 else 16  # the 16-bit table: bf16 bits, then fp16 bits
-    start = pid_k * groups_per_split
-    stop = tl.minimum(start + groups_per_split, n_groups)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     w_rows = w_ptr + rn[:, None] * stride_wn  # [BN, 1] uint8
     x_cols = x_ptr + rm[None, :] * stride_xm  # [1, BM]
@@ -924,17 +929,10 @@ def _gemm3_kernel(
     relative in bf16, as in ``FOLD``). The group scales (and zero points) are loaded an iteration ahead.
     """
     GW: tl.constexpr = GROUP // 8  # int32 words per group of a row
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
+    pid_n, pid_k, rn, n_ok, rm, m_ok, start, stop = _tile_setup(M, N, n_groups, groups_per_split, BLOCK_M, BLOCK_N)
     rw = tl.arange(0, GW)
     kk = tl.arange(0, GROUP)
     dtype = x_ptr.dtype.element_ty
-    start = pid_k * groups_per_split
-    stop = tl.minimum(start + groups_per_split, n_groups)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     w_rows = w_ptr + rn[:, None] * stride_wn  # [BN, 1] int32
     s_next, nested_next = _scale_raw(s_ptr, sabs_ptr, rn * scale_row_stride + start * group_step,
