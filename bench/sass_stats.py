@@ -1,0 +1,114 @@
+"""Compile a holdall tensor-core kernel for sm_90 on a machine without a GPU and count its loop's instructions.
+
+    pip install --target /tmp/tri triton==3.6.0          # once; Triton's wheel carries ptxas and nvdisasm
+    PYTHONPATH=src:/tmp/tri python bench/sass_stats.py gemm3 --set BLOCK_M=64 --set KIND=2 --set GROUP=64 \\
+        --set SCALE_DQ=1 --set FOLD16=1
+
+Round 6 of the kernels (BENCHMARKS.md) was found this way: the SASS showed round 4's GEMM reading its weight bytes
+one by one from shared memory and waiting for every wgmma. The pointer and integer arguments get the divisibility
+hints Triton's JIT gives them at run time (16) except the few that are not multiples of 16, so the code is the
+code the device runs. Prints registers, spills, shared memory and, per loop, the instruction count and the
+commonest opcodes. Device-free: never a timing, only a place to look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+#: argument types per kernel (bf16 activations, int4 codes); constexprs are the kernel's defaults plus --set
+KERNELS = {
+    "gemm3": ("_gemm3_kernel", {
+        "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "sabs_ptr": "*fp32", "soff_ptr": "*fp32",
+        "dmap_ptr": "*fp32", "val_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32",
+        "n_groups": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_wn": "i32", "scale_row_stride": "i32",
+        "group_step": "i32", "zero_row_stride": "i32", "groups_per_split": "i32", "out_ptr": "*bf16",
+        "sem_ptr": "*i32"}),
+    "gemm2": ("_gemm2_kernel", {
+        "x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "sabs_ptr": "*fp32", "soff_ptr": "*fp32",
+        "dmap_ptr": "*fp32", "val_ptr": "*fp32", "val16_ptr": "*i16", "b_ptr": "*bf16", "y_ptr": "*fp32",
+        "M": "i32", "N": "i32", "K": "i32", "n_groups": "i32", "stride_xm": "i32", "stride_ym": "i32",
+        "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32", "zero_row_stride": "i32",
+        "groups_per_split": "i32", "out_ptr": "*bf16", "sem_ptr": "*i32"}),
+}
+#: what the launchers pass for 4096x11008 at g128, 4 rows, split 8 (constexprs without a default in the kernel)
+BASE = {"GROUP": 128, "KIND": 0, "SCALE_DQ": False, "HAS_BIAS": False, "SPLIT_K": 8, "BLOCK_M": 16, "BLOCK_N": 128,
+        "X_BF16": True, "SEM": True}
+NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride"}
+OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(fn.fn).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}  # ASTSource does not fill in the kernel's own defaults
+    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
+             if k not in NOT_MULTIPLE_OF_16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                            "num_stages": num_stages})
+
+
+def sass_of(kernel) -> tuple[str, str]:
+    """(SASS text, resource usage line) from Triton's bundled nvdisasm / cuobjdump."""
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    return sass, usage
+
+
+def loops(sass: str) -> dict[str, list[str]]:
+    """Opcodes of every loop (a label and a backward branch to it)."""
+    lines, labels, out = sass.splitlines(), {}, {}
+    for i, line in enumerate(lines):
+        if m := re.match(r"^(\.L_x_\d+):", line.strip()):
+            labels[m.group(1)] = i
+        if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i:
+            out[m.group(1)] = [o.group(1) for x in lines[labels[m.group(1)]:i + 1] if (o := OP.match(x))]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("kernel", choices=sorted(KERNELS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a constexpr (ints; 0/1 for switches), or num_warps / num_stages")
+    args = parser.parse_args()
+    from holdall.kernels import triton_wq4
+
+    name, signature = KERNELS[args.kernel]
+    constexprs = dict(BASE)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        constexprs[key] = int(value)
+    num_warps, num_stages = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3)
+    kernel = compile_sm90(getattr(triton_wq4, name), signature, constexprs, num_warps, num_stages)
+    sass, usage = sass_of(kernel)
+    regs = re.search(r"REG:(\d+)", usage)
+    ops = [o.group(1) for x in sass.splitlines() if (o := OP.match(x))]
+    spills = sum(o.startswith("STL") for o in ops)
+    print(f"{name} {constexprs} warps {num_warps} stages {num_stages}: {regs.group(1) if regs else '?'} registers, "
+          f"{spills} spill stores, {kernel.metadata.shared} B shared memory, {len(ops)} instructions")
+    for label, body in loops(sass).items():
+        if len(body) > 1:
+            print(f"  loop {label}: {len(body)} instructions; {Counter(body).most_common(16)}")
+
+
+if __name__ == "__main__":
+    main()
