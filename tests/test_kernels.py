@@ -37,6 +37,7 @@ EXTRA_SCHEMES = {
     "int4-g32-bf16": QuantScheme(group_size=32, scale_dtype="bfloat16"),
     "int4-ch-asym": QuantScheme(granularity="channel", symmetric=False),
     "fp4": QuantScheme(dtype="fp4", group_size=64),
+    "int4-g256-asym": QuantScheme(group_size=256, symmetric=False),
 }
 
 
@@ -305,7 +306,8 @@ def test_tensor_core_kernel_register_table(split_k, counted, stages, rows, shape
 
 _V3_FORMATS = [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16), ("nf4", torch.bfloat16),
                ("nf4-dq", torch.bfloat16), ("fp4", torch.bfloat16), ("int4-asym-dq", torch.bfloat16),
-               ("int4-g32-bf16", torch.bfloat16), ("int4-ch-asym", torch.bfloat16), ("int4-asym", torch.float16),
+               ("int4-g32-bf16", torch.bfloat16), ("int4-ch-asym", torch.bfloat16), ("int4-g256-asym", torch.bfloat16),
+               ("int4-asym", torch.float16),
                ("nf4-dq", torch.float16)]
 # (rows per program, warps, split-K, split-K summed by the last program, stages, other switches)
 _V3_CONFIGS = [(64, 4, 1, False, 3, {}), (128, 4, 3, True, 3, {}), (256, 8, 4, False, 1, {}),
