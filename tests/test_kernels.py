@@ -325,7 +325,8 @@ def test_gemm_v3_kernel(config, rows, shape, name, dtype):
     """The round-6 tensor-core kernel (words decoded in the MMA's fragment order, activations reordered to
     match): every 4-bit format, partial row tiles (72 rows), one to five splits summed by a second launch or
     by each tile's last program, the PTX decodes (float32, or scaled in 16-bit pairs: ``FOLD16``) and their
-    plain-Triton fallbacks, gathered activations, bias added once; launched twice into NaN-poisoned outputs, and the tile counters left at zero."""
+    plain-Triton fallbacks, gathered activations, bias added once; launched twice into NaN-poisoned outputs,
+    and the tile counters left at zero."""
     from holdall.kernels import triton_wq4
 
     block_n, warps, split_k, counted, stages, extra = config

@@ -33,11 +33,11 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     the MMA's operand layout (no shared-memory round trip, MMAs pipelined); one PRMT or register-table lookup
     per code, the scale folded in 16-bit pairs inside the PTX (``FOLD16``, default) or by one float32 FMA,
     group scales prefetched an iteration ahead; split-K summed by each tile's last program.
-  - ``_gemm2_kernel`` ("v2", round 2, the default for a partial last group): the weight is the MMA's left operand (``y^T = W x^T``), so
-    64..128 weight rows fill Hopper's 64-row MMA and the few input rows its N; bytes decoded in natural input
-    order, one group per iteration; int codes with the scale folded into the decoded bf16/fp16 weight
-    (``FOLD``) and one chained dot, codebooks with the scale on the float32 partial. Split-K (float32
-    partials summed in a fixed order, so results are deterministic) buys parallelism.
+  - ``_gemm2_kernel`` ("v2", round 2, the default for a partial last group): the weight is the MMA's left
+    operand (``y^T = W x^T``), so 64..128 weight rows fill Hopper's 64-row MMA and the few input rows its N;
+    bytes decoded in natural input order, one group per iteration; int codes with the scale folded into the
+    decoded bf16/fp16 weight (``FOLD``) and one chained dot, codebooks with the scale on the float32 partial.
+    Split-K (float32 partials summed in a fixed order, so results are deterministic) buys parallelism.
     Round 4 (the 2..16-row default): ``PACKED`` decodes two codes per PTX instruction into the exact
     ``128 + q`` (:func:`_nibbles16`) or looks NF4/FP4 up in a register-held table (:func:`_table16`), and
     ``SEM`` lets each tile's last program sum the split-K partials (no ``_splitk_sum`` launch).
@@ -1064,16 +1064,15 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     pairs inside the PTX decode (``FOLD16``; against the float32 FMA at 4096x11008 x 4 rows: int4 asym 14.8 vs
     16.7 us, sym 14.9 vs 16.7, NF4 + double quant 25.4 vs 27.6).
 
-    Otherwise (a partial last group) the round-2/4 ``v2`` kernel: it is latency-bound per program, so split-K buys parallelism: ~3.5 programs per SM up to 16 rows,
-    ~2 above (where the float32 partials of split-K cost more). Int codes, Triton's pipelining 3 deep: up to 16
-    rows the exact ``128 + q`` weights decoded two codes per instruction (``PACKED``) with the partials summed
-    by each tile's last program (``SEM``; round 4, against round 2's folded decode + second launch: asym
-    1.19-1.38x faster, sym 0.99-1.15x); at 64 rows the scale folded into the decoded weight (``PACKED`` was
-    6-38% slower there).
-    Codebooks: 128-row tiles, table values in the activation dtype with the scale on the float32 partial
-    (``FOLD=False``); up to 16 rows the table is held in registers (``PACKED`` with ``BOOK``, round 4: 1.3x
-    faster) and Triton pipelines the loads; at 64 rows the memory table, loads prefetched by hand and Triton's
-    pipelining off (it would turn the table lookups into asynchronous copies).
+    Otherwise (a partial last group) the round-2/4 ``v2`` kernel: it is latency-bound per program, so split-K buys
+    parallelism: ~3.5 programs per SM up to 16 rows, ~2 above (where the float32 partials of split-K cost more). Int
+    codes, Triton's pipelining 3 deep: up to 16 rows the exact ``128 + q`` weights decoded two codes per instruction
+    (``PACKED``) with the partials summed by each tile's last program (``SEM``; round 4, against round 2's folded
+    decode + second launch: asym 1.19-1.38x faster, sym 0.99-1.15x); at 64 rows the scale folded into the decoded
+    weight (``PACKED`` was 6-38% slower there). Codebooks: 128-row tiles, table values in the activation dtype with
+    the scale on the float32 partial (``FOLD=False``); up to 16 rows the table is held in registers (``PACKED`` with
+    ``BOOK``, round 4: 1.3x faster) and Triton pipelines the loads; at 64 rows the memory table, loads prefetched by
+    hand and Triton's pipelining off (it would turn the table lookups into asynchronous copies).
     """
     block_m = max(16, triton.next_power_of_2(m))
     if p.in_features % p.group == 0:  # round 6: whole groups take the fragment-order kernel
