@@ -358,6 +358,21 @@ def test_gemm_v3_kernel_refuses_a_partial_group():
 
 
 @cuda_only
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_tensor_core_kernels_refuse_more_rows_than_their_tile(variant):
+    """A config whose input-row tile is smaller than the rows would leave rows uncomputed: refused."""
+    from holdall.kernels import triton_wq4
+
+    layer = _cuda_layer(72, 512, "int4-sym")
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(20, p.in_features, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(20, p.out_features, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="smaller than the 20 input rows"):
+        triton_wq4.gemm(packed.operands(layer, p), p, x, None, out,
+                        {"VARIANT": variant, "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 1})
+
+
+@cuda_only
 @pytest.mark.parametrize("variant", ["v2", "v1"])  # v1: the first round's kernels (pairs / 4d GEMV, v1 GEMM)
 @pytest.mark.parametrize("name", ["nf4-dq", "int4-asym"])
 @pytest.mark.parametrize("rows", [1, 2, 33])

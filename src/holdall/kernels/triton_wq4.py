@@ -1257,12 +1257,19 @@ def _sum_partials(target: torch.Tensor, bias: torch.Tensor | None, out: torch.Te
     )
 
 
+def _check_rows(block_m: int, m: int) -> None:
+    if max(block_m, 16) < m:
+        raise ValueError(f"BLOCK_M {block_m} is smaller than the {m} input rows: the tensor-core kernels hold every "
+                         "input row in one tile (leave BLOCK_M out, or give a power of two >= the rows)")
+
+
 def _gemm2(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
            cfg: dict) -> torch.Tensor:
     """Launch :func:`_gemm2_kernel` (weight as the MMA's left operand) and, with split-K, the ordered sum
     (a second launch, or the kernel's own last program with ``SEM``)."""
     m = x.shape[0]
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    _check_rows(block_m, m)
     n_groups = triton.cdiv(p.in_features, p.group)
     per_split, split_k, target = _split_target(p, n_groups, cfg.pop("SPLIT_K"), m, out)
     tiles = triton.cdiv(p.out_features, block_n)
@@ -1296,6 +1303,7 @@ def _gemm3(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, o
                          f"group {p.group}): use VARIANT 'v2'")
     m = x.shape[0]
     block_m = cfg.pop("BLOCK_M", triton.next_power_of_2(m))  # a sweep's config may leave it to the rows
+    _check_rows(block_m, m)
     block_n = cfg.pop("BLOCK_N")
     n_groups = p.in_features // p.group
     per_split, split_k, target = _split_target(p, n_groups, cfg.pop("SPLIT_K"), m, out)
