@@ -345,31 +345,21 @@ def test_gemm_v3_kernel(config, rows, shape, name, dtype):
 
 
 @cuda_only
-def test_gemm_v3_kernel_refuses_a_partial_group():
+@pytest.mark.parametrize("variant,in_f,rows,block_m,match", [
+    ("v3", 264, 4, 16, "multiple of the group"),  # a partial last group: v3 reads rows as whole groups
+    ("v2", 512, 20, 16, "smaller than the 20 input rows"),  # a row tile smaller than the rows: rows left out
+    ("v3", 512, 20, 16, "smaller than the 20 input rows"),
+])
+def test_tensor_core_kernels_refuse_what_they_cannot_compute(variant, in_f, rows, block_m, match):
     from holdall.kernels import triton_wq4
 
-    layer = _cuda_layer(72, 264, "int4-sym")
+    layer = _cuda_layer(72, in_f, "int4-sym")
     p = dispatch.layer_plan(layer)
-    x = torch.randn(4, p.in_features, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(4, p.out_features, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="multiple of the group"):
+    x = torch.randn(rows, p.in_features, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(rows, p.out_features, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
         triton_wq4.gemm(packed.operands(layer, p), p, x, None, out,
-                        {"VARIANT": "v3", "BLOCK_N": 64, "SPLIT_K": 1})
-
-
-@cuda_only
-@pytest.mark.parametrize("variant", ["v2", "v3"])
-def test_tensor_core_kernels_refuse_more_rows_than_their_tile(variant):
-    """A config whose input-row tile is smaller than the rows would leave rows uncomputed: refused."""
-    from holdall.kernels import triton_wq4
-
-    layer = _cuda_layer(72, 512, "int4-sym")
-    p = dispatch.layer_plan(layer)
-    x = torch.randn(20, p.in_features, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(20, p.out_features, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="smaller than the 20 input rows"):
-        triton_wq4.gemm(packed.operands(layer, p), p, x, None, out,
-                        {"VARIANT": variant, "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 1})
+                        {"VARIANT": variant, "BLOCK_M": block_m, "BLOCK_N": 64, "SPLIT_K": 1})
 
 
 @cuda_only
