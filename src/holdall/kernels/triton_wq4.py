@@ -809,28 +809,10 @@ def _fold16(w, s16, c16, BOOK: tl.constexpr, X_BF16: tl.constexpr):
     """The 8 codes of every int32 word of ``w``, scaled, as 16-bit float bits (int16) in input order
     (:func:`holdall.kernels.ptx.fold16_asm`): ``s16`` the scale and ``c16`` ``-(MAG + zero)`` as 16-bit bits of
     the activation dtype, shaped like ``w``; ``BOOK`` 0 int codes, 1 NF4, 2 FP4."""
-    if BOOK == 0:
-        if X_BF16:
-            out = tl.inline_asm_elementwise(_ASM_FOLD_INT_BF16, _FOLD_IO, [w, s16, c16],
-                                            (tl.int16,) * 8, True, 1)
-        else:
-            out = tl.inline_asm_elementwise(_ASM_FOLD_INT_F16, _FOLD_IO, [w, s16, c16],
-                                            (tl.int16,) * 8, True, 1)
-    elif BOOK == 1:
-        if X_BF16:
-            out = tl.inline_asm_elementwise(_ASM_FOLD_NF4_BF16, _FOLD_IO, [w, s16, c16],
-                                            (tl.int16,) * 8, True, 1)
-        else:
-            out = tl.inline_asm_elementwise(_ASM_FOLD_NF4_F16, _FOLD_IO, [w, s16, c16],
-                                            (tl.int16,) * 8, True, 1)
-    else:
-        if X_BF16:
-            out = tl.inline_asm_elementwise(_ASM_FOLD_FP4_BF16, _FOLD_IO, [w, s16, c16],
-                                            (tl.int16,) * 8, True, 1)
-        else:
-            out = tl.inline_asm_elementwise(_ASM_FOLD_FP4_F16, _FOLD_IO, [w, s16, c16],
-                                            (tl.int16,) * 8, True, 1)
-    return out
+    return tl.inline_asm_elementwise(
+        (_ASM_FOLD_INT_BF16 if X_BF16 else _ASM_FOLD_INT_F16) if BOOK == 0 else
+        (_ASM_FOLD_NF4_BF16 if X_BF16 else _ASM_FOLD_NF4_F16) if BOOK == 1 else
+        (_ASM_FOLD_FP4_BF16 if X_BF16 else _ASM_FOLD_FP4_F16), _FOLD_IO, [w, s16, c16], (tl.int16,) * 8, True, 1)
 
 
 @triton.jit
