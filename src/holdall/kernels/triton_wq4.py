@@ -73,18 +73,46 @@ _MAGIC = tl.constexpr(8388608.0)  # 2**23: the float whose low mantissa bits are
 @triton.jit
 def _group_scale(s_ptr, sabs_ptr, soff_ptr, dmap_ptr, index, mask, SCALE_DQ: tl.constexpr):
     """float32 scales at flattened ``index``; double-quantized ones as ``map[code] * absmax[idx // 256] + offset``."""
+    raw, nested = _scale_raw(s_ptr, sabs_ptr, index, mask, SCALE_DQ)
+    return _scale_value(raw, nested, soff_ptr, dmap_ptr, SCALE_DQ)
+
+
+@triton.jit
+def _scale_raw(s_ptr, sabs_ptr, index, mask, SCALE_DQ: tl.constexpr):
+    """What :func:`_group_scale` loads from global memory, without the table lookup: ``(scale, scale)``, or the
+    double-quantized ``(code, nested absmax)`` -- a value prefetched an iteration early holds no dependent load."""
     if SCALE_DQ:
-        code = tl.load(s_ptr + index, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(sabs_ptr + index // 256, mask=mask, other=0.0)
-        return tl.load(dmap_ptr + code) * nested + tl.load(soff_ptr)
+        return (tl.load(s_ptr + index, mask=mask, other=0).to(tl.int32),
+                tl.load(sabs_ptr + index // 256, mask=mask, other=0.0))
     else:
-        return tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        return s, s
+
+
+@triton.jit
+def _scale_value(raw, nested, soff_ptr, dmap_ptr, SCALE_DQ: tl.constexpr):
+    """The float32 scale from :func:`_scale_raw`'s pair (the 1 KB map of a double-quantized code stays in L1)."""
+    if SCALE_DQ:
+        return tl.load(dmap_ptr + raw) * nested + tl.load(soff_ptr)
+    else:
+        return raw
 
 
 @triton.jit
 def _group_zero(z_ptr, row, group, zero_row_stride, mask):
     """Asymmetric zero point (int32) of (row, group): 4-bit codes packed two per byte, even group high."""
-    packed = tl.load(z_ptr + row * zero_row_stride + group // 2, mask=mask, other=0).to(tl.int32)
+    return _zero_nibble(_zero_byte(z_ptr, row, group, zero_row_stride, mask), group)
+
+
+@triton.jit
+def _zero_byte(z_ptr, row, group, zero_row_stride, mask):
+    """The byte (int32) holding the zero points of groups ``group`` and its pair partner, for each ``row``."""
+    return tl.load(z_ptr + row * zero_row_stride + group // 2, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _zero_nibble(packed, group):
+    """Group ``group``'s zero point out of its :func:`_zero_byte` (even groups in the high nibble)."""
     return (packed >> (4 * (1 - group % 2))) & 0xF
 
 
@@ -816,27 +844,6 @@ def _fold16(w, s16, c16, BOOK: tl.constexpr, X_BF16: tl.constexpr):
 
 
 @triton.jit
-def _scale_raw(s_ptr, sabs_ptr, index, mask, SCALE_DQ: tl.constexpr):
-    """What :func:`_group_scale` loads from global memory, without the table lookup: ``(scale, scale)``, or the
-    double-quantized ``(code, nested absmax)`` -- a value prefetched an iteration early holds no dependent load."""
-    if SCALE_DQ:
-        return (tl.load(s_ptr + index, mask=mask, other=0).to(tl.int32),
-                tl.load(sabs_ptr + index // 256, mask=mask, other=0.0))
-    else:
-        s = tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        return s, s
-
-
-@triton.jit
-def _scale_value(raw, nested, soff_ptr, dmap_ptr, SCALE_DQ: tl.constexpr):
-    """The float32 scale from :func:`_scale_raw`'s pair (the 1 KB map of a double-quantized code stays in L1)."""
-    if SCALE_DQ:
-        return tl.load(dmap_ptr + raw) * nested + tl.load(soff_ptr)
-    else:
-        return raw
-
-
-@triton.jit
 def _splitk_store(acc, y_ptr, out_ptr, b_ptr, sem_ptr, rm, rn, m_ok, n_ok, pid_n, pid_k, M, N, stride_ym,
                   SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SEM: tl.constexpr):
     """Store a ``[rows, M]`` float32 tile of ``y^T``: the output itself (``SPLIT_K`` 1), or split ``pid_k``'s
@@ -920,8 +927,7 @@ def _gemm3_kernel(
     s_next, nested_next = _scale_raw(s_ptr, sabs_ptr, rn * scale_row_stride + start * group_step,
                                      n_ok & (start < stop), SCALE_DQ)
     if KIND == 1:
-        z_next = tl.load(z_ptr + rn * zero_row_stride + (start * group_step) // 2, mask=n_ok & (start < stop),
-                         other=0).to(tl.int32)
+        z_next = _zero_byte(z_ptr, rn, start * group_step, zero_row_stride, n_ok & (start < stop))
     for g in tl.range(start, stop, num_stages=STAGES):
         w = tl.load(w_rows + (g * GW + rw)[None, :], mask=n_ok[:, None], other=0)  # [BN, GW]
         if XREG:
@@ -935,9 +941,8 @@ def _gemm3_kernel(
         s_next, nested_next = _scale_raw(s_ptr, sabs_ptr, rn * scale_row_stride + (g + 1) * group_step,
                                          n_ok & (g + 1 < stop), SCALE_DQ)
         if KIND == 1:
-            zero = ((z_next >> (4 * (1 - (g * group_step) % 2))) & 0xF).to(tl.float32)
-            z_next = tl.load(z_ptr + rn * zero_row_stride + ((g + 1) * group_step) // 2,
-                             mask=n_ok & (g + 1 < stop), other=0).to(tl.int32)
+            zero = _zero_nibble(z_next, g * group_step).to(tl.float32)
+            z_next = _zero_byte(z_ptr, rn, (g + 1) * group_step, zero_row_stride, n_ok & (g + 1 < stop))
         else:
             zero = s * 0.0 + 8.0  # derived from s, not a constant: a splat here makes Triton re-lay the decode out
         if FOLD16 and (PRMT if KIND != 2 else BOOK != 0):  # scaled in 16-bit pairs inside the PTX decode
