@@ -181,6 +181,12 @@ def gemm_configs(rows: int, codebook: bool) -> list[dict]:
                 out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": warps,
                             "num_stages": 3, "STAGES": 3, "PREFETCH": False, "FOLD": not packed_decode,
                             "PACKED": packed_decode, "SEM": True, "VARIANT": "v2"})
+    # round 6: the fragment-order kernel (the default for rows of whole groups; its full grids are
+    # bench/configs/gemm_v3_grid*.json), splits around the heuristic's, scaled in 16-bit pairs or float32
+    for block_n, split_k, fold16 in ((128, 2, True), (128, 4, True), (128, 8, True), (128, 16, True),
+                                     (64, 8, True), (128, 8, False)):
+        out.append({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
+                    "STAGES": 3, "SEM": True, "FOLD16": fold16, "VARIANT": "v3"})
     return out
 
 
@@ -196,8 +202,8 @@ def sweep(layers: list[QuantLinear], rows: int, configs: list[dict] | None = Non
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if rows <= dispatch.GEMV_MAX_ROWS:
         launch = lambda o, cfg: triton_wq4.gemv(o, p, x.reshape(-1), None, out.view(-1), cfg)  # noqa: E731
-        configs, default = configs or gemv_configs(p.group, p.kind == 2), triton_wq4.gemv_config(
-            p, sms, torch.cuda.get_device_capability() >= (9, 0))
+        tma = triton_wq4._has_tma(0) and ops[0].words.data_ptr() % 16 == 0  # what the dispatch decides
+        configs, default = configs or gemv_configs(p.group, p.kind == 2), triton_wq4.gemv_config(p, sms, tma)
     else:
         launch = lambda o, cfg: triton_wq4.gemm(o, p, x, None, out, cfg)  # noqa: E731
         configs, default = configs or gemm_configs(rows, p.kind == 2), triton_wq4.gemm_config(p, rows, sms)
