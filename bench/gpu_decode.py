@@ -14,8 +14,9 @@ random bf16 weights (std 0.02; timings do not depend on the values). Rows, each 
   ``hf-generate`` and ``static`` on it (holdall's Triton GEMV kernels run in both).
 
 Bytes per token = every parameter and buffer byte the step reads (packed codes, scales, zeros, norms, lm_head;
-one embedding row) plus the KV cache the attention reads (the whole static cache: ``max_len`` slots, since the
-masked attention reads all of them). Roofline = the card's measured device-to-device copy bandwidth (1 GiB,
+one embedding row) plus the KV cache the attention reads: the slots written so far, averaged over the decoded
+tokens (the fused decode attention reads only those; before it, the masked SDPA read all ``max_len`` slots and the
+accounting counted them all). Roofline = the card's measured device-to-device copy bandwidth (1 GiB,
 read + write bytes). % of roofline = bytes per token x tokens/s / that bandwidth (gpt-fast's accounting, with the
 cache included). The static decoder's logits are also checked against transformers' forward on the same weights
 (teacher-forced, :func:`check_against_hf`).
@@ -83,8 +84,8 @@ def build_model(layers: int, device: torch.device):
     return model.eval()
 
 
-def bytes_per_token(model, max_len: int) -> int:
-    """Parameter and buffer bytes one decode step reads, plus the whole KV cache."""
+def bytes_per_token(model, kv_slots: float) -> int:
+    """Parameter and buffer bytes one decode step reads, plus ``kv_slots`` slots of every layer's K and V."""
     total = 0
     embed = model.model.embed_tokens.weight
     for module in model.modules():
@@ -98,7 +99,7 @@ def bytes_per_token(model, max_len: int) -> int:
         total += embed.numel() * embed.element_size()
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    total += 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * max_len * head_dim * 2
+    total += int(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * kv_slots * head_dim * 2)
     return total
 
 
@@ -114,8 +115,8 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int]
     return out[0, prompt.numel():].tolist(), new_tokens / seconds
 
 
-def static_decode(model, prompt: torch.Tensor, new_tokens: int, max_len: int) -> tuple[list[int], float]:
-    decoder = StaticDecoder(model, max_len=max_len)
+def static_decode(model, prompt: torch.Tensor, new_tokens: int, max_len: int, **options) -> tuple[list[int], float]:
+    decoder = StaticDecoder(model, max_len=max_len, **options)
     decoder.generate(prompt, 8)  # capture + warm-up (the capture is outside the timed part anyway)
     best = None
     for _ in range(3):
@@ -150,20 +151,26 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--schemes", default="int4-g128-sym,nf4-dq")
     parser.add_argument("--skip-hf", action="store_true", help="only the static decoder (faster)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also time the static decoder without its fused attention and stacked projections")
     args = parser.parse_args()
     device = torch.device("cuda")
     max_len = args.prompt_tokens + args.new_tokens
     bandwidth = copy_bandwidth(device)
     info = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
             "date": dt.date.today().isoformat(), "copy_GBps": round(bandwidth, 1), "layers": args.layers,
-            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "max_len": max_len}
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "max_len": max_len,
+            "kv_slots_per_token": args.prompt_tokens + args.new_tokens / 2}
     log(json.dumps(info))
     model = build_model(args.layers, device)
     prompt = torch.randint(0, 32000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
 
+    # decode step t (t = 1..new-1) reads the prompt's slots and the t written since: prompt + new/2 on average
+    kv_slots = args.prompt_tokens + args.new_tokens / 2
+
     def record(weights: str, path: str, tokens_per_s: float, check: dict | None):
-        nbytes = bytes_per_token(model, max_len)
+        nbytes = bytes_per_token(model, kv_slots)
         row = {"weights": weights, "path": path, "tokens_per_s": round(tokens_per_s, 2),
                "bytes_per_token_GB": round(nbytes / 1e9, 3), "GBps": round(nbytes * tokens_per_s / 1e9, 1),
                "roofline_pct": round(100 * nbytes * tokens_per_s / 1e9 / bandwidth, 1)}
@@ -177,6 +184,10 @@ def main() -> None:
         if not args.skip_hf:
             _, tps = hf_generate(model, prompt, args.new_tokens)
             record(weights, "hf-generate", tps, None)
+        if args.ablate:
+            _, tps = static_decode(model, prompt, args.new_tokens, max_len, fused_attention=False,
+                                   stack_projections=False)
+            record(weights, "static-unfused", tps, None)
         tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
         record(weights, "static", tps, check_against_hf(model, prompt, tokens, max_len))
 

@@ -140,3 +140,56 @@ def test_backend_registry_dispatch():
         backends.unregister_backend("reference")
     with pytest.raises(ConfigError, match="no backend"):
         backends.unregister_backend("nope")
+
+
+STACKABLE = [
+    QuantScheme(group_size=32),
+    QuantScheme(group_size=32, symmetric=False),
+    QuantScheme(bits=8, granularity="channel", symmetric=False),
+    QuantScheme(dtype="nf4", group_size=32),
+    QuantScheme(dtype="fp4", group_size=64),
+]
+
+
+@pytest.mark.parametrize("scheme", [None, *STACKABLE], ids=lambda s: "float" if s is None else s.label)
+def test_stacked_layer_computes_every_layer_and_shares_their_storage(scheme):
+    from holdall.core.linear import stack_outputs
+
+    floats = [make_linear(128, 40, bias=True, seed=1), make_linear(128, 24, bias=False, seed=2),
+              make_linear(128, 64, bias=True, seed=3)]
+    layers = floats if scheme is None else [QuantLinear.from_linear(f, scheme) for f in floats]
+    x = torch.randn(3, 128)
+    before = [layer(x) for layer in layers]
+    weights = [layer.weight.detach().clone() if scheme is None else layer.dequantize_weight() for layer in layers]
+    stacked = stack_outputs(layers)
+    torch.testing.assert_close(stacked(x), torch.cat(before, -1), rtol=1e-5, atol=1e-5)
+    for layer, want, weight in zip(layers, before, weights):  # the layers compute what they did ...
+        assert torch.equal(layer(x), want)
+        got = layer.weight if scheme is None else layer.dequantize_weight()
+        assert torch.equal(got, weight)
+        tensors = [layer.weight] if scheme is None else [layer._buffers[n] for n in layer._weight_names]
+        owners = [stacked.weight] if scheme is None else [stacked._buffers[n] for n in layer._weight_names]
+        for t, owner in zip(tensors, owners):  # ... from views of the stacked weight: no memory added
+            assert t.untyped_storage().data_ptr() == owner.untyped_storage().data_ptr()
+    assert not stacked.bias.requires_grad and torch.equal(stacked.bias[40:64], torch.zeros(24))
+
+
+def test_layers_that_cannot_be_stacked_say_why():
+    from holdall.core.linear import stack_outputs, why_not_stackable
+
+    a, b = make_linear(96, 40), make_linear(96, 24)
+    cases = [
+        ([QuantLinear.from_linear(a, QuantScheme(dtype="nf4", group_size=32, double_quant=True)),
+          QuantLinear.from_linear(b, QuantScheme(dtype="nf4", group_size=32, double_quant=True))], "double-quant"),
+        ([QuantLinear.from_linear(a, QuantScheme(granularity="tensor")),
+          QuantLinear.from_linear(b, QuantScheme(granularity="tensor"))], "output rows"),
+        ([QuantLinear.from_linear(a, QuantScheme(group_size=32)),
+          QuantLinear.from_linear(b, QuantScheme(group_size=64))], "differ"),
+        ([a, make_linear(64, 24)], "differ"),
+        ([a, QuantLinear.from_linear(b, QuantScheme(group_size=32))], "mixed"),
+        ([a], "fewer"),
+    ]
+    for layers, reason in cases:
+        assert reason in why_not_stackable(layers)
+        with pytest.raises(ConfigError, match="cannot stack"):
+            stack_outputs(layers)

@@ -100,3 +100,54 @@ def test_other_shapes_are_refused():
                          num_key_value_heads=2, vocab_size=128, head_dim=16)
     with pytest.raises(UnsupportedModelError, match="static decoding"):
         StaticDecoder(Qwen3ForCausalLM(config), max_len=8)
+
+
+def test_fused_attention_step_equals_the_general_path(one_thread):
+    # the decode step's fused attention (rotary table, cache write, attention over the written slots; the Triton
+    # kernel on CUDA) gives the logits of the general path (rotary module, index_copy_, masked SDPA)
+    model = make_tiny_llama(hidden=64, layers=2, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    model = model.to(DEVICE)
+    ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    fused = StaticDecoder(model, max_len=24, fused_attention=True)
+    general = StaticDecoder(model, max_len=24, fused_attention=False)
+    assert fused._attend is not None and general._attend is None
+    got, want = [fused.prefill(ids[:3])], [general.prefill(ids[:3])]
+    for pos in range(3, 20):
+        got.append(fused.step(ids[pos], pos).clone())
+        want.append(general.step(ids[pos], pos).clone())
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.k_cache[:, :, :, :20], general.k_cache[:, :, :, :20], rtol=1e-5, atol=1e-5)
+
+
+def test_length_dependent_rotary_keeps_the_general_path():
+    model = make_tiny_llama(hidden=64, layers=1, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert StaticDecoder(model, max_len=8)._attend is None
+    with pytest.raises(ConfigError, match="rope type"):
+        StaticDecoder(model, max_len=8, fused_attention=True)
+
+
+@pytest.mark.parametrize("method,kw", [(None, {}), ("rtn", dict(bits=4, group_size=32)),
+                                       ("nf4", dict(double_quant=True))])
+def test_stacked_projections_decode_like_separate_ones(method, kw, one_thread, tmp_path):
+    from holdall.algorithms import QuantConfig, quantize
+    from holdall.models.checkpoint import load_quantized, save_quantized
+
+    model = _sharpen(make_tiny_llama(hidden=64, layers=2))
+    if method is not None:
+        quantize(model, QuantConfig.for_method(method, **kw), progress=False)
+    model = model.to(DEVICE)
+    ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    separate = StaticDecoder(model, max_len=16, stack_projections=False)
+    want = [separate.prefill(ids[:4])] + [separate.step(ids[p], p).clone() for p in range(4, 14)]
+    stacked = StaticDecoder(model, max_len=16)
+    double_quant = kw.get("double_quant", False)
+    assert all((m is None) == double_quant for m in stacked._qkv + stacked._gate_up)
+    got = [stacked.prefill(ids[:4])] + [stacked.step(ids[p], p).clone() for p in range(4, 14)]
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-4)
+    if method is not None:  # the model's layers now view the stacked weights; saving still writes each layer
+        save_quantized(model.cpu(), None, tmp_path / "q")
+        again, _ = load_quantized(tmp_path / "q")
+        assert set(again.state_dict()) == set(model.state_dict())
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(again.state_dict()[name].cpu(), tensor.cpu()), name

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.linear import stack_outputs, why_not_stackable
 from ..errors import ConfigError, UnsupportedModelError
+from ..kernels.decode_attention import DecodeAttention
 from ..models.families import get_family
 from ..models.llama_ops import add_rms_norm as _add_rms_norm
 from ..models.llama_ops import rms_norm as _rms_norm
@@ -65,9 +67,19 @@ class StaticDecoder:
     compile: fuse the decode step's pointwise pieces (RMSNorm with its residual add, rotary, SiLU x up) with
         ``torch.compile``, each into one kernel (default: on CUDA devices, where a 7B step otherwise spends ~2 ms
         launching ~40 small kernels per layer). The projections are never compiled: they run their own kernels.
+    fused_attention: run a decode step's attention as :class:`holdall.kernels.decode_attention.DecodeAttention`
+        (rotary from a precomputed table, the cache write and flash-decoding attention over the written slots in
+        one Triton launch on CUDA; its plain-torch reference elsewhere). Default: on, unless the rotary depends
+        on the sequence length (dynamic NTK, LongRoPE), which the table cannot hold. The prompt's prefill always
+        takes the general path.
+    stack_projections: run a decode step's q/k/v projections as one layer and gate/up as another
+        (:func:`holdall.core.linear.stack_outputs`: one launch each; the model's layers become views of the
+        stacked weights, so no memory is added). Default: on wherever the layers can be stacked (float linears,
+        4-bit formats without double quantization). The model must not be modified while the decoder is used.
     """
 
-    def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool | None = None):
+    def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool | None = None,
+                 fused_attention: bool | None = None, stack_projections: bool = True):
         family = get_family(model)
         if family.model_type not in SUPPORTED:
             raise UnsupportedModelError(
@@ -115,6 +127,37 @@ class StaticDecoder:
         self._graph: torch.cuda.CUDAGraph | None = None
         use_compile = self.device.type == "cuda" if compile is None else bool(compile)
         self._ops = _Pointwise.compiled() if use_compile else _EAGER
+        self._attend = self._plan_attention(fused_attention)
+        self._qkv: list[nn.Module | None] = [None] * len(self.layers)
+        self._gate_up: list[nn.Module | None] = [None] * len(self.layers)
+        if stack_projections:
+            self._stack_projections()
+
+    def _stack_projections(self) -> None:
+        """One stacked layer per block for q/k/v (used by the fused attention step) and for gate/up."""
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if self._attend is not None and why_not_stackable(qkv) is None:
+                self._qkv[i] = stack_outputs(qkv)
+            if why_not_stackable([mlp.gate_proj, mlp.up_proj]) is None:
+                self._gate_up[i] = stack_outputs([mlp.gate_proj, mlp.up_proj])
+
+    def _plan_attention(self, fused: bool | None) -> DecodeAttention | None:
+        """The fused decode-attention step and its rotary table ``[max_len, head_dim]``, or None (general path)."""
+        rope_type = str(getattr(self.core.rotary_emb, "rope_type", "default"))
+        position_dependent = "dynamic" in rope_type or "longrope" in rope_type
+        if fused is None:
+            fused = not position_dependent
+        if not fused:
+            return None
+        if position_dependent:
+            raise ConfigError(f"fused_attention=True needs a fixed rotary table; this model's rope type {rope_type!r} "
+                              "changes with the sequence length. Leave fused_attention unset")
+        probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
+        cos, sin = self.core.rotary_emb(probe, self.cache_positions[None])  # [1, max_len, head_dim]
+        self._cos, self._sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
+        return DecodeAttention(self.n_heads, self.n_kv, self.head_dim, self.max_len, self.device, self.dtype)
 
     # --- the forward over the static cache -------------------------------------------------------------------
     @torch.no_grad()
@@ -125,9 +168,12 @@ class StaticDecoder:
         """
         ops = ops or _EAGER
         x = self.core.embed_tokens(ids)  # [1, T, hidden]
-        cos, sin = self.core.rotary_emb(x, positions[None])
-        # token t attends to cache slots 0..positions[t]
-        mask = self.cache_positions[None, :] <= positions[:, None]  # [T, max_len]
+        if self._attend is not None and ids.shape[1] == 1:  # one token: the fused step reads its own tables
+            cos = sin = mask = None
+        else:
+            cos, sin = self.core.rotary_emb(x, positions[None])
+            # token t attends to cache slots 0..positions[t]
+            mask = self.cache_positions[None, :] <= positions[:, None]  # [T, max_len]
         norms = [layer.input_layernorm for layer in self.layers] + [self.core.norm]
         h = ops.rms_norm(x, norms[0].weight, norms[0].variance_epsilon)
         for i, layer in enumerate(self.layers):
@@ -135,12 +181,25 @@ class StaticDecoder:
             post = layer.post_attention_layernorm
             x, h = ops.add_rms_norm(x, attn, post.weight, post.variance_epsilon)
             mlp = layer.mlp
-            update = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            if self._gate_up[i] is not None and ids.shape[1] == 1:
+                gate, up = self._gate_up[i](h).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            update = mlp.down_proj(ops.silu_mul(gate, up))
             x, h = ops.add_rms_norm(x, update, norms[i + 1].weight, norms[i + 1].variance_epsilon)
         return self.model.lm_head(h)[0].float()
 
     def _attention(self, attn: nn.Module, h: torch.Tensor, cos, sin, positions, mask, index: int, ops) -> torch.Tensor:
         T = h.shape[1]
+        if mask is None:  # one decode token through the fused step
+            if self._qkv[index] is not None:
+                width = self.n_kv * self.head_dim
+                q, k, v = self._qkv[index](h).split([self.n_heads * self.head_dim, width, width], dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            out = self._attend(q, k, v, self.k_cache[index, 0], self.v_cache[index, 0], positions, self._cos,
+                               self._sin, getattr(attn, "scaling", None))
+            return attn.o_proj(out.view(1, 1, -1))
         q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)  # [1, heads, T, d]
         k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
