@@ -122,7 +122,8 @@ def test_backend_registry_dispatch():
         calls.append(inp.shape)
         return 2 * backends.reference_forward(lay, inp)
 
-    backends.register_backend("test-doubled", doubled, supports=lambda lay, inp: inp.shape[0] == 2, priority=10)
+    before = backends.available_backends()  # on a GPU machine an earlier CUDA forward registered the kernels
+    backends.register_backend("test-doubled", doubled, supports=lambda lay, inp: inp.shape[0] == 2, priority=1000)
     try:
         assert backends.available_backends()[0] == "test-doubled"
         assert torch.equal(layer(x), 2 * reference)
@@ -134,7 +135,7 @@ def test_backend_registry_dispatch():
             backends.register_backend("test-doubled", doubled)
     finally:
         backends.unregister_backend("test-doubled")
-    assert backends.available_backends() == ["reference"]
+    assert backends.available_backends() == before and before[-1] == "reference"
     assert torch.equal(layer(x), reference)
     with pytest.raises(ConfigError, match="cannot be removed"):
         backends.unregister_backend("reference")

@@ -145,10 +145,23 @@ def _dynamic_grid_codes(device: torch.device) -> torch.Tensor:
 _GRID_CACHE: dict[str, torch.Tensor] = {}
 
 
+def _dynamic_table(device: torch.device) -> torch.Tensor:
+    """The signed dynamic map on ``device``, made once per device and only read: decoding double-quantized
+    scales inside a CUDA graph capture (the static decoder's reference path) cannot copy it from the CPU."""
+    key = str(device)
+    table = _DYNAMIC_CACHE.get(key)
+    if table is None:
+        table = _DYNAMIC_CACHE[key] = dynamic_map(signed=True, device=device)
+    return table
+
+
+_DYNAMIC_CACHE: dict[str, torch.Tensor] = {}
+
+
 def dequantize_dynamic(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = DOUBLE_QUANT_BLOCK) -> torch.Tensor:
     """Inverse of :func:`quantize_dynamic`: float32 ``[numel]`` = ``map[code] * absmax[block]``."""
     flat = codes.reshape(-1)
-    table = dynamic_map(signed=True, device=flat.device)
+    table = _dynamic_table(flat.device)
     return table[flat.long()] * absmax.float().repeat_interleave(blocksize)[: flat.numel()]
 
 

@@ -6,8 +6,12 @@ bandwidth, although a decode step only has to read every weight once. Here the s
 tensor ops on fixed-shape buffers:
 
 * the KV cache is preallocated ``[layers, 1, kv_heads, max_len, head_dim]`` and written in place at the current
-  position (``index_copy_``); attention reads the whole cache under a mask of the positions written so far, so
-  no shape depends on the position;
+  position; a decode step's attention is one call of :class:`holdall.kernels.decode_attention.DecodeAttention`
+  (rotary from a table, the cache write and attention over the slots written so far: one Triton launch per
+  layer on CUDA), whose slot range is read from the device, so no shape depends on the position (the prompt's
+  prefill takes the general path: ``index_copy_`` and SDPA under a mask);
+* q/k/v and gate/up run as one stacked projection each (:func:`holdall.core.linear.stack_outputs`: one launch
+  instead of three and two; the model's layers become views of the stacked weights);
 * the token and its position live in one-element device tensors, so the step can be captured once as a CUDA
   graph and replayed for every token: one launch per token instead of hundreds;
 * the layers' own modules compute everything (norms, the rotary table, the projections — float ``nn.Linear``,
