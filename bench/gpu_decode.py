@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--schemes", default="int4-g128-sym,nf4-dq")
     parser.add_argument("--skip-hf", action="store_true", help="only the static decoder (faster)")
     parser.add_argument("--ablate", action="store_true",
-                        help="also time the static decoder without its fused attention and stacked projections")
+                        help="also time the static decoder without its fused attention and stacked projections "
+                             "(round 5's step) and without folding the norms into the GEMVs (round 7's first step)")
     args = parser.parse_args()
     device = torch.device("cuda")
     max_len = args.prompt_tokens + args.new_tokens
@@ -188,6 +189,8 @@ def main() -> None:
             _, tps = static_decode(model, prompt, args.new_tokens, max_len, fused_attention=False,
                                    stack_projections=False)
             record(weights, "static-unfused", tps, None)
+            _, tps = static_decode(model, prompt, args.new_tokens, max_len, fuse_norms=False)
+            record(weights, "static-norms-apart", tps, None)
         tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
         record(weights, "static", tps, check_against_hf(model, prompt, tokens, max_len))
 

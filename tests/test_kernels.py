@@ -461,3 +461,41 @@ def test_first_cuda_forward_registers_the_kernels():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
+
+
+@cuda_only
+@pytest.mark.parametrize("name", list(SCHEMES) + ["fp4", "int4-asym-dq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(12288, 4096), (40, 256)])
+@pytest.mark.parametrize("norm,residual", [(True, False), (False, True), (True, True)])
+def test_fused_gemv_folds_the_norm_and_the_residual(name, dtype, shape, norm, residual):
+    # the decoder's fused step: layer(rms_norm(x) * w) + residual in one TMA-GEMV launch
+    layer = _cuda_layer(*shape, name)
+    if not dispatch.norm_fusable(layer, dtype):
+        assert torch.cuda.get_device_capability() < (9, 0), "Hopper runs the TMA GEMV for whole groups"
+        pytest.skip("the norm folds only into the TMA GEMV (Hopper)")
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    x = (torch.randn(shape[1], generator=gen) * 4).to("cuda", dtype)
+    weight = (torch.rand(shape[1], generator=gen) + 0.5).to("cuda", dtype)
+    res = torch.randn(shape[0], generator=gen).to("cuda", dtype)
+    eps = 1e-5
+    h = x.float()
+    if norm:  # transformers' RMSNorm, kept in float32
+        h = h * torch.rsqrt(h.pow(2).mean() + eps) * weight.float()
+    want = packed.reference_linear(layer, h[None])[0] + (res.float() if residual else 0)
+    got = dispatch.fused_gemv(layer, x, (weight, eps) if norm else None, res if residual else None)
+    assert got.dtype == dtype and got.shape == (shape[0],)
+    assert _rel(got, want) < TOL[dtype]
+
+
+@cuda_only
+def test_fused_gemv_refuses_a_kernel_without_the_norm():
+    from holdall.kernels import triton_wq4
+
+    layer = _cuda_layer(40, 256, "int4-sym")
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(40, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot fold in a norm"):
+        triton_wq4.gemv(packed.operands(layer, p), p, x, None, out, {"BLOCK_N": 8, "BLOCK_G": 1},
+                        norm=(torch.ones_like(x), 1e-5))

@@ -151,3 +151,31 @@ def test_stacked_projections_decode_like_separate_ones(method, kw, one_thread, t
         assert set(again.state_dict()) == set(model.state_dict())
         for name, tensor in model.state_dict().items():
             assert torch.equal(again.state_dict()[name].cpu(), tensor.cpu()), name
+
+
+def test_norm_fusion_is_refused_where_the_kernels_do_not_run():
+    model = make_tiny_llama(hidden=64, layers=1)  # float32 linears: nothing to fold the norms into
+    assert StaticDecoder(model, max_len=8)._fuse_norms is False
+    with pytest.raises(ConfigError, match="fuse_norms=True"):
+        StaticDecoder(model, max_len=8, fuse_norms=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the norms fold into the one-row TMA GEMV (Hopper)")
+@pytest.mark.parametrize("method,kw", [("rtn", dict(bits=4, group_size=32)), ("nf4", dict(double_quant=True))])
+def test_folded_norms_decode_like_separate_ones(method, kw):
+    from holdall.algorithms import QuantConfig, quantize
+
+    model = _sharpen(make_tiny_llama(hidden=128, layers=2, intermediate=256)).to(torch.bfloat16)
+    quantize(model, QuantConfig.for_method(method, **kw), progress=False)
+    model = model.to("cuda")
+    ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(6)).to("cuda")
+    separate = StaticDecoder(model, max_len=16, fuse_norms=False)
+    want = [separate.prefill(ids[:4])] + [separate.step(ids[p], p).clone() for p in range(4, 14)]
+    fused = StaticDecoder(model, max_len=16)
+    assert fused._fuse_norms
+    got = [fused.prefill(ids[:4])] + [fused.step(ids[p], p).clone() for p in range(4, 14)]
+    got, want = torch.stack(got), torch.stack(want)
+    # bf16: the fused step rounds the normalised row and the residual sums once fewer
+    assert float((got - want).abs().max()) < 0.03 * float(want.abs().max())
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9

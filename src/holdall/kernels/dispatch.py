@@ -93,3 +93,40 @@ def register() -> None:
 def unregister() -> None:
     if BACKEND in backends.available_backends():
         backends.unregister_backend(BACKEND)
+
+
+def norm_fusable(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_gemv` runs this layer's one-row kernel with a norm folded in: a CUDA ``QuantLinear``
+    whose default GEMV is the TMA kernel (Hopper, rows of whole groups), in a bf16/fp16 model."""
+    if not hasattr(layer, "scheme") or layer.qdata.device.type != "cuda" or dtype not in _COMPUTE_DTYPES:
+        return False
+    p = layer_plan(layer)
+    if p is None:
+        return False
+    from . import triton_wq4
+
+    return triton_wq4.default_gemv_config(packed.operands(layer, p), p, layer.qdata.device).get("VARIANT") == "tma"
+
+
+def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One row in one launch: ``layer(rms_norm(x) * weight) + residual`` with ``norm = (weight, eps)``, either
+    part optional; ``x [in]`` and the result ``[out]`` in the model's compute dtype.
+
+    The decoder's step otherwise runs RMSNorm (and the residual add) as launches of their own; here every
+    program of the GEMV sums the squares of ``x`` itself and the residual is added in the epilogue like a bias.
+    The normalised row stays float32 (transformers rounds it to the model dtype before scaling): outputs agree
+    to the dtype's rounding. Only for layers :func:`norm_fusable` accepts.
+    """
+    from . import triton_wq4
+
+    p = layer_plan(layer)
+    x = x.reshape(-1)
+    if x.storage_offset() % 2 or not x.is_contiguous():  # the kernel reads x as int32 pairs
+        x = x.contiguous().clone()
+    bias = layer.bias.detach().to(x.dtype) if layer.bias is not None else None
+    if residual is not None:
+        residual = residual.reshape(-1).to(x.dtype)
+        bias = residual if bias is None else residual + bias
+    out = torch.empty(p.out_features, dtype=x.dtype, device=x.device)
+    return triton_wq4.gemv(packed.operands(layer, p), p, x, bias, out, norm=norm)

@@ -80,10 +80,15 @@ class StaticDecoder:
         (:func:`holdall.core.linear.stack_outputs`: one launch each; the model's layers become views of the
         stacked weights, so no memory is added). Default: on wherever the layers can be stacked (float linears,
         4-bit formats without double quantization). The model must not be modified while the decoder is used.
+    fuse_norms: fold each RMSNorm into the 4-bit projections that read it and each residual add into the
+        projection before it (:func:`holdall.kernels.dispatch.fused_gemv`: a decode step's layer is then six
+        launches: q/k/v, attention, o_proj + residual, gate/up, SiLU x up, down + residual). Default: on when
+        every projection of every block runs the one-row TMA kernel (Hopper, 4-bit, bf16/fp16) and attention
+        is fused; otherwise off (``True`` then raises, naming the layer that cannot).
     """
 
     def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool | None = None,
-                 fused_attention: bool | None = None, stack_projections: bool = True):
+                 fused_attention: bool | None = None, stack_projections: bool = True, fuse_norms: bool | None = None):
         family = get_family(model)
         if family.model_type not in SUPPORTED:
             raise UnsupportedModelError(
@@ -136,6 +141,41 @@ class StaticDecoder:
         self._gate_up: list[nn.Module | None] = [None] * len(self.layers)
         if stack_projections:
             self._stack_projections()
+        self._fuse_norms = self._plan_norm_fusion(fuse_norms)
+
+    def _plan_norm_fusion(self, wanted: bool | None) -> bool:
+        """Whether the decode step folds norms and residual adds into the 4-bit GEMVs (see ``fuse_norms``)."""
+        if wanted is False:
+            return False
+        reason = None if self._attend is not None else "attention is not fused (fused_attention)"
+        if reason is None:
+            from ..kernels.dispatch import norm_fusable
+
+            for i, layer in enumerate(self.layers):
+                for name, module in self._block_projections(i):
+                    if not norm_fusable(module, self.dtype):
+                        reason = f"layers.{i}.{name} does not run the one-row TMA kernel"
+                        break
+                    if name in ("o_proj", "down_proj") and module.bias is not None:
+                        reason = f"layers.{i}.{name} has a bias"
+                        break
+                norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+                if reason is None and any(w.dtype != self.dtype or not w.is_contiguous() for w in norms):
+                    reason = f"layers.{i}'s norm weights are not contiguous {self.dtype}"
+                if reason is not None:
+                    break
+        if reason is not None and wanted:
+            raise ConfigError(f"fuse_norms=True cannot be honoured: {reason}. Leave fuse_norms unset")
+        return reason is None
+
+    def _block_projections(self, index: int) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of block ``index``'s projections as the decode step runs them (stacked or not)."""
+        attn, mlp = self.layers[index].self_attn, self.layers[index].mlp
+        qkv = [("qkv", self._qkv[index])] if self._qkv[index] is not None else [
+            ("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj)]
+        gate_up = [("gate_up", self._gate_up[index])] if self._gate_up[index] is not None else [
+            ("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj)]
+        return qkv + [("o_proj", attn.o_proj)] + gate_up + [("down_proj", mlp.down_proj)]
 
     def _stack_projections(self) -> None:
         """One stacked layer per block for q/k/v (used by the fused attention step) and for gate/up."""
@@ -171,6 +211,8 @@ class StaticDecoder:
         ops: the pointwise pieces (norms, residual adds, rotary, SiLU gate); the decode step passes compiled ones.
         """
         ops = ops or _EAGER
+        if self._fuse_norms and ids.shape[1] == 1:
+            return self._fused_step(ids, positions, ops)
         x = self.core.embed_tokens(ids)  # [1, T, hidden]
         if self._attend is not None and ids.shape[1] == 1:  # one token: the fused step reads its own tables
             cos = sin = mask = None
@@ -191,6 +233,34 @@ class StaticDecoder:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             update = mlp.down_proj(ops.silu_mul(gate, up))
             x, h = ops.add_rms_norm(x, update, norms[i + 1].weight, norms[i + 1].variance_epsilon)
+        return self.model.lm_head(h)[0].float()
+
+    def _fused_step(self, ids: torch.Tensor, positions: torch.Tensor, ops: "_Pointwise") -> torch.Tensor:
+        """One decode token with every norm and residual add folded into the 4-bit GEMVs (``fuse_norms``)."""
+        from ..kernels.dispatch import fused_gemv
+
+        x = self.core.embed_tokens(ids).reshape(-1)  # [hidden]: the residual stream
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            pre, post = layer.input_layernorm, layer.post_attention_layernorm
+            parts = self._block_projections(i)
+            norm = (pre.weight, pre.variance_epsilon)
+            if self._qkv[i] is not None:
+                q, k, v = fused_gemv(self._qkv[i], x, norm).split([q_width, kv_width, kv_width])
+            else:
+                q, k, v = (fused_gemv(module, x, norm) for _, module in parts[:3])
+            out = self._attend(q, k, v, self.k_cache[i, 0], self.v_cache[i, 0], positions, self._cos, self._sin,
+                               getattr(attn, "scaling", None))
+            x = fused_gemv(attn.o_proj, out, residual=x)
+            norm = (post.weight, post.variance_epsilon)
+            if self._gate_up[i] is not None:
+                gate, up = fused_gemv(self._gate_up[i], x, norm).chunk(2)
+            else:
+                gate, up = fused_gemv(mlp.gate_proj, x, norm), fused_gemv(mlp.up_proj, x, norm)
+            x = fused_gemv(mlp.down_proj, ops.silu_mul(gate, up), residual=x)
+        final = self.core.norm
+        h = ops.rms_norm(x.view(1, 1, -1), final.weight, final.variance_epsilon)
         return self.model.lm_head(h)[0].float()
 
     def _attention(self, attn: nn.Module, h: torch.Tensor, cos, sin, positions, mask, index: int, ops) -> torch.Tensor:
