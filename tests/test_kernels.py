@@ -466,26 +466,30 @@ def test_first_cuda_forward_registers_the_kernels():
 @cuda_only
 @pytest.mark.parametrize("name", list(SCHEMES) + ["fp4", "int4-asym-dq"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(12288, 4096), (40, 256)])
-@pytest.mark.parametrize("norm,residual", [(True, False), (False, True), (True, True)])
-def test_fused_gemv_folds_the_norm_and_the_residual(name, dtype, shape, norm, residual):
-    # the decoder's fused step: layer(rms_norm(x) * w) + residual in one TMA-GEMV launch
-    layer = _cuda_layer(*shape, name)
-    if not dispatch.norm_fusable(layer, dtype):
+@pytest.mark.parametrize("shapes", [((4096, 4096), (12288, 4096)), ((256, 128), (40, 256))])
+def test_fused_gemv_splits_the_norm_over_two_epilogues(name, dtype, shapes):
+    # the decoder's fused step: y = residual + producer(a), then consumer(rms_norm(y) * w) from the producer's
+    # weighted row and partial sums of squares (transformers' RMSNorm in float32 as the reference)
+    (p_out, p_in), (c_out, c_in) = shapes
+    producer = _layer(p_out, p_in, {**SCHEMES, **EXTRA_SCHEMES}[name], device="cuda", seed=1)
+    consumer = _layer(c_out, c_in, {**SCHEMES, **EXTRA_SCHEMES}[name], device="cuda", seed=2)
+    if not (dispatch.norm_fusable(producer, dtype) and dispatch.norm_fusable(consumer, dtype)):
         assert torch.cuda.get_device_capability() < (9, 0), "Hopper runs the TMA GEMV for whole groups"
         pytest.skip("the norm folds only into the TMA GEMV (Hopper)")
     gen = torch.Generator(device="cpu").manual_seed(7)
-    x = (torch.randn(shape[1], generator=gen) * 4).to("cuda", dtype)
-    weight = (torch.rand(shape[1], generator=gen) + 0.5).to("cuda", dtype)
-    res = torch.randn(shape[0], generator=gen).to("cuda", dtype)
+    a = torch.randn(p_in, generator=gen).to("cuda", dtype)
+    residual = (torch.randn(p_out, generator=gen) * 4).to("cuda", dtype)
+    weight = (torch.rand(p_out, generator=gen) + 0.5).to("cuda", dtype)
     eps = 1e-5
-    h = x.float()
-    if norm:  # transformers' RMSNorm, kept in float32
-        h = h * torch.rsqrt(h.pow(2).mean() + eps) * weight.float()
-    want = packed.reference_linear(layer, h[None])[0] + (res.float() if residual else 0)
-    got = dispatch.fused_gemv(layer, x, (weight, eps) if norm else None, res if residual else None)
-    assert got.dtype == dtype and got.shape == (shape[0],)
-    assert _rel(got, want) < TOL[dtype]
+    y, h, squares = dispatch.fused_gemv(producer, a, residual=residual, norm_out=weight)
+    y_ref = packed.reference_linear(producer, a.float()[None])[0] + residual.float()  # the producer's bias too
+    assert y.dtype == h.dtype == dtype and _rel(y, y_ref) < TOL[dtype]
+    yf = y.float()  # the stored residual stream, as the consumer's norm sees it
+    torch.testing.assert_close(h.float(), yf * weight.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(squares.sum(), yf.pow(2).sum(), rtol=1e-5, atol=0)
+    got = dispatch.fused_gemv(consumer, h, norm_in=(squares, eps)).y
+    normed = yf * torch.rsqrt(yf.pow(2).mean() + eps) * weight.float()
+    assert got.shape == (c_out,) and _rel(got, packed.reference_linear(consumer, normed[None])[0]) < TOL[dtype]
 
 
 @cuda_only
@@ -498,4 +502,4 @@ def test_fused_gemv_refuses_a_kernel_without_the_norm():
     out = torch.empty(40, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="cannot fold in a norm"):
         triton_wq4.gemv(packed.operands(layer, p), p, x, None, out, {"BLOCK_N": 8, "BLOCK_G": 1},
-                        norm=(torch.ones_like(x), 1e-5))
+                        norm_in=(torch.ones(4, device="cuda"), 1e-5))

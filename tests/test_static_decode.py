@@ -170,10 +170,10 @@ def test_folded_norms_decode_like_separate_ones(method, kw):
     quantize(model, QuantConfig.for_method(method, **kw), progress=False)
     model = model.to("cuda")
     ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(6)).to("cuda")
-    separate = StaticDecoder(model, max_len=16, fuse_norms=False)
+    separate = StaticDecoder(model, max_len=16)
     want = [separate.prefill(ids[:4])] + [separate.step(ids[p], p).clone() for p in range(4, 14)]
-    fused = StaticDecoder(model, max_len=16)
-    assert fused._fuse_norms
+    fused = StaticDecoder(model, max_len=16, fuse_norms=True)
+    assert fused._fuse_norms and not separate._fuse_norms
     got = [fused.prefill(ids[:4])] + [fused.step(ids[p], p).clone() for p in range(4, 14)]
     got, want = torch.stack(got), torch.stack(want)
     # bf16: the fused step rounds the normalised row and the residual sums once fewer

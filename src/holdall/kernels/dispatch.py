@@ -6,6 +6,8 @@ backend (and asking it whether it supports a layer) costs nothing on machines wi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..core import backends
@@ -96,8 +98,8 @@ def unregister() -> None:
 
 
 def norm_fusable(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
-    """Whether :func:`fused_gemv` runs this layer's one-row kernel with a norm folded in: a CUDA ``QuantLinear``
-    whose default GEMV is the TMA kernel (Hopper, rows of whole groups), in a bf16/fp16 model."""
+    """Whether :func:`fused_gemv` can take this layer: a CUDA ``QuantLinear`` whose default one-row kernel is
+    the TMA GEMV (Hopper, rows of whole groups), in a bf16/fp16 model."""
     if not hasattr(layer, "scheme") or layer.qdata.device.type != "cuda" or dtype not in _COMPUTE_DTYPES:
         return False
     p = layer_plan(layer)
@@ -108,19 +110,33 @@ def norm_fusable(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
     return triton_wq4.default_gemv_config(packed.operands(layer, p), p, layer.qdata.device).get("VARIANT") == "tma"
 
 
-def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """One row in one launch: ``layer(rms_norm(x) * weight) + residual`` with ``norm = (weight, eps)``, either
-    part optional; ``x [in]`` and the result ``[out]`` in the model's compute dtype.
+class FusedRow(NamedTuple):
+    """What :func:`fused_gemv` returns: the output row, and with ``norm_out`` the next norm's pieces."""
 
-    The decoder's step otherwise runs RMSNorm (and the residual add) as launches of their own; here every
-    program of the GEMV sums the squares of ``x`` itself and the residual is added in the epilogue like a bias.
-    The normalised row stays float32 (transformers rounds it to the model dtype before scaling): outputs agree
-    to the dtype's rounding. Only for layers :func:`norm_fusable` accepts.
+    y: torch.Tensor  # [out]
+    h: torch.Tensor | None  # [out]: y * the next norm's weight (feed it to the next GEMV as x, with norm_in)
+    squares: torch.Tensor | None  # float32 partial sums of y^2 (norm_in's first element)
+
+
+def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+               norm_in: tuple[torch.Tensor, float] | None = None,
+               norm_out: torch.Tensor | None = None) -> FusedRow:
+    """One row with the decoder's glue folded into the GEMV's epilogue; ``x [in]``, results ``[out]`` in the
+    model's compute dtype (the layer's bias, if any, is added as usual).
+
+    residual: added to the output (the residual stream's add; ``y = x_res + layer(x)``).
+    norm_out: the *next* RMSNorm's weight ``[out]``: also return ``h = y * weight`` and ``y``'s partial sums of
+        squares, so the next GEMV can apply the norm's ``1 / rms`` itself (``norm_in``);
+    norm_in: ``(squares, eps)`` from the producer's ``norm_out`` when ``x`` is its ``h``: computes
+        ``layer(rms_norm(y_producer) * weight)`` -- transformers' RMSNorm, except that the ``1 / rms`` scales the
+        float32 dot products instead of the rounded row.
+    Each saves a separate norm (or add) launch; the GEMV's loop is the same as without them (only the epilogues
+    change). Only for layers :func:`norm_fusable` accepts.
     """
     from . import triton_wq4
 
     p = layer_plan(layer)
+    ops = packed.operands(layer, p)
     x = x.reshape(-1)
     if x.storage_offset() % 2 or not x.is_contiguous():  # the kernel reads x as int32 pairs
         x = x.contiguous().clone()
@@ -128,5 +144,12 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, norm: tuple[torch.Tensor
     if residual is not None:
         residual = residual.reshape(-1).to(x.dtype)
         bias = residual if bias is None else residual + bias
+    config = triton_wq4.default_gemv_config(ops, p, x.device)
     out = torch.empty(p.out_features, dtype=x.dtype, device=x.device)
-    return triton_wq4.gemv(packed.operands(layer, p), p, x, bias, out, norm=norm)
+    h = squares = None
+    if norm_out is not None:
+        h = torch.empty_like(out)
+        squares = torch.empty(-(-p.out_features // config["BLOCK_N"]), dtype=torch.float32, device=x.device)
+        norm_out = (norm_out.reshape(-1).to(x.dtype).contiguous(), h, squares)
+    triton_wq4.gemv(ops, p, x, bias, out, config, norm_in=norm_in, norm_out=norm_out)
+    return FusedRow(out, h, squares)

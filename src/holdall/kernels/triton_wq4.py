@@ -557,23 +557,31 @@ def _book_f32(w, val_ptr, BOOK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr, nw_ptr, eps,
+def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
+                   sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
                    n0, N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
                    GROUP_W: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, X_BF16: tl.constexpr, STAGES: tl.constexpr,
                    TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr, BOOK: tl.constexpr,
-                   NORM: tl.constexpr):
+                   NORM_IN: tl.constexpr, SQ_BLOCK: tl.constexpr, NORM_OUT: tl.constexpr):
     """Rows ``n0 .. n0 + BLOCK_N`` of ``y``: the loop over the groups, ``STAGES`` deep (1 inside a flattened
-    persistent loop, which pipelines across tiles itself). ``NORM``: ``x`` is first RMS-normalised and scaled by
-    ``nw_ptr`` (same dtype as ``x``); every program sums the squares of the whole row itself, so the norm's
-    ``1 / rms`` multiplies the finished dot products (no separate norm launch)."""
+    persistent loop, which pipelines across tiles itself).
+
+    An RMSNorm between two GEMVs is split over their epilogues, so the loop itself is untouched (work inside
+    it is paid per code: an in-loop norm made the GEMVs 1.6x slower on an H200):
+    ``NORM_OUT`` (the producer, e.g. ``o_proj`` with the residual as its bias) also writes ``h = y * nw`` (the
+    next norm's weight, per output row) to ``h_ptr`` and this tile's sum of ``y^2`` to ``sq_out_ptr[tile]``;
+    ``NORM_IN`` (the consumer, reading ``h`` as ``x``) sums the ``n_sq`` partials ``sq_in_ptr`` in a fixed order
+    and multiplies its dot products by ``1 / rms = rsqrt(sum / K + eps)``."""
     rn = n0 + tl.arange(0, BLOCK_N)
     n3 = rn[:, None, None]  # [BN, 1, 1]
     n_ok = n3 < N
     rg = tl.arange(0, BLOCK_G)[None, :, None]  # [1, BG, 1]
     rj = tl.arange(0, GROUP_W)[None, None, :]  # [1, 1, GW]
     acc = tl.zeros([BLOCK_N, BLOCK_G, GROUP_W], dtype=tl.float32)
-    squares = tl.zeros([1, BLOCK_G, GROUP_W], dtype=tl.float32)
+    if NORM_IN:  # issued before the loop: the producer has finished, and the loads hide behind the weights
+        rs = tl.arange(0, SQ_BLOCK)
+        squares = tl.sum(tl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0))
     for g0 in tl.range(0, n_groups, BLOCK_G, num_stages=STAGES, warp_specialize=WS):
         g3 = g0 + rg
         g_ok = g3 < n_groups
@@ -587,15 +595,6 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
         x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
         x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
         x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
-        if NORM:
-            squares += ((x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)) + ((x4 * x4 + x5 * x5) + (x6 * x6 + x7 * x7))
-            nw_word = nw_ptr + kw3 * 4
-            w0, w1 = _unpack_pair(tl.load(nw_word, mask=g_ok, other=0), X_BF16)
-            w2, w3 = _unpack_pair(tl.load(nw_word + 1, mask=g_ok, other=0), X_BF16)
-            w4, w5 = _unpack_pair(tl.load(nw_word + 2, mask=g_ok, other=0), X_BF16)
-            w6, w7 = _unpack_pair(tl.load(nw_word + 3, mask=g_ok, other=0), X_BF16)
-            x0, x1, x2, x3 = x0 * w0, x1 * w1, x2 * w2, x3 * w3
-            x4, x5, x6, x7 = x4 * w4, x5 * w5, x6 * w6, x7 * w7
         gs = g3 * group_step
         if KIND == 2:  # codebook values: no offset to take off
             q0, q1, q2, q3, q4, q5, q6, q7 = _book_f32(w, val_ptr, BOOK)
@@ -620,16 +619,23 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
                          SCALE_DQ)  # [BN, BG, 1]
         acc += part * s
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
-    if NORM:  # mean square over the whole row: n_groups * GROUP_W words of 8 inputs
-        y = y * tl.rsqrt(tl.sum(squares) / (n_groups * GROUP_W * 8) + eps)
+    if NORM_IN:  # mean square over the whole row: n_groups * GROUP_W words of 8 inputs
+        y = y * tl.rsqrt(squares / (n_groups * GROUP_W * 8) + eps)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+    y_out = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rn, y_out, mask=rn < N)
+    if NORM_OUT:  # the next norm's pieces, from the value as stored (the residual stream's rounding)
+        yf = tl.where(rn < N, y_out.to(tl.float32), 0.0)
+        nw = tl.load(nw_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(h_ptr + rn, (yf * nw).to(h_ptr.dtype.element_ty), mask=rn < N)
+        tl.store(sq_out_ptr + n0 // BLOCK_N, tl.sum(yf * yf))
 
 
 @triton.jit
 def _gemv_tma_kernel(
-    x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr, nw_ptr, eps,
+    x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
+    sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
     N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
     GROUP_W: tl.constexpr,  # int32 words per group (group / 8); in_features is a whole number of groups
     KIND: tl.constexpr,  # 0 int sym, 1 int asym, 2 codebook
@@ -644,7 +650,9 @@ def _gemv_tma_kernel(
     PERSISTENT: tl.constexpr = False,  # a few programs per SM, each looping over row tiles (one flattened loop)
     WS: tl.constexpr = False,  # Triton's automatic warp specialization of the pipelined loop (loads vs math)
     BOOK: tl.constexpr = 0,  # codebook: 1 NF4, 2 FP4 held in registers; 0 the float32 table in memory
-    NORM: tl.constexpr = False,  # RMS-normalise x and scale it by nw_ptr first (the decoder's norm + projection)
+    NORM_IN: tl.constexpr = False,  # x is a norm-weighted row: scale by 1/rms from the producer's partials
+    SQ_BLOCK: tl.constexpr = 1,  # a power of two >= n_sq
+    NORM_OUT: tl.constexpr = False,  # also write the next norm's weighted row and this tile's sum of squares
 ):
     """One row, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy engine
     writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
@@ -662,15 +670,17 @@ def _gemv_tma_kernel(
         n_tiles = tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES, flatten=True,
                              warp_specialize=WS):
-            _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr, nw_ptr,
-                           eps, tile * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
+            _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
+                           sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
+                           tile * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                            zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA,
-                           PRMT, False, BOOK, NORM)
+                           PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT)
     else:
-        _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr, nw_ptr, eps,
+        _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
+                       sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
                        tl.program_id(0) * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                        zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
-                       PRMT, WS, BOOK, NORM)
+                       PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT)
 
 
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
@@ -1110,24 +1120,28 @@ def default_gemv_config(ops: Operands, p: Plan, device: torch.device) -> dict:
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-         config: dict | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+         config: dict | None = None, norm_in: tuple[torch.Tensor, float] | None = None,
+         norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``out [N] = W @ x + b`` for one contiguous row ``x [K]`` (bf16/fp16, 4-byte aligned).
 
-    norm: ``(weight [K], eps)``: compute ``W @ (rms_norm(x) * weight) + b`` instead (transformers' RMSNorm up to
-    the rounding of the normalised row, which stays float32 here); only the TMA kernel (``VARIANT "tma"``)
-    takes it, and ``weight`` must have ``x``'s dtype.
+    An RMSNorm between two GEMVs, split over their epilogues (only the TMA kernel, ``VARIANT "tma"``):
+    norm_out: ``(weight [N], h [N], squares [tiles])``: also write ``h = out * weight`` (``x``'s dtype) and each
+        ``BLOCK_N``-row tile's float32 sum of ``out^2`` (``tiles = ceil(N / BLOCK_N)``);
+    norm_in: ``(squares, eps)``: ``x`` is such an ``h``; multiply ``W @ x`` by ``rsqrt(sum(squares) / K + eps)``
+        before the bias: ``W @ (rms_norm(x0) * weight) + b`` for the producer's output ``x0`` (transformers'
+        RMSNorm up to where it rounds).
     """
     cfg = dict(config if config is not None else default_gemv_config(ops, p, x.device))
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
-    if norm is not None and variant != "tma":
+    if (norm_in is not None or norm_out is not None) and variant != "tma":
         raise ValueError(f"the {variant!r} GEMV cannot fold in a norm; only VARIANT 'tma' does (Hopper, rows of "
                          "whole groups)")
     if variant == "mma":  # the tensor-core kernel with one input row (padded to the MMA's 16 columns)
         return _gemm2(ops, p, x.view(1, -1), bias, out.view(1, -1), {**cfg, "BLOCK_N": block_n, "BLOCK_M": 16})
     grid = (triton.cdiv(p.out_features, block_n),)
     if variant == "tma":
-        return _gemv_tma(ops, p, x, bias, out, block_n, cfg, norm)
+        return _gemv_tma(ops, p, x, bias, out, block_n, cfg, norm_in, norm_out)
     if variant == "v2":
         assert block_n in (1, 2, 4), "the v2 GEMV holds 1, 2 or 4 rows per program (BLOCK_N)"
         words_per_tile = cfg["BLOCK_G"] * (p.group // CODES_PER_WORD)
@@ -1176,7 +1190,8 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
 
 
 def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-              block_n: int, cfg: dict, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+              block_n: int, cfg: dict, norm_in: tuple[torch.Tensor, float] | None = None,
+              norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Launch :func:`_gemv_tma_kernel`: ``in_features`` a whole number of groups (the words are read as
     ``[out, groups, words per group]``)."""
     if p.in_features % p.group:
@@ -1193,21 +1208,26 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
                                "(triton.tools.tensor_descriptor): upgrade Triton or launch with TMA=False")
         src = TensorDescriptor(ops.words, [p.out_features, n_groups, group_w], [ops.words.stride(0), group_w, 1],
                                [block_n, cfg["BLOCK_G"], group_w])
-    if norm is not None:
-        weight = norm[0]
-        if weight.dtype != x.dtype or weight.numel() != p.in_features or not weight.is_contiguous():
-            raise ValueError(f"the norm weight must be a contiguous [{p.in_features}] {x.dtype} tensor, got "
-                             f"{tuple(weight.shape)} {weight.dtype}")
     tiles = triton.cdiv(p.out_features, block_n)
+    sq_in, eps = norm_in if norm_in is not None else (ops.scale, 0.0)
+    if norm_in is not None and (sq_in.dtype != torch.float32 or not sq_in.is_contiguous()):
+        raise ValueError("norm_in's partial sums of squares must be a contiguous float32 tensor")
+    weight, h, sq_out = norm_out if norm_out is not None else (ops.scale, ops.scale, ops.scale)
+    if norm_out is not None and (weight.numel() != p.out_features or h.numel() != p.out_features
+                                 or sq_out.numel() < tiles or sq_out.dtype != torch.float32):
+        raise ValueError(f"norm_out needs a [{p.out_features}] weight and output row and >= {tiles} float32 "
+                         f"partials, got {weight.numel()} / {h.numel()} / {sq_out.numel()} {sq_out.dtype}")
     per_sm = cfg.pop("PROGRAMS_PER_SM", 0)  # > 0: persistent programs
     grid = (min(tiles, per_sm * _sm_count(x.device.index or 0)),) if per_sm else (tiles,)
     _gemv_tma_kernel[grid](
         x.view(torch.int32), src, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values,
         bias if bias is not None else ops.scale, out,
-        x.view(torch.int32) if norm is None else norm[0].view(torch.int32), 0.0 if norm is None else float(norm[1]),
+        sq_in, sq_in.numel(), float(eps), weight, h, sq_out,
         p.out_features, n_groups, ops.words.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride,
         GROUP_W=group_w, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        X_BF16=x.dtype == torch.bfloat16, PERSISTENT=per_sm > 0, NORM=norm is not None, **cfg,
+        X_BF16=x.dtype == torch.bfloat16, PERSISTENT=per_sm > 0, NORM_IN=norm_in is not None,
+        SQ_BLOCK=triton.next_power_of_2(sq_in.numel()) if norm_in is not None else 1, NORM_OUT=norm_out is not None,
+        **cfg,
     )
     return out
 
