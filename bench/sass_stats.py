@@ -1,8 +1,13 @@
-"""Compile a holdall tensor-core kernel for sm_90 on a machine without a GPU and count its loop's instructions.
+"""Compile a holdall 4-bit kernel for sm_90 on a machine without a GPU and count its loop's instructions.
 
     pip install --target /tmp/tri triton==3.6.0          # once; Triton's wheel carries ptxas and nvdisasm
     PYTHONPATH=src:/tmp/tri python bench/sass_stats.py gemm3 --set BLOCK_M=64 --set KIND=2 --set GROUP=64 \\
         --set SCALE_DQ=1 --set FOLD16=1
+    PYTHONPATH=src:/tmp/tri python bench/sass_stats.py gemv_tma --set BLOCK_N=16 --set BLOCK_G=4
+
+For the one-row TMA GEMV it also prints thread-instructions per 4-bit code (the loop's instructions x threads /
+codes per iteration): 5.6 for the 4096-input default (round 7), which at the H200's issue rate caps the kernel
+near 3 TB/s of codes before any memory stall.
 
 Round 6 of the kernels (BENCHMARKS.md) was found this way: the SASS showed round 4's GEMM reading its weight bytes
 one by one from shared memory and waiting for every wgmma. The pointer and integer arguments get the divisibility
@@ -35,10 +40,23 @@ KERNELS = {
         "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32", "zero_row_stride": "i32",
         "groups_per_split": "i32", "out_ptr": "*bf16", "sem_ptr": "*i32"}),
 }
-#: what the launchers pass for 4096x11008 at g128, 4 rows, split 8 (constexprs without a default in the kernel)
-BASE = {"GROUP": 128, "KIND": 0, "SCALE_DQ": False, "HAS_BIAS": False, "SPLIT_K": 8, "BLOCK_M": 16, "BLOCK_N": 128,
-        "X_BF16": True, "SEM": True}
-NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride"}
+KERNELS["gemv_tma"] = ("_gemv_tma_kernel", {
+    "x_ptr": "*i32", "w_src": "tensordesc<i32[{BLOCK_N}, {BLOCK_G}, {GROUP_W}]>", "s_ptr": "*fp16", "z_ptr": "*u8",
+    "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32", "val_ptr": "*fp32", "b_ptr": "*bf16",
+    "y_ptr": "*bf16", "sq_in_ptr": "*fp32", "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16",
+    "sq_out_ptr": "*fp32", "N": "i32", "n_groups": "i32", "stride_wn": "i32", "scale_row_stride": "i32",
+    "group_step": "i32", "zero_row_stride": "i32"})
+#: what the launchers pass (constexprs without a default in the kernel): the GEMMs for 4096x11008 at g128, 4 rows,
+#: split 8; the GEMV for int4 g128 sym with the 4096-input default tiling
+BASE = {
+    "gemm3": {"GROUP": 128, "KIND": 0, "SCALE_DQ": False, "HAS_BIAS": False, "SPLIT_K": 8, "BLOCK_M": 16,
+              "BLOCK_N": 128, "X_BF16": True, "SEM": True},
+    "gemv_tma": {"GROUP_W": 16, "KIND": 0, "SCALE_DQ": False, "HAS_BIAS": False, "BLOCK_N": 16, "BLOCK_G": 4,
+                 "X_BF16": True},
+}
+BASE["gemm2"] = BASE["gemm3"]
+NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
+                      "N", "n_sq", "eps", "w_src"}
 OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
@@ -93,11 +111,12 @@ def main() -> None:
     from holdall.kernels import triton_wq4
 
     name, signature = KERNELS[args.kernel]
-    constexprs = dict(BASE)
+    constexprs = dict(BASE[args.kernel])
     for item in args.set:
         key, value = item.split("=", 1)
         constexprs[key] = int(value)
     num_warps, num_stages = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3)
+    signature = {k: v.format(**constexprs) for k, v in signature.items()}
     kernel = compile_sm90(getattr(triton_wq4, name), signature, constexprs, num_warps, num_stages)
     sass, usage = sass_of(kernel)
     regs = re.search(r"REG:(\d+)", usage)
@@ -105,9 +124,12 @@ def main() -> None:
     spills = sum(o.startswith("STL") for o in ops)
     print(f"{name} {constexprs} warps {num_warps} stages {num_stages}: {regs.group(1) if regs else '?'} registers, "
           f"{spills} spill stores, {kernel.metadata.shared} B shared memory, {len(ops)} instructions")
+    per_iteration = (constexprs["BLOCK_N"] * constexprs["BLOCK_G"] * constexprs["GROUP_W"] * 8
+                     if args.kernel == "gemv_tma" else 0)  # 4-bit codes one loop iteration consumes
     for label, body in loops(sass).items():
         if len(body) > 1:
-            print(f"  loop {label}: {len(body)} instructions; {Counter(body).most_common(16)}")
+            rate = f" ({len(body) * num_warps * 32 / per_iteration:.2f} per code)" if per_iteration else ""
+            print(f"  loop {label}: {len(body)} instructions{rate}; {Counter(body).most_common(16)}")
 
 
 if __name__ == "__main__":
