@@ -173,6 +173,12 @@ def test_stacked_layer_computes_every_layer_and_shares_their_storage(scheme):
         for t, owner in zip(tensors, owners):  # ... from views of the stacked weight: no memory added
             assert t.untyped_storage().data_ptr() == owner.untyped_storage().data_ptr()
     assert not stacked.bias.requires_grad and torch.equal(stacked.bias[40:64], torch.zeros(24))
+    again = stack_outputs(layers)  # stacking stacked layers again reuses their storage: no second copy
+    owners_again = [again.weight] if scheme is None else [again._buffers[n] for n in layers[0]._weight_names]
+    for first_owner, owner in zip([stacked.weight] if scheme is None else
+                                  [stacked._buffers[n] for n in layers[0]._weight_names], owners_again):
+        assert owner.data_ptr() == first_owner.data_ptr() and torch.equal(owner, first_owner)
+    torch.testing.assert_close(again(x), torch.cat(before, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_layers_that_cannot_be_stacked_say_why():

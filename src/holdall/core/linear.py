@@ -221,10 +221,30 @@ def _set_weight(layer: nn.Linear, view: torch.Tensor) -> None:
 
 
 def _join_and_share(parts: list[torch.Tensor], install) -> torch.Tensor:
-    """``cat(parts)`` along dim 0; ``install(i, view)`` then gives part ``i`` its rows of the result back as a view."""
-    joined = torch.cat([p.detach() for p in parts])
+    """``cat(parts)`` along dim 0; ``install(i, view)`` then gives part ``i`` its rows of the result back as a view.
+
+    Parts that already lie back to back in one storage (stacked before, e.g. by an earlier decoder) are joined
+    by a view of it: no copy, so stacking again never holds two copies of the weights at once.
+    """
+    joined = _adjacent_view([p.detach() for p in parts])
+    if joined is None:
+        joined = torch.cat([p.detach() for p in parts])
     start = 0
     for i, part in enumerate(parts):
         install(i, joined[start:start + part.shape[0]])
         start += part.shape[0]
     return joined
+
+
+def _adjacent_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor the parts form when they are consecutive contiguous runs of one storage, else None."""
+    first = parts[0]
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    for part in parts:
+        if (part.untyped_storage().data_ptr() != storage.data_ptr() or part.storage_offset() != offset
+                or not part.is_contiguous() or part.dtype != first.dtype):
+            return None
+        offset += part.numel()
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        storage, first.storage_offset(), shape, torch.empty(shape, device="meta").stride())
