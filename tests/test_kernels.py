@@ -223,6 +223,41 @@ def _check_gemv_tma(name, shape, dtype, cfg):
 
 
 @cuda_only
+@pytest.mark.parametrize("name,dtype", [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16),
+                                        ("nf4-dq", torch.bfloat16), ("int4-sym", torch.float16)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", [(4096, 4096), (72, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("xvec,even", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("block_n,block_g,per_sm", [(16, 4, 0), (32, 8, 0), (16, 4, 1)])
+def test_gemv_tma_kernel_vector_x_and_even_groups(block_n, block_g, per_sm, xvec, even, shape, name, dtype):
+    """Round 7's instruction cuts, not defaults yet: a word's 8 activations as one 16-byte load split in
+    registers (``XVEC``), no group masks when the groups come in whole tiles (``EVEN_G``; 32 and 4 groups)."""
+    cfg = {"BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": 3, "PROGRAMS_PER_SM": per_sm, "XVEC": xvec,
+           "EVEN_G": even}
+    if "nf4" in name:
+        block_g = cfg["BLOCK_G"] = 2 * block_g  # 64-code blocks: 64 and 8 groups
+    n_groups = shape[1] // SCHEMES[name].group_size
+    if even and n_groups % block_g:
+        pytest.skip(f"{n_groups} groups are not whole tiles of {block_g} (the launcher refuses EVEN_G)")
+    _check_gemv_tma(name, shape, dtype, cfg)
+
+
+@cuda_only
+def test_gemv_tma_even_groups_are_checked():
+    from holdall.kernels import triton_wq4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    layer = _cuda_layer(72, 512, "int4-sym")  # 4 groups
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(72, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="EVEN_G"):
+        triton_wq4.gemv(packed.operands(layer, p), p, x, None, out,
+                        {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": 8, "EVEN_G": True})
+
+
+@cuda_only
 @pytest.mark.parametrize("name,dtype", [("nf4", torch.bfloat16), ("nf4-dq", torch.bfloat16), ("fp4", torch.bfloat16),
                                         ("nf4-dq", torch.float16)], ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", [(4096, 11008), (72, 512)], ids=lambda s: f"{s[0]}x{s[1]}")

@@ -9,7 +9,11 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     groups): the weight tiles ``[rows, groups, words]`` come by TMA (a host tensor descriptor; Triton's
     pipelining keeps several in flight with no address arithmetic in the threads), int codes become the
     float32 ``128 + q`` in one PRMT each and NF4/FP4 codes are looked up in a register-held table; per word
-    and row 8 FMAs, minus ``(128 + zero) * sum(x)`` for int codes, times the group scale.
+    and row 8 FMAs, minus ``(128 + zero) * sum(x)`` for int codes, times the group scale. Its loop is
+    issue-bound (5.6 thread-instructions per code at the 4096-input default, ``bench/sass_stats.py gemv_tma``);
+    round 7 adds two launch options that cut that to 4.8 (``XVEC``: a word's 8 activations in one 16-byte load;
+    ``EVEN_G``: no group masks when the groups fill whole tiles), not defaults until timed, and the epilogue
+    halves of an RMSNorm between two GEMVs (``NORM_OUT`` / ``NORM_IN``, for the static decoder).
   - ``_gemv_kernel`` ("pairs", the int default without TMA): each program streams ``BLOCK_N`` weight rows as int32 words
     (8 codes), tiled ``[rows, groups, words per group]`` so a group's scale/zero is loaded once per thread and
     applied once per word. Int codes become floats without a conversion instruction: ``nibble | 0x4B000000``
@@ -563,7 +567,8 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
                    GROUP_W: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, X_BF16: tl.constexpr, STAGES: tl.constexpr,
                    TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr, BOOK: tl.constexpr,
-                   NORM_IN: tl.constexpr, SQ_BLOCK: tl.constexpr, NORM_OUT: tl.constexpr):
+                   NORM_IN: tl.constexpr, SQ_BLOCK: tl.constexpr, NORM_OUT: tl.constexpr, EVEN_G: tl.constexpr,
+                   XVEC: tl.constexpr):
     """Rows ``n0 .. n0 + BLOCK_N`` of ``y``: the loop over the groups, ``STAGES`` deep (1 inside a flattened
     persistent loop, which pipelines across tiles itself).
 
@@ -584,17 +589,31 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
         squares = tl.sum(tl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0))
     for g0 in tl.range(0, n_groups, BLOCK_G, num_stages=STAGES, warp_specialize=WS):
         g3 = g0 + rg
-        g_ok = g3 < n_groups
+        if EVEN_G:  # whole BLOCK_G tiles of groups: no mask (each costs a compare per load in the loop)
+            g_ok = tl.full(g3.shape, True, tl.int1)
+        else:
+            g_ok = g3 < n_groups
         kw3 = g3 * GROUP_W + rj  # [1, BG, GW] word index along the row
         if TMA:  # rows past N and groups past the end arrive as zeros
             w = w_src.load([n0, g0, 0])  # [BN, BG, GW] int32
         else:
             w = tl.load(w_src + n3 * stride_wn + kw3, mask=n_ok & g_ok, other=0)
         x_word = x_ptr + kw3 * 4
-        x0, x1 = _unpack_pair(tl.load(x_word, mask=g_ok, other=0), X_BF16)
-        x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
-        x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
-        x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
+        if XVEC:  # one 16-byte load per word's 8 activations, split in registers
+            r4 = tl.arange(0, 4)[None, None, None, :]
+            xv = tl.load(x_word[:, :, :, None] + r4, mask=g_ok[:, :, :, None], other=0)  # [1, BG, GW, 4]
+            even, odd = tl.split(tl.reshape(xv, [1, BLOCK_G, GROUP_W, 2, 2]))  # words (0, 2) and (1, 3)
+            w0, w2 = tl.split(even)
+            w1, w3 = tl.split(odd)
+            x0, x1 = _unpack_pair(w0, X_BF16)  # word j holds activations 2j, 2j + 1
+            x2, x3 = _unpack_pair(w1, X_BF16)
+            x4, x5 = _unpack_pair(w2, X_BF16)
+            x6, x7 = _unpack_pair(w3, X_BF16)
+        else:
+            x0, x1 = _unpack_pair(tl.load(x_word, mask=g_ok, other=0), X_BF16)
+            x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
+            x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
+            x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
         gs = g3 * group_step
         if KIND == 2:  # codebook values: no offset to take off
             q0, q1, q2, q3, q4, q5, q6, q7 = _book_f32(w, val_ptr, BOOK)
@@ -653,6 +672,8 @@ def _gemv_tma_kernel(
     NORM_IN: tl.constexpr = False,  # x is a norm-weighted row: scale by 1/rms from the producer's partials
     SQ_BLOCK: tl.constexpr = 1,  # a power of two >= n_sq
     NORM_OUT: tl.constexpr = False,  # also write the next norm's weighted row and this tile's sum of squares
+    EVEN_G: tl.constexpr = False,  # n_groups is a multiple of BLOCK_G: no group masks in the loop
+    XVEC: tl.constexpr = False,  # load a word's 8 activations as one 16-byte vector
 ):
     """One row, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy engine
     writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
@@ -674,13 +695,13 @@ def _gemv_tma_kernel(
                            sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
                            tile * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                            zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA,
-                           PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT)
+                           PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC)
     else:
         _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                        sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
                        tl.program_id(0) * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                        zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
-                       PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT)
+                       PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC)
 
 
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
@@ -1201,6 +1222,8 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
         cfg["BOOK"] = _BOOKS.get(p.codebook, 0)
     group_w = p.group // CODES_PER_WORD
     n_groups = p.in_features // p.group
+    if cfg.get("EVEN_G") and n_groups % cfg["BLOCK_G"]:
+        raise ValueError(f"EVEN_G needs the {n_groups} groups of a row in whole tiles of BLOCK_G {cfg['BLOCK_G']}")
     src = ops.words
     if cfg.get("TMA", True):  # built per call (host-side, cheap); a CUDA graph captures it by value
         if TensorDescriptor is None:
