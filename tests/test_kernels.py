@@ -222,24 +222,30 @@ def _check_gemv_tma(name, shape, dtype, cfg):
     assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
 
 
+def _xvec_cases():
+    """(name, dtype, shape, block_n, block_g, per_sm, xvec, even): every combination the launcher accepts (EVEN_G
+    only where the row's groups fill whole BLOCK_G tiles: 32 int / 64 NF4 groups at 4096 inputs, 4 / 8 at 512)."""
+    cases = []
+    for name, dtype in [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16), ("nf4-dq", torch.bfloat16),
+                        ("int4-sym", torch.float16)]:
+        for shape in [(4096, 4096), (72, 512)]:
+            for block_n, block_g, per_sm in [(16, 4, 0), (32, 8, 0), (16, 4, 1)]:
+                if "nf4" in name:
+                    block_g *= 2  # 64-code blocks
+                n_groups = shape[1] // SCHEMES[name].group_size
+                for xvec, even in [(True, False), (False, True), (True, True)]:
+                    if not even or n_groups % block_g == 0:
+                        cases.append((name, dtype, shape, block_n, block_g, per_sm, xvec, even))
+    return cases
+
+
 @cuda_only
-@pytest.mark.parametrize("name,dtype", [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16),
-                                        ("nf4-dq", torch.bfloat16), ("int4-sym", torch.float16)],
-                         ids=lambda v: str(v))
-@pytest.mark.parametrize("shape", [(4096, 4096), (72, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("xvec,even", [(True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("block_n,block_g,per_sm", [(16, 4, 0), (32, 8, 0), (16, 4, 1)])
-def test_gemv_tma_kernel_vector_x_and_even_groups(block_n, block_g, per_sm, xvec, even, shape, name, dtype):
+@pytest.mark.parametrize("name,dtype,shape,block_n,block_g,per_sm,xvec,even", _xvec_cases(), ids=str)
+def test_gemv_tma_kernel_vector_x_and_even_groups(name, dtype, shape, block_n, block_g, per_sm, xvec, even):
     """Round 7's instruction cuts, not defaults yet: a word's 8 activations as one 16-byte load split in
-    registers (``XVEC``), no group masks when the groups come in whole tiles (``EVEN_G``; 32 and 4 groups)."""
-    cfg = {"BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": 3, "PROGRAMS_PER_SM": per_sm, "XVEC": xvec,
-           "EVEN_G": even}
-    if "nf4" in name:
-        block_g = cfg["BLOCK_G"] = 2 * block_g  # 64-code blocks: 64 and 8 groups
-    n_groups = shape[1] // SCHEMES[name].group_size
-    if even and n_groups % block_g:
-        pytest.skip(f"{n_groups} groups are not whole tiles of {block_g} (the launcher refuses EVEN_G)")
-    _check_gemv_tma(name, shape, dtype, cfg)
+    registers (``XVEC``), no group masks when the groups come in whole tiles (``EVEN_G``)."""
+    _check_gemv_tma(name, shape, dtype, {"BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": 3,
+                                         "PROGRAMS_PER_SM": per_sm, "XVEC": xvec, "EVEN_G": even})
 
 
 @cuda_only

@@ -4,7 +4,7 @@ the cache, attention of every query head over the slots written so far, the head
 Why: a batch-1 decode step of a Llama-shaped model spends ~20 µs per layer outside its projections when these
 pieces run as separate kernels (the rotary table, two ``index_copy_``, a boolean mask turned into an additive
 one, SDPA over the whole cache, a transpose copy; H200, ``bench/decode_profile.py``) -- as long as two of its
-seven 4-bit GEMVs. :func:`decode_attention` does it in one launch (``triton_attention``), reading only the
+seven 4-bit GEMVs. :class:`DecodeAttention` does it in one launch (``triton_attention``), reading only the
 slots up to the current position, split over the cache so that all SMs stream it (flash-decoding).
 
 :func:`decode_attention_reference` is the same step in plain torch (the CPU path, and what the kernel is tested
@@ -67,8 +67,8 @@ class DecodeAttention:
     dtype: torch.dtype
     splits: int | None = None
     use_triton: bool | None = None
-    _partials: torch.Tensor | None = field(default=None, repr=False)
-    _counters: torch.Tensor | None = field(default=None, repr=False)
+    _partials: torch.Tensor | None = field(default=None, init=False, repr=False)  # the kernel's workspace
+    _counters: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv:

@@ -14,11 +14,11 @@ splits in the fixed order ``0..splits-1`` (deterministic) and writes the heads' 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from .triton_wq4 import _sm_count  # one cached SM count per device for every kernel
 
 _LOG2E = 1.4426950408889634
 BLOCK_N = 64  # cache slots per inner iteration
@@ -120,11 +120,6 @@ def _decode_attention_kernel(
 
 def _block_g(group: int) -> int:
     return max(16, triton.next_power_of_2(group))  # the MMA's smallest M
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def default_splits(plan) -> int:
