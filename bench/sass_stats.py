@@ -52,7 +52,7 @@ BASE = {
     "gemm3": {"GROUP": 128, "KIND": 0, "SCALE_DQ": False, "HAS_BIAS": False, "SPLIT_K": 8, "BLOCK_M": 16,
               "BLOCK_N": 128, "X_BF16": True, "SEM": True},
     "gemv_tma": {"GROUP_W": 16, "KIND": 0, "SCALE_DQ": False, "HAS_BIAS": False, "BLOCK_N": 16, "BLOCK_G": 4,
-                 "X_BF16": True},
+                 "X_BF16": True, "group_step": 1},
 }
 BASE["gemm2"] = BASE["gemm3"]
 NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
@@ -70,6 +70,9 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stag
     defaults = {k: v.default for k, v in inspect.signature(fn.fn).parameters.items()
                 if v.default is not inspect.Parameter.empty}
     constexprs = {**defaults, **constexprs}  # ASTSource does not fill in the kernel's own defaults
+    # an int argument equal to 1 is a constexpr at run time (Triton's JIT specializes it): group_step of
+    # group-wise scales is, and the scale loads' contiguity depends on it
+    signature = {k: v for k, v in signature.items() if k not in constexprs}
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
              if k not in NOT_MULTIPLE_OF_16}

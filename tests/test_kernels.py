@@ -52,6 +52,33 @@ def _layer(out_f: int, in_f: int, scheme: QuantScheme, device: str = "cpu", bias
 
 
 # --- CPU: reference decode and dispatch rules -----------------------------------------------------------
+def test_int8_activations_are_power_of_two_words():
+    """``packed.quantize_activations_s8`` (the ``XQ8`` kernels' rounding, bit for bit) against a plain-Python
+    reference: per word of 8, scale ``2**(e - 7)`` for ``absmax = m * 2**e`` (``math.frexp``, ``m`` in
+    [0.5, 1)), codes ``round-half-even(x / scale)`` capped at 127; zeros, tiny, huge and tied values."""
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=gen) * torch.logspace(-6, 6, 6)[:, None]
+    x[0, :8] = 0.0
+    x[1, 8:16] = torch.tensor([1.0, -1.0, 0.5, 1 / 64, 3 / 128, 5 / 128, -7 / 128, 1.999])  # absmax near 2: step 1/64, ties at 3/128 and 5/128
+    x[2, 16:24] = 1e-35  # below the floor exponent
+    q, scale = packed.quantize_activations_s8(x)
+    assert q.dtype == torch.int8 and scale.shape == (6, 8)
+    for r in range(6):
+        for w in range(8):
+            vals = [float(v) for v in x[r, 8 * w:8 * w + 8]]
+            e = math.frexp(max(abs(v) for v in vals))[1] if any(vals) else -200
+            step = max(2.0 ** (e - 7), 2.0 ** (32 - 127 - 6))
+            assert float(scale[r, w]) == step
+            for c, v in enumerate(vals):
+                assert int(q[r, 8 * w + c]) == min(round(v / step), 127), (r, w, c, v)
+    back = packed.round_activations_s8(x)
+    assert torch.equal(back, q.float() * scale.repeat_interleave(8, dim=1))
+    with pytest.raises(ValueError, match="words of 8"):
+        packed.quantize_activations_s8(torch.ones(12))
+
+
 @pytest.mark.parametrize("name", list(SCHEMES) + list(EXTRA_SCHEMES))
 @pytest.mark.parametrize("in_f", [256, 328])
 def test_reference_decode_is_dequantize(name, in_f):
@@ -261,6 +288,64 @@ def test_gemv_tma_even_groups_are_checked():
     with pytest.raises(ValueError, match="EVEN_G"):
         triton_wq4.gemv(packed.operands(layer, p), p, x, None, out,
                         {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": 8, "EVEN_G": True})
+
+
+def _rows_cases():
+    """(name, dtype, shape, block_n, block_g, rpt, xq8): rows per thread 2 and 4 with and without int8
+    activations (int codes only), at tilings the sweeps use; EVEN_N / EVEN_G wherever the shape allows."""
+    cases = []
+    for name, dtype in [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16), ("int4-asym-dq", torch.bfloat16),
+                        ("nf4-dq", torch.bfloat16), ("int4-sym", torch.float16)]:
+        for shape in [(4096, 4096), (4096, 11008), (72, 512)]:
+            for block_n, block_g, rpt in [(16, 4, 2), (32, 8, 2), (16, 2, 4)]:
+                if "nf4" in name:
+                    block_g *= 2  # 64-code blocks
+                for xq8 in ([False] if "nf4" in name else [False, True]):
+                    cases.append((name, dtype, shape, block_n, block_g, rpt, xq8))
+    return cases
+
+
+@cuda_only
+@pytest.mark.parametrize("name,dtype,shape,block_n,block_g,rpt,xq8", _rows_cases(), ids=str)
+def test_gemv_tma_rows_per_thread_and_int8_activations(name, dtype, shape, block_n, block_g, rpt, xq8):
+    """Round 8's options: each thread holds ``RPT`` rows of one word position (the activations it decodes
+    serve them all), no row masks where the row tiles divide N (``EVEN_N``), and ``XQ8``: each word's 8
+    activations rounded to int8 with a power-of-two scale and multiplied by the int codes with DP4A -- checked
+    against the float32 reference on the same rounded activations (W4A8), into a NaN-poisoned output."""
+    from holdall.kernels import triton_wq4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    layer = _cuda_layer(*shape, name)
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
+    out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
+    cfg = {"VARIANT": "tma", "num_warps": 4, "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": 3, "XVEC": True,
+           "RPT": rpt, "XQ8": xq8, "EVEN_N": p.out_features % block_n == 0,
+           "EVEN_G": (p.in_features // p.group) % block_g == 0}
+    triton_wq4.gemv(packed.operands(layer, p), p, x, layer.bias.detach(), out, cfg)
+    xr = packed.round_activations_s8(x.float()) if xq8 else x
+    assert _rel(out, packed.reference_linear(layer, xr[None])[0]) < TOL[dtype]
+    if xq8:  # really the rounded activations: farther from the float-activation result than from its own
+        far = _rel(out, packed.reference_linear(layer, x[None])[0])
+        assert far > 2 * _rel(out, packed.reference_linear(layer, xr[None])[0])
+
+
+@cuda_only
+def test_gemv_tma_int8_activations_refuse_codebooks_and_uneven_rows():
+    from holdall.kernels import triton_wq4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    for name, cfg, match in [("nf4", {"XQ8": True}, "XQ8"), ("int4-sym", {"EVEN_N": True, "BLOCK_N": 16}, "EVEN_N"),
+                             ("int4-sym", {"RPT": 3}, "RPT")]:
+        layer = _cuda_layer(72, 512, name)
+        p = dispatch.layer_plan(layer)
+        x = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(72, device="cuda", dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=match):
+            triton_wq4.gemv(packed.operands(layer, p), p, x, None, out,
+                            {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": 2, **cfg})
 
 
 @cuda_only

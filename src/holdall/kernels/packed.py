@@ -207,3 +207,32 @@ def reference_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y
+
+
+def quantize_activations_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., K]`` (``K`` a multiple of 8) as int8 ``q [..., K]`` and one float32 scale per 8 inputs
+    ``[..., K / 8]``, ``x ~ q * scale`` -- what the one-row kernel's ``XQ8`` option does to its activations,
+    bit for bit.
+
+    Each 8-input word gets the power-of-two scale ``2**(E - 6)`` (``E`` the exponent of its absmax, at least
+    -95), so its absmax lands in [64, 128): the division is exact and the only loss is the rounding to an
+    integer (to nearest, ties to even; 128 becomes 127) -- at most half a step of ``absmax / 64``, comparable
+    to llama.cpp's int8 activation blocks (``absmax / 127`` per 32 inputs, which need a division)."""
+    if x.shape[-1] % CODES_PER_WORD:
+        raise ValueError(f"int8 activations come in words of {CODES_PER_WORD}; the last dimension is {x.shape[-1]}")
+    words = x.float().reshape(*x.shape[:-1], -1, CODES_PER_WORD)  # [..., K/8, 8]
+    amax = words.abs().amax(dim=-1)
+    exponent = (amax.view(torch.int32) >> 23).clamp(min=32)  # biased
+    inv = ((260 - exponent) << 23).view(torch.float32)  # 2**(6 - E)
+    scale = ((exponent - 6) << 23).view(torch.float32)  # 2**(E - 6)
+    q = torch.round((words * inv[..., None]).clamp(max=127.0))  # exact product; ties to even as the kernel
+    return q.to(torch.int8).reshape(x.shape), scale
+
+
+def round_activations_s8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` through :func:`quantize_activations_s8` and back, in ``x``'s dtype: the activations an ``XQ8``
+    GEMV multiplies (exact in float32; rounded once more for bf16/fp16, where ``q * scale`` with ``|q| < 128``
+    fits bf16's 8 bits and fp16's 11 bits, so only scales outside their range are affected)."""
+    q, scale = quantize_activations_s8(x)
+    words = q.float().reshape(*x.shape[:-1], -1, CODES_PER_WORD) * scale[..., None]
+    return words.reshape(x.shape).to(x.dtype)

@@ -130,3 +130,33 @@ def _table_body(name: str, bf16: bool, src_reg: str, outs: tuple[str, str, str, 
     return (".reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, s, t, m, a, b, lo, hi, z, f, w;"
             + movs + "mov.b32 z, 0; mov.b32 f, 0xFFFFFFFF;"
             + half(src_reg, outs[0], outs[2]) + f"shr.u32 w, {src_reg}, 16;" + half("w", outs[1], outs[3]))
+
+
+#: float32 ``1.5 * 2**23``: adding it to a float of magnitude < 2**22 puts the value, rounded to an integer, in
+#: the low mantissa bits (two's complement), and its bits read back as an int are ``MAGIC_INT + value``.
+MAGIC_F32 = 12582912.0
+MAGIC_INT = 0x4B400000
+
+
+def quantize_s8_asm() -> str:
+    """Eight activations of a word, already multiplied by ``127 / amax`` (float32 ``$3..$10``, input order),
+    as int8: ``$0`` packs the odd inputs (1, 3, 5, 7: the words' low nibbles), ``$1`` the even ones (0, 2, 4,
+    6: the high nibbles), byte ``i`` the ``i``-th of them; ``$2`` is their sum. Each value is rounded to
+    the nearest integer (ties to even) by ``add.rn`` of :data:`MAGIC_F32` (``.rn`` keeps ptxas from fusing it
+    with the multiply before it), two PRMTs per pair and one per four gather the low bytes, two DP4As with
+    ones sum them: 8 + 6 + 2 instructions per word."""
+    adds = "".join(f"add.rn.f32 t{i}, ${i + 3}, 0f4B400000;" for i in range(8))
+    return ("{.reg .f32 t0, t1, t2, t3, t4, t5, t6, t7; .reg .b32 a, b, one, z;" + adds
+            + "prmt.b32 a, t1, t3, 0x0040; prmt.b32 b, t5, t7, 0x0040; prmt.b32 $0, a, b, 0x5410;"
+            + "prmt.b32 a, t0, t2, 0x0040; prmt.b32 b, t4, t6, 0x0040; prmt.b32 $1, a, b, 0x5410;"
+            + "mov.b32 one, 0x01010101; mov.b32 z, 0; dp4a.u32.s32 $2, one, $0, z; dp4a.u32.s32 $2, one, $1, $2;}")
+
+
+def dot_s8_asm() -> str:
+    """``$0 = $4 + sum_c q_c x_c`` over the 8 int codes of the word ``$1`` and the int8 activations of
+    :func:`quantize_s8_asm` (``$2`` odd inputs, ``$3`` even ones): one AND isolates the low nibbles (codes of
+    the odd inputs) as unsigned bytes, a shift and an AND the high ones, and two DP4As (4 unsigned x signed
+    byte products each) accumulate them: 5 instructions per 8 codes."""
+    return ("{.reg .b32 l, h;"
+            "and.b32 l, $1, 0x0F0F0F0F; shr.u32 h, $1, 4; and.b32 h, h, 0x0F0F0F0F;"
+            "dp4a.u32.s32 $0, l, $2, $4; dp4a.u32.s32 $0, h, $3, $0;}")

@@ -561,6 +561,168 @@ def _book_f32(w, val_ptr, BOOK: tl.constexpr):
 
 
 @triton.jit
+def _rows_of(t, RPT: tl.constexpr):
+    """A ``[BN, BG, GW]`` tile as ``RPT`` tiles ``[BN / RPT, BG, GW]`` of rows ``r, r + RPT, r + 2 RPT, ...``
+    (returned for ``r = 0, 1, 2, 3``; repeats where ``RPT < 4``). The splits make Triton give each thread the
+    ``RPT`` rows of one word position, so the activations it unpacks serve ``RPT`` rows instead of one."""
+    BN: tl.constexpr = t.shape[0]
+    BG: tl.constexpr = t.shape[1]
+    GW: tl.constexpr = t.shape[2]
+    if RPT == 2:
+        r0, r1 = tl.split(tl.permute(tl.reshape(t, [BN // 2, 2, BG, GW]), (0, 2, 3, 1)))
+        return r0, r1, r0, r1
+    elif RPT == 4:  # row 4 i + 2 hi + lo
+        lo0, lo1 = tl.split(tl.permute(tl.reshape(t, [BN // 4, 2, 2, BG, GW]), (0, 3, 4, 1, 2)))
+        r0, r2 = tl.split(lo0)
+        r1, r3 = tl.split(lo1)
+        return r0, r1, r2, r3
+    else:
+        return t, t, t, t
+
+
+@triton.jit
+def _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, val_ptr, z_ptr, rows, gs, zero_row_stride, ok,
+              KIND: tl.constexpr, PRMT: tl.constexpr, BOOK: tl.constexpr):
+    """``sum_c value_c x_c`` per word of ``w`` (``[rows, BG, GW]``), the int codes' ``128 + zero`` offset taken
+    off through the word's activation sum ``xs``: 8 FMAs and one more per word and row."""
+    if KIND == 2:  # codebook values: no offset to take off
+        q0, q1, q2, q3, q4, q5, q6, q7 = _book_f32(w, val_ptr, BOOK)
+        part = q0 * x0
+    else:
+        if KIND == 1:
+            zero = _group_zero(z_ptr, rows, gs, zero_row_stride, ok).to(tl.float32)  # [rows, BG, 1]
+            part = xs * -(128.0 + zero)
+        else:
+            part = xs * -136.0
+        q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, PRMT)
+        part = q0 * x0 + part
+    part = q1 * x1 + part
+    part = q2 * x2 + part
+    part = q3 * x3 + part
+    part = q4 * x4 + part
+    part = q5 * x5 + part
+    part = q6 * x6 + part
+    return q7 * x7 + part
+
+
+_ASM_QUANT_S8 = tl.constexpr(ptx.quantize_s8_asm())
+_ASM_DOT_S8 = tl.constexpr(ptx.dot_s8_asm())
+
+
+@triton.jit
+def _s8_byte(packed, i: tl.constexpr):
+    """Signed byte ``i`` of each int32 of ``packed`` (int32)."""
+    return (packed << (24 - 8 * i)) >> 24
+
+
+@triton.jit
+def _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, PTX: tl.constexpr):
+    """A word's 8 activations (float32, ``[1, BG, GW]``) as int8 times one power-of-two scale per word:
+    ``(odd, even, total, scale)`` -- the int8 of the odd inputs packed in one int32 (the words' low nibbles
+    are the odd inputs' codes), the even ones in another, their int sum, the scale. The scale ``2**(E - 6)``
+    (``E`` the exponent of the word's absmax) puts the absmax in [64, 128): dividing by it is exact, so only
+    the rounding to an integer (nearest, ties to even; 128 clamped to 127) loses anything, and no division is
+    needed. Exactly :func:`holdall.kernels.packed.quantize_activations_s8`; the rounding adds 1.5 * 2**23, in
+    PTX where ptxas cannot fuse it with the product (``PTX``)."""
+    amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                      tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+    e = tl.maximum(amax.to(tl.int32, bitcast=True) >> 23, 32)  # biased exponent; tiny or zero words: 2**-95
+    inv = ((260 - e) << 23).to(tl.float32, bitcast=True)  # 2**(6 - E)
+    scale = ((e - 6) << 23).to(tl.float32, bitcast=True)  # 2**(E - 6)
+    p0 = tl.minimum(x0 * inv, 127.0)
+    p1 = tl.minimum(x1 * inv, 127.0)
+    p2 = tl.minimum(x2 * inv, 127.0)
+    p3 = tl.minimum(x3 * inv, 127.0)
+    p4 = tl.minimum(x4 * inv, 127.0)
+    p5 = tl.minimum(x5 * inv, 127.0)
+    p6 = tl.minimum(x6 * inv, 127.0)
+    p7 = tl.minimum(x7 * inv, 127.0)
+    if PTX:
+        odd, even, total = tl.inline_asm_elementwise(_ASM_QUANT_S8, "=r,=r,=r,f,f,f,f,f,f,f,f",
+                                                     [p0, p1, p2, p3, p4, p5, p6, p7],
+                                                     (tl.int32, tl.int32, tl.int32), True, 1)
+    else:  # plain Triton (the CPU interpreter: its products are exact, nothing to fuse)
+        t0 = (p0 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        t1 = (p1 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        t2 = (p2 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        t3 = (p3 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        t4 = (p4 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        t5 = (p5 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        t6 = (p6 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        t7 = (p7 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        odd = t1 | (t3 << 8) | (t5 << 16) | (t7 << 24)
+        even = t0 | (t2 << 8) | (t4 << 16) | (t6 << 24)
+        total = (_s8_byte(odd, 0) + _s8_byte(odd, 1) + _s8_byte(odd, 2) + _s8_byte(odd, 3)
+                 + _s8_byte(even, 0) + _s8_byte(even, 1) + _s8_byte(even, 2) + _s8_byte(even, 3))
+    return odd, even, total, scale
+
+
+@triton.jit
+def _dot_s8(w, odd, even, c, PTX: tl.constexpr):
+    """``c + sum_c q_c x_c`` (int32) over the 8 int codes of each word of ``w`` and the word's int8
+    activations from :func:`_quantize_word`: two DP4As after three integer instructions (``PTX``)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_ASM_DOT_S8, "=r,r,r,r,r", [w, odd, even, c], tl.int32, True, 1)
+    else:
+        lo = w & 0x0F0F0F0F  # codes of the odd inputs, one per byte
+        hi = (w >> 4) & 0x0F0F0F0F
+        return (c + ((lo & 0xFF) * _s8_byte(odd, 0) + ((lo >> 8) & 0xFF) * _s8_byte(odd, 1)
+                     + ((lo >> 16) & 0xFF) * _s8_byte(odd, 2) + ((lo >> 24) & 0xFF) * _s8_byte(odd, 3))
+                + ((hi & 0xFF) * _s8_byte(even, 0) + ((hi >> 8) & 0xFF) * _s8_byte(even, 1)
+                   + ((hi >> 16) & 0xFF) * _s8_byte(even, 2) + ((hi >> 24) & 0xFF) * _s8_byte(even, 3)))
+
+
+@triton.jit
+def _tile_part(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, val_ptr, z_ptr, rows, gs, ok, zero_row_stride,
+               KIND: tl.constexpr, PRMT: tl.constexpr, BOOK: tl.constexpr, XQ8: tl.constexpr):
+    """One row tile's scaled dot products for an iteration: ``rows [R, 1, 1]``, ``w [R, BG, GW]``, its group
+    scales ``s [R, BG, 1]``. With ``XQ8`` the activations are a word's int8 (:func:`_quantize_word`): ``x0`` /
+    ``x1`` the packed odd / even inputs, ``x2`` their scale, ``xs`` their int sum; the dot is exact in int32
+    (``sum (q - zero) x8``, through the float32 magic ``1.5 * 2**23``), then scaled."""
+    if XQ8:
+        if KIND == 1:
+            zero = _group_zero(z_ptr, rows, gs, zero_row_stride, ok)  # [rows, BG, 1] int32
+            c = 0x4B400000 - zero * xs
+        else:
+            c = 0x4B400000 - 8 * xs
+        dot = _dot_s8(w, x0, x1, c, PRMT).to(tl.float32, bitcast=True) - 12582912.0
+        return dot * x2 * s
+    part = _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, val_ptr, z_ptr, rows, gs, zero_row_stride, ok,
+                     KIND, PRMT, BOOK)
+    return part * s
+
+
+@triton.jit
+def _tile_out(acc, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr,
+              NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr):
+    """Store rows ``rn`` of ``y`` from their accumulator ``[R, BG, GW]``; returns their sum of squares (as
+    stored) when ``NORM_OUT`` (else 0), after writing ``h = y * nw``."""
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [R]
+    if NORM_IN:  # mean square over the whole row
+        y = y * tl.rsqrt(squares / k_inputs + eps)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y_out = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rn, y_out, mask=rn < N)
+    if NORM_OUT:  # the next norm's pieces, from the value as stored (the residual stream's rounding)
+        yf = tl.where(rn < N, y_out.to(tl.float32), 0.0)
+        nw = tl.load(nw_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(h_ptr + rn, (yf * nw).to(h_ptr.dtype.element_ty), mask=rn < N)
+        return tl.sum(yf * yf)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _rows_ok(rows, N, EVEN_N: tl.constexpr):
+    """``rows < N``, or all true without a compare when the row tiles divide ``N`` (``EVEN_N``)."""
+    if EVEN_N:
+        return tl.full(rows.shape, True, tl.int1)
+    else:
+        return rows < N
+
+
+@triton.jit
 def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                    sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
                    n0, N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
@@ -568,9 +730,11 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, X_BF16: tl.constexpr, STAGES: tl.constexpr,
                    TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr, BOOK: tl.constexpr,
                    NORM_IN: tl.constexpr, SQ_BLOCK: tl.constexpr, NORM_OUT: tl.constexpr, EVEN_G: tl.constexpr,
-                   XVEC: tl.constexpr):
+                   XVEC: tl.constexpr, RPT: tl.constexpr, XQ8: tl.constexpr,
+                   EVEN_N: tl.constexpr):
     """Rows ``n0 .. n0 + BLOCK_N`` of ``y``: the loop over the groups, ``STAGES`` deep (1 inside a flattened
-    persistent loop, which pipelines across tiles itself).
+    persistent loop, which pipelines across tiles itself). With ``RPT`` > 1 the tile is worked as ``RPT``
+    interleaved row tiles whose words at one position sit in one thread (:func:`_rows_of`).
 
     An RMSNorm between two GEMVs is split over their epilogues, so the loop itself is untouched (work inside
     it is paid per code: an in-loop norm made the GEMVs 1.6x slower on an H200):
@@ -578,12 +742,16 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
     next norm's weight, per output row) to ``h_ptr`` and this tile's sum of ``y^2`` to ``sq_out_ptr[tile]``;
     ``NORM_IN`` (the consumer, reading ``h`` as ``x``) sums the ``n_sq`` partials ``sq_in_ptr`` in a fixed order
     and multiplies its dot products by ``1 / rms = rsqrt(sum / K + eps)``."""
-    rn = n0 + tl.arange(0, BLOCK_N)
-    n3 = rn[:, None, None]  # [BN, 1, 1]
-    n_ok = n3 < N
+    R: tl.constexpr = BLOCK_N // RPT
+    ri = tl.arange(0, R) * RPT
+    rows0 = n0 + ri[:, None, None]  # [R, 1, 1]: rows of sub-tile 0; sub-tile r adds r
     rg = tl.arange(0, BLOCK_G)[None, :, None]  # [1, BG, 1]
     rj = tl.arange(0, GROUP_W)[None, None, :]  # [1, 1, GW]
-    acc = tl.zeros([BLOCK_N, BLOCK_G, GROUP_W], dtype=tl.float32)
+    acc0 = tl.zeros([R, BLOCK_G, GROUP_W], dtype=tl.float32)
+    acc1 = tl.zeros([R, BLOCK_G, GROUP_W], dtype=tl.float32)
+    acc2 = tl.zeros([R, BLOCK_G, GROUP_W], dtype=tl.float32)
+    acc3 = tl.zeros([R, BLOCK_G, GROUP_W], dtype=tl.float32)
+    squares = 0.0
     if NORM_IN:  # issued before the loop: the producer has finished, and the loads hide behind the weights
         rs = tl.arange(0, SQ_BLOCK)
         squares = tl.sum(tl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0))
@@ -597,7 +765,8 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
         if TMA:  # rows past N and groups past the end arrive as zeros
             w = w_src.load([n0, g0, 0])  # [BN, BG, GW] int32
         else:
-            w = tl.load(w_src + n3 * stride_wn + kw3, mask=n_ok & g_ok, other=0)
+            n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None]  # [BN, 1, 1]
+            w = tl.load(w_src + n3 * stride_wn + kw3, mask=(n3 < N) & g_ok, other=0)
         x_word = x_ptr + kw3 * 4
         if XVEC:  # one 16-byte load per word's 8 activations, split in registers
             r4 = tl.arange(0, 4)[None, None, None, :]
@@ -614,41 +783,40 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
             x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
             x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
             x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
-        gs = g3 * group_step
-        if KIND == 2:  # codebook values: no offset to take off
-            q0, q1, q2, q3, q4, q5, q6, q7 = _book_f32(w, val_ptr, BOOK)
-            part = q0 * x0
+        if XQ8:  # the word's int8 activations, packed (x0, x1), their scale (x2) and int sum (xs)
+            x0, x1, xs, x2 = _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, PRMT)
         else:
             xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [1, BG, GW]
-            if KIND == 1:
-                zero = _group_zero(z_ptr, n3, gs, zero_row_stride, n_ok & g_ok).to(tl.float32)  # [BN, BG, 1]
-                part = xs * -(128.0 + zero)
-            else:
-                part = xs * -136.0
-            q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, PRMT)
-            part = q0 * x0 + part
-        part = q1 * x1 + part
-        part = q2 * x2 + part
-        part = q3 * x3 + part
-        part = q4 * x4 + part
-        part = q5 * x5 + part
-        part = q6 * x6 + part
-        part = q7 * x7 + part
-        s = _group_scale(s_ptr, sabs_ptr, soff_ptr, dmap_ptr, n3 * scale_row_stride + gs, n_ok & g_ok,
-                         SCALE_DQ)  # [BN, BG, 1]
-        acc += part * s
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
-    if NORM_IN:  # mean square over the whole row: n_groups * GROUP_W words of 8 inputs
-        y = y * tl.rsqrt(squares / (n_groups * GROUP_W * 8) + eps)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    y_out = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rn, y_out, mask=rn < N)
-    if NORM_OUT:  # the next norm's pieces, from the value as stored (the residual stream's rounding)
-        yf = tl.where(rn < N, y_out.to(tl.float32), 0.0)
-        nw = tl.load(nw_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        tl.store(h_ptr + rn, (yf * nw).to(h_ptr.dtype.element_ty), mask=rn < N)
-        tl.store(sq_out_ptr + n0 // BLOCK_N, tl.sum(yf * yf))
+        gs = g3 * group_step
+        # the tile's scales loaded as one [BN, BG, 1] block (Triton pipelines it), then split like the words
+        n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None]
+        s = _group_scale(s_ptr, sabs_ptr, soff_ptr, dmap_ptr, n3 * scale_row_stride + gs,
+                         _rows_ok(n3, N, EVEN_N) & g_ok, SCALE_DQ)
+        t0, t1, t2, t3 = _rows_of(w, RPT)
+        s0, s1, s2, s3 = _rows_of(s, RPT)
+        acc0 += _tile_part(t0, x0, x1, x2, x3, x4, x5, x6, x7, xs, s0, val_ptr, z_ptr, rows0, gs,
+                           _rows_ok(rows0, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
+        if RPT >= 2:
+            acc1 += _tile_part(t1, x0, x1, x2, x3, x4, x5, x6, x7, xs, s1, val_ptr, z_ptr, rows0 + 1, gs,
+                               _rows_ok(rows0 + 1, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
+        if RPT == 4:
+            acc2 += _tile_part(t2, x0, x1, x2, x3, x4, x5, x6, x7, xs, s2, val_ptr, z_ptr, rows0 + 2, gs,
+                               _rows_ok(rows0 + 2, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
+            acc3 += _tile_part(t3, x0, x1, x2, x3, x4, x5, x6, x7, xs, s3, val_ptr, z_ptr, rows0 + 3, gs,
+                               _rows_ok(rows0 + 3, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
+    k_inputs = n_groups * GROUP_W * 8
+    rn = n0 + ri
+    sq = _tile_out(acc0, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN, NORM_OUT)
+    if RPT >= 2:
+        sq += _tile_out(acc1, rn + 1, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+                        NORM_OUT)
+    if RPT == 4:
+        sq += _tile_out(acc2, rn + 2, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+                        NORM_OUT)
+        sq += _tile_out(acc3, rn + 3, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+                        NORM_OUT)
+    if NORM_OUT:
+        tl.store(sq_out_ptr + n0 // BLOCK_N, sq)
 
 
 @triton.jit
@@ -674,6 +842,9 @@ def _gemv_tma_kernel(
     NORM_OUT: tl.constexpr = False,  # also write the next norm's weighted row and this tile's sum of squares
     EVEN_G: tl.constexpr = False,  # n_groups is a multiple of BLOCK_G: no group masks in the loop
     XVEC: tl.constexpr = False,  # load a word's 8 activations as one 16-byte vector
+    RPT: tl.constexpr = 1,  # rows per thread at each word position (1, 2, 4): activations unpacked once for them
+    XQ8: tl.constexpr = False,  # int codes: each word's activations rounded to int8 (W4A8), integer dot products
+    EVEN_N: tl.constexpr = False,  # N is a multiple of BLOCK_N: no row masks on the scale loads in the loop
 ):
     """One row, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy engine
     writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
@@ -695,13 +866,13 @@ def _gemv_tma_kernel(
                            sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
                            tile * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                            zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA,
-                           PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC)
+                           PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N)
     else:
         _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                        sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
                        tl.program_id(0) * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                        zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
-                       PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC)
+                       PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N)
 
 
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
@@ -1224,6 +1395,13 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
     n_groups = p.in_features // p.group
     if cfg.get("EVEN_G") and n_groups % cfg["BLOCK_G"]:
         raise ValueError(f"EVEN_G needs the {n_groups} groups of a row in whole tiles of BLOCK_G {cfg['BLOCK_G']}")
+    if cfg.get("EVEN_N") and p.out_features % block_n:
+        raise ValueError(f"EVEN_N needs the {p.out_features} rows in whole tiles of BLOCK_N {block_n}")
+    if cfg.get("XQ8") and p.kind == 2:
+        raise ValueError("XQ8 (int8 activations, integer dot products) takes int codes; codebook values "
+                         f"({p.codebook}) are not integers: launch without XQ8")
+    if cfg.get("RPT", 1) not in (1, 2, 4) or block_n % cfg.get("RPT", 1):
+        raise ValueError(f"RPT (rows per thread) must be 1, 2 or 4 and divide BLOCK_N {block_n}; got {cfg['RPT']}")
     src = ops.words
     if cfg.get("TMA", True):  # built per call (host-side, cheap); a CUDA graph captures it by value
         if TensorDescriptor is None:
