@@ -201,6 +201,20 @@ def main() -> None:
                            check_against_hf(model, prompt, tokens, max_len, fuse_norms=True))
         tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
         record(weights, "static", tps, check_against_hf(model, prompt, tokens, max_len))
+        if weights.startswith("int4"):  # W4A8: every decode step's 4-bit projections on int8-rounded inputs
+            tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
+            record(weights, "static-int8-act", tps,
+                   check_against_hf(model, prompt, tokens, max_len, int8_activations=True))
+            if args.ablate:
+                try:
+                    tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True,
+                                                fuse_norms=True)
+                except ConfigError as exc:
+                    log(f"{weights}: no folded norms here ({exc})")
+                else:
+                    record(weights, "static-int8-act-norms-folded", tps,
+                           check_against_hf(model, prompt, tokens, max_len, int8_activations=True,
+                                            fuse_norms=True))
 
     if not args.skip_bf16:
         measure("bf16")
@@ -227,9 +241,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     hf = {r["weights"]: r["tokens_per_s"] for r in rows if r["path"] == "hf-generate"}
     for r in rows:
-        if r["path"] == "static" and "bf16" in hf:
+        if r["path"].startswith("static") and "bf16" in hf:
             r["speedup_vs_hf_bf16"] = round(r["tokens_per_s"] / hf["bf16"], 2)
-        if r["path"] == "static" and r["weights"] in hf:
+        if r["path"].startswith("static") and r["weights"] in hf:
             r["speedup_vs_hf_same_weights"] = round(r["tokens_per_s"] / hf[r["weights"]], 2)
     report = {"info": info, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

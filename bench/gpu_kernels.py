@@ -204,6 +204,8 @@ def sweep(layers: list[QuantLinear], rows: int, configs: list[dict] | None = Non
         launch = lambda o, cfg: triton_wq4.gemv(o, p, x.reshape(-1), None, out.view(-1), cfg)  # noqa: E731
         tma = triton_wq4._has_tma(0) and ops[0].words.data_ptr() % 16 == 0  # what the dispatch decides
         configs, default = configs or gemv_configs(p.group, p.kind == 2), triton_wq4.gemv_config(p, sms, tma)
+        if configs and all(c.get("XQ8") for c in configs):  # an int8-activation sweep: its own default beside
+            default = triton_wq4.gemv_config(p, sms, tma, int8_activations=True)
     else:
         launch = lambda o, cfg: triton_wq4.gemm(o, p, x, None, out, cfg)  # noqa: E731
         configs, default = configs or gemm_configs(rows, p.kind == 2), triton_wq4.gemm_config(p, rows, sms)
@@ -306,6 +308,14 @@ def main() -> None:
                     err = float((layer(x).float() - ref).norm() / ref.norm())
                     entries["holdall-" + name] = (bench_graph([lambda m=m: m(x) for m in copies]),
                                                   bench(lambda: layer(x)), layer.nbytes, {"rel_err": err})
+                    if batch == 1 and dispatch.int8_ready(layer) is None:  # W4A8: XQ8, int8-rounded x
+                        ref8 = packed.reference_linear(layer, packed.round_activations_s8(x.float()))
+                        got8 = dispatch.project_int8(layer, x)
+                        entries["holdall-" + name + "-int8act"] = (
+                            bench_graph([lambda m=m: dispatch.project_int8(m, x) for m in copies]),
+                            bench(lambda: dispatch.project_int8(layer, x)), layer.nbytes,
+                            {"rel_err": float((got8.float() - ref8).norm() / ref8.norm()),
+                             "rel_err_vs_float_x": float((got8.float() - ref).norm() / ref.norm())})
                     if batch in (1, 64):  # eager: its table lookups copy to the device, which graphs forbid
                         with backends.use_backend("reference"):
                             ref_us = bench(lambda: layer(x), rep=30)

@@ -61,7 +61,8 @@ def test_int8_activations_are_power_of_two_words():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 64, generator=gen) * torch.logspace(-6, 6, 6)[:, None]
     x[0, :8] = 0.0
-    x[1, 8:16] = torch.tensor([1.0, -1.0, 0.5, 1 / 64, 3 / 128, 5 / 128, -7 / 128, 1.999])  # absmax near 2: step 1/64, ties at 3/128 and 5/128
+    # absmax near 2: step 1/64, ties at 3/128 and 5/128
+    x[1, 8:16] = torch.tensor([1.0, -1.0, 0.5, 1 / 64, 3 / 128, 5 / 128, -7 / 128, 1.999])
     x[2, 16:24] = 1e-35  # below the floor exponent
     q, scale = packed.quantize_activations_s8(x)
     assert q.dtype == torch.int8 and scale.shape == (6, 8)

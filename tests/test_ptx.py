@@ -60,6 +60,8 @@ def _run(asm: str, word: int, outputs: int = 4, inputs: tuple[int, ...] = ()) ->
         token = token.strip()
         if token in regs:
             return regs[token]
+        if token.startswith("0f"):  # a float32 immediate, as its bits
+            return int(token[2:], 16)
         return int(token, 16) if token.lower().startswith("0x") else int(token)
 
     for ins in filter(None, (i.strip().strip("{}").strip() for i in asm.split(";"))):
@@ -90,6 +92,13 @@ def _run(asm: str, word: int, outputs: int = 4, inputs: tuple[int, ...] = ()) ->
             regs[dst] = _prmt(*src)
         elif op == "lop3.b32":
             regs[dst] = _lop3(*src)
+        elif op == "add.rn.f32":  # float32 add, rounded to nearest even (torch's float32 add is IEEE)
+            f = torch.tensor(src, dtype=torch.int64).to(torch.int32).view(torch.float32)
+            regs[dst] = int((f[0] + f[1]).view(torch.int32)) & 0xFFFFFFFF
+        elif op == "dp4a.u32.s32":  # c + sum of unsigned bytes of a times signed bytes of b
+            total = src[2] + sum(((src[0] >> (8 * i)) & 0xFF) * (((src[1] >> (8 * i)) & 0xFF ^ 0x80) - 0x80)
+                                 for i in range(4))
+            regs[dst] = total & 0xFFFFFFFF
         elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
             regs[dst] = _fma16x2(*src, bf16=op == "fma.rn.bf16x2")
         else:
@@ -193,3 +202,47 @@ def test_interpreter_catches_a_wrong_selector():
     four = [0x12, 0x34, 0x56, 0x78]
     hi, _ = _halves(_run(asm, sum(b << (8 * i) for i, b in enumerate(four))))
     assert hi != [bits[b >> 4] for b in four]
+
+
+def _f32_bits(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.float32).view(torch.int32)) & 0xFFFFFFFF
+
+
+def test_int8_activation_packing_is_the_reference_rounding():
+    """``quantize_s8_asm``: 8 scaled activations -> int8 (nearest, ties to even) packed odd inputs / even inputs,
+    and their sum, equal to ``packed.quantize_activations_s8`` on the same words."""
+    from holdall.kernels import packed
+
+    rng = random.Random(1)
+    asm = ptx.quantize_s8_asm()
+    for _ in range(300):
+        x = torch.tensor([rng.choice([rng.uniform(-3, 3), rng.randrange(-16, 16) / 8 + 1 / 16]) for _ in range(8)])
+        q, scale = packed.quantize_activations_s8(x)
+        scaled = [min(float(v) / float(scale[0]), 127.0) for v in x]  # exact: a power-of-two scale
+        odd, even, total = _run_quantize(asm, scaled)
+        want = [int(v) & 0xFF for v in q]
+        assert odd == sum(want[2 * i + 1] << (8 * i) for i in range(4))
+        assert even == sum(want[2 * i] << (8 * i) for i in range(4))
+        assert (total ^ 0x80000000) - 0x80000000 == int(q.sum())
+
+
+def _run_quantize(asm: str, scaled: list[float]) -> list[int]:
+    """$0..$2 of the quantize PTX with ``$3..$10`` = the 8 scaled activations (as float32 bits)."""
+    bits = [_f32_bits(v) for v in scaled]
+    return _run(asm, bits[0], outputs=3, inputs=tuple(bits[1:]))
+
+
+def test_int8_dot_is_the_integer_dot_product():
+    """``dot_s8_asm``: ``c + sum_c q_c x_c`` for the 8 codes of a word (code c at bit 4 (c ^ 1)) and the int8
+    activations packed as :func:`test_int8_activation_packing_is_the_reference_rounding` checks."""
+    rng = random.Random(2)
+    asm = ptx.dot_s8_asm()
+    for _ in range(500):
+        codes = [rng.randrange(16) for _ in range(8)]
+        xs = [rng.randrange(-128, 128) for _ in range(8)]
+        c = rng.randrange(-2**20, 2**20) + ptx.MAGIC_INT
+        word = sum(code << (4 * (i ^ 1)) for i, code in enumerate(codes))
+        odd = sum((xs[2 * i + 1] & 0xFF) << (8 * i) for i in range(4))
+        even = sum((xs[2 * i] & 0xFF) << (8 * i) for i in range(4))
+        (got,) = _run(asm, word, outputs=1, inputs=(odd, even, c))
+        assert got == (c + sum(q * x for q, x in zip(codes, xs))) & 0xFFFFFFFF

@@ -179,3 +179,80 @@ def test_folded_norms_decode_like_separate_ones(method, kw):
     # bf16: the fused step rounds the normalised row and the residual sums once fewer
     assert float((got - want).abs().max()) < 0.03 * float(want.abs().max())
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
+
+
+def _round_decode_inputs(model):
+    """Forward pre-hooks rounding every 4-bit layer's one-token input to int8 per word (W4A8's definition)."""
+    from holdall.core.linear import QuantLinear
+    from holdall.kernels.packed import round_activations_s8
+
+    def hook(module, args):
+        x = args[0]
+        return (round_activations_s8(x),) if x.numel() == x.shape[-1] else None
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+def _decode_logits(decoder, ids, prompt=4):
+    return torch.stack([decoder.prefill(ids[:prompt])] + [decoder.step(ids[p], p).clone()
+                                                           for p in range(prompt, ids.numel())])
+
+
+@pytest.mark.parametrize("fused_attention", [True, False])
+def test_int8_activations_decode_like_rounded_inputs(fused_attention, one_thread):
+    """``int8_activations``: each decode step's 4-bit projections see their input rounded per 8-input word to
+    int8 (the prompt's prefill does not): the same logits as a decoder whose layers round their one-token inputs
+    by hooks, and not the float-activation ones."""
+    from holdall.algorithms import QuantConfig, quantize
+
+    model = _sharpen(make_tiny_llama(hidden=64, layers=2))
+    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
+    model = model.to(DEVICE)
+    ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    floats = _decode_logits(StaticDecoder(model, max_len=16, fused_attention=fused_attention), ids)
+    got = _decode_logits(StaticDecoder(model, max_len=16, fused_attention=fused_attention, int8_activations=True),
+                         ids)
+    hooks = _round_decode_inputs(model)
+    try:
+        want = _decode_logits(StaticDecoder(model, max_len=16, fused_attention=fused_attention,
+                                            stack_projections=False), ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[0], floats[0])  # the prefill keeps float activations
+    assert float((got[1:] - floats[1:]).abs().max()) > 1e-3 * float(floats.abs().max())
+
+
+def test_int8_activations_need_integer_codes():
+    from holdall.algorithms import QuantConfig, quantize
+
+    model = make_tiny_llama(hidden=64, layers=1)
+    assert StaticDecoder(model, max_len=8, int8_activations=True)._int8  # float linears are left alone
+    quantize(model, QuantConfig.for_method("nf4"), progress=False)
+    with pytest.raises(ConfigError, match="int8_activations=True.*nf4"):
+        StaticDecoder(model, max_len=8, int8_activations=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the int8 rounding happens inside the one-row TMA GEMV (Hopper)")
+@pytest.mark.parametrize("fuse_norms", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_activation_kernels_decode_like_rounded_inputs(fuse_norms, symmetric):
+    """On Hopper the rounding and the integer dot products run inside the GEMV (``XQ8``): bf16 logits close to
+    the hook-rounded reference decoder's (which runs the float kernels on rounded inputs)."""
+    from holdall.algorithms import QuantConfig, quantize
+
+    model = _sharpen(make_tiny_llama(hidden=128, layers=2, intermediate=256)).to(torch.bfloat16)
+    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32, symmetric=symmetric), progress=False)
+    model = model.to("cuda")
+    ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(9)).to("cuda")
+    got = _decode_logits(StaticDecoder(model, max_len=16, int8_activations=True, fuse_norms=fuse_norms), ids)
+    hooks = _round_decode_inputs(model)
+    try:
+        want = _decode_logits(StaticDecoder(model, max_len=16, stack_projections=False), ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert float((got - want).abs().max()) < 0.03 * float(want.abs().max())
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9

@@ -120,7 +120,7 @@ class FusedRow(NamedTuple):
 
 def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
                norm_in: tuple[torch.Tensor, float] | None = None,
-               norm_out: torch.Tensor | None = None) -> FusedRow:
+               norm_out: torch.Tensor | None = None, int8_activations: bool = False) -> FusedRow:
     """One row with the decoder's glue folded into the GEMV's epilogue; ``x [in]``, results ``[out]`` in the
     model's compute dtype (the layer's bias, if any, is added as usual).
 
@@ -130,6 +130,10 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor |
     norm_in: ``(squares, eps)`` from the producer's ``norm_out`` when ``x`` is its ``h``: computes
         ``layer(rms_norm(y_producer) * weight)`` -- transformers' RMSNorm, except that the ``1 / rms`` scales the
         float32 dot products instead of the rounded row.
+    int8_activations: multiply int codes by ``x`` rounded per 8-input word to int8 (W4A8,
+        :func:`holdall.kernels.packed.quantize_activations_s8`), inside the kernel (``XQ8``: integer dot
+        products, fewer instructions per weight; ``ValueError`` for codebook formats, whose values are not
+        integers).
     Each saves a separate norm (or add) launch; the GEMV's loop is the same as without them (only the epilogues
     change). Only for layers :func:`norm_fusable` accepts.
     """
@@ -144,7 +148,9 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor |
     if residual is not None:
         residual = residual.reshape(-1).to(x.dtype)
         bias = residual if bias is None else residual + bias
-    config = triton_wq4.default_gemv_config(ops, p, x.device)
+    if int8_activations and p.kind == 2:
+        raise ValueError(f"int8 activations multiply integer codes; this layer's {p.codebook} values are not")
+    config = triton_wq4.default_gemv_config(ops, p, x.device, int8_activations)
     out = torch.empty(p.out_features, dtype=x.dtype, device=x.device)
     h = squares = None
     if norm_out is not None:
@@ -153,3 +159,27 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor |
         norm_out = (norm_out.reshape(-1).to(x.dtype).contiguous(), h, squares)
     triton_wq4.gemv(ops, p, x, bias, out, config, norm_in=norm_in, norm_out=norm_out)
     return FusedRow(out, h, squares)
+
+
+def int8_ready(layer: torch.nn.Module) -> str | None:
+    """Why :func:`project_int8` cannot take ``layer`` (None when it can): a 4-bit layer with integer codes."""
+    if not hasattr(layer, "scheme"):
+        return f"{type(layer).__name__} is not a holdall QuantLinear"
+    if layer.scheme.dtype != "int" or layer.scheme.bits != 4:
+        return f"its weights are {layer.scheme.label}, not 4-bit integer codes"
+    return None
+
+
+def project_int8(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a 4-bit integer layer with ``x`` rounded per 8-input word to int8 first (W4A8,
+    :func:`holdall.kernels.packed.round_activations_s8`): one row on the one-row TMA kernel does the rounding
+    and integer dot products itself (``XQ8``); anything else rounds ``x`` in torch and runs the layer as usual
+    (the reference, on any device). ``x [..., in]``; same shape and dtype rules as the layer."""
+    reason = int8_ready(layer)
+    if reason is not None:
+        raise ValueError(f"int8 activations need a 4-bit integer layer: {reason}")
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 1 and supports(layer, x) and norm_fusable(layer, backends.compute_dtype(x)):
+        y = fused_gemv(layer, x.reshape(-1).to(backends.compute_dtype(x)), int8_activations=True).y
+        return y.reshape(*x.shape[:-1], -1)
+    return layer(packed.round_activations_s8(x))

@@ -1205,18 +1205,22 @@ def _has_tma(device_index: int) -> bool:
     return TensorDescriptor is not None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def gemv_config(p: Plan, sms: int, tma: bool = False) -> dict:
+def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = False) -> dict:
     """Launch configuration for one row, from the sweeps on an H200 (bench/gpu_kernels.py --sweep;
-    BENCHMARKS.md, round 5). ``tma``: the device has Hopper's tensor memory accelerator and the words are
-    16-byte aligned.
+    BENCHMARKS.md, rounds 5 and 8). ``tma``: the device has Hopper's tensor memory accelerator and the words are
+    16-byte aligned. ``int8_activations``: the caller wants the int codes multiplied by int8-rounded
+    activations (``XQ8``, W4A8); formats the option cannot take get their float configuration (the caller
+    rounds the activations itself, :func:`holdall.kernels.dispatch.project_int8`).
 
-    With TMA and rows of whole groups, every format takes the round-5 kernel (``VARIANT tma``; us at 4096x11008
-    / 11008x4096 / 4096x4096). Its best tiling depends on the row length:
-    * int symmetric: long rows (>= 8192 inputs) whose 32-row tiles fit in one wave take 32 rows x 128 words,
-      one program per SM (14.7 us against the pairs kernel's 18.3); shorter rows 16 x 64 words, more programs
-      to fill the pipeline (15.3 vs 17.4, 7.5 vs 7.9);
+    With TMA and rows of whole groups, every format takes the round-5 kernel (``VARIANT tma``). Its best tiling
+    depends on the row length (us at 4096x11008 / 11008x4096 / 4096x4096, round 8):
+    * int symmetric: two rows per thread at each word position (``RPT``), 16-byte activation loads, no masks
+      where the tiles divide the matrix; long rows (>= 8192 inputs) 16 rows x 64 words (14.8 against round
+      5's 14.7-17.4), shorter rows 32 x 64 words when that makes at least one program per SM, else 16 x 64
+      (11.9 vs 15.4, 6.6 vs 7.8); with ``XQ8`` long rows 32 x 128 words on 8 warps (13.0), shorter rows the
+      same tiles as float (9.6, 6.3);
     * int asymmetric: 16 x 128 words, 8 warps on long rows (17.5 vs 20.2), else 16 x 64, 4 stages (17.2 vs
-      18.9, 7.8 vs 8.7);
+      18.9, 7.8 vs 8.7); with ``XQ8`` the symmetric tiling (checked on the device, not swept);
     * NF4/FP4 (register table): 16 x 128 words on long rows, else 16 x 64 (NF4 19.9 / 22.7 / 10.0 against the
       ``4d`` kernel's 27.5 / 29.5 / 11.9; NF4 + double quant 25.8 / 26.6 / 11.3 against 28.6 / 28.8 / 11.8).
     The same tilings with programs looping over tiles (``PROGRAMS_PER_SM``) were slower everywhere.
@@ -1235,15 +1239,19 @@ def gemv_config(p: Plan, sms: int, tma: bool = False) -> dict:
         return {"BLOCK_N": 8, "BLOCK_G": max(1, 64 // group_w), "num_warps": 4, "STAGES": 1, "VARIANT": "4d",
                 "LUT16": True}
     if tma and p.in_features % p.group == 0:
-        if p.kind == 1:  # asymmetric (zero points loaded per row and group): its own sweep
+        if p.kind == 1 and not int8_activations:  # asymmetric (zero points loaded per row and group)
             if long_rows:
                 return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
                         "num_warps": 8}
             return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 64 // group_w), "STAGES": 4, "num_warps": 4}
-        if long_rows and triton.cdiv(p.out_features, 32) <= sms:
-            return {"VARIANT": "tma", "BLOCK_N": 32, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
-                    "num_warps": 4}
-        return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 64 // group_w), "STAGES": 3, "num_warps": 4}
+        if long_rows:
+            block_n, words, warps = (32, 128, 8) if int8_activations else (16, 64, 4)
+        else:
+            block_n, words, warps = (32 if triton.cdiv(p.out_features, 32) >= sms else 16), 64, 4
+        block_g = max(1, words // group_w)
+        return {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": 3, "num_warps": warps,
+                "RPT": 2, "XVEC": True, "EVEN_N": p.out_features % block_n == 0,
+                "EVEN_G": (p.in_features // p.group) % block_g == 0, "XQ8": int8_activations}
     return {"BLOCK_N": 8, "BLOCK_G": max(1, 128 // group_w), "num_warps": 4, "STAGES": 3, "PREFETCH": True}
 
 
@@ -1305,10 +1313,10 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
 
 
 # --- launchers ------------------------------------------------------------------------------------------
-def default_gemv_config(ops: Operands, p: Plan, device: torch.device) -> dict:
+def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activations: bool = False) -> dict:
     """:func:`gemv_config` for this device (its SM count, and TMA when it has it and the words are aligned)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return gemv_config(p, _sm_count(index), _has_tma(index) and ops.words.data_ptr() % 16 == 0)
+    return gemv_config(p, _sm_count(index), _has_tma(index) and ops.words.data_ptr() % 16 == 0, int8_activations)
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,

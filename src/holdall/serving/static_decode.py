@@ -87,10 +87,19 @@ class StaticDecoder:
         of eight. Needs every projection of every block on the one-row TMA kernel (Hopper, 4-bit, bf16/fp16)
         and fused attention; ``True`` raises naming the layer that is not. Off by default until measured (a
         first version that normalised inside the GEMV's loop made the GEMVs 1.6x slower on an H200).
+    int8_activations: in each decode step, round every 4-bit projection's input to int8 per 8-input word
+        (power-of-two scales; :func:`holdall.kernels.packed.quantize_activations_s8`) and multiply the int codes
+        with integer dot products -- W4A8, as llama.cpp's GPU kernels do with their int8 activation blocks.
+        On Hopper the rounding happens inside the GEMV (``XQ8``); elsewhere the activations are rounded in
+        torch first, so every device computes the same thing. The prompt's prefill keeps float activations;
+        float (unquantized) projections are untouched. Needs 4-bit integer formats (codebook values are not
+        integers): ``True`` on an NF4/FP4 model raises. Off by default: it changes the numbers (~0.6% relative
+        per projection output on random activations; see BENCHMARKS.md for perplexity).
     """
 
     def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool | None = None,
-                 fused_attention: bool | None = None, stack_projections: bool = True, fuse_norms: bool = False):
+                 fused_attention: bool | None = None, stack_projections: bool = True, fuse_norms: bool = False,
+                 int8_activations: bool = False):
         family = get_family(model)
         if family.model_type not in SUPPORTED:
             raise UnsupportedModelError(
@@ -144,6 +153,7 @@ class StaticDecoder:
         if stack_projections:
             self._stack_projections()
         self._fuse_norms = self._plan_norm_fusion(fuse_norms)
+        self._int8 = self._plan_int8(int8_activations)
 
     def _plan_norm_fusion(self, wanted: bool) -> bool:
         """Whether the decode step folds norms and residual adds into the 4-bit GEMVs (see ``fuse_norms``)."""
@@ -166,6 +176,28 @@ class StaticDecoder:
         if reason is not None:
             raise ConfigError(f"fuse_norms=True cannot be honoured: {reason}. Leave fuse_norms off")
         return True
+
+    def _plan_int8(self, wanted: bool) -> bool:
+        """Whether decode steps round the 4-bit projections' inputs to int8 (see ``int8_activations``)."""
+        if not wanted:
+            return False
+        from ..kernels.dispatch import int8_ready
+
+        for i in range(len(self.layers)):
+            for name, module in self._block_projections(i):
+                reason = int8_ready(module)
+                if reason is not None and hasattr(module, "scheme"):  # float projections are left alone
+                    raise ConfigError(f"int8_activations=True cannot be honoured: layers.{i}.{name}: {reason}. "
+                                      "Leave int8_activations off")
+        return True
+
+    def _project(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """A decode step's projection: ``module(h)``, with int8 activations where asked and possible."""
+        if self._int8 and hasattr(module, "scheme"):
+            from ..kernels.dispatch import project_int8
+
+            return project_int8(module, h)
+        return module(h)
 
     def _block_projections(self, index: int) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of block ``index``'s projections as the decode step runs them (stacked or not)."""
@@ -226,11 +258,12 @@ class StaticDecoder:
             post = layer.post_attention_layernorm
             x, h = ops.add_rms_norm(x, attn, post.weight, post.variance_epsilon)
             mlp = layer.mlp
+            project = self._project if ids.shape[1] == 1 else _call
             if self._gate_up[i] is not None and ids.shape[1] == 1:
-                gate, up = self._gate_up[i](h).chunk(2, dim=-1)
+                gate, up = project(self._gate_up[i], h).chunk(2, dim=-1)
             else:
-                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-            update = mlp.down_proj(ops.silu_mul(gate, up))
+                gate, up = project(mlp.gate_proj, h), project(mlp.up_proj, h)
+            update = project(mlp.down_proj, ops.silu_mul(gate, up))
             x, h = ops.add_rms_norm(x, update, norms[i + 1].weight, norms[i + 1].variance_epsilon)
         return self.model.lm_head(h)[0].float()
 
@@ -245,24 +278,29 @@ class StaticDecoder:
         h, squares = ops.rms_norm(x, first.weight, first.variance_epsilon), None  # layer 0's norm stands alone
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         last = len(self.layers) - 1
+        int8 = self._int8  # the consumers round the norm-weighted row h (before 1 / rms) to int8
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             pre, post = layer.input_layernorm, layer.post_attention_layernorm
             norm_in = None if squares is None else (squares, pre.variance_epsilon)
             if self._qkv[i] is not None:
-                q, k, v = fused_gemv(self._qkv[i], h, norm_in=norm_in).y.split([q_width, kv_width, kv_width])
+                qkv = fused_gemv(self._qkv[i], h, norm_in=norm_in, int8_activations=int8).y
+                q, k, v = qkv.split([q_width, kv_width, kv_width])
             else:
-                q, k, v = (fused_gemv(m, h, norm_in=norm_in).y for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+                q, k, v = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8).y
+                           for m in (attn.q_proj, attn.k_proj, attn.v_proj))
             out = self._attend(q, k, v, self.k_cache[i, 0], self.v_cache[i, 0], positions, self._cos, self._sin,
                                getattr(attn, "scaling", None))
-            x, h, squares = fused_gemv(attn.o_proj, out, residual=x, norm_out=post.weight)
+            x, h, squares = fused_gemv(attn.o_proj, out, residual=x, norm_out=post.weight, int8_activations=int8)
             norm_in = (squares, post.variance_epsilon)
             if self._gate_up[i] is not None:
-                gate, up = fused_gemv(self._gate_up[i], h, norm_in=norm_in).y.chunk(2)
+                gate, up = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8).y.chunk(2)
             else:
-                gate, up = (fused_gemv(m, h, norm_in=norm_in).y for m in (mlp.gate_proj, mlp.up_proj))
+                gate, up = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8).y
+                            for m in (mlp.gate_proj, mlp.up_proj))
             following = None if i == last else self.layers[i + 1].input_layernorm.weight
-            x, h, squares = fused_gemv(mlp.down_proj, ops.silu_mul(gate, up), residual=x, norm_out=following)
+            x, h, squares = fused_gemv(mlp.down_proj, ops.silu_mul(gate, up), residual=x, norm_out=following,
+                                        int8_activations=int8)
         final = self.core.norm
         h = ops.rms_norm(x.view(1, 1, -1), final.weight, final.variance_epsilon)
         return self.model.lm_head(h)[0].float()
@@ -272,15 +310,17 @@ class StaticDecoder:
         if mask is None:  # one decode token through the fused step
             if self._qkv[index] is not None:
                 width = self.n_kv * self.head_dim
-                q, k, v = self._qkv[index](h).split([self.n_heads * self.head_dim, width, width], dim=-1)
+                q, k, v = self._project(self._qkv[index], h).split([self.n_heads * self.head_dim, width, width],
+                                                                    dim=-1)
             else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q, k, v = (self._project(m, h) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
             out = self._attend(q, k, v, self.k_cache[index, 0], self.v_cache[index, 0], positions, self._cos,
                                self._sin, getattr(attn, "scaling", None))
-            return attn.o_proj(out.view(1, 1, -1))
-        q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)  # [1, heads, T, d]
-        k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+            return self._project(attn.o_proj, out.view(1, 1, -1))
+        project = self._project if T == 1 else _call
+        q = project(attn.q_proj, h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)  # [1, heads, T, d]
+        k = project(attn.k_proj, h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = project(attn.v_proj, h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = ops.rotate(q, k, cos, sin)
         k_all, v_all = self.k_cache[index], self.v_cache[index]  # [1, kv, max_len, d]
         k_all.index_copy_(2, positions, k.to(k_all.dtype))
@@ -289,7 +329,7 @@ class StaticDecoder:
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[None, None],
                                              scale=getattr(attn, "scaling", None),
                                              enable_gqa=self.n_kv != self.n_heads)
-        return attn.o_proj(out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
+        return project(attn.o_proj, out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
 
     # --- prefill and the captured step ---------------------------------------------------------------------
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -359,6 +399,10 @@ class StaticDecoder:
         sync()
         decode_s = time.perf_counter() - start
         return DecodeResult([int(t) for t in produced], prefill_s, decode_s)
+
+
+def _call(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return module(h)
 
 
 @dataclass(frozen=True)
