@@ -170,9 +170,10 @@ def test_folded_norms_decode_like_separate_ones(method, kw):
     quantize(model, QuantConfig.for_method(method, **kw), progress=False)
     model = model.to("cuda")
     ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(6)).to("cuda")
-    separate = StaticDecoder(model, max_len=16)
+    separate = StaticDecoder(model, max_len=16, fuse_norms=False)
     want = [separate.prefill(ids[:4])] + [separate.step(ids[p], p).clone() for p in range(4, 14)]
     fused = StaticDecoder(model, max_len=16, fuse_norms=True)
+    assert StaticDecoder(model, max_len=16)._fuse_norms  # the default where every projection can
     assert fused._fuse_norms and not separate._fuse_norms
     got = [fused.prefill(ids[:4])] + [fused.step(ids[p], p).clone() for p in range(4, 14)]
     got, want = torch.stack(got), torch.stack(want)
@@ -215,7 +216,7 @@ def test_int8_activations_decode_like_rounded_inputs(fused_attention, one_thread
     hooks = _round_decode_inputs(model)
     try:
         want = _decode_logits(StaticDecoder(model, max_len=16, fused_attention=fused_attention,
-                                            stack_projections=False), ids)
+                                            stack_projections=False, fuse_norms=False), ids)
     finally:
         for h in hooks:
             h.remove()
@@ -250,7 +251,7 @@ def test_int8_activation_kernels_decode_like_rounded_inputs(fuse_norms, symmetri
     got = _decode_logits(StaticDecoder(model, max_len=16, int8_activations=True, fuse_norms=fuse_norms), ids)
     hooks = _round_decode_inputs(model)
     try:
-        want = _decode_logits(StaticDecoder(model, max_len=16, stack_projections=False), ids)
+        want = _decode_logits(StaticDecoder(model, max_len=16, stack_projections=False, fuse_norms=False), ids)
     finally:
         for h in hooks:
             h.remove()

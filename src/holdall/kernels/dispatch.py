@@ -151,6 +151,8 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor |
     if int8_activations and p.kind == 2:
         raise ValueError(f"int8 activations multiply integer codes; this layer's {p.codebook} values are not")
     config = triton_wq4.default_gemv_config(ops, p, x.device, int8_activations)
+    if int8_activations and not config.get("XQ8"):  # a tiling without the in-kernel rounding: round here
+        x = packed.round_activations_s8(x)
     out = torch.empty(p.out_features, dtype=x.dtype, device=x.device)
     h = squares = None
     if norm_out is not None:

@@ -85,8 +85,8 @@ class StaticDecoder:
         next norm's weighted row and partial sums of squares, and the projections after them scale by
         ``1 / rms``; a layer is then six launches (q/k/v, attention, o_proj, gate/up, SiLU x up, down) instead
         of eight. Needs every projection of every block on the one-row TMA kernel (Hopper, 4-bit, bf16/fp16)
-        and fused attention; ``True`` raises naming the layer that is not. Off by default until measured (a
-        first version that normalised inside the GEMV's loop made the GEMVs 1.6x slower on an H200).
+        and fused attention. Default (None): on wherever that holds (int4 7B shape on an H200: 464 against 440
+        tokens/s, BENCHMARKS.md round 8), off elsewhere; ``True`` raises naming the layer that cannot.
     int8_activations: in each decode step, round every 4-bit projection's input to int8 per 8-input word
         (power-of-two scales; :func:`holdall.kernels.packed.quantize_activations_s8`) and multiply the int codes
         with integer dot products -- W4A8, as llama.cpp's GPU kernels do with their int8 activation blocks.
@@ -98,7 +98,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool | None = None,
-                 fused_attention: bool | None = None, stack_projections: bool = True, fuse_norms: bool = False,
+                 fused_attention: bool | None = None, stack_projections: bool = True, fuse_norms: bool | None = None,
                  int8_activations: bool = False):
         family = get_family(model)
         if family.model_type not in SUPPORTED:
@@ -155,9 +155,9 @@ class StaticDecoder:
         self._fuse_norms = self._plan_norm_fusion(fuse_norms)
         self._int8 = self._plan_int8(int8_activations)
 
-    def _plan_norm_fusion(self, wanted: bool) -> bool:
+    def _plan_norm_fusion(self, wanted: bool | None) -> bool:
         """Whether the decode step folds norms and residual adds into the 4-bit GEMVs (see ``fuse_norms``)."""
-        if not wanted:
+        if wanted is False:
             return False
         reason = None if self._attend is not None else "attention is not fused (fused_attention)"
         if reason is None:
@@ -173,9 +173,9 @@ class StaticDecoder:
                     reason = f"layers.{i}'s norm weights are not contiguous {self.dtype}"
                 if reason is not None:
                     break
-        if reason is not None:
-            raise ConfigError(f"fuse_norms=True cannot be honoured: {reason}. Leave fuse_norms off")
-        return True
+        if reason is not None and wanted:
+            raise ConfigError(f"fuse_norms=True cannot be honoured: {reason}. Leave fuse_norms unset")
+        return reason is None
 
     def _plan_int8(self, wanted: bool) -> bool:
         """Whether decode steps round the 4-bit projections' inputs to int8 (see ``int8_activations``)."""
