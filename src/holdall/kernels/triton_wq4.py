@@ -1220,7 +1220,8 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
       (11.9 vs 15.4, 6.6 vs 7.8); with ``XQ8`` long rows 32 x 128 words on 8 warps (13.0), shorter rows the
       same tiles as float (9.6, 6.3);
     * int asymmetric: 16 x 128 words, 8 warps on long rows (17.5 vs 20.2), else 16 x 64, 4 stages (17.2 vs
-      18.9, 7.8 vs 8.7); with ``XQ8`` the symmetric tiling (checked on the device, not swept);
+      18.9, 7.8 vs 8.7); with ``XQ8`` the symmetric kernel's options, 16 x 128 words on 8 warps for long rows
+      (14.2) and the symmetric tiling otherwise (12.3, 7.2);
     * NF4/FP4 (register table): 16 x 128 words on long rows, else 16 x 64 (NF4 19.9 / 22.7 / 10.0 against the
       ``4d`` kernel's 27.5 / 29.5 / 11.9; NF4 + double quant 25.8 / 26.6 / 11.3 against 28.6 / 28.8 / 11.8).
     The same tilings with programs looping over tiles (``PROGRAMS_PER_SM``) were slower everywhere.
@@ -1244,8 +1245,8 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
                 return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
                         "num_warps": 8}
             return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 64 // group_w), "STAGES": 4, "num_warps": 4}
-        if long_rows:
-            block_n, words, warps = (32, 128, 8) if int8_activations else (16, 64, 4)
+        if long_rows:  # with XQ8: int sym 32 x 128 words, asym 16 x 128 (14.2 us; 32 rows 22.7)
+            block_n, words, warps = ((16 if p.kind == 1 else 32), 128, 8) if int8_activations else (16, 64, 4)
         else:
             block_n, words, warps = (32 if triton.cdiv(p.out_features, 32) >= sms else 16), 64, 4
         block_g = max(1, words // group_w)
