@@ -9,6 +9,8 @@ in its high nibble and the next input's in its low nibble) and return four 16-bi
 ``$0, $1`` = the high nibbles' values of bytes (0, 1) and (2, 3), ``$2, $3`` = the low nibbles'.
 :func:`nibbles_f32_asm` and :func:`table_f32_asm` take one int32 word in ``$8`` and return its 8 codes as
 float32 in ``$0..$7``, in input order; :func:`fold16_asm` returns them already scaled, as 16-bit floats.
+:func:`quantize_s8_asm` packs a word's 8 scaled activations as int8 and :func:`dot_s8_asm` multiplies a word's 8
+int codes by them with DP4A (the ``XQ8`` GEMV: int8 activations).
 """
 
 from __future__ import annotations

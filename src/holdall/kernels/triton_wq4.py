@@ -11,9 +11,12 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     float32 ``128 + q`` in one PRMT each and NF4/FP4 codes are looked up in a register-held table; per word
     and row 8 FMAs, minus ``(128 + zero) * sum(x)`` for int codes, times the group scale. Its loop is
     issue-bound (5.6 thread-instructions per code at the 4096-input default, ``bench/sass_stats.py gemv_tma``);
-    round 7 adds two launch options that cut that to 4.8 (``XVEC``: a word's 8 activations in one 16-byte load;
-    ``EVEN_G``: no group masks when the groups fill whole tiles), not defaults until timed, and the epilogue
-    halves of an RMSNorm between two GEMVs (``NORM_OUT`` / ``NORM_IN``, for the static decoder).
+    round 7 added ``XVEC`` (a word's 8 activations in one 16-byte load), ``EVEN_G`` (no group masks when the
+    groups fill whole tiles) and the epilogue halves of an RMSNorm between two GEMVs (``NORM_OUT`` /
+    ``NORM_IN``, for the static decoder); round 8 ``RPT`` (the tile split so each thread holds 2-4 rows of one
+    word position: the activations it unpacks serve them all; 4.4 per code with ``EVEN_N``, the int default)
+    and ``XQ8`` (int8 activations, 8 per power-of-two scale, times the int codes by DP4A: W4A8, asked for
+    through :func:`holdall.kernels.dispatch.project_int8`; 2.2-3.5 per code).
   - ``_gemv_kernel`` ("pairs", the int default without TMA): each program streams ``BLOCK_N`` weight rows as int32 words
     (8 codes), tiled ``[rows, groups, words per group]`` so a group's scale/zero is loaded once per thread and
     applied once per word. Int codes become floats without a conversion instruction: ``nibble | 0x4B000000``
