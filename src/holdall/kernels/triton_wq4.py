@@ -1227,15 +1227,15 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     With TMA and rows of whole groups, every format takes the round-5 kernel (``VARIANT tma``). Its best tiling
     depends on the row length (us at 4096x11008 / 11008x4096 / 4096x4096, round 8):
     * int symmetric: two rows per thread at each word position (``RPT``), 16-byte activation loads, no masks
-      where the tiles divide the matrix; long rows (>= 8192 inputs) 16 rows x 64 words (14.8 against round
-      5's 14.7-17.4), shorter rows 32 x 64 words when that makes at least one program per SM, else 16 x 64
-      (11.9 vs 15.4, 6.6 vs 7.8); with ``XQ8`` long rows 32 x 128 words on 8 warps (13.0), shorter rows the
-      same tiles as float (9.6, 6.3);
+      where the tiles divide the matrix; long rows (>= 8192 inputs) 16 rows x 128 words on 8 warps (13.6
+      against round 5's 14.7-17.4), shorter rows 32 x 64 words when that makes at least one program per SM,
+      else 16 x 64 (11.9 vs 15.4, 6.6 vs 7.8); with ``XQ8`` the same tiles (12.0, 9.6, 6.3);
     * int asymmetric: 16 x 128 words, 8 warps on long rows (17.5 vs 20.2), else 16 x 64, 4 stages (17.2 vs
-      18.9, 7.8 vs 8.7); with ``XQ8`` the symmetric kernel's options, 16 x 128 words on 8 warps for long rows
-      (14.2) and the symmetric tiling otherwise (12.3, 7.2);
-    * NF4/FP4 (register table): 16 x 128 words on long rows, else 16 x 64 (NF4 19.9 / 22.7 / 10.0 against the
-      ``4d`` kernel's 27.5 / 29.5 / 11.9; NF4 + double quant 25.8 / 26.6 / 11.3 against 28.6 / 28.8 / 11.8).
+      18.9, 7.8 vs 8.7; two rows per thread measured no better); with ``XQ8`` the symmetric kernel's options
+      and tiling (14.2, 11.2, 7.2);
+    * NF4/FP4 (register table): two rows per thread, 64 words per tile, 32 rows where that gives a program per
+      SM on short rows, else 16 (NF4 + double quant 23.8 / 20.8 / 9.6 against round 5's 26.2 / 26.4 / 11.2;
+      NF4 20.2 / 19.0 / 9.0 against 19.9 / 22.6 / 9.9).
     The same tilings with programs looping over tiles (``PROGRAMS_PER_SM``) were slower everywhere.
     Without TMA or with a partial last group: int codes take the first-round pairs kernel (8 rows x 128 words,
     Triton's pipelining 3 deep plus a register prefetch); codebooks the ``[rows, groups, words, 8 codes]``
@@ -1247,8 +1247,9 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     long_rows = p.in_features >= 8192
     if p.kind == 2:
         if tma and p.in_features % p.group == 0 and p.codebook in _BOOKS:
-            return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, (128 if long_rows else 64) // group_w),
-                    "STAGES": 3, "num_warps": 4}
+            block_n = 32 if triton.cdiv(p.out_features, 32) >= sms and not long_rows else 16
+            return {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": max(1, 64 // group_w), "STAGES": 3,
+                    "num_warps": 4, "RPT": 2, "XVEC": True, "EVEN_N": p.out_features % block_n == 0}
         return {"BLOCK_N": 8, "BLOCK_G": max(1, 64 // group_w), "num_warps": 4, "STAGES": 1, "VARIANT": "4d",
                 "LUT16": True}
     if tma and p.in_features % p.group == 0:
@@ -1257,8 +1258,8 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
                 return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 128 // group_w), "STAGES": 3,
                         "num_warps": 8}
             return {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": max(1, 64 // group_w), "STAGES": 4, "num_warps": 4}
-        if long_rows:  # with XQ8: int sym 32 x 128 words, asym 16 x 128 (14.2 us; 32 rows 22.7)
-            block_n, words, warps = ((16 if p.kind == 1 else 32), 128, 8) if int8_activations else (16, 64, 4)
+        if long_rows:  # 16 rows x 128 words on 8 warps (float 13.6 us, int8 12.0; 32 rows 12.9-22.7 with int8)
+            block_n, words, warps = 16, 128, 8
         else:
             block_n, words, warps = (32 if triton.cdiv(p.out_features, 32) >= sms else 16), 64, 4
         block_g = max(1, words // group_w)
