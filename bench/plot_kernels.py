@@ -16,6 +16,7 @@ from pathlib import Path
 
 IMPLS = {  # impl -> legend label
     "holdall-int4-g128-sym": "holdall int4 g128 sym",
+    "holdall-int4-g128-sym-int8act": "holdall int4 g128 sym, int8 activations (1 row)",
     "holdall-int4-g128-asym": "holdall int4 g128 asym",
     "holdall-nf4": "holdall NF4",
     "holdall-nf4-dq": "holdall NF4 + DQ",
