@@ -792,7 +792,8 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
         else:
             xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [1, BG, GW]
         gs = g3 * group_step
-        # the tile's scales loaded as one [BN, BG, 1] block (Triton pipelines it), then split like the words
+        # the tile's scales as one [BN, BG, 1] block, split like the words (with RPT > 1 Triton loads each in
+        # the split layout, one 2-byte load per row and group in the loop: not pipelined)
         n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None]
         s = _group_scale(s_ptr, sabs_ptr, soff_ptr, dmap_ptr, n3 * scale_row_stride + gs,
                          _rows_ok(n3, N, EVEN_N) & g_ok, SCALE_DQ)
