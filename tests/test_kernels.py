@@ -52,6 +52,25 @@ def _layer(out_f: int, in_f: int, scheme: QuantScheme, device: str = "cpu", bias
 
 
 # --- CPU: reference decode and dispatch rules -----------------------------------------------------------
+def test_int8_words_pack_and_unpack():
+    """``packed.pack_s8_words``: per 8 inputs the odd inputs' int8 in one int32 (byte i = input 2i + 1), then the
+    even ones' -- the order the ``XIN8`` GEMV reads and a ``Q8_OUT`` GEMV writes; ``unpack_s8_words`` inverts it
+    to the rounded activations."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 5
+    q, scales = packed.quantize_activations_s8(x)
+    words = packed.pack_s8_words(q)
+    assert words.dtype == torch.int32 and words.shape == (3, 16)
+    for r in range(3):
+        for w in range(8):
+            odd, even = int(words[r, 2 * w]) & 0xFFFFFFFF, int(words[r, 2 * w + 1]) & 0xFFFFFFFF
+            for i in range(4):
+                assert (odd >> 8 * i) & 0xFF == int(q[r, 8 * w + 2 * i + 1]) & 0xFF
+                assert (even >> 8 * i) & 0xFF == int(q[r, 8 * w + 2 * i]) & 0xFF
+    assert torch.equal(packed.unpack_s8_words(words, scales, torch.float32), packed.round_activations_s8(x))
+    with pytest.raises(ValueError, match="int8 words"):
+        packed.pack_s8_words(torch.zeros(12, dtype=torch.int8))
+
+
 def test_int8_activations_are_power_of_two_words():
     """``packed.quantize_activations_s8`` (the ``XQ8`` kernels' rounding, bit for bit) against a plain-Python
     reference: per word of 8, scale ``2**(e - 7)`` for ``absmax = m * 2**e`` (``math.frexp``, ``m`` in
@@ -330,6 +349,41 @@ def test_gemv_tma_rows_per_thread_and_int8_activations(name, dtype, shape, block
     if xq8:  # really the rounded activations: farther from the float-activation result than from its own
         far = _rel(out, packed.reference_linear(layer, x[None])[0])
         assert far > 2 * _rel(out, packed.reference_linear(layer, xr[None])[0])
+
+
+@cuda_only
+@pytest.mark.parametrize("name", ["int4-sym", "int4-asym", "int4-asym-dq"])
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_gemv_tma_hands_int8_words_to_the_next_gemv(name, block_n):
+    """``int8_out``: a producer GEMV (with ``norm_out``) writes ``h`` as the int8 words ``XQ8`` would round it to,
+    bit for bit (``packed.pack_s8_words``), and a consumer reading them (``x_scales``) gives exactly what it
+    gives rounding ``h`` itself -- with the norm's ``1 / rms`` applied, as in the decode step."""
+    from holdall.kernels import triton_wq4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    producer = _layer(4096, 4096, {**SCHEMES, **EXTRA_SCHEMES}[name], device="cuda", bias=False, seed=3)
+    consumer = _cuda_layer(11008, 4096, name)
+    cfg = {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": 4, "STAGES": 3, "num_warps": 4, "RPT": 2, "XVEC": True,
+           "XQ8": True, "EVEN_N": True, "EVEN_G": True}
+    pp, pc = dispatch.layer_plan(producer), dispatch.layer_plan(consumer)
+    x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    weight = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    y, h = torch.empty_like(residual), torch.empty_like(residual)
+    squares = torch.empty(4096 // block_n, device="cuda", dtype=torch.float32)
+    words = torch.full((1024,), 7, device="cuda", dtype=torch.int32)
+    scales = torch.full((512,), float("nan"), device="cuda")
+    triton_wq4.gemv(packed.operands(producer, pp), pp, x, residual, y, dict(cfg), norm_out=(weight, h, squares),
+                    int8_out=(words, scales))
+    q, want_scales = packed.quantize_activations_s8(h)
+    assert torch.equal(words, packed.pack_s8_words(q)) and torch.equal(scales, want_scales)
+    own = torch.empty(11008, device="cuda", dtype=torch.bfloat16)
+    handed = torch.full_like(own, float("nan"))
+    triton_wq4.gemv(packed.operands(consumer, pc), pc, h, None, own, dict(cfg), norm_in=(squares, 1e-5))
+    triton_wq4.gemv(packed.operands(consumer, pc), pc, words, None, handed, dict(cfg), norm_in=(squares, 1e-5),
+                    x_scales=scales)
+    assert torch.equal(handed, own)
 
 
 @cuda_only

@@ -110,17 +110,26 @@ def norm_fusable(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
     return triton_wq4.default_gemv_config(packed.operands(layer, p), p, layer.qdata.device).get("VARIANT") == "tma"
 
 
+class Int8Row(NamedTuple):
+    """One row of int8 activations as the ``XQ8`` GEMV rounds them (:func:`holdall.kernels.packed.pack_s8_words`)."""
+
+    words: torch.Tensor  # int32 [n / 4]: per 8 inputs, the odd inputs' int8 then the even ones'
+    scales: torch.Tensor  # float32 [n / 8]: the power-of-two scale of each 8 inputs
+
+
 class FusedRow(NamedTuple):
     """What :func:`fused_gemv` returns: the output row, and with ``norm_out`` the next norm's pieces."""
 
     y: torch.Tensor  # [out]
     h: torch.Tensor | None  # [out]: y * the next norm's weight (feed it to the next GEMV as x, with norm_in)
     squares: torch.Tensor | None  # float32 partial sums of y^2 (norm_in's first element)
+    h8: Int8Row | None = None  # with int8_out: h as int8 words (feed it to the next GEMV as x instead of h)
 
 
-def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torch.Tensor | None = None,
                norm_in: tuple[torch.Tensor, float] | None = None,
-               norm_out: torch.Tensor | None = None, int8_activations: bool = False) -> FusedRow:
+               norm_out: torch.Tensor | None = None, int8_activations: bool = False,
+               int8_out: bool = False, dtype: torch.dtype | None = None) -> FusedRow:
     """One row with the decoder's glue folded into the GEMV's epilogue; ``x [in]``, results ``[out]`` in the
     model's compute dtype (the layer's bias, if any, is added as usual).
 
@@ -133,7 +142,9 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor |
     int8_activations: multiply int codes by ``x`` rounded per 8-input word to int8 (W4A8,
         :func:`holdall.kernels.packed.quantize_activations_s8`), inside the kernel (``XQ8``: integer dot
         products, fewer instructions per weight; ``ValueError`` for codebook formats, whose values are not
-        integers).
+        integers). ``x`` may then be an :class:`Int8Row` (from a producer's ``int8_out``: the rounding is done;
+        ``dtype`` names the model's compute dtype), and ``int8_out=True`` (with ``norm_out``) also returns
+        ``h`` as one (``h8``): the same numbers as rounding ``h`` in the next GEMV, handed over instead.
     Each saves a separate norm (or add) launch; the GEMV's loop is the same as without them (only the epilogues
     change). Only for layers :func:`norm_fusable` accepts.
     """
@@ -141,26 +152,50 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor |
 
     p = layer_plan(layer)
     ops = packed.operands(layer, p)
-    x = x.reshape(-1)
-    if x.storage_offset() % 2 or not x.is_contiguous():  # the kernel reads x as int32 pairs
-        x = x.contiguous().clone()
-    bias = layer.bias.detach().to(x.dtype) if layer.bias is not None else None
-    if residual is not None:
-        residual = residual.reshape(-1).to(x.dtype)
-        bias = residual if bias is None else residual + bias
     if int8_activations and p.kind == 2:
         raise ValueError(f"int8 activations multiply integer codes; this layer's {p.codebook} values are not")
-    config = triton_wq4.default_gemv_config(ops, p, x.device, int8_activations)
-    if int8_activations and not config.get("XQ8"):  # a tiling without the in-kernel rounding: round here
-        x = packed.round_activations_s8(x)
-    out = torch.empty(p.out_features, dtype=x.dtype, device=x.device)
-    h = squares = None
+    if isinstance(x, Int8Row) and not int8_activations:
+        raise ValueError("an Int8Row input is int8 activations: pass int8_activations=True")
+    config = triton_wq4.default_gemv_config(ops, p, ops.words.device, int8_activations)
+    x_scales = None
+    if isinstance(x, Int8Row):
+        if dtype is None:
+            raise ValueError("an Int8Row input needs dtype= (the model's compute dtype)")
+        if config.get("XQ8"):
+            x, x_scales = x.words, x.scales
+        else:  # a tiling without int8 words: the same numbers as floats
+            x = packed.unpack_s8_words(x.words, x.scales, dtype)
+    else:
+        x = x.reshape(-1)
+        dtype = x.dtype
+        if x.storage_offset() % 2 or not x.is_contiguous():  # the kernel reads x as int32 pairs
+            x = x.contiguous().clone()
+        if int8_activations and not config.get("XQ8"):  # a tiling without the in-kernel rounding: round here
+            x = packed.round_activations_s8(x)
+    bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
+    if residual is not None:
+        residual = residual.reshape(-1).to(dtype)
+        bias = residual if bias is None else residual + bias
+    out = torch.empty(p.out_features, dtype=dtype, device=x.device)
+    h = squares = h8 = int8_words = None
     if norm_out is not None:
         h = torch.empty_like(out)
         squares = torch.empty(-(-p.out_features // config["BLOCK_N"]), dtype=torch.float32, device=x.device)
-        norm_out = (norm_out.reshape(-1).to(x.dtype).contiguous(), h, squares)
-    triton_wq4.gemv(ops, p, x, bias, out, config, norm_in=norm_in, norm_out=norm_out)
-    return FusedRow(out, h, squares)
+        norm_out = (norm_out.reshape(-1).to(dtype).contiguous(), h, squares)
+        if int8_out:
+            h8 = Int8Row(torch.empty(p.out_features // 4, dtype=torch.int32, device=x.device),
+                         torch.empty(p.out_features // 8, dtype=torch.float32, device=x.device))
+            if config.get("RPT") == 2 and config["BLOCK_N"] % 16 == 0 and config.get("EVEN_N"):
+                int8_words = h8
+    elif int8_out:
+        raise ValueError("int8_out hands the next norm's weighted row over: it needs norm_out")
+    triton_wq4.gemv(ops, p, x, bias, out, config, norm_in=norm_in, norm_out=norm_out, x_scales=x_scales,
+                    int8_out=int8_words)
+    if h8 is not None and int8_words is None:  # this tiling cannot write the words: the same ones from h
+        q, scales = packed.quantize_activations_s8(h)
+        h8.words.copy_(packed.pack_s8_words(q))
+        h8.scales.copy_(scales)
+    return FusedRow(out, h, squares, h8)
 
 
 def int8_ready(layer: torch.nn.Module) -> str | None:

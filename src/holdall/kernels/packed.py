@@ -236,3 +236,22 @@ def round_activations_s8(x: torch.Tensor) -> torch.Tensor:
     q, scale = quantize_activations_s8(x)
     words = q.float().reshape(*x.shape[:-1], -1, CODES_PER_WORD) * scale[..., None]
     return words.reshape(x.shape).to(x.dtype)
+
+
+def pack_s8_words(q: torch.Tensor) -> torch.Tensor:
+    """int8 activations ``q [..., K]`` as the int32 words an ``XIN8`` GEMV reads ``[..., K / 4]``: per 8-input
+    word, first the odd inputs' 4 bytes (1, 3, 5, 7: the weight words' low nibbles), then the even ones'
+    (byte ``i`` = the ``i``-th of them)."""
+    if q.dtype != torch.int8 or q.shape[-1] % CODES_PER_WORD:
+        raise ValueError(f"pack_s8_words takes int8 words of {CODES_PER_WORD}; got {q.dtype} {tuple(q.shape)}")
+    words = q.reshape(*q.shape[:-1], -1, 4, 2)  # [..., K/8, 4 pairs, (even, odd)]
+    halves = torch.stack([words[..., 1], words[..., 0]], dim=-2)  # [..., K/8, (odd, even), 4]
+    return halves.contiguous().view(torch.int32).reshape(*q.shape[:-1], -1)
+
+
+def unpack_s8_words(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`pack_s8_words`' words and their per-word scales back to the activations they stand for."""
+    halves = words.reshape(*words.shape[:-1], -1, 2).contiguous().view(torch.int8)  # [..., K/8, 8]
+    odd, even = halves[..., :4], halves[..., 4:]
+    q = torch.stack([even, odd], dim=-1).reshape(*halves.shape[:-1], CODES_PER_WORD)
+    return (q.float() * scales[..., None]).reshape(*words.shape[:-1], -1).to(dtype)

@@ -5,8 +5,8 @@ Grid ``(kv heads, splits)``. Program ``(g, s)`` holds kv head ``g``'s query head
 position's row of the rotary table, and attends over its share of the slots ``0..position``: the slots are cut
 into ``splits`` chunks *at run time* (the position lives on the device), so every program streams an even share
 whatever the position (and no more programs than ``BLOCK_N``-slot tiles: early in a sequence one program
-reads every slot and writes the output directly). The chunk that holds ``position`` writes the new key/value into the cache and uses them
-from registers (no other program reads that slot, so no ordering between programs is needed). Each program
+reads every slot and writes the output directly). The chunk that holds ``position`` writes the new key/value into
+the cache and uses them from registers (no other program reads that slot, so no ordering between programs is needed). Each program
 keeps an online softmax (running max, sum, ``[BLOCK_G, D]`` float32 sum of values); with more than one split it
 stores them, and the kv head's last program in (an atomic counter, put back to zero afterwards) combines the
 splits in the fixed order ``0..splits-1`` (deterministic) and writes the heads' outputs.

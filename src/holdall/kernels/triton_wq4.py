@@ -16,7 +16,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     ``NORM_IN``, for the static decoder); round 8 ``RPT`` (the tile split so each thread holds 2-4 rows of one
     word position: the activations it unpacks serve them all; 4.4 per code with ``EVEN_N``, the int default)
     and ``XQ8`` (int8 activations, 8 per power-of-two scale, times the int codes by DP4A: W4A8, asked for
-    through :func:`holdall.kernels.dispatch.project_int8`; 2.2-3.5 per code).
+    through :func:`holdall.kernels.dispatch.project_int8`; 2.2-3.5 per code), with ``Q8_OUT`` / ``XIN8`` a
+    producer's epilogue writing the next row as those int8 words so the consumer skips its rounding (1.8-2.8
+    per code; built after round 8's last device call, not yet timed).
   - ``_gemv_kernel`` ("pairs", the int default without TMA): each program streams ``BLOCK_N`` weight rows as int32 words
     (8 codes), tiled ``[rows, groups, words per group]`` so a group's scale/zero is loaded once per thread and
     applied once per word. Int codes become floats without a conversion instruction: ``nibble | 0x4B000000``
@@ -699,8 +701,8 @@ def _tile_part(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, val_ptr, z_ptr, rows, g
 @triton.jit
 def _tile_out(acc, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr,
               NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr):
-    """Store rows ``rn`` of ``y`` from their accumulator ``[R, BG, GW]``; returns their sum of squares (as
-    stored) when ``NORM_OUT`` (else 0), after writing ``h = y * nw``."""
+    """Store rows ``rn`` of ``y`` from their accumulator ``[R, BG, GW]``; with ``NORM_OUT`` also write
+    ``h = y * nw`` and return ``(sum of y^2 as stored, h as stored, in float32)``, else ``(0, 0)``."""
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [R]
     if NORM_IN:  # mean square over the whole row
         y = y * tl.rsqrt(squares / k_inputs + eps)
@@ -711,10 +713,31 @@ def _tile_out(acc, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, H
     if NORM_OUT:  # the next norm's pieces, from the value as stored (the residual stream's rounding)
         yf = tl.where(rn < N, y_out.to(tl.float32), 0.0)
         nw = tl.load(nw_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        tl.store(h_ptr + rn, (yf * nw).to(h_ptr.dtype.element_ty), mask=rn < N)
-        return tl.sum(yf * yf)
+        h = (yf * nw).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + rn, h, mask=rn < N)
+        return tl.sum(yf * yf), h.to(tl.float32)
     else:
-        return 0.0
+        return 0.0, 0.0
+
+
+@triton.jit
+def _store_int8_words(h_even, h_odd, n0, q_out_ptr, qs_out_ptr, R: tl.constexpr):
+    """The rows ``n0 .. n0 + 2R`` of ``h`` (``h_even [R]`` rows ``n0 + 2i``, ``h_odd`` rows ``n0 + 2i + 1``: the
+    two sub-tiles of ``RPT 2``) as int8 words for the next GEMV (``XIN8``), exactly as :func:`_quantize_word`
+    rounds them: per word of 8 rows, ``q_out[2w]`` the odd rows' int8, ``q_out[2w + 1]`` the even rows', and
+    ``qs_out[w]`` the power-of-two scale. Each sub-tile's 4 consecutive entries are one word's half."""
+    e4 = tl.reshape(h_even, [R // 4, 4])
+    o4 = tl.reshape(h_odd, [R // 4, 4])
+    amax = tl.maximum(tl.max(tl.abs(e4), axis=1), tl.max(tl.abs(o4), axis=1))  # [R / 4]
+    e = tl.maximum(amax.to(tl.int32, bitcast=True) >> 23, 32)
+    inv = ((260 - e) << 23).to(tl.float32, bitcast=True)[:, None]  # exact products: nothing to fuse
+    shifts = (tl.arange(0, 4) * 8)[None, :]
+    q_even = ((tl.minimum(e4 * inv, 127.0) + 12582912.0).to(tl.int32, bitcast=True) & 0xFF) << shifts
+    q_odd = ((tl.minimum(o4 * inv, 127.0) + 12582912.0).to(tl.int32, bitcast=True) & 0xFF) << shifts
+    words = n0 // 8 + tl.arange(0, R // 4)
+    tl.store(q_out_ptr + 2 * words, tl.sum(q_odd, axis=1))  # disjoint bytes: the sum is their OR
+    tl.store(q_out_ptr + 2 * words + 1, tl.sum(q_even, axis=1))
+    tl.store(qs_out_ptr + words, ((e - 6) << 23).to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -728,14 +751,14 @@ def _rows_ok(rows, N, EVEN_N: tl.constexpr):
 
 @triton.jit
 def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
-                   sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
+                   sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
                    n0, N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
                    GROUP_W: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, X_BF16: tl.constexpr, STAGES: tl.constexpr,
                    TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr, BOOK: tl.constexpr,
                    NORM_IN: tl.constexpr, SQ_BLOCK: tl.constexpr, NORM_OUT: tl.constexpr, EVEN_G: tl.constexpr,
                    XVEC: tl.constexpr, RPT: tl.constexpr, XQ8: tl.constexpr,
-                   EVEN_N: tl.constexpr):
+                   EVEN_N: tl.constexpr, XIN8: tl.constexpr, Q8_OUT: tl.constexpr):
     """Rows ``n0 .. n0 + BLOCK_N`` of ``y``: the loop over the groups, ``STAGES`` deep (1 inside a flattened
     persistent loop, which pipelines across tiles itself). With ``RPT`` > 1 the tile is worked as ``RPT``
     interleaved row tiles whose words at one position sit in one thread (:func:`_rows_of`).
@@ -772,7 +795,15 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
             n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None]  # [BN, 1, 1]
             w = tl.load(w_src + n3 * stride_wn + kw3, mask=(n3 < N) & g_ok, other=0)
         x_word = x_ptr + kw3 * 4
-        if XVEC:  # one 16-byte load per word's 8 activations, split in registers
+        if XIN8:  # int8 words from the previous GEMV (Q8_OUT): (odd, even) int32 pairs and one scale each
+            xp = tl.load(x_ptr + kw3[:, :, :, None] * 2 + tl.arange(0, 2)[None, None, None, :],
+                         mask=g_ok[:, :, :, None], other=0)  # [1, BG, GW, 2]
+            x0, x1 = tl.split(xp)
+            x2 = tl.load(xs_ptr + kw3, mask=g_ok, other=0.0)
+            # their int sum: the DP4A dot with 8 codes of 1
+            xs = _dot_s8(tl.full(x0.shape, 0x11111111, tl.int32), x0, x1, tl.zeros(x0.shape, tl.int32), PRMT)
+            x3, x4, x5, x6, x7 = x2, x2, x2, x2, x2  # unused with int8 words
+        elif XVEC:  # one 16-byte load per word's 8 activations, split in registers
             r4 = tl.arange(0, 4)[None, None, None, :]
             xv = tl.load(x_word[:, :, :, None] + r4, mask=g_ok[:, :, :, None], other=0)  # [1, BG, GW, 4]
             even, odd = tl.split(tl.reshape(xv, [1, BLOCK_G, GROUP_W, 2, 2]))  # words (0, 2) and (1, 3)
@@ -787,7 +818,9 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
             x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
             x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
             x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
-        if XQ8:  # the word's int8 activations, packed (x0, x1), their scale (x2) and int sum (xs)
+        if XIN8:
+            pass
+        elif XQ8:  # the word's int8 activations, packed (x0, x1), their scale (x2) and int sum (xs)
             x0, x1, xs, x2 = _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, PRMT)
         else:
             xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [1, BG, GW]
@@ -811,15 +844,20 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
                                _rows_ok(rows0 + 3, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
     k_inputs = n_groups * GROUP_W * 8
     rn = n0 + ri
-    sq = _tile_out(acc0, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN, NORM_OUT)
+    sq, h0 = _tile_out(acc0, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+                       NORM_OUT)
     if RPT >= 2:
-        sq += _tile_out(acc1, rn + 1, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
-                        NORM_OUT)
+        sq1, h1 = _tile_out(acc1, rn + 1, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS,
+                            NORM_IN, NORM_OUT)
+        sq += sq1
+        if Q8_OUT:  # the launcher asks for RPT 2 and whole 16-row tiles
+            _store_int8_words(h0, h1, n0, q_out_ptr, qs_out_ptr, R)
     if RPT == 4:
-        sq += _tile_out(acc2, rn + 2, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
-                        NORM_OUT)
-        sq += _tile_out(acc3, rn + 3, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
-                        NORM_OUT)
+        sq2, _ = _tile_out(acc2, rn + 2, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+                           NORM_OUT)
+        sq3, _ = _tile_out(acc3, rn + 3, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+                           NORM_OUT)
+        sq += sq2 + sq3
     if NORM_OUT:
         tl.store(sq_out_ptr + n0 // BLOCK_N, sq)
 
@@ -827,7 +865,7 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
 @triton.jit
 def _gemv_tma_kernel(
     x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
-    sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
+    sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
     N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
     GROUP_W: tl.constexpr,  # int32 words per group (group / 8); in_features is a whole number of groups
     KIND: tl.constexpr,  # 0 int sym, 1 int asym, 2 codebook
@@ -850,6 +888,8 @@ def _gemv_tma_kernel(
     RPT: tl.constexpr = 1,  # rows per thread at each word position (1, 2, 4): activations unpacked once for them
     XQ8: tl.constexpr = False,  # int codes: each word's activations rounded to int8 (W4A8), integer dot products
     EVEN_N: tl.constexpr = False,  # N is a multiple of BLOCK_N: no row masks on the scale loads in the loop
+    XIN8: tl.constexpr = False,  # x is int8 words + scales written by a Q8_OUT GEMV (with XQ8: no rounding here)
+    Q8_OUT: tl.constexpr = False,  # with NORM_OUT: also write h as int8 words + scales for an XIN8 GEMV
     PDL: tl.constexpr = 0,  # programmatic dependent launch (launch_pdl): 1 let the next kernel launch when this
     # one's programs end, 2 as soon as they start; either way wait for the previous kernel before any load
 ):
@@ -874,16 +914,18 @@ def _gemv_tma_kernel(
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES, flatten=True,
                              warp_specialize=WS):
             _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
-                           sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
+                           sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
                            tile * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                            zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA,
-                           PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N)
+                           PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N,
+                           XIN8, Q8_OUT)
     else:
         _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
-                       sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
+                       sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
                        tl.program_id(0) * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
                        zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
-                       PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N)
+                       PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N, XIN8,
+                       Q8_OUT)
     if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -1350,7 +1392,9 @@ def pdl_mode() -> int:
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
          config: dict | None = None, norm_in: tuple[torch.Tensor, float] | None = None,
-         norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+         x_scales: torch.Tensor | None = None,
+         int8_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``out [N] = W @ x + b`` for one contiguous row ``x [K]`` (bf16/fp16, 4-byte aligned).
 
     An RMSNorm between two GEMVs, split over their epilogues (only the TMA kernel, ``VARIANT "tma"``):
@@ -1359,18 +1403,23 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     norm_in: ``(squares, eps)``: ``x`` is such an ``h``; multiply ``W @ x`` by ``rsqrt(sum(squares) / K + eps)``
         before the bias: ``W @ (rms_norm(x0) * weight) + b`` for the producer's output ``x0`` (transformers'
         RMSNorm up to where it rounds).
+    int8 activations handed from one GEMV to the next (``XQ8`` configs, TMA kernel): ``int8_out = (words int32
+    [N / 4], scales float32 [N / 8])`` also writes ``h`` as the int8 words ``XQ8`` would round it to
+    (:func:`holdall.kernels.packed.pack_s8_words`); ``x_scales`` given means ``x`` is such words (int32
+    ``[K / 4]``) and these their scales, so this GEMV skips its own rounding.
     """
     cfg = dict(config if config is not None else default_gemv_config(ops, p, x.device))
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
-    if (norm_in is not None or norm_out is not None) and variant != "tma":
-        raise ValueError(f"the {variant!r} GEMV cannot fold in a norm; only VARIANT 'tma' does (Hopper, rows of "
-                         "whole groups)")
+    if (norm_in is not None or norm_out is not None or x_scales is not None or int8_out is not None) \
+            and variant != "tma":
+        raise ValueError(f"the {variant!r} GEMV cannot fold in a norm or hand over int8 activations; only VARIANT "
+                         "'tma' does (Hopper, rows of whole groups)")
     if variant == "mma":  # the tensor-core kernel with one input row (padded to the MMA's 16 columns)
         return _gemm2(ops, p, x.view(1, -1), bias, out.view(1, -1), {**cfg, "BLOCK_N": block_n, "BLOCK_M": 16})
     grid = (triton.cdiv(p.out_features, block_n),)
     if variant == "tma":
-        return _gemv_tma(ops, p, x, bias, out, block_n, cfg, norm_in, norm_out)
+        return _gemv_tma(ops, p, x, bias, out, block_n, cfg, norm_in, norm_out, x_scales, int8_out)
     if variant == "v2":
         assert block_n in (1, 2, 4), "the v2 GEMV holds 1, 2 or 4 rows per program (BLOCK_N)"
         words_per_tile = cfg["BLOCK_G"] * (p.group // CODES_PER_WORD)
@@ -1420,7 +1469,9 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
 
 def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
               block_n: int, cfg: dict, norm_in: tuple[torch.Tensor, float] | None = None,
-              norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              x_scales: torch.Tensor | None = None,
+              int8_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Launch :func:`_gemv_tma_kernel`: ``in_features`` a whole number of groups (the words are read as
     ``[out, groups, words per group]``)."""
     if p.in_features % p.group:
@@ -1455,6 +1506,25 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
                                  or sq_out.numel() < tiles or sq_out.dtype != torch.float32):
         raise ValueError(f"norm_out needs a [{p.out_features}] weight and output row and >= {tiles} float32 "
                          f"partials, got {weight.numel()} / {h.numel()} / {sq_out.numel()} {sq_out.dtype}")
+    if x_scales is not None:  # int8 words from a Q8_OUT GEMV: x is int32 [in / 4], x_scales float32 [in / 8]
+        if not cfg.get("XQ8") or x.dtype != torch.int32 or x.numel() * 4 != p.in_features \
+                or x_scales.dtype != torch.float32 or x_scales.numel() * 8 != p.in_features:
+            raise ValueError(f"int8 words as x need an XQ8 config, int32 words [{p.in_features // 4}] and float32 "
+                             f"scales [{p.in_features // 8}]; got XQ8={cfg.get('XQ8')}, {x.dtype} [{x.numel()}], "
+                             f"{x_scales.dtype} [{x_scales.numel()}]")
+        cfg["XIN8"] = True
+    if int8_out is not None:  # h as int8 words too: the even / odd row sub-tiles are each word's two halves
+        q_out, qs_out = int8_out
+        if norm_out is None or cfg.get("RPT", 1) != 2 or block_n % 16 or p.out_features % block_n:
+            raise ValueError("int8_out needs norm_out and a config with RPT 2 and BLOCK_N a multiple of 16 that "
+                             f"divides the {p.out_features} rows (got RPT {cfg.get('RPT', 1)}, BLOCK_N {block_n})")
+        if q_out.dtype != torch.int32 or q_out.numel() * 4 != p.out_features or qs_out.dtype != torch.float32 \
+                or qs_out.numel() * 8 != p.out_features:
+            raise ValueError(f"int8_out needs int32 [{p.out_features // 4}] words and float32 "
+                             f"[{p.out_features // 8}] scales")
+        cfg["Q8_OUT"] = True
+    else:
+        q_out = qs_out = ops.scale
     per_sm = cfg.pop("PROGRAMS_PER_SM", 0)  # > 0: persistent programs
     if cfg.get("PDL"):  # the launch attribute that lets this kernel start before the previous one ends
         cfg["launch_pdl"] = True
@@ -1463,6 +1533,7 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
         x.view(torch.int32), src, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values,
         bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out,
+        x_scales if x_scales is not None else ops.scale, q_out, qs_out,
         p.out_features, n_groups, ops.words.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride,
         GROUP_W=group_w, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         X_BF16=x.dtype == torch.bfloat16, PERSISTENT=per_sm > 0, NORM_IN=norm_in is not None,

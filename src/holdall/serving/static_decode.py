@@ -154,6 +154,9 @@ class StaticDecoder:
             self._stack_projections()
         self._fuse_norms = self._plan_norm_fusion(fuse_norms)
         self._int8 = self._plan_int8(int8_activations)
+        # with int8 activations and folded norms, o_proj / down_proj may hand the next row over as int8 words
+        # (the same numbers; fewer instructions in the next GEMV): off until measured on a GPU
+        self._int8_handoff = False
 
     def _plan_norm_fusion(self, wanted: bool | None) -> bool:
         """Whether the decode step folds norms and residual adds into the 4-bit GEMVs (see ``fuse_norms``)."""
@@ -279,28 +282,33 @@ class StaticDecoder:
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         last = len(self.layers) - 1
         int8 = self._int8  # the consumers round the norm-weighted row h (before 1 / rms) to int8
+        handoff = int8 and self._int8_handoff  # ... or the producers do, in their epilogues
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             pre, post = layer.input_layernorm, layer.post_attention_layernorm
             norm_in = None if squares is None else (squares, pre.variance_epsilon)
             if self._qkv[i] is not None:
-                qkv = fused_gemv(self._qkv[i], h, norm_in=norm_in, int8_activations=int8).y
+                qkv = fused_gemv(self._qkv[i], h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
                 q, k, v = qkv.split([q_width, kv_width, kv_width])
             else:
-                q, k, v = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8).y
+                q, k, v = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
                            for m in (attn.q_proj, attn.k_proj, attn.v_proj))
             out = self._attend(q, k, v, self.k_cache[i, 0], self.v_cache[i, 0], positions, self._cos, self._sin,
                                getattr(attn, "scaling", None))
-            x, h, squares = fused_gemv(attn.o_proj, out, residual=x, norm_out=post.weight, int8_activations=int8)
+            x, h, squares, h8 = fused_gemv(attn.o_proj, out, residual=x, norm_out=post.weight,
+                                           int8_activations=int8, int8_out=handoff)
+            h = h8 if handoff else h
             norm_in = (squares, post.variance_epsilon)
             if self._gate_up[i] is not None:
-                gate, up = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8).y.chunk(2)
+                gate, up = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8,
+                                      dtype=self.dtype).y.chunk(2)
             else:
-                gate, up = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8).y
+                gate, up = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
                             for m in (mlp.gate_proj, mlp.up_proj))
             following = None if i == last else self.layers[i + 1].input_layernorm.weight
-            x, h, squares = fused_gemv(mlp.down_proj, ops.silu_mul(gate, up), residual=x, norm_out=following,
-                                        int8_activations=int8)
+            x, h, squares, h8 = fused_gemv(mlp.down_proj, ops.silu_mul(gate, up), residual=x, norm_out=following,
+                                           int8_activations=int8, int8_out=handoff and following is not None)
+            h = h8 if h8 is not None else h
         final = self.core.norm
         h = ops.rms_norm(x.view(1, 1, -1), final.weight, final.variance_epsilon)
         return self.model.lm_head(h)[0].float()
