@@ -1506,6 +1506,8 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
                                  or sq_out.numel() < tiles or sq_out.dtype != torch.float32):
         raise ValueError(f"norm_out needs a [{p.out_features}] weight and output row and >= {tiles} float32 "
                          f"partials, got {weight.numel()} / {h.numel()} / {sq_out.numel()} {sq_out.dtype}")
+    if (cfg.get("XIN8") and x_scales is None) or (cfg.get("Q8_OUT") and int8_out is None):
+        raise ValueError("XIN8 / Q8_OUT are set by passing x_scales / int8_out, not in the config")
     if x_scales is not None:  # int8 words from a Q8_OUT GEMV: x is int32 [in / 4], x_scales float32 [in / 8]
         if not cfg.get("XQ8") or x.dtype != torch.int32 or x.numel() * 4 != p.in_features \
                 or x_scales.dtype != torch.float32 or x_scales.numel() * 8 != p.in_features:
