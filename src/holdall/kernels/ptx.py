@@ -141,8 +141,8 @@ MAGIC_INT = 0x4B400000
 
 
 def quantize_s8_asm() -> str:
-    """Eight activations of a word, already multiplied by ``127 / amax`` (float32 ``$3..$10``, input order),
-    as int8: ``$0`` packs the odd inputs (1, 3, 5, 7: the words' low nibbles), ``$1`` the even ones (0, 2, 4,
+    """Eight activations of a word, already divided by their power-of-two scale and capped at 127 (float32
+    ``$3..$10``, input order; :func:`holdall.kernels.packed.quantize_activations_s8`), as int8: ``$0`` packs the odd inputs (1, 3, 5, 7: the words' low nibbles), ``$1`` the even ones (0, 2, 4,
     6: the high nibbles), byte ``i`` the ``i``-th of them; ``$2`` is their sum. Each value is rounded to
     the nearest integer (ties to even) by ``add.rn`` of :data:`MAGIC_F32` (``.rn`` keeps ptxas from fusing it
     with the multiply before it), two PRMTs per pair and one per four gather the low bytes, two DP4As with
