@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=272)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--schemes", default="bf16,int4-g128-sym")
+    parser.add_argument("--variants", default="default",
+                        help="for 4-bit int schemes, also: int8 (int8_activations=True), int8-handoff (and the int8 "
+                             "words handed between GEMVs), e.g. default,int8,int8-handoff")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.layers, device)
@@ -72,21 +75,24 @@ def main() -> None:
         if label != "bf16":
             spec = dict(SCHEMES[label])
             quantize(model, QuantConfig.for_method(spec.pop("method"), **spec), progress=False)
-        decoder = StaticDecoder(model, max_len=args.max_len)
-        decoder.prefill(prompt)
-        kernels, wall_us = profile_steps(decoder, prompt.numel(), args.steps)
-        total = sum(kernels.values())
-        table = sorted(kernels.items(), key=lambda kv: -kv[1])
-        row = {"weights": label, "wall_us_per_step": round(wall_us, 1), "kernel_us_per_step": round(total, 1),
-               "gap_us_per_step": round(wall_us - total, 1),
-               "kernels": [{"name": n[:120], "us_per_step": round(t, 2), "us_per_layer": round(t / args.layers, 2)}
-                           for n, t in table]}
-        report["rows"].append(row)
-        log(f"{label}: wall {wall_us:.1f} us/step, kernels {total:.1f}, gaps {wall_us - total:.1f}")
-        for item in row["kernels"][:25]:
-            log(f"  {item['us_per_step']:9.2f} us/step {item['us_per_layer']:8.2f} us/layer  {item['name']}")
-        del decoder
-        torch.cuda.empty_cache()
+        variants = [v for v in args.variants.split(",") if v] if label.startswith("int") else ["default"]
+        for variant in variants:
+            decoder = StaticDecoder(model, max_len=args.max_len, int8_activations=variant.startswith("int8"))
+            decoder._int8_handoff = variant == "int8-handoff"
+            decoder.prefill(prompt)
+            kernels, wall_us = profile_steps(decoder, prompt.numel(), args.steps)
+            total = sum(kernels.values())
+            table = sorted(kernels.items(), key=lambda kv: -kv[1])
+            row = {"weights": label, "variant": variant, "wall_us_per_step": round(wall_us, 1),
+                   "kernel_us_per_step": round(total, 1), "gap_us_per_step": round(wall_us - total, 1),
+                   "kernels": [{"name": n[:120], "us_per_step": round(t, 2),
+                                "us_per_layer": round(t / args.layers, 2)} for n, t in table]}
+            report["rows"].append(row)
+            log(f"{label} {variant}: wall {wall_us:.1f} us/step, kernels {total:.1f}, gaps {wall_us - total:.1f}")
+            for item in row["kernels"][:25]:
+                log(f"  {item['us_per_step']:9.2f} us/step {item['us_per_layer']:8.2f} us/layer  {item['name']}")
+            del decoder
+            torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
