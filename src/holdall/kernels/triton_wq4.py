@@ -741,6 +741,51 @@ def _store_int8_words(h_even, h_odd, n0, q_out_ptr, qs_out_ptr, R: tl.constexpr)
 
 
 @triton.jit
+def _row_words(x_ptr, xs_ptr, kw3, g_ok, BLOCK_G: tl.constexpr, GROUP_W: tl.constexpr, X_BF16: tl.constexpr,
+               XVEC: tl.constexpr, XQ8: tl.constexpr, XIN8: tl.constexpr, PRMT: tl.constexpr):
+    """The activations of the words ``kw3 [1, BG, GW]`` as the dot products take them: float32 ``x0..x7`` and
+    their sum ``xs``; with ``XQ8`` the int8 words ``(x0, x1) = (odd, even)``, their scale ``x2`` and int sum
+    ``xs`` (rounded here, or with ``XIN8`` read as a ``Q8_OUT`` GEMV wrote them; ``x3..x7`` unused)."""
+    if XIN8:  # (odd, even) int32 pairs and one scale per word
+        xp = tl.load(x_ptr + kw3[:, :, :, None] * 2 + tl.arange(0, 2)[None, None, None, :],
+                     mask=g_ok[:, :, :, None], other=0)  # [1, BG, GW, 2]
+        x0, x1 = tl.split(xp)
+        x2 = tl.load(xs_ptr + kw3, mask=g_ok, other=0.0)
+        # their int sum: the DP4A dot with 8 codes of 1
+        xs = _dot_s8(tl.full(x0.shape, 0x11111111, tl.int32), x0, x1, tl.zeros(x0.shape, tl.int32), PRMT)
+        return x0, x1, x2, x2, x2, x2, x2, x2, xs
+    else:
+        return _float_words(x_ptr, kw3, g_ok, BLOCK_G, GROUP_W, X_BF16, XVEC, XQ8, PRMT)
+
+
+@triton.jit
+def _float_words(x_ptr, kw3, g_ok, BLOCK_G: tl.constexpr, GROUP_W: tl.constexpr, X_BF16: tl.constexpr,
+                 XVEC: tl.constexpr, XQ8: tl.constexpr, PRMT: tl.constexpr):
+    """:func:`_row_words` from the bf16/fp16 row (rounded to int8 here with ``XQ8``)."""
+    x_word = x_ptr + kw3 * 4
+    if XVEC:  # one 16-byte load per word's 8 activations, split in registers
+        r4 = tl.arange(0, 4)[None, None, None, :]
+        xv = tl.load(x_word[:, :, :, None] + r4, mask=g_ok[:, :, :, None], other=0)  # [1, BG, GW, 4]
+        even, odd = tl.split(tl.reshape(xv, [1, BLOCK_G, GROUP_W, 2, 2]))  # words (0, 2) and (1, 3)
+        w0, w2 = tl.split(even)
+        w1, w3 = tl.split(odd)
+        x0, x1 = _unpack_pair(w0, X_BF16)  # word j holds activations 2j, 2j + 1
+        x2, x3 = _unpack_pair(w1, X_BF16)
+        x4, x5 = _unpack_pair(w2, X_BF16)
+        x6, x7 = _unpack_pair(w3, X_BF16)
+    else:
+        x0, x1 = _unpack_pair(tl.load(x_word, mask=g_ok, other=0), X_BF16)
+        x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
+        x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
+        x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
+    if XQ8:  # the word's int8 activations, packed (x0, x1), their scale (x2) and int sum (xs)
+        q_odd, q_even, xs, scale = _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, PRMT)
+        return q_odd, q_even, scale, scale, scale, scale, scale, scale, xs
+    else:
+        return x0, x1, x2, x3, x4, x5, x6, x7, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+
+
+@triton.jit
 def _rows_ok(rows, N, EVEN_N: tl.constexpr):
     """``rows < N``, or all true without a compare when the row tiles divide ``N`` (``EVEN_N``)."""
     if EVEN_N:
@@ -794,36 +839,8 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
         else:
             n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None]  # [BN, 1, 1]
             w = tl.load(w_src + n3 * stride_wn + kw3, mask=(n3 < N) & g_ok, other=0)
-        x_word = x_ptr + kw3 * 4
-        if XIN8:  # int8 words from the previous GEMV (Q8_OUT): (odd, even) int32 pairs and one scale each
-            xp = tl.load(x_ptr + kw3[:, :, :, None] * 2 + tl.arange(0, 2)[None, None, None, :],
-                         mask=g_ok[:, :, :, None], other=0)  # [1, BG, GW, 2]
-            x0, x1 = tl.split(xp)
-            x2 = tl.load(xs_ptr + kw3, mask=g_ok, other=0.0)
-            # their int sum: the DP4A dot with 8 codes of 1
-            xs = _dot_s8(tl.full(x0.shape, 0x11111111, tl.int32), x0, x1, tl.zeros(x0.shape, tl.int32), PRMT)
-            x3, x4, x5, x6, x7 = x2, x2, x2, x2, x2  # unused with int8 words
-        elif XVEC:  # one 16-byte load per word's 8 activations, split in registers
-            r4 = tl.arange(0, 4)[None, None, None, :]
-            xv = tl.load(x_word[:, :, :, None] + r4, mask=g_ok[:, :, :, None], other=0)  # [1, BG, GW, 4]
-            even, odd = tl.split(tl.reshape(xv, [1, BLOCK_G, GROUP_W, 2, 2]))  # words (0, 2) and (1, 3)
-            w0, w2 = tl.split(even)
-            w1, w3 = tl.split(odd)
-            x0, x1 = _unpack_pair(w0, X_BF16)  # word j holds activations 2j, 2j + 1
-            x2, x3 = _unpack_pair(w1, X_BF16)
-            x4, x5 = _unpack_pair(w2, X_BF16)
-            x6, x7 = _unpack_pair(w3, X_BF16)
-        else:
-            x0, x1 = _unpack_pair(tl.load(x_word, mask=g_ok, other=0), X_BF16)
-            x2, x3 = _unpack_pair(tl.load(x_word + 1, mask=g_ok, other=0), X_BF16)
-            x4, x5 = _unpack_pair(tl.load(x_word + 2, mask=g_ok, other=0), X_BF16)
-            x6, x7 = _unpack_pair(tl.load(x_word + 3, mask=g_ok, other=0), X_BF16)
-        if XIN8:
-            pass
-        elif XQ8:  # the word's int8 activations, packed (x0, x1), their scale (x2) and int sum (xs)
-            x0, x1, xs, x2 = _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, PRMT)
-        else:
-            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [1, BG, GW]
+        x0, x1, x2, x3, x4, x5, x6, x7, xs = _row_words(x_ptr, xs_ptr, kw3, g_ok, BLOCK_G, GROUP_W, X_BF16, XVEC,
+                                                        XQ8, XIN8, PRMT)
         gs = g3 * group_step
         # the tile's scales as one [BN, BG, 1] block, split like the words (with RPT > 1 Triton loads each in
         # the split layout, one 2-byte load per row and group in the loop: not pipelined)
@@ -1375,8 +1392,9 @@ def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activ
     with the programmatic-dependent-launch mode of ``HOLDALL_GEMV_PDL`` for the TMA kernel (:func:`pdl_mode`)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     cfg = gemv_config(p, _sm_count(index), _has_tma(index) and ops.words.data_ptr() % 16 == 0, int8_activations)
-    if cfg.get("VARIANT") == "tma" and pdl_mode():
-        cfg["PDL"] = pdl_mode()
+    mode = pdl_mode() if cfg.get("VARIANT") == "tma" else 0
+    if mode:
+        cfg["PDL"] = mode
     return cfg
 
 
