@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -158,8 +157,6 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="also time the static decoder without its fused attention, stacked projections and "
                              "folded norms (round 5's step), and 4-bit models with the norms separate")
-    parser.add_argument("--pdl-modes", default="",
-                        help="also time 4-bit static decoding with HOLDALL_GEMV_PDL set to each of these (1,2)")
     args = parser.parse_args()
     device = torch.device("cuda")
     max_len = args.prompt_tokens + args.new_tokens
@@ -210,16 +207,6 @@ def main() -> None:
                 _, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True,
                                        fuse_norms=False)
                 record(weights, "static-int8-act-norms-separate", tps, None)
-        for mode in [m for m in args.pdl_modes.split(",") if m] if weights != "bf16" else []:
-            os.environ["HOLDALL_GEMV_PDL"] = mode  # read when the step is captured
-            try:
-                _, tps = static_decode(model, prompt, args.new_tokens, max_len)
-                record(weights, f"static-pdl{mode}", tps, None)
-                if weights.startswith("int4"):
-                    _, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
-                    record(weights, f"static-int8-act-pdl{mode}", tps, None)
-            finally:
-                os.environ["HOLDALL_GEMV_PDL"] = "0"
 
     if not args.skip_bf16:
         measure("bf16")

@@ -260,25 +260,6 @@ def test_int8_activation_kernels_decode_like_rounded_inputs(fuse_norms, symmetri
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="programmatic dependent launch of the one-row TMA GEMV (Hopper)")
-@pytest.mark.parametrize("mode", ["1", "2"])
-def test_dependent_launches_decode_like_ordinary_ones(mode, monkeypatch):
-    """``HOLDALL_GEMV_PDL``: the GEMVs start before the previous kernel ends and wait for it before their first
-    load, inside the captured CUDA graph: the same logits, bit for bit, as ordinary launches."""
-    from holdall.algorithms import QuantConfig, quantize
-
-    model = _sharpen(make_tiny_llama(hidden=128, layers=2, intermediate=256)).to(torch.bfloat16)
-    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
-    model = model.to("cuda")
-    ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(10)).to("cuda")
-    monkeypatch.setenv("HOLDALL_GEMV_PDL", "0")
-    want = [_decode_logits(StaticDecoder(model, max_len=16, int8_activations=int8), ids) for int8 in (False, True)]
-    monkeypatch.setenv("HOLDALL_GEMV_PDL", mode)
-    got = [_decode_logits(StaticDecoder(model, max_len=16, int8_activations=int8), ids) for int8 in (False, True)]
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="int8 words handed between the one-row TMA GEMVs (Hopper)")
 def test_int8_handoff_decodes_like_rounding_in_each_gemv():
     """With int8 activations and folded norms, o_proj / down_proj may write the next row as int8 words

@@ -63,7 +63,6 @@ This module imports Triton at the top: import it only when a CUDA launch is abou
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -907,8 +906,6 @@ def _gemv_tma_kernel(
     EVEN_N: tl.constexpr = False,  # N is a multiple of BLOCK_N: no row masks on the scale loads in the loop
     XIN8: tl.constexpr = False,  # x is int8 words + scales written by a Q8_OUT GEMV (with XQ8: no rounding here)
     Q8_OUT: tl.constexpr = False,  # with NORM_OUT: also write h as int8 words + scales for an XIN8 GEMV
-    PDL: tl.constexpr = 0,  # programmatic dependent launch (launch_pdl): 1 let the next kernel launch when this
-    # one's programs end, 2 as soon as they start; either way wait for the previous kernel before any load
 ):
     """One row, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy engine
     writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
@@ -922,10 +919,6 @@ def _gemv_tma_kernel(
     Triton flattens the tile and group loops into one pipelined loop, so the next tile's first weights are in
     flight while this tile finishes (short rows, like 4096 inputs = 4 iterations, otherwise spend most of their
     time filling the pipeline)."""
-    if PDL:  # launched before the previous kernel finished: its outputs (x, the residual, norm partials) first
-        tl.extra.cuda.gdc_wait()
-        if PDL == 2:
-            tl.extra.cuda.gdc_launch_dependents()
     if PERSISTENT:
         n_tiles = tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES, flatten=True,
@@ -943,8 +936,6 @@ def _gemv_tma_kernel(
                        zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
                        PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N, XIN8,
                        Q8_OUT)
-    if PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
@@ -1388,24 +1379,9 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
 
 # --- launchers ------------------------------------------------------------------------------------------
 def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activations: bool = False) -> dict:
-    """:func:`gemv_config` for this device (its SM count, and TMA when it has it and the words are aligned),
-    with the programmatic-dependent-launch mode of ``HOLDALL_GEMV_PDL`` for the TMA kernel (:func:`pdl_mode`)."""
+    """:func:`gemv_config` for this device (its SM count, and TMA when it has it and the words are aligned)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    cfg = gemv_config(p, _sm_count(index), _has_tma(index) and ops.words.data_ptr() % 16 == 0, int8_activations)
-    mode = pdl_mode() if cfg.get("VARIANT") == "tma" else 0
-    if mode:
-        cfg["PDL"] = mode
-    return cfg
-
-
-def pdl_mode() -> int:
-    """``HOLDALL_GEMV_PDL``: 0 (default) ordinary launches; 1 the one-row TMA GEMV is launched with Hopper's
-    programmatic dependent launch and lets the next kernel launch when its programs end; 2 as soon as they
-    start. The kernel waits for the previous one before its first load either way, so results are the same."""
-    value = os.environ.get("HOLDALL_GEMV_PDL", "0").strip() or "0"
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"HOLDALL_GEMV_PDL must be 0, 1 or 2, got {value!r}")
-    return int(value)
+    return gemv_config(p, _sm_count(index), _has_tma(index) and ops.words.data_ptr() % 16 == 0, int8_activations)
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
@@ -1546,8 +1522,6 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
     else:
         q_out = qs_out = ops.scale
     per_sm = cfg.pop("PROGRAMS_PER_SM", 0)  # > 0: persistent programs
-    if cfg.get("PDL"):  # the launch attribute that lets this kernel start before the previous one ends
-        cfg["launch_pdl"] = True
     grid = (min(tiles, per_sm * _sm_count(x.device.index or 0)),) if per_sm else (tiles,)
     _gemv_tma_kernel[grid](
         x.view(torch.int32), src, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values,
