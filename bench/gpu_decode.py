@@ -11,7 +11,10 @@ random bf16 weights (std 0.02; timings do not depend on the values). Rows, each 
 * ``hf-generate bf16`` — ``model.generate`` (greedy, dynamic cache), the anchor's configuration;
 * ``static bf16`` — :class:`holdall.serving.static_decode.StaticDecoder` (static KV cache, one CUDA graph per token);
 * for each 4-bit scheme: the model's linears quantized by holdall (RTN; every decoder linear, not lm_head), then
-  ``hf-generate`` and ``static`` on it (holdall's Triton GEMV kernels run in both).
+  ``hf-generate`` and ``static`` on it (holdall's Triton GEMV kernels run in both); for int4 also
+  ``static-int8-act`` (``int8_activations=True``, W4A8) and ``static-int8-act-handoff`` (the int8 words handed
+  from one GEMV to the next, not yet the decoder's default); ``--ablate`` adds round 5's step and the norms
+  kept separate.
 
 Bytes per token = every parameter and buffer byte the step reads (packed codes, scales, zeros, norms, lm_head;
 one embedding row) plus the KV cache the attention reads: the slots written so far, averaged over the decoded
