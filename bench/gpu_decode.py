@@ -13,8 +13,8 @@ random bf16 weights (std 0.02; timings do not depend on the values). Rows, each 
 * for each 4-bit scheme: the model's linears quantized by holdall (RTN; every decoder linear, not lm_head), then
   ``hf-generate`` and ``static`` on it (holdall's Triton GEMV kernels run in both); for int4 also
   ``static-int8-act`` (``int8_activations=True``, W4A8) and ``static-int8-act-handoff`` (the int8 words handed
-  from one GEMV to the next, not yet the decoder's default); ``--ablate`` adds round 5's step and the norms
-  kept separate.
+  from one GEMV to the next, not yet the decoder's default); ``--ablate`` adds round 5's step, the norms
+  kept separate and the SiLU x up in a launch of its own (before round 9: now the gate/up GEMV's epilogue).
 
 Bytes per token = every parameter and buffer byte the step reads (packed codes, scales, zeros, norms, lm_head;
 one embedding row) plus the KV cache the attention reads: the slots written so far, averaged over the decoded
@@ -119,9 +119,10 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int]
 
 
 def static_decode(model, prompt: torch.Tensor, new_tokens: int, max_len: int, handoff: bool = False,
-                  **options) -> tuple[list[int], float]:
+                  glu: bool = True, **options) -> tuple[list[int], float]:
     decoder = StaticDecoder(model, max_len=max_len, **options)
     decoder._int8_handoff = handoff  # int8 words handed between GEMVs (not a default until measured here)
+    decoder._glu = glu  # silu(gate) * up in the gate/up GEMV's epilogue (the default) or its own launch
     decoder.generate(prompt, 8)  # capture + warm-up (the capture is outside the timed part anyway)
     best = None
     for _ in range(3):
@@ -198,6 +199,8 @@ def main() -> None:
             if weights != "bf16":  # the norms fold only into the 4-bit GEMVs (Hopper): the default there
                 _, tps = static_decode(model, prompt, args.new_tokens, max_len, fuse_norms=False)
                 record(weights, "static-norms-separate", tps, None)
+                _, tps = static_decode(model, prompt, args.new_tokens, max_len, glu=False)
+                record(weights, "static-silu-separate", tps, None)
         tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
         record(weights, "static", tps, check_against_hf(model, prompt, tokens, max_len))
         if weights.startswith("int4"):  # W4A8: every decode step's 4-bit projections on int8-rounded inputs
@@ -210,6 +213,8 @@ def main() -> None:
                 _, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True,
                                        fuse_norms=False)
                 record(weights, "static-int8-act-norms-separate", tps, None)
+                _, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True, glu=False)
+                record(weights, "static-int8-act-silu-separate", tps, None)
 
     if not args.skip_bf16:
         measure("bf16")

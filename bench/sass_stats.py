@@ -41,10 +41,10 @@ KERNELS = {
         "groups_per_split": "i32", "out_ptr": "*bf16", "sem_ptr": "*i32"}),
 }
 KERNELS["gemv_tma"] = ("_gemv_tma_kernel", {
-    "x_ptr": "*i32", "w_src": "tensordesc<i32[{BLOCK_N}, {BLOCK_G}, {GROUP_W}]>", "s_ptr": "*fp16", "z_ptr": "*u8",
+    "x_ptr": "*i32", "w_src": "tensordesc<i32[{BOX_N}, {BLOCK_G}, {GROUP_W}]>", "s_ptr": "*fp16", "z_ptr": "*u8",
     "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32", "val_ptr": "*fp32", "b_ptr": "*bf16",
     "y_ptr": "*bf16", "sq_in_ptr": "*fp32", "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16",
-    "sq_out_ptr": "*fp32", "xs_ptr": "*fp32", "q_out_ptr": "*i32", "qs_out_ptr": "*fp32", "N": "i32", "n_groups": "i32", "stride_wn": "i32", "scale_row_stride": "i32",
+    "sq_out_ptr": "*fp32", "xs_ptr": "*fp32", "q_out_ptr": "*i32", "qs_out_ptr": "*fp32", "N": "i32", "n_half": "i32", "n_groups": "i32", "stride_wn": "i32", "scale_row_stride": "i32",
     "group_step": "i32", "zero_row_stride": "i32"})
 #: what the launchers pass (constexprs without a default in the kernel): the GEMMs for 4096x11008 at g128, 4 rows,
 #: split 8; the GEMV for int4 g128 sym with the 4096-input default tiling
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("kernel", choices=sorted(KERNELS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a constexpr (ints; 0/1 for switches), or num_warps / num_stages")
+    parser.add_argument("--dump", type=Path, help="also write the kernel's TTGIR (its layouts) and SASS here")
     args = parser.parse_args()
     from holdall.kernels import triton_wq4
 
@@ -119,9 +120,17 @@ def main() -> None:
         key, value = item.split("=", 1)
         constexprs[key] = int(value)
     num_warps, num_stages = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3)
-    signature = {k: v.format(**constexprs) for k, v in signature.items()}
+    box = f"{constexprs.get('BLOCK_N')}"  # GLU: each gate row beside its up row, [BLOCK_N / 2, 2, ...]
+    if constexprs.get("GLU"):
+        box = f"{constexprs['BLOCK_N'] // 2}, 2"
+    signature = {k: v.format(**constexprs, BOX_N=box) for k, v in signature.items()}
     kernel = compile_sm90(getattr(triton_wq4, name), signature, constexprs, num_warps, num_stages)
     sass, usage = sass_of(kernel)
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        (args.dump / f"{name}.ttgir").write_text(kernel.asm["ttgir"])
+        (args.dump / f"{name}.sass").write_text(sass)
+        (args.dump / f"{name}.ptx").write_text(kernel.asm["ptx"])
     regs = re.search(r"REG:(\d+)", usage)
     ops = [o.group(1) for x in sass.splitlines() if (o := OP.match(x))]
     spills = sum(o.startswith("STL") for o in ops)

@@ -387,6 +387,74 @@ def test_gemv_tma_hands_int8_words_to_the_next_gemv(name, block_n):
 
 
 @cuda_only
+@pytest.mark.parametrize("name,dtype", [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16),
+                                        ("nf4", torch.bfloat16), ("nf4-dq", torch.bfloat16),
+                                        ("int4-sym", torch.float16)], ids=str)
+@pytest.mark.parametrize("shape", [(22016, 4096), (144, 512)], ids=str)
+@pytest.mark.parametrize("block_n,block_g,xq8,norm", [(32, 4, False, True), (16, 4, False, False),
+                                                      (32, 4, True, True), (16, 8, True, False)])
+def test_gemv_tma_writes_the_gated_activation(name, dtype, shape, block_n, block_g, xq8, norm):
+    """``glu``: a stacked ``[gate; up]`` layer's GEMV writes ``silu(gate) * up`` (each gate row beside its up row
+    in one TMA box, the activation in the epilogue) -- what torch's ``F.silu(gate) * up`` gives on the same
+    kernel's two outputs (the SiLU's exp may differ in the last float32 bit, so at most one step of the output
+    dtype, rarely), and the reference's within tolerance; with and without the norm's ``1 / rms``, int8
+    activations, partial row tiles (72 gate rows in tiles of 16), into a NaN-poisoned output."""
+    from holdall.kernels import triton_wq4
+    import torch.nn.functional as F
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    if xq8 and "nf4" in name:
+        pytest.skip("int8 activations take int codes")
+    if "nf4" in name:
+        block_g *= 2  # 64-code blocks
+    layer = _cuda_layer(*shape, name)
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    half = p.out_features // 2
+    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
+    cfg = {"VARIANT": "tma", "num_warps": 4, "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": 3, "XVEC": True,
+           "RPT": 2, "XQ8": xq8, "EVEN_G": (p.in_features // p.group) % block_g == 0}
+    squares = torch.rand(7, device="cuda") * p.in_features
+    norm_in = (squares, 1e-5) if norm else None
+    full = torch.empty(p.out_features, device="cuda", dtype=dtype)
+    triton_wq4.gemv(ops, p, x, layer.bias.detach(), full, {**cfg, "EVEN_N": p.out_features % block_n == 0},
+                    norm_in=norm_in)
+    got = torch.full((half,), float("nan"), device="cuda", dtype=dtype)
+    triton_wq4.gemv(ops, p, x, layer.bias.detach(), got, {**cfg, "EVEN_N": half % (block_n // 2) == 0},
+                    norm_in=norm_in, glu=True)
+    want = F.silu(full[:half]) * full[half:]
+    step = torch.finfo(dtype).eps * want.float().abs().clamp_min(1e-3)
+    assert bool(((got.float() - want.float()).abs() <= 2 * step).all())
+    assert float((got == want).float().mean()) > 0.99
+    xr = packed.round_activations_s8(x.float()) if xq8 else x
+    bias = layer.bias.detach().float()
+    ref = packed.reference_linear(layer, xr[None])[0].float() - bias
+    if norm:
+        ref = ref * torch.rsqrt(squares.sum() / p.in_features + 1e-5)
+    ref = ref + bias
+    ref = F.silu(ref[:half].to(dtype).float()) * ref[half:].to(dtype).float()
+    assert _rel(got, ref) < 2 * TOL[dtype]
+
+
+@cuda_only
+def test_gemv_tma_gated_activation_is_checked():
+    from holdall.kernels import triton_wq4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    layer = _cuda_layer(144, 512, "int4-sym")
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+    cfg = {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": 4}
+    with pytest.raises(ValueError, match="glu writes"):
+        triton_wq4.gemv(packed.operands(layer, p), p, x, None, torch.empty(144, device="cuda"), dict(cfg), glu=True)
+    with pytest.raises(ValueError, match="only VARIANT 'tma'"):
+        triton_wq4.gemv(packed.operands(layer, p), p, x, None, torch.empty(72, device="cuda"),
+                        {"VARIANT": "pairs", "BLOCK_N": 8, "BLOCK_G": 4}, glu=True)
+
+
+@cuda_only
 def test_gemv_tma_int8_activations_refuse_codebooks_and_uneven_rows():
     from holdall.kernels import triton_wq4
 

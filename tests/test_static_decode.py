@@ -275,3 +275,26 @@ def test_int8_handoff_decodes_like_rounding_in_each_gemv():
     assert decoder._fuse_norms
     decoder._int8_handoff = True
     assert torch.equal(_decode_logits(decoder, ids), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the gated activation folds into the one-row TMA GEMV (Hopper)")
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gated_activation_in_the_gate_up_epilogue_decodes_like_the_separate_kernel(int8, symmetric):
+    """With folded norms the stacked gate/up GEMV writes ``silu(gate) * up`` itself (``_glu``, the default): the
+    same logits as the separate SiLU x up launch, up to the SiLU's last float32 bit (rarely one bf16 step)."""
+    from holdall.algorithms import QuantConfig, quantize
+
+    model = _sharpen(make_tiny_llama(hidden=128, layers=2, intermediate=256)).to(torch.bfloat16)
+    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32, symmetric=symmetric), progress=False)
+    model = model.to("cuda")
+    ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(12)).to("cuda")
+    decoder = StaticDecoder(model, max_len=16, int8_activations=int8)
+    assert decoder._fuse_norms and decoder._glu and all(g is not None for g in decoder._gate_up)
+    got = _decode_logits(decoder, ids)
+    separate = StaticDecoder(model, max_len=16, int8_activations=int8)
+    separate._glu = False
+    want = _decode_logits(separate, ids)
+    assert float((got - want).abs().max()) < 0.01 * float(want.abs().max())
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9

@@ -129,7 +129,7 @@ class FusedRow(NamedTuple):
 def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torch.Tensor | None = None,
                norm_in: tuple[torch.Tensor, float] | None = None,
                norm_out: torch.Tensor | None = None, int8_activations: bool = False,
-               int8_out: bool = False, dtype: torch.dtype | None = None) -> FusedRow:
+               int8_out: bool = False, dtype: torch.dtype | None = None, glu: bool = False) -> FusedRow:
     """One row with the decoder's glue folded into the GEMV's epilogue; ``x [in]``, results ``[out]`` in the
     model's compute dtype (the layer's bias, if any, is added as usual).
 
@@ -145,8 +145,11 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torc
         integers). ``x`` may then be an :class:`Int8Row` (from a producer's ``int8_out``: the rounding is done;
         ``dtype`` names the model's compute dtype), and ``int8_out=True`` (with ``norm_out``) also returns
         ``h`` as one (``h8``): the same numbers as rounding ``h`` in the next GEMV, handed over instead.
-    Each saves a separate norm (or add) launch; the GEMV's loop is the same as without them (only the epilogues
-    change). Only for layers :func:`norm_fusable` accepts.
+    glu: ``layer`` is a gate projection stacked over its up projection (:func:`holdall.core.linear.stack_outputs`,
+        ``[gate; up]``): return ``y = silu(gate) * up`` (``[out / 2]``, rounded as ``F.silu(gate) * up`` rounds the
+        two outputs), the SiLU-gated MLP's inner row without a launch of its own; no ``residual`` / ``norm_out``.
+    Each saves a separate norm (or add, or activation) launch; the GEMV's loop is the same as without them (only
+    the epilogues change). Only for layers :func:`norm_fusable` accepts.
     """
     from . import triton_wq4
 
@@ -176,7 +179,10 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torc
     if residual is not None:
         residual = residual.reshape(-1).to(dtype)
         bias = residual if bias is None else residual + bias
-    out = torch.empty(p.out_features, dtype=dtype, device=x.device)
+    if glu and (residual is not None or norm_out is not None or p.out_features % 2):
+        raise ValueError("glu returns the MLP's inner row silu(gate) * up of a stacked [gate; up] layer (even rows): "
+                         "no residual or norm_out")
+    out = torch.empty(p.out_features // 2 if glu else p.out_features, dtype=dtype, device=x.device)
     h = squares = h8 = int8_words = None
     if norm_out is not None:
         h = torch.empty_like(out)
@@ -190,7 +196,7 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torc
     elif int8_out:
         raise ValueError("int8_out hands the next norm's weighted row over: it needs norm_out")
     triton_wq4.gemv(ops, p, x, bias, out, config, norm_in=norm_in, norm_out=norm_out, x_scales=x_scales,
-                    int8_out=int8_words)
+                    int8_out=int8_words, glu=glu)
     if h8 is not None and int8_words is None:  # this tiling cannot write the words: the same ones from h
         q, scales = packed.quantize_activations_s8(h)
         h8.words.copy_(packed.pack_s8_words(q))

@@ -720,6 +720,28 @@ def _tile_out(acc, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, H
 
 
 @triton.jit
+def _glu_out(acc_gate, acc_up, rn, n_half, squares, b_ptr, y_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr,
+             NORM_IN: tl.constexpr):
+    """``GLU``: store ``silu(gate) * up`` for gate rows ``rn`` (and their up rows ``n_half`` on), rounded as the
+    separate path rounds them: each projection's output to ``y``'s dtype, SiLU computed in float32 and rounded,
+    the product rounded (torch's ``F.silu(gate) * up`` on the stored rows)."""
+    g = tl.sum(tl.sum(acc_gate, axis=2), axis=1)  # [R]
+    u = tl.sum(tl.sum(acc_up, axis=2), axis=1)
+    if NORM_IN:
+        inv = tl.rsqrt(squares / k_inputs + eps)
+        g = g * inv
+        u = u * inv
+    ok = rn < n_half
+    if HAS_BIAS:
+        g += tl.load(b_ptr + rn, mask=ok, other=0.0).to(tl.float32)
+        u += tl.load(b_ptr + n_half + rn, mask=ok, other=0.0).to(tl.float32)
+    dt = y_ptr.dtype.element_ty
+    g = g.to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(y_ptr + rn, (act * u.to(dt).to(tl.float32)).to(dt), mask=ok)
+
+
+@triton.jit
 def _store_int8_words(h_even, h_odd, n0, q_out_ptr, qs_out_ptr, R: tl.constexpr):
     """The rows ``n0 .. n0 + 2R`` of ``h`` (``h_even [R]`` rows ``n0 + 2i``, ``h_odd`` rows ``n0 + 2i + 1``: the
     two sub-tiles of ``RPT 2``) as int8 words for the next GEMV (``XIN8``), exactly as :func:`_quantize_word`
@@ -796,13 +818,13 @@ def _rows_ok(rows, N, EVEN_N: tl.constexpr):
 @triton.jit
 def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                    sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
-                   n0, N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+                   n0, N, n_half, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
                    GROUP_W: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, X_BF16: tl.constexpr, STAGES: tl.constexpr,
                    TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr, BOOK: tl.constexpr,
                    NORM_IN: tl.constexpr, SQ_BLOCK: tl.constexpr, NORM_OUT: tl.constexpr, EVEN_G: tl.constexpr,
                    XVEC: tl.constexpr, RPT: tl.constexpr, XQ8: tl.constexpr,
-                   EVEN_N: tl.constexpr, XIN8: tl.constexpr, Q8_OUT: tl.constexpr):
+                   EVEN_N: tl.constexpr, XIN8: tl.constexpr, Q8_OUT: tl.constexpr, GLU: tl.constexpr):
     """Rows ``n0 .. n0 + BLOCK_N`` of ``y``: the loop over the groups, ``STAGES`` deep (1 inside a flattened
     persistent loop, which pipelines across tiles itself). With ``RPT`` > 1 the tile is worked as ``RPT``
     interleaved row tiles whose words at one position sit in one thread (:func:`_rows_of`).
@@ -812,10 +834,20 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
     ``NORM_OUT`` (the producer, e.g. ``o_proj`` with the residual as its bias) also writes ``h = y * nw`` (the
     next norm's weight, per output row) to ``h_ptr`` and this tile's sum of ``y^2`` to ``sq_out_ptr[tile]``;
     ``NORM_IN`` (the consumer, reading ``h`` as ``x``) sums the ``n_sq`` partials ``sq_in_ptr`` in a fixed order
-    and multiplies its dot products by ``1 / rms = rsqrt(sum / K + eps)``."""
+    and multiplies its dot products by ``1 / rms = rsqrt(sum / K + eps)``.
+
+    ``GLU`` (a stacked gate/up layer, ``RPT`` 2): sub-tile 0 is gate rows ``n0 .. n0 + BLOCK_N / 2``, sub-tile 1 the
+    up rows ``n_half`` further on (one TMA box ``[BN / 2, 2, BG, GW]`` of the words viewed as ``[I, 2, G, GW]``), and
+    the epilogue writes ``silu(gate) * up``
+    (:func:`_glu_out`) instead of either: the MLP's activation without a launch of its own."""
     R: tl.constexpr = BLOCK_N // RPT
-    ri = tl.arange(0, R) * RPT
-    rows0 = n0 + ri[:, None, None]  # [R, 1, 1]: rows of sub-tile 0; sub-tile r adds r
+    if GLU:  # gate rows n0 + i; the up rows are n_half further on
+        ri = tl.arange(0, R)
+        step = n_half
+    else:  # rows n0 + RPT i + r of sub-tile r
+        ri = tl.arange(0, R) * RPT
+        step = 1
+    rows0 = n0 + ri[:, None, None]  # [R, 1, 1]: rows of sub-tile 0; sub-tile r adds r * step
     rg = tl.arange(0, BLOCK_G)[None, :, None]  # [1, BG, 1]
     rj = tl.arange(0, GROUP_W)[None, None, :]  # [1, 1, GW]
     acc0 = tl.zeros([R, BLOCK_G, GROUP_W], dtype=tl.float32)
@@ -833,7 +865,13 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
         else:
             g_ok = g3 < n_groups
         kw3 = g3 * GROUP_W + rj  # [1, BG, GW] word index along the row
-        if TMA:  # rows past N and groups past the end arrive as zeros
+        if GLU:  # row 2 i + h of the tile is gate row n0 + i (h = 0) or its up row (h = 1), split as _rows_of splits
+            n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None] // 2 + (tl.arange(0, BLOCK_N)[:, None, None] % 2) * n_half
+            if TMA:  # one box [BN / 2, 2, BG, GW] of the [I, 2, groups, words] view
+                w = tl.reshape(w_src.load([n0, 0, g0, 0]), [BLOCK_N, BLOCK_G, GROUP_W])
+            else:
+                w = tl.load(w_src + n3 * stride_wn + kw3, mask=(n3 < N) & g_ok, other=0)
+        elif TMA:  # rows past N and groups past the end arrive as zeros
             w = w_src.load([n0, g0, 0])  # [BN, BG, GW] int32
         else:
             n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None]  # [BN, 1, 1]
@@ -843,7 +881,8 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
         gs = g3 * group_step
         # the tile's scales as one [BN, BG, 1] block, split like the words (with RPT > 1 Triton loads each in
         # the split layout, one 2-byte load per row and group in the loop: not pipelined)
-        n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None]
+        if not GLU:
+            n3 = n0 + tl.arange(0, BLOCK_N)[:, None, None]
         s = _group_scale(s_ptr, sabs_ptr, soff_ptr, dmap_ptr, n3 * scale_row_stride + gs,
                          _rows_ok(n3, N, EVEN_N) & g_ok, SCALE_DQ)
         t0, t1, t2, t3 = _rows_of(w, RPT)
@@ -851,8 +890,8 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
         acc0 += _tile_part(t0, x0, x1, x2, x3, x4, x5, x6, x7, xs, s0, val_ptr, z_ptr, rows0, gs,
                            _rows_ok(rows0, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
         if RPT >= 2:
-            acc1 += _tile_part(t1, x0, x1, x2, x3, x4, x5, x6, x7, xs, s1, val_ptr, z_ptr, rows0 + 1, gs,
-                               _rows_ok(rows0 + 1, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
+            acc1 += _tile_part(t1, x0, x1, x2, x3, x4, x5, x6, x7, xs, s1, val_ptr, z_ptr, rows0 + step, gs,
+                               _rows_ok(rows0 + step, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
         if RPT == 4:
             acc2 += _tile_part(t2, x0, x1, x2, x3, x4, x5, x6, x7, xs, s2, val_ptr, z_ptr, rows0 + 2, gs,
                                _rows_ok(rows0 + 2, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
@@ -860,6 +899,9 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
                                _rows_ok(rows0 + 3, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
     k_inputs = n_groups * GROUP_W * 8
     rn = n0 + ri
+    if GLU:
+        _glu_out(acc0, acc1, rn, n_half, squares, b_ptr, y_ptr, k_inputs, eps, HAS_BIAS, NORM_IN)
+        return
     sq, h0 = _tile_out(acc0, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
                        NORM_OUT)
     if RPT >= 2:
@@ -882,7 +924,7 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
 def _gemv_tma_kernel(
     x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
     sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
-    N, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
+    N, n_half, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
     GROUP_W: tl.constexpr,  # int32 words per group (group / 8); in_features is a whole number of groups
     KIND: tl.constexpr,  # 0 int sym, 1 int asym, 2 codebook
     SCALE_DQ: tl.constexpr,
@@ -906,6 +948,7 @@ def _gemv_tma_kernel(
     EVEN_N: tl.constexpr = False,  # N is a multiple of BLOCK_N: no row masks on the scale loads in the loop
     XIN8: tl.constexpr = False,  # x is int8 words + scales written by a Q8_OUT GEMV (with XQ8: no rounding here)
     Q8_OUT: tl.constexpr = False,  # with NORM_OUT: also write h as int8 words + scales for an XIN8 GEMV
+    GLU: tl.constexpr = False,  # stacked gate/up rows (n_half each): write silu(gate) * up [n_half]
 ):
     """One row, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy engine
     writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
@@ -920,22 +963,24 @@ def _gemv_tma_kernel(
     flight while this tile finishes (short rows, like 4096 inputs = 4 iterations, otherwise spend most of their
     time filling the pipeline)."""
     if PERSISTENT:
-        n_tiles = tl.cdiv(N, BLOCK_N)
+        n_tiles = tl.cdiv(n_half, BLOCK_N // 2) if GLU else tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES, flatten=True,
                              warp_specialize=WS):
             _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                            sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
-                           tile * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
+                           tile * (BLOCK_N // 2 if GLU else BLOCK_N), N, n_half, n_groups, stride_wn,
+                           scale_row_stride, group_step,
                            zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA,
                            PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N,
-                           XIN8, Q8_OUT)
+                           XIN8, Q8_OUT, GLU)
     else:
         _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                        sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
-                       tl.program_id(0) * BLOCK_N, N, n_groups, stride_wn, scale_row_stride, group_step,
+                       tl.program_id(0) * (BLOCK_N // 2 if GLU else BLOCK_N), N, n_half, n_groups, stride_wn,
+                       scale_row_stride, group_step,
                        zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
                        PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N, XIN8,
-                       Q8_OUT)
+                       Q8_OUT, GLU)
 
 
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
@@ -1388,8 +1433,12 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
          config: dict | None = None, norm_in: tuple[torch.Tensor, float] | None = None,
          norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
          x_scales: torch.Tensor | None = None,
-         int8_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         int8_out: tuple[torch.Tensor, torch.Tensor] | None = None, glu: bool = False) -> torch.Tensor:
     """``out [N] = W @ x + b`` for one contiguous row ``x [K]`` (bf16/fp16, 4-byte aligned).
+
+    glu: ``W`` is a gate projection stacked over its up projection (``N = 2 I``); write ``out [I] =
+    silu(gate) * up`` instead (rounded as torch rounds ``F.silu(gate) * up`` on the two rounded outputs; TMA
+    kernel only, two rows per thread: sub-tile 0 the gate rows, sub-tile 1 their up rows).
 
     An RMSNorm between two GEMVs, split over their epilogues (only the TMA kernel, ``VARIANT "tma"``):
     norm_out: ``(weight [N], h [N], squares [tiles])``: also write ``h = out * weight`` (``x``'s dtype) and each
@@ -1405,15 +1454,15 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     cfg = dict(config if config is not None else default_gemv_config(ops, p, x.device))
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
-    if (norm_in is not None or norm_out is not None or x_scales is not None or int8_out is not None) \
+    if (norm_in is not None or norm_out is not None or x_scales is not None or int8_out is not None or glu) \
             and variant != "tma":
-        raise ValueError(f"the {variant!r} GEMV cannot fold in a norm or hand over int8 activations; only VARIANT "
-                         "'tma' does (Hopper, rows of whole groups)")
+        raise ValueError(f"the {variant!r} GEMV cannot fold in a norm, the gated activation or hand over int8 "
+                         "activations; only VARIANT 'tma' does (Hopper, rows of whole groups)")
     if variant == "mma":  # the tensor-core kernel with one input row (padded to the MMA's 16 columns)
         return _gemm2(ops, p, x.view(1, -1), bias, out.view(1, -1), {**cfg, "BLOCK_N": block_n, "BLOCK_M": 16})
     grid = (triton.cdiv(p.out_features, block_n),)
     if variant == "tma":
-        return _gemv_tma(ops, p, x, bias, out, block_n, cfg, norm_in, norm_out, x_scales, int8_out)
+        return _gemv_tma(ops, p, x, bias, out, block_n, cfg, norm_in, norm_out, x_scales, int8_out, glu)
     if variant == "v2":
         assert block_n in (1, 2, 4), "the v2 GEMV holds 1, 2 or 4 rows per program (BLOCK_N)"
         words_per_tile = cfg["BLOCK_G"] * (p.group // CODES_PER_WORD)
@@ -1465,7 +1514,7 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
               block_n: int, cfg: dict, norm_in: tuple[torch.Tensor, float] | None = None,
               norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
               x_scales: torch.Tensor | None = None,
-              int8_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              int8_out: tuple[torch.Tensor, torch.Tensor] | None = None, glu: bool = False) -> torch.Tensor:
     """Launch :func:`_gemv_tma_kernel`: ``in_features`` a whole number of groups (the words are read as
     ``[out, groups, words per group]``)."""
     if p.in_features % p.group:
@@ -1477,8 +1526,17 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
     n_groups = p.in_features // p.group
     if cfg.get("EVEN_G") and n_groups % cfg["BLOCK_G"]:
         raise ValueError(f"EVEN_G needs the {n_groups} groups of a row in whole tiles of BLOCK_G {cfg['BLOCK_G']}")
-    if cfg.get("EVEN_N") and p.out_features % block_n:
-        raise ValueError(f"EVEN_N needs the {p.out_features} rows in whole tiles of BLOCK_N {block_n}")
+    n_half, box_rows = p.out_features, block_n  # rows a program's output covers; rows per weight box
+    if glu:
+        n_half, box_rows = p.out_features // 2, block_n // 2
+        if p.out_features % 2 or block_n % 2 or norm_out is not None or int8_out is not None:
+            raise ValueError("glu needs a stacked [gate; up] layer (even rows), an even BLOCK_N, and no norm_out / "
+                             "int8_out (its output is the MLP's inner row)")
+        if out.numel() != n_half:
+            raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
+        cfg["RPT"], cfg["GLU"] = 2, True
+    if cfg.get("EVEN_N") and n_half % box_rows:
+        raise ValueError(f"EVEN_N needs the {n_half} rows in whole tiles of {box_rows} (BLOCK_N {block_n})")
     if cfg.get("XQ8") and p.kind == 2:
         raise ValueError("XQ8 (int8 activations, integer dot products) takes int codes; codebook values "
                          f"({p.codebook}) are not integers: launch without XQ8")
@@ -1489,9 +1547,14 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
         if TensorDescriptor is None:
             raise RuntimeError(f"Triton {triton.__version__} has no host tensor descriptors "
                                "(triton.tools.tensor_descriptor): upgrade Triton or launch with TMA=False")
-        src = TensorDescriptor(ops.words, [p.out_features, n_groups, group_w], [ops.words.stride(0), group_w, 1],
-                               [block_n, cfg["BLOCK_G"], group_w])
-    tiles = triton.cdiv(p.out_features, block_n)
+        if glu:  # [I, 2, groups, words]: a gate row's up row is I rows on
+            stride = ops.words.stride(0)
+            src = TensorDescriptor(ops.words, [n_half, 2, n_groups, group_w], [stride, n_half * stride, group_w, 1],
+                                   [box_rows, 2, cfg["BLOCK_G"], group_w])
+        else:
+            src = TensorDescriptor(ops.words, [p.out_features, n_groups, group_w], [ops.words.stride(0), group_w, 1],
+                                   [box_rows, cfg["BLOCK_G"], group_w])
+    tiles = triton.cdiv(n_half, box_rows)
     sq_in, eps = norm_in if norm_in is not None else (ops.scale, 0.0)
     if norm_in is not None and (sq_in.dtype != torch.float32 or not sq_in.is_contiguous()):
         raise ValueError("norm_in's partial sums of squares must be a contiguous float32 tensor")
@@ -1528,7 +1591,7 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
         bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out,
         x_scales if x_scales is not None else ops.scale, q_out, qs_out,
-        p.out_features, n_groups, ops.words.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride,
+        p.out_features, n_half, n_groups, ops.words.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride,
         GROUP_W=group_w, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         X_BF16=x.dtype == torch.bfloat16, PERSISTENT=per_sm > 0, NORM_IN=norm_in is not None,
         SQ_BLOCK=triton.next_power_of_2(sq_in.numel()) if norm_in is not None else 1, NORM_OUT=norm_out is not None,

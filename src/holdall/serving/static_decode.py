@@ -157,6 +157,8 @@ class StaticDecoder:
         # with int8 activations and folded norms, o_proj / down_proj may hand the next row over as int8 words
         # (the same numbers; fewer instructions in the next GEMV): off until measured on a GPU
         self._int8_handoff = False
+        # with folded norms, the stacked gate/up GEMV writes silu(gate) * up itself (no activation launch)
+        self._glu = True
 
     def _plan_norm_fusion(self, wanted: bool | None) -> bool:
         """Whether the decode step folds norms and residual adds into the 4-bit GEMVs (see ``fuse_norms``)."""
@@ -299,14 +301,19 @@ class StaticDecoder:
                                            int8_activations=int8, int8_out=handoff)
             h = h8 if handoff else h
             norm_in = (squares, post.variance_epsilon)
-            if self._gate_up[i] is not None:
-                gate, up = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8,
-                                      dtype=self.dtype).y.chunk(2)
+            if self._gate_up[i] is not None and self._glu:  # silu(gate) * up from the GEMV's epilogue
+                inner = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype,
+                                   glu=True).y
             else:
-                gate, up = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
-                            for m in (mlp.gate_proj, mlp.up_proj))
+                if self._gate_up[i] is not None:
+                    gate, up = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8,
+                                          dtype=self.dtype).y.chunk(2)
+                else:
+                    gate, up = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
+                                for m in (mlp.gate_proj, mlp.up_proj))
+                inner = ops.silu_mul(gate, up)
             following = None if i == last else self.layers[i + 1].input_layernorm.weight
-            x, h, squares, h8 = fused_gemv(mlp.down_proj, ops.silu_mul(gate, up), residual=x, norm_out=following,
+            x, h, squares, h8 = fused_gemv(mlp.down_proj, inner, residual=x, norm_out=following,
                                            int8_activations=int8, int8_out=handoff and following is not None)
             h = h8 if h8 is not None else h
         final = self.core.norm
