@@ -119,13 +119,8 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int]
 
 
 def static_decode(model, prompt: torch.Tensor, new_tokens: int, max_len: int, handoff: bool = False,
-                  glu: bool = True, prefetch: bool | None = None, mlp_bytes: int | None = None,
-                  **options) -> tuple[list[int], float]:
+                  glu: bool = True, **options) -> tuple[list[int], float]:
     decoder = StaticDecoder(model, max_len=max_len, **options)
-    if prefetch is not None:  # the L2 prefetch during attention (on by default with folded norms)
-        decoder._prefetch = prefetch and decoder._fuse_norms
-    if mlp_bytes is not None:  # ... and how much of gate/up's gate and up halves it covers
-        decoder._prefetch_mlp_bytes = mlp_bytes
     decoder._int8_handoff = handoff  # int8 words handed between GEMVs (not a default until measured here)
     decoder._glu = glu  # silu(gate) * up in the gate/up GEMV's epilogue (the default) or its own launch
     decoder.generate(prompt, 8)  # capture + warm-up (the capture is outside the timed part anyway)
@@ -163,9 +158,6 @@ def main() -> None:
     parser.add_argument("--schemes", default="int4-g128-sym,nf4-dq")
     parser.add_argument("--skip-hf", action="store_true", help="only the static decoder (faster)")
     parser.add_argument("--skip-bf16", action="store_true", help="only the 4-bit schemes")
-    parser.add_argument("--prefetch-sweep", default="",
-                        help="MiB of gate/up's gate and up halves to prefetch during attention, e.g. 0,4,8,16: one "
-                             "row each (int4 schemes), plus one without any prefetch")
     parser.add_argument("--ablate", action="store_true",
                         help="also time the static decoder without its fused attention, stacked projections and "
                              "folded norms (round 5's step), and 4-bit models with the norms separate")
@@ -209,16 +201,6 @@ def main() -> None:
                 record(weights, "static-norms-separate", tps, None)
                 _, tps = static_decode(model, prompt, args.new_tokens, max_len, glu=False)
                 record(weights, "static-silu-separate", tps, None)
-                _, tps = static_decode(model, prompt, args.new_tokens, max_len, prefetch=False)
-                record(weights, "static-no-prefetch", tps, None)
-        if weights != "bf16" and args.prefetch_sweep:
-            _, tps = static_decode(model, prompt, args.new_tokens, max_len, prefetch=False)
-            record(weights, "static-no-prefetch", tps, None)
-            for mib in [float(v) for v in args.prefetch_sweep.split(",") if v]:
-                for int8 in ([False, True] if weights.startswith("int4") else [False]):
-                    _, tps = static_decode(model, prompt, args.new_tokens, max_len, mlp_bytes=int(mib * 2**20),
-                                           int8_activations=int8)
-                    record(weights, f"static{'-int8-act' if int8 else ''}-prefetch-mlp-{mib:g}MiB", tps, None)
         tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
         record(weights, "static", tps, check_against_hf(model, prompt, tokens, max_len))
         if weights.startswith("int4"):  # W4A8: every decode step's 4-bit projections on int8-rounded inputs

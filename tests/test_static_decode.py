@@ -298,26 +298,3 @@ def test_gated_activation_in_the_gate_up_epilogue_decodes_like_the_separate_kern
     want = _decode_logits(separate, ids)
     assert float((got - want).abs().max()) < 0.01 * float(want.abs().max())
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="the L2 prefetch runs beside the folded-norm decode step (Hopper)")
-@pytest.mark.parametrize("mlp_bytes", [0, 4096, 1 << 30])
-def test_l2_prefetch_changes_no_logit(mlp_bytes):
-    """The side stream's L2 prefetch during attention (``_prefetch``, on with folded norms; o_proj's weights and
-    the first ``_prefetch_mlp_bytes`` of gate/up's halves, more than the layer has included) moves bytes into the
-    cache and nothing else: the same logits bit for bit, captured in the CUDA graph and eager."""
-    from holdall.algorithms import QuantConfig, quantize
-
-    model = _sharpen(make_tiny_llama(hidden=128, layers=2, intermediate=256)).to(torch.bfloat16)
-    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
-    model = model.to("cuda")
-    ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(13)).to("cuda")
-    plain = StaticDecoder(model, max_len=16)
-    assert plain._prefetch
-    plain._prefetch = False
-    want = _decode_logits(plain, ids)
-    for graph in (True, False):
-        decoder = StaticDecoder(model, max_len=16, cuda_graph=graph)
-        decoder._prefetch_mlp_bytes = mlp_bytes
-        assert torch.equal(_decode_logits(decoder, ids), want)

@@ -226,13 +226,3 @@ def project_int8(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = fused_gemv(layer, x.reshape(-1).to(backends.compute_dtype(x)), int8_activations=True).y
         return y.reshape(*x.shape[:-1], -1)
     return layer(packed.round_activations_s8(x))
-
-
-def prefetch_l2(ranges: list[tuple[torch.Tensor, int]]) -> None:
-    """Pull the first ``n`` bytes of each CUDA tensor in ``ranges = [(tensor, n), ...]`` (at most 4) into the
-    GPU's L2 cache, in one launch on the current stream (Hopper's bulk prefetch; values are unchanged). The static
-    decoder runs it on a side stream during attention for the next projections' weights."""
-    from . import triton_prefetch
-
-    triton_prefetch.prefetch_l2(ranges)
-

@@ -162,11 +162,3 @@ def dot_s8_asm() -> str:
     return ("{.reg .b32 l, h;"
             "and.b32 l, $1, 0x0F0F0F0F; shr.u32 h, $1, 4; and.b32 h, h, 0x0F0F0F0F;"
             "dp4a.u32.s32 $0, l, $2, $4; dp4a.u32.s32 $0, h, $3, $0;}")
-
-
-def prefetch_l2_asm() -> str:
-    """Hopper's bulk L2 prefetch of ``$2`` bytes (a multiple of 16; none when not positive) at the 16-byte aligned
-    global address ``$1``: one instruction per chunk, nothing comes back to the thread (``$0`` is a dummy 0)."""
-    return ("{.reg .pred p; setp.gt.s32 p, $2, 0;"
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2;"
-            "mov.b32 $0, 0;}")

@@ -159,11 +159,6 @@ class StaticDecoder:
         self._int8_handoff = False
         # with folded norms, the stacked gate/up GEMV writes silu(gate) * up itself (no activation launch)
         self._glu = True
-        # with folded norms, a side stream pulls o_proj's weights (and the first bytes of gate/up's gate and up
-        # halves) into L2 while attention runs: attention leaves the memory bandwidth mostly idle
-        self._prefetch = self._fuse_norms
-        self._prefetch_mlp_bytes = 0
-        self._side: torch.cuda.Stream | None = None
 
     def _plan_norm_fusion(self, wanted: bool | None) -> bool:
         """Whether the decode step folds norms and residual adds into the 4-bit GEMVs (see ``fuse_norms``)."""
@@ -300,8 +295,6 @@ class StaticDecoder:
             else:
                 q, k, v = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
                            for m in (attn.q_proj, attn.k_proj, attn.v_proj))
-            if self._prefetch:
-                self._prefetch_during_attention(i)
             out = self._attend(q, k, v, self.k_cache[i, 0], self.v_cache[i, 0], positions, self._cos, self._sin,
                                getattr(attn, "scaling", None))
             x, h, squares, h8 = fused_gemv(attn.o_proj, out, residual=x, norm_out=post.weight,
@@ -323,30 +316,9 @@ class StaticDecoder:
             x, h, squares, h8 = fused_gemv(mlp.down_proj, inner, residual=x, norm_out=following,
                                            int8_activations=int8, int8_out=handoff and following is not None)
             h = h8 if h8 is not None else h
-        if self._prefetch:  # join the side stream (a captured graph must end on its own stream)
-            torch.cuda.current_stream(self.device).wait_stream(self._side)
         final = self.core.norm
         h = ops.rms_norm(x.view(1, 1, -1), final.weight, final.variance_epsilon)
         return self.model.lm_head(h)[0].float()
-
-    def _prefetch_during_attention(self, index: int) -> None:
-        """Launch, on the side stream after q/k/v, the L2 prefetch of block ``index``'s o_proj weights (codes and
-        scales) and of the first ``_prefetch_mlp_bytes`` of its gate and up halves' codes."""
-        from ..kernels import packed
-        from ..kernels.dispatch import layer_plan, prefetch_l2
-
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        o_proj = self.layers[index].self_attn.o_proj
-        ops = packed.operands(o_proj, layer_plan(o_proj))
-        ranges = [(ops.words, ops.words.numel() * 4), (ops.scale, ops.scale.numel() * ops.scale.element_size())]
-        gate_up = self._gate_up[index]
-        if gate_up is not None and self._prefetch_mlp_bytes > 0:
-            words = packed.operands(gate_up, layer_plan(gate_up)).words  # [2 I, in / 8]: gate rows, then up rows
-            ranges += [(words, self._prefetch_mlp_bytes), (words[words.shape[0] // 2:], self._prefetch_mlp_bytes)]
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            prefetch_l2(ranges)
 
     def _attention(self, attn: nn.Module, h: torch.Tensor, cos, sin, positions, mask, index: int, ops) -> torch.Tensor:
         T = h.shape[1]
