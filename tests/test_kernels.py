@@ -455,6 +455,76 @@ def test_gemv_tma_gated_activation_is_checked():
 
 
 @cuda_only
+@pytest.mark.parametrize("name,dtype", [("int4-sym", torch.bfloat16), ("int4-asym", torch.bfloat16),
+                                        ("nf4-dq", torch.bfloat16), ("int4-sym", torch.float16)], ids=str)
+@pytest.mark.parametrize("shape", [(4096, 11008), (144, 1408)], ids=str)
+@pytest.mark.parametrize("block_n,block_g,warps,rpt,split", [(32, 8, 8, 2, 2), (16, 4, 4, 2, 3), (32, 4, 4, 2, 4),
+                                                            (16, 8, 4, 1, 2)])
+@pytest.mark.parametrize("mode", ["plain", "int8", "norms", "glu"])
+def test_gemv_tma_split_k(name, dtype, shape, block_n, block_g, warps, rpt, split, mode):
+    """``SPLIT_K``: each row tile's groups over several programs, whose float32 row sums the tile's last program
+    adds in split order before the epilogue (bias, the norm halves and int8 words, the gated activation): the
+    unsplit kernel's outputs up to float32 summation order, the reference's within tolerance, every output
+    written (NaN-poisoned), the tile counters back at zero."""
+    import triton
+
+    from holdall.kernels import triton_wq4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90) or newer")
+    xq8 = mode == "int8" or (mode == "norms" and "nf4" not in name)
+    if mode == "int8" and "nf4" in name or mode == "glu" and rpt != 2:
+        pytest.skip("int8 activations take int codes; glu holds a gate and an up row per thread (RPT 2)")
+    if "nf4" in name:
+        block_g *= 2  # 64-code blocks
+    layer = _cuda_layer(*shape, name)
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    n, k = p.out_features, p.in_features
+    x = torch.randn(k, device="cuda", dtype=dtype)
+    bias = layer.bias.detach()
+    weight = torch.rand(n, device="cuda", dtype=dtype) + 0.5
+    squares_in = torch.rand(5, device="cuda") * k
+    cfg = {"VARIANT": "tma", "num_warps": warps, "BLOCK_N": block_n, "BLOCK_G": block_g, "STAGES": 3, "XVEC": True,
+           "RPT": rpt, "XQ8": xq8, "EVEN_G": (k // p.group) % block_g == 0}
+    rows = n // 2 if mode == "glu" else n
+    cfg["EVEN_N"] = rows % (block_n // 2 if mode == "glu" else block_n) == 0
+
+    def launch(split_k):
+        out = torch.full((rows,), float("nan"), device="cuda", dtype=dtype)
+        c = {**cfg, "SPLIT_K": split_k}
+        if mode == "glu":
+            triton_wq4.gemv(ops, p, x, bias, out, c, glu=True)
+            return [out]
+        if mode != "norms":
+            triton_wq4.gemv(ops, p, x, bias, out, c)
+            return [out]
+        h = torch.full_like(out, float("nan"))
+        squares = torch.full((triton.cdiv(n, block_n),), float("nan"), device="cuda")
+        words = scales = None
+        int8_out = None
+        if xq8 and rpt == 2 and block_n % 16 == 0 and cfg["EVEN_N"]:
+            words = torch.full((n // 4,), 7, device="cuda", dtype=torch.int32)
+            scales = torch.full((n // 8,), float("nan"), device="cuda")
+            int8_out = (words, scales)
+        triton_wq4.gemv(ops, p, x, bias, out, c, norm_in=(squares_in, 1e-5), norm_out=(weight, h, squares),
+                        int8_out=int8_out)
+        extra = [packed.unpack_s8_words(words, scales, torch.float32)] if int8_out else []
+        return [out, h, squares] + extra
+
+    whole, parts = launch(1), launch(split)
+    # float32 sums in another order: at most a rounding step of an output, which may move an int8 word's step
+    for a, b, tol in zip(whole, parts, [TOL[dtype], TOL[dtype], 1e-3, 2e-2]):
+        assert not torch.isnan(b.float()).any()
+        assert _rel(b, a) < tol
+    counters = triton_wq4._tile_counters(x.device, 1)
+    assert int(counters.abs().sum()) == 0
+    if mode in ("plain", "int8"):
+        xr = packed.round_activations_s8(x.float()) if xq8 else x
+        assert _rel(parts[0], packed.reference_linear(layer, xr[None])[0]) < TOL[dtype]
+
+
+@cuda_only
 def test_gemv_tma_int8_activations_refuse_codebooks_and_uneven_rows():
     from holdall.kernels import triton_wq4
 
