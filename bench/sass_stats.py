@@ -45,7 +45,7 @@ KERNELS["gemv_tma"] = ("_gemv_tma_kernel", {
     "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32", "val_ptr": "*fp32", "b_ptr": "*bf16",
     "y_ptr": "*bf16", "sq_in_ptr": "*fp32", "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16",
     "sq_out_ptr": "*fp32", "xs_ptr": "*fp32", "q_out_ptr": "*i32", "qs_out_ptr": "*fp32", "N": "i32", "n_half": "i32", "n_groups": "i32", "stride_wn": "i32", "scale_row_stride": "i32",
-    "group_step": "i32", "zero_row_stride": "i32", "groups_per_split": "i32", "part_ptr": "*fp32", "sem_ptr": "*i32"})
+    "group_step": "i32", "zero_row_stride": "i32"})
 #: what the launchers pass (constexprs without a default in the kernel): the GEMMs for 4096x11008 at g128, 4 rows,
 #: split 8; the GEMV for int4 g128 sym with the 4096-input default tiling
 BASE = {

@@ -698,10 +698,11 @@ def _tile_part(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, val_ptr, z_ptr, rows, g
 
 
 @triton.jit
-def _tile_out(y, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr,
+def _tile_out(acc, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr,
               NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr):
-    """Store rows ``rn`` of ``y`` from their float32 dot products ``y [R]``; with ``NORM_OUT`` also write
+    """Store rows ``rn`` of ``y`` from their accumulator ``[R, BG, GW]``; with ``NORM_OUT`` also write
     ``h = y * nw`` and return ``(sum of y^2 as stored, h as stored, in float32)``, else ``(0, 0)``."""
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [R]
     if NORM_IN:  # mean square over the whole row
         y = y * tl.rsqrt(squares / k_inputs + eps)
     if HAS_BIAS:
@@ -719,11 +720,13 @@ def _tile_out(y, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS
 
 
 @triton.jit
-def _glu_out(g, u, rn, n_half, squares, b_ptr, y_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr,
+def _glu_out(acc_gate, acc_up, rn, n_half, squares, b_ptr, y_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr,
              NORM_IN: tl.constexpr):
     """``GLU``: store ``silu(gate) * up`` for gate rows ``rn`` (and their up rows ``n_half`` on), rounded as the
     separate path rounds them: each projection's output to ``y``'s dtype, SiLU computed in float32 and rounded,
     the product rounded (torch's ``F.silu(gate) * up`` on the stored rows)."""
+    g = tl.sum(tl.sum(acc_gate, axis=2), axis=1)  # [R]
+    u = tl.sum(tl.sum(acc_up, axis=2), axis=1)
     if NORM_IN:
         inv = tl.rsqrt(squares / k_inputs + eps)
         g = g * inv
@@ -816,14 +819,12 @@ def _rows_ok(rows, N, EVEN_N: tl.constexpr):
 def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                    sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
                    n0, N, n_half, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
-                   groups_per_split, part_ptr, sem_ptr,
                    GROUP_W: tl.constexpr, KIND: tl.constexpr, SCALE_DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, X_BF16: tl.constexpr, STAGES: tl.constexpr,
                    TMA: tl.constexpr, PRMT: tl.constexpr, WS: tl.constexpr, BOOK: tl.constexpr,
                    NORM_IN: tl.constexpr, SQ_BLOCK: tl.constexpr, NORM_OUT: tl.constexpr, EVEN_G: tl.constexpr,
                    XVEC: tl.constexpr, RPT: tl.constexpr, XQ8: tl.constexpr,
-                   EVEN_N: tl.constexpr, XIN8: tl.constexpr, Q8_OUT: tl.constexpr, GLU: tl.constexpr,
-                   SPLIT_K: tl.constexpr):
+                   EVEN_N: tl.constexpr, XIN8: tl.constexpr, Q8_OUT: tl.constexpr, GLU: tl.constexpr):
     """Rows ``n0 .. n0 + BLOCK_N`` of ``y``: the loop over the groups, ``STAGES`` deep (1 inside a flattened
     persistent loop, which pipelines across tiles itself). With ``RPT`` > 1 the tile is worked as ``RPT``
     interleaved row tiles whose words at one position sit in one thread (:func:`_rows_of`).
@@ -857,10 +858,7 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
     if NORM_IN:  # issued before the loop: the producer has finished, and the loads hide behind the weights
         rs = tl.arange(0, SQ_BLOCK)
         squares = tl.sum(tl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0))
-    split = tl.program_id(1)  # split-K: this program's groups [split * groups_per_split, ...)
-    g_lo = split * groups_per_split
-    g_hi = tl.minimum(g_lo + groups_per_split, n_groups)
-    for g0 in tl.range(g_lo, g_hi, BLOCK_G, num_stages=STAGES, warp_specialize=WS):
+    for g0 in tl.range(0, n_groups, BLOCK_G, num_stages=STAGES, warp_specialize=WS):
         g3 = g0 + rg
         if EVEN_G:  # whole BLOCK_G tiles of groups: no mask (each costs a compare per load in the loop)
             g_ok = tl.full(g3.shape, True, tl.int1)
@@ -901,90 +899,32 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
                                _rows_ok(rows0 + 3, N, EVEN_N) & g_ok, zero_row_stride, KIND, PRMT, BOOK, XQ8)
     k_inputs = n_groups * GROUP_W * 8
     rn = n0 + ri
-    y0 = tl.sum(tl.sum(acc0, axis=2), axis=1)  # [R] float32 dot products of each sub-tile's rows
-    y1 = tl.sum(tl.sum(acc1, axis=2), axis=1)
-    y2 = tl.sum(tl.sum(acc2, axis=2), axis=1)
-    y3 = tl.sum(tl.sum(acc3, axis=2), axis=1)
-    if SPLIT_K > 1:  # this split's sums to the partials; the tile's last program in sums them all and finishes
-        tile = n0 // (BLOCK_N // 2) if GLU else n0 // BLOCK_N
-        _split_partials(y0, y1, y2, y3, rn, step, split, N, n_half, part_ptr, RPT)
-        tl.debug_barrier()  # every thread's partials are stored before the counter says so
-        arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            y0, y1, y2, y3 = _split_totals(rn, step, N, n_half, part_ptr, RPT, SPLIT_K)
-            _tile_epilogue(y0, y1, y2, y3, rn, n0, N, n_half, k_inputs, squares, eps, b_ptr, y_ptr, nw_ptr, h_ptr,
-                           sq_out_ptr, q_out_ptr, qs_out_ptr, HAS_BIAS, BLOCK_N, NORM_IN, NORM_OUT, RPT, Q8_OUT, GLU)
-            tl.atomic_xchg(sem_ptr + tile, 0)  # ready for the next launch
-    else:
-        _tile_epilogue(y0, y1, y2, y3, rn, n0, N, n_half, k_inputs, squares, eps, b_ptr, y_ptr, nw_ptr, h_ptr,
-                       sq_out_ptr, q_out_ptr, qs_out_ptr, HAS_BIAS, BLOCK_N, NORM_IN, NORM_OUT, RPT, Q8_OUT, GLU)
-
-
-@triton.jit
-def _split_partials(y0, y1, y2, y3, rn, step, split, N, n_half, part_ptr, RPT: tl.constexpr):
-    """Store a split's row sums at ``part[split, row]`` (float32 ``[SPLIT_K, N]``; rows ``rn + r * step`` for
-    sub-tile ``r``), past L1 (the tile's last program reads them on another SM). Sub-tile 0 stops at ``n_half``
-    (``GLU``: gate rows past it are up rows another tile owns; otherwise ``n_half == N``)."""
-    base = part_ptr + split * N
-    tl.store(base + rn, y0, mask=rn < n_half, cache_modifier=".cg")
-    if RPT >= 2:
-        tl.store(base + rn + step, y1, mask=rn + step < N, cache_modifier=".cg")
-    if RPT == 4:
-        tl.store(base + rn + 2, y2, mask=rn + 2 < N, cache_modifier=".cg")
-        tl.store(base + rn + 3, y3, mask=rn + 3 < N, cache_modifier=".cg")
-
-
-@triton.jit
-def _split_totals(rn, step, N, n_half, part_ptr, RPT: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Each sub-tile's row sums over the ``SPLIT_K`` partials, added in split order (deterministic)."""
-    t0 = tl.zeros(rn.shape, tl.float32)
-    t1 = tl.zeros(rn.shape, tl.float32)
-    t2 = tl.zeros(rn.shape, tl.float32)
-    t3 = tl.zeros(rn.shape, tl.float32)
-    for k in tl.static_range(SPLIT_K):
-        base = part_ptr + k * N
-        t0 += tl.load(base + rn, mask=rn < n_half, other=0.0, cache_modifier=".cg")
-        if RPT >= 2:
-            t1 += tl.load(base + rn + step, mask=rn + step < N, other=0.0, cache_modifier=".cg")
-        if RPT == 4:
-            t2 += tl.load(base + rn + 2, mask=rn + 2 < N, other=0.0, cache_modifier=".cg")
-            t3 += tl.load(base + rn + 3, mask=rn + 3 < N, other=0.0, cache_modifier=".cg")
-    return t0, t1, t2, t3
-
-
-@triton.jit
-def _tile_epilogue(y0, y1, y2, y3, rn, n0, N, n_half, k_inputs, squares, eps, b_ptr, y_ptr, nw_ptr, h_ptr,
-                   sq_out_ptr, q_out_ptr, qs_out_ptr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr, RPT: tl.constexpr, Q8_OUT: tl.constexpr,
-                   GLU: tl.constexpr):
-    """A row tile's outputs from its sub-tiles' float32 dot products ``y0..y3`` (rows ``rn + r``; with ``GLU``
-    ``y0`` the gate rows', ``y1`` their up rows')."""
     if GLU:
-        _glu_out(y0, y1, rn, n_half, squares, b_ptr, y_ptr, k_inputs, eps, HAS_BIAS, NORM_IN)
-    else:
-        sq, h0 = _tile_out(y0, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+        _glu_out(acc0, acc1, rn, n_half, squares, b_ptr, y_ptr, k_inputs, eps, HAS_BIAS, NORM_IN)
+        return
+    sq, h0 = _tile_out(acc0, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+                       NORM_OUT)
+    if RPT >= 2:
+        sq1, h1 = _tile_out(acc1, rn + 1, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS,
+                            NORM_IN, NORM_OUT)
+        sq += sq1
+        if Q8_OUT:  # the launcher asks for RPT 2 and whole 16-row tiles
+            _store_int8_words(h0, h1, n0, q_out_ptr, qs_out_ptr, R)
+    if RPT == 4:
+        sq2, _ = _tile_out(acc2, rn + 2, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
                            NORM_OUT)
-        if RPT >= 2:
-            sq1, h1 = _tile_out(y1, rn + 1, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS,
-                                NORM_IN, NORM_OUT)
-            sq += sq1
-            if Q8_OUT:  # the launcher asks for RPT 2 and whole 16-row tiles
-                _store_int8_words(h0, h1, n0, q_out_ptr, qs_out_ptr, BLOCK_N // 2)
-        if RPT == 4:
-            sq2, _ = _tile_out(y2, rn + 2, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS,
-                               NORM_IN, NORM_OUT)
-            sq3, _ = _tile_out(y3, rn + 3, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS,
-                               NORM_IN, NORM_OUT)
-            sq += sq2 + sq3
-        if NORM_OUT:
-            tl.store(sq_out_ptr + n0 // BLOCK_N, sq)
+        sq3, _ = _tile_out(acc3, rn + 3, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS, NORM_IN,
+                           NORM_OUT)
+        sq += sq2 + sq3
+    if NORM_OUT:
+        tl.store(sq_out_ptr + n0 // BLOCK_N, sq)
 
 
 @triton.jit
 def _gemv_tma_kernel(
     x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
     sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
-    N, n_half, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride, groups_per_split, part_ptr, sem_ptr,
+    N, n_half, n_groups, stride_wn, scale_row_stride, group_step, zero_row_stride,
     GROUP_W: tl.constexpr,  # int32 words per group (group / 8); in_features is a whole number of groups
     KIND: tl.constexpr,  # 0 int sym, 1 int asym, 2 codebook
     SCALE_DQ: tl.constexpr,
@@ -1009,7 +949,6 @@ def _gemv_tma_kernel(
     XIN8: tl.constexpr = False,  # x is int8 words + scales written by a Q8_OUT GEMV (with XQ8: no rounding here)
     Q8_OUT: tl.constexpr = False,  # with NORM_OUT: also write h as int8 words + scales for an XIN8 GEMV
     GLU: tl.constexpr = False,  # stacked gate/up rows (n_half each): write silu(gate) * up [n_half]
-    SPLIT_K: tl.constexpr = 1,  # programs per row tile along the groups (grid axis 1); the last one finishes the tile
 ):
     """One row, round 5: the weight tiles ``[rows, groups, words]`` arrive by TMA (``TMA``: the copy engine
     writes them to shared memory, Triton's pipelining keeps ``STAGES`` in flight, and no thread spends
@@ -1031,17 +970,17 @@ def _gemv_tma_kernel(
                            sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
                            tile * (BLOCK_N // 2 if GLU else BLOCK_N), N, n_half, n_groups, stride_wn,
                            scale_row_stride, group_step,
-                           zero_row_stride, n_groups, part_ptr, sem_ptr, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA,
+                           zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, 1, TMA,
                            PRMT, False, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N,
-                           XIN8, Q8_OUT, GLU, 1)
+                           XIN8, Q8_OUT, GLU)
     else:
         _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val_ptr, b_ptr, y_ptr,
                        sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, xs_ptr, q_out_ptr, qs_out_ptr,
                        tl.program_id(0) * (BLOCK_N // 2 if GLU else BLOCK_N), N, n_half, n_groups, stride_wn,
                        scale_row_stride, group_step,
-                       zero_row_stride, groups_per_split, part_ptr, sem_ptr, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
+                       zero_row_stride, GROUP_W, KIND, SCALE_DQ, HAS_BIAS, BLOCK_N, BLOCK_G, X_BF16, STAGES, TMA,
                        PRMT, WS, BOOK, NORM_IN, SQ_BLOCK, NORM_OUT, EVEN_G, XVEC, RPT, XQ8, EVEN_N, XIN8,
-                       Q8_OUT, GLU, SPLIT_K)
+                       Q8_OUT, GLU)
 
 
 # The decodes' inline PTX, generated (and tested on the CPU) in holdall.kernels.ptx
@@ -1646,28 +1585,17 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
     else:
         q_out = qs_out = ops.scale
     per_sm = cfg.pop("PROGRAMS_PER_SM", 0)  # > 0: persistent programs
-    split_k = cfg.pop("SPLIT_K", 1)
-    # split-K: each split a whole number of BLOCK_G tiles (no tile straddles two splits), no empty split
-    per_split = triton.cdiv(triton.cdiv(n_groups, split_k), cfg["BLOCK_G"]) * cfg["BLOCK_G"]
-    split_k = triton.cdiv(n_groups, per_split)
-    if split_k > 1 and per_sm:
-        raise ValueError("SPLIT_K and PROGRAMS_PER_SM (persistent programs) do not combine")
-    partials, counters = ops.scale, ops.scale
-    if split_k > 1:  # float32 row sums per split; counters the kernel puts back to zero
-        partials = torch.empty(split_k, p.out_features, dtype=torch.float32, device=x.device)
-        counters = _tile_counters(x.device, tiles)
-    grid = (min(tiles, per_sm * _sm_count(x.device.index or 0)),) if per_sm else (tiles, split_k)
+    grid = (min(tiles, per_sm * _sm_count(x.device.index or 0)),) if per_sm else (tiles,)
     _gemv_tma_kernel[grid](
         x.view(torch.int32), src, ops.scale, ops.zero, ops.scale_absmax, ops.scale_offset, ops.dmap, ops.values,
         bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out,
         x_scales if x_scales is not None else ops.scale, q_out, qs_out,
         p.out_features, n_half, n_groups, ops.words.stride(0), p.scale_row_stride, p.group_step, p.zero_row_stride,
-        per_split, partials, counters,
         GROUP_W=group_w, KIND=p.kind, SCALE_DQ=p.double_quant, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         X_BF16=x.dtype == torch.bfloat16, PERSISTENT=per_sm > 0, NORM_IN=norm_in is not None,
         SQ_BLOCK=triton.next_power_of_2(sq_in.numel()) if norm_in is not None else 1, NORM_OUT=norm_out is not None,
-        SPLIT_K=split_k, **cfg,
+        **cfg,
     )
     return out
 
