@@ -61,9 +61,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--schemes", default="bf16,int4-g128-sym")
     parser.add_argument("--variants", default="default",
-                        help="for 4-bit int schemes, also: int8 (int8_activations=True), int8-handoff (and the int8 "
-                             "words handed between GEMVs), silu-separate (SiLU x up in its own launch, as before "
-                             "round 9), e.g. default,int8,int8-handoff")
+                        help="for 4-bit int schemes, also: int8 (int8_activations=True), int8-no-handoff (each GEMV "
+                             "rounds its own input), silu-separate (SiLU x up in its own launch, as before round 9), "
+                             "e.g. default,int8,int8-no-handoff")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.layers, device)
@@ -79,7 +79,7 @@ def main() -> None:
         variants = [v for v in args.variants.split(",") if v] if label.startswith("int") else ["default"]
         for variant in variants:
             decoder = StaticDecoder(model, max_len=args.max_len, int8_activations=variant.startswith("int8"))
-            decoder._int8_handoff = variant == "int8-handoff"
+            decoder._int8_handoff = variant != "int8-no-handoff"
             decoder._glu = variant != "silu-separate"
             decoder.prefill(prompt)
             kernels, wall_us = profile_steps(decoder, prompt.numel(), args.steps)

@@ -12,9 +12,9 @@ random bf16 weights (std 0.02; timings do not depend on the values). Rows, each 
 * ``static bf16`` — :class:`holdall.serving.static_decode.StaticDecoder` (static KV cache, one CUDA graph per token);
 * for each 4-bit scheme: the model's linears quantized by holdall (RTN; every decoder linear, not lm_head), then
   ``hf-generate`` and ``static`` on it (holdall's Triton GEMV kernels run in both); for int4 also
-  ``static-int8-act`` (``int8_activations=True``, W4A8) and ``static-int8-act-handoff`` (the int8 words handed
-  from one GEMV to the next, not yet the decoder's default); ``--ablate`` adds round 5's step, the norms
-  kept separate and the SiLU x up in a launch of its own (before round 9: now the gate/up GEMV's epilogue).
+  ``static-int8-act`` (``int8_activations=True``, W4A8); ``--ablate`` adds round 5's step, the norms kept
+  separate, the SiLU x up in a launch of its own and the int8 rows rounded in each GEMV instead of handed over
+  (both the defaults since round 9).
 
 Bytes per token = every parameter and buffer byte the step reads (packed codes, scales, zeros, norms, lm_head;
 one embedding row) plus the KV cache the attention reads: the slots written so far, averaged over the decoded
@@ -118,10 +118,10 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int]
     return out[0, prompt.numel():].tolist(), new_tokens / seconds
 
 
-def static_decode(model, prompt: torch.Tensor, new_tokens: int, max_len: int, handoff: bool = False,
+def static_decode(model, prompt: torch.Tensor, new_tokens: int, max_len: int, handoff: bool = True,
                   glu: bool = True, **options) -> tuple[list[int], float]:
     decoder = StaticDecoder(model, max_len=max_len, **options)
-    decoder._int8_handoff = handoff  # int8 words handed between GEMVs (not a default until measured here)
+    decoder._int8_handoff = handoff  # int8 words handed between GEMVs (the default with int8 activations)
     decoder._glu = glu  # silu(gate) * up in the gate/up GEMV's epilogue (the default) or its own launch
     decoder.generate(prompt, 8)  # capture + warm-up (the capture is outside the timed part anyway)
     best = None
@@ -207,9 +207,9 @@ def main() -> None:
             tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
             record(weights, "static-int8-act", tps,
                    check_against_hf(model, prompt, tokens, max_len, int8_activations=True))
-            _, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True, handoff=True)
-            record(weights, "static-int8-act-handoff", tps, None)
             if args.ablate:
+                _, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True, handoff=False)
+                record(weights, "static-int8-act-no-handoff", tps, None)
                 _, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True,
                                        fuse_norms=False)
                 record(weights, "static-int8-act-norms-separate", tps, None)

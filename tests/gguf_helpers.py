@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from ggml_ref import require_ggml
 

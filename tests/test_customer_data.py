@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_tokenizer
 from holdall.data import DATA_DIR
 from holdall.training.data import build_datasets, read_jsonl, split_eval
 

@@ -262,18 +262,20 @@ def test_int8_activation_kernels_decode_like_rounded_inputs(fuse_norms, symmetri
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="int8 words handed between the one-row TMA GEMVs (Hopper)")
 def test_int8_handoff_decodes_like_rounding_in_each_gemv():
-    """With int8 activations and folded norms, o_proj / down_proj may write the next row as int8 words
-    (``_int8_handoff``): the same numbers as each consumer rounding it itself, so the same logits, bit for bit."""
+    """With int8 activations and folded norms, o_proj / down_proj write the next row as int8 words
+    (``_int8_handoff``, the default): the same numbers as each consumer rounding it itself, so the same logits,
+    bit for bit."""
     from holdall.algorithms import QuantConfig, quantize
 
     model = _sharpen(make_tiny_llama(hidden=128, layers=2, intermediate=256)).to(torch.bfloat16)
     quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
     model = model.to("cuda")
     ids = torch.randint(0, 128, (14,), generator=torch.Generator().manual_seed(11)).to("cuda")
-    want = _decode_logits(StaticDecoder(model, max_len=16, int8_activations=True), ids)
+    own = StaticDecoder(model, max_len=16, int8_activations=True)
+    own._int8_handoff = False
+    want = _decode_logits(own, ids)
     decoder = StaticDecoder(model, max_len=16, int8_activations=True)
-    assert decoder._fuse_norms
-    decoder._int8_handoff = True
+    assert decoder._fuse_norms and decoder._int8_handoff
     assert torch.equal(_decode_logits(decoder, ids), want)
 
 

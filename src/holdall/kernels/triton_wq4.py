@@ -18,7 +18,8 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     and ``XQ8`` (int8 activations, 8 per power-of-two scale, times the int codes by DP4A: W4A8, asked for
     through :func:`holdall.kernels.dispatch.project_int8`; 2.2-3.5 per code), with ``Q8_OUT`` / ``XIN8`` a
     producer's epilogue writing the next row as those int8 words so the consumer skips its rounding (1.8-2.8
-    per code; built after round 8's last device call, not yet timed).
+    per code; the decoder's default with int8 activations since round 9, +0.5%). Round 9: ``GLU`` (a stacked
+    gate/up layer's GEMV writes ``silu(gate) * up``: each gate row beside its up row in one TMA box).
   - ``_gemv_kernel`` ("pairs", the int default without TMA): each program streams ``BLOCK_N`` weight rows as int32 words
     (8 codes), tiled ``[rows, groups, words per group]`` so a group's scale/zero is loaded once per thread and
     applied once per word. Int codes become floats without a conversion instruction: ``nibble | 0x4B000000``

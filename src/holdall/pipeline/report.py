@@ -12,7 +12,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..fileio import atomic_path
 
@@ -123,8 +123,8 @@ def _markdown(pipeline: "Pipeline", state: "PipelineState", base: dict | None, r
         f"- **fine-tune**: {ft.method}, r={ft.r}, alpha={ft.alpha}, "
         f"{f'{ft.max_steps} steps' if ft.max_steps else f'{ft.epochs} epoch(s)'}, lr {ft.lr}, max_len {ft.max_len}"
         f"{', packed' if ft.packing else ''}; {ft.eval_fraction:.0%} of each customer's records held out (seed {ft.seed})",
-        f"- **customers**: " + ", ".join(f"{c.name} (`{Path(c.data).name}`)" for c in cfg.customers),
-        f"- **targets**: " + (", ".join(f"{t.name} ({t.describe()})" for t in cfg.targets) or "none (merged models only)"),
+        "- **customers**: " + ", ".join(f"{c.name} (`{Path(c.data).name}`)" for c in cfg.customers),
+        "- **targets**: " + (", ".join(f"{t.name} ({t.describe()})" for t in cfg.targets) or "none (merged models only)"),
         f"- **general text**: {cfg.eval.max_windows} x {cfg.eval.seq_len}-token windows of `{Path(cfg.eval.text_path()).name}`",
         f"- **machine**: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
         f"{platform.python_version()}, {_torch_version()}; report written {time.strftime('%Y-%m-%d %H:%M %Z')}",
@@ -308,7 +308,6 @@ def _matrix_plot(base: dict, merged: dict[str, Row], customers: list[str], path:
 
 # --- model cards -------------------------------------------------------------------------------------
 def _model_cards(pipeline: "Pipeline", base: dict | None, rows: list[Row]) -> None:
-    cfg = pipeline.config
     by_dir: dict[Path, list[Row]] = {}
     for r in rows:
         path = Path(r.path)
@@ -351,7 +350,7 @@ def _card(pipeline: "Pipeline", base: dict | None, rows: list[Row]) -> str:
                      f"{'' if kld is None else f'{kld:.4f}'} | {r.reference} | {r.size_bytes / MB:.1f} |")
     data = {c.name: Path(c.data).name for c in cfg.customers}
     lines += ["", "## Training", "",
-              f"- data: " + ", ".join(f"`{data[r.customer]}`" for r in rows if r.customer in data) +
+              "- data: " + ", ".join(f"`{data[r.customer]}`" for r in rows if r.customer in data) +
               f" ({ft.eval_fraction:.0%} held out, seed {ft.seed})",
               f"- {ft.method}, {ft.max_steps or ft.epochs} {'steps' if ft.max_steps else 'epoch(s)'}, lr {ft.lr}, "
               f"max_len {ft.max_len}, optimizer {ft.optimizer}",

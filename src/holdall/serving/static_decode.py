@@ -83,18 +83,21 @@ class StaticDecoder:
     fuse_norms: fold the residual adds and the RMSNorms between projections into the 4-bit GEMVs' epilogues
         (:func:`holdall.kernels.dispatch.fused_gemv`): o_proj and down_proj add the residual and also write the
         next norm's weighted row and partial sums of squares, and the projections after them scale by
-        ``1 / rms``; a layer is then six launches (q/k/v, attention, o_proj, gate/up, SiLU x up, down) instead
-        of eight. Needs every projection of every block on the one-row TMA kernel (Hopper, 4-bit, bf16/fp16)
-        and fused attention. Default (None): on wherever that holds (int4 7B shape on an H200: 464 against 440
-        tokens/s, BENCHMARKS.md round 8), off elsewhere; ``True`` raises naming the layer that cannot.
+        ``1 / rms``; the stacked gate/up GEMV also writes ``silu(gate) * up`` itself. A layer is then five
+        launches (q/k/v, attention, o_proj, gate/up, down) instead of eight. Needs every projection of every
+        block on the one-row TMA kernel (Hopper, 4-bit, bf16/fp16) and fused attention. Default (None): on
+        wherever that holds (int4 7B shape on an H200: 464 against 440 tokens/s, BENCHMARKS.md round 8; the
+        SiLU in the epilogue 486 against 473, round 9), off elsewhere; ``True`` raises naming the layer that
+        cannot.
     int8_activations: in each decode step, round every 4-bit projection's input to int8 per 8-input word
         (power-of-two scales; :func:`holdall.kernels.packed.quantize_activations_s8`) and multiply the int codes
         with integer dot products -- W4A8, as llama.cpp's GPU kernels do with their int8 activation blocks.
         On Hopper the rounding happens inside the GEMV (``XQ8``); elsewhere the activations are rounded in
         torch first, so every device computes the same thing. The prompt's prefill keeps float activations;
         float (unquantized) projections are untouched. Needs 4-bit integer formats (codebook values are not
-        integers): ``True`` on an NF4/FP4 model raises. Off by default: it changes the numbers (~0.6% relative
-        per projection output on random activations; see BENCHMARKS.md for perplexity).
+        integers): ``True`` on an NF4/FP4 model raises. With folded norms o_proj and down_proj write the next
+        row already as those int8 words (the same numbers). Off by default: it changes the numbers (~0.6%
+        relative per projection output on random activations; see BENCHMARKS.md for perplexity).
     """
 
     def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool | None = None,
@@ -154,9 +157,9 @@ class StaticDecoder:
             self._stack_projections()
         self._fuse_norms = self._plan_norm_fusion(fuse_norms)
         self._int8 = self._plan_int8(int8_activations)
-        # with int8 activations and folded norms, o_proj / down_proj may hand the next row over as int8 words
-        # (the same numbers; fewer instructions in the next GEMV): off until measured on a GPU
-        self._int8_handoff = False
+        # with int8 activations and folded norms, o_proj / down_proj hand the next row over as int8 words (the
+        # same numbers; fewer instructions in the next GEMV; H200: 545-548 against 543-544 tokens/s in 3 runs)
+        self._int8_handoff = True
         # with folded norms, the stacked gate/up GEMV writes silu(gate) * up itself (no activation launch)
         self._glu = True
 
