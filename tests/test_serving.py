@@ -336,29 +336,33 @@ def test_adapter_for_another_base_is_refused(server, artifacts):
     assert "x" not in server.engine.adapters
 
 
-def test_busy_adapter_cannot_be_unloaded_and_a_closed_stream_stops_generating(server):
+def test_busy_adapter_cannot_be_unloaded_and_a_closed_stream_stops_generating(server, ref_model, artifacts):
     """A slowed-down model keeps one streamed request in flight long enough to look at it."""
+    # The request must still be running when the unload arrives: adapter "a" on this prompt generates all 24
+    # tokens (adapter "c" stops at its 4th, which on a loaded machine can come before the unload does).
+    prompt = PROMPTS[0]
+    assert len(reference(ref_model, _ids(artifacts.tokenizer, prompt), "a", 24)) == 24
     # 0.2 s per forward x 24 tokens. Hooked on the output head, which every prefill and decode step calls
     # (the engine may call the model's forward directly, which skips hooks on the model itself).
     head = server.engine.model.get_output_embeddings()
     slow = head.register_forward_pre_hook(lambda *args: time.sleep(0.2))
     cancelled_before = server.engine.stats.requests_cancelled
-    body = {"model": "c", "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0, "stream": True}
+    body = {"model": "a", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True}
     try:
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {KEY}"}) as response:
             next(line for line in response.iter_lines() if line.startswith("data: "))
-            busy = _post(server, "/v1/unload_lora_adapter", {"lora_name": "c"})
+            busy = _post(server, "/v1/unload_lora_adapter", {"lora_name": "a"})
             assert busy.status_code == 409 and "queued or running" in busy.json()["error"]["message"]
         # leaving the block closed the connection: the engine should drop the row long before 24 tokens
         deadline = time.monotonic() + 20
         while server.engine.stats.requests_cancelled == cancelled_before and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.engine.stats.requests_cancelled == cancelled_before + 1
-        assert server.engine.in_use("c") == 0
+        assert server.engine.in_use("a") == 0
     finally:
         slow.remove()
-    assert "c" in server.engine.adapters
+    assert "a" in server.engine.adapters
 
 
 # --- auth and errors -----------------------------------------------------------------------------------------------
