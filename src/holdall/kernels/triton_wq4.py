@@ -838,9 +838,9 @@ def _gemv_tma_tile(x_ptr, w_src, s_ptr, z_ptr, sabs_ptr, soff_ptr, dmap_ptr, val
     and multiplies its dot products by ``1 / rms = rsqrt(sum / K + eps)``.
 
     ``GLU`` (a stacked gate/up layer, ``RPT`` 2): sub-tile 0 is gate rows ``n0 .. n0 + BLOCK_N / 2``, sub-tile 1 the
-    up rows ``n_half`` further on (one TMA box ``[BN / 2, 2, BG, GW]`` of the words viewed as ``[I, 2, G, GW]``), and
-    the epilogue writes ``silu(gate) * up``
-    (:func:`_glu_out`) instead of either: the MLP's activation without a launch of its own."""
+    up rows ``n_half`` further on (one TMA box ``[BN / 2, 2, BG, GW]`` of the words viewed as ``[I, 2, G, GW]``),
+    and the epilogue writes ``silu(gate) * up`` (:func:`_glu_out`) instead of either: the MLP's activation without
+    a launch of its own."""
     R: tl.constexpr = BLOCK_N // RPT
     if GLU:  # gate rows n0 + i; the up rows are n_half further on
         ri = tl.arange(0, R)
@@ -1535,6 +1535,8 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
                              "int8_out (its output is the MLP's inner row)")
         if out.numel() != n_half:
             raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
+        if cfg.get("RPT", 2) != 2:
+            raise ValueError(f"glu holds a gate row and its up row per thread (RPT 2), not RPT {cfg['RPT']}")
         cfg["RPT"], cfg["GLU"] = 2, True
     if cfg.get("EVEN_N") and n_half % box_rows:
         raise ValueError(f"EVEN_N needs the {n_half} rows in whole tiles of {box_rows} (BLOCK_N {block_n})")
