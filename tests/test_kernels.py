@@ -452,6 +452,9 @@ def test_gemv_tma_gated_activation_is_checked():
     with pytest.raises(ValueError, match="only VARIANT 'tma'"):
         triton_wq4.gemv(packed.operands(layer, p), p, x, None, torch.empty(72, device="cuda"),
                         {"VARIANT": "pairs", "BLOCK_N": 8, "BLOCK_G": 4}, glu=True)
+    with pytest.raises(ValueError, match="RPT 2"):
+        triton_wq4.gemv(packed.operands(layer, p), p, x, None, torch.empty(72, device="cuda"),
+                        {**cfg, "RPT": 4}, glu=True)
 
 
 @cuda_only
