@@ -95,3 +95,23 @@ def test_quantized_round_trip_and_size(smollm2, tmp_path):
     # decoder linears at ~4.1 bits instead of 32; the fp32 tied embedding (113 MB) now dominates the file
     assert info["quantization"]["bits_per_weight"] < 4.2
     assert info["weights_disk_bytes"] < 0.35 * 4 * 134_515_008
+
+
+def test_generate_on_the_real_model_matches_transformers(smollm2):
+    """``holdall.generate`` (the static-cache decoder, eager on CPU) continues the chat prompt with exactly the
+    tokens transformers' greedy ``generate`` picks on the same weights."""
+    from holdall.serving.generate import generate
+
+    model, tokenizer, *_ = smollm2
+    result = generate(model, tokenizer, PROMPT, 12, chat=True)
+    assert result.engine == "static"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in want:
+        want = want[:want.index(tokenizer.eos_token_id)]
+    assert result.tokens == want
+    print(f"\nSmolLM2 generate (CPU, static engine): {result.text!r}, {result.tokens_per_s:.1f} tokens/s")

@@ -45,6 +45,7 @@ _EXPORTS = {
     "merge": "holdall.training.finetune",
     "export_gguf": "holdall.formats.gguf.export",
     "export_checkpoint": "holdall.formats",
+    "generate": "holdall.serving.generate",
 }
 # Verbs that load models: resolving them first imports holdall.formats, which registers the GPTQ / AWQ /
 # compressed-tensors readers with models.load_model (the model layer cannot import the formats layer above it).
