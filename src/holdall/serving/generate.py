@@ -30,14 +30,14 @@ class Generation:
     finish_reason: str  # "stop" (an end-of-sequence token) or "length" (max_new_tokens)
     engine: str  # "static" (StaticDecoder) or "hf" (transformers' generate)
     prefill_s: float  # the prompt's forward and the first token (static engine; NaN for hf)
-    decode_s: float  # the steps after the first token (static); everything (hf)
+    decode_s: float  # the steps after the first token (static); the whole call (hf)
+    decode_tokens: int  # the tokens decode_s produced (an end-of-sequence token included)
     fallback_reason: str | None = None  # why engine="auto" took transformers' generate
 
     @property
     def tokens_per_s(self) -> float:
-        """Decode speed: tokens after the first over ``decode_s`` (static), all tokens over the whole call (hf)."""
-        steps = len(self.tokens) - (1 if self.engine == "static" else 0)
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+        """Decode speed: ``decode_tokens / decode_s`` (static: the steps after the first token; hf: the whole call)."""
+        return self.decode_tokens / self.decode_s if self.decode_tokens > 0 and self.decode_s > 0 else float("nan")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
@@ -80,7 +80,7 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
             with torch.no_grad():
                 result = decoder.generate(ids, max_new_tokens, eos_token_id=eos)
             return _finish(tokenizer, result.tokens, stops, ids.numel(), max_new_tokens, "static", result.prefill_s,
-                           result.decode_s)
+                           result.decode_s, len(result.tokens) - 1)
     if int8_activations:
         raise ConfigError("int8_activations runs in the static-cache decoder only; drop it for engine='hf'")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
@@ -91,8 +91,8 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return _finish(tokenizer, out[0, ids.numel():].tolist(), stops, ids.numel(), max_new_tokens, "hf", float("nan"),
-                   seconds, fallback)
+    new = out[0, ids.numel():].tolist()
+    return _finish(tokenizer, new, stops, ids.numel(), max_new_tokens, "hf", float("nan"), seconds, len(new), fallback)
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -118,10 +118,10 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 
 
 def _finish(tokenizer, tokens: list[int], stops: set[int], prompt_tokens: int, max_new_tokens: int, engine: str,
-            prefill_s: float, decode_s: float, fallback: str | None = None) -> Generation:
+            prefill_s: float, decode_s: float, decode_tokens: int, fallback: str | None = None) -> Generation:
     """Cut at the first end-of-sequence token (the static decoder watches for one id only) and decode the text."""
     end = next((i for i, t in enumerate(tokens) if t in stops), None)
     kept = tokens[:end] if end is not None else tokens[:max_new_tokens]
     reason = "stop" if end is not None else "length"
     text = tokenizer.decode(kept, skip_special_tokens=True)
-    return Generation(text, kept, prompt_tokens, reason, engine, prefill_s, decode_s, fallback)
+    return Generation(text, kept, prompt_tokens, reason, engine, prefill_s, decode_s, decode_tokens, fallback)
