@@ -134,3 +134,26 @@ def test_generate_is_a_public_verb():
     import holdall
 
     assert holdall.generate is generate and "generate" in dir(holdall)
+
+
+def test_cpu_int4_kernel_for_one_call(tok, one_thread, monkeypatch):
+    """``cpu_int4=True``: a bf16 int4 model's layers through torch's CPU int4 matmul for this call only (then
+    the reference again); the same greedy tokens here (peaked logits), and a clear error for an fp32 model."""
+    from holdall.algorithms import QuantConfig, quantize
+    from holdall.core import backends
+    from holdall.kernels import cpu_int4
+
+    if not cpu_int4.available():
+        pytest.skip("this torch build has no CPU int4 kernels")
+    model = _sharp(make_tiny_llama(vocab=64))
+    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
+    with pytest.raises(ConfigError, match="bf16 models"):
+        generate(model, tok, PROMPT, 4, cpu_int4=True)
+    model = model.to(torch.bfloat16)
+    calls = []
+    real = cpu_int4.forward
+    monkeypatch.setattr(cpu_int4, "forward", lambda layer, x: calls.append(1) or real(layer, x))
+    fast = generate(model, tok, PROMPT, 8, cpu_int4=True)
+    assert len(calls) >= 8  # every decode step's 4-bit layers went through the kernel
+    assert cpu_int4.BACKEND not in backends.available_backends()
+    assert fast.engine == "static" and fast.tokens == generate(model, tok, PROMPT, 8).tokens

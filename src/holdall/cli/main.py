@@ -558,9 +558,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8-activations", action="store_true",
                    help="4-bit integer weights times int8-rounded activations in decode steps (W4A8; faster on a "
                    "Hopper GPU, +0.1%% perplexity on SmolLM2)")
+    p.add_argument("--cpu-int4", action="store_true",
+                   help="on a CPU, 4-bit integer layers through torch's int4 matmul (bf16; within bf16 rounding of "
+                   "the reference, not bit-identical)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="float weights' dtype (default: bfloat16 on CUDA, float32 on CPU; a holdall-quantized "
-                   "directory keeps its stored dtypes)")
+                   help="float weights' dtype (default: bfloat16 on CUDA or with --cpu-int4, float32 on CPU; a "
+                   "holdall-quantized directory keeps its stored dtypes)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -580,10 +583,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt = args.prompt
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") else "float32")
+    bf16 = str(device).startswith("cuda") or args.cpu_int4
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if bf16 else "float32")
     model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype), device=device)
     result = generate(model, tokenizer, prompt, args.max_new_tokens, chat=args.chat, engine=args.engine,
-                      int8_activations=args.int8_activations)
+                      int8_activations=args.int8_activations, cpu_int4=args.cpu_int4)
     if args.json:
         print(json.dumps({"model": str(args.model), **result.to_dict()}, indent=2))
         return 0

@@ -44,7 +44,7 @@ class Generation:
 
 
 def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, *, chat: bool = False,
-             engine: str = "auto", int8_activations: bool = False) -> Generation:
+             engine: str = "auto", int8_activations: bool = False, cpu_int4: bool = False) -> Generation:
     """Greedy continuation of ``prompt`` by ``model`` (on whatever device it is), at most ``max_new_tokens``.
 
     chat: wrap the prompt as one user message in the tokenizer's chat template (with the assistant's turn opened).
@@ -52,6 +52,8 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
         transformers' ``generate``, ``"auto"`` the first where it can run, else the second.
     int8_activations: decode steps multiply 4-bit integer weights by int8-rounded activations (W4A8; static
         engine only, see :class:`~holdall.serving.static_decode.StaticDecoder`).
+    cpu_int4: on a CPU, run 4-bit integer layers of a bf16 model through torch's int4 matmul
+        (:mod:`holdall.kernels.cpu_int4`: within bf16 rounding of the reference, not bit-identical) for this call.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
@@ -62,6 +64,16 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
     if tokenizer is None:
         raise ConfigError("this model came without a tokenizer; generate needs one to read the prompt")
     device = next(model.parameters()).device
+    if cpu_int4:
+        dtype = model.get_input_embeddings().weight.dtype
+        if device.type != "cpu" or dtype != torch.bfloat16:
+            raise ConfigError(f"cpu_int4 runs bf16 models on a CPU; this one is {dtype} on {device} (load it with "
+                              "dtype=torch.bfloat16 on the CPU: --dtype bfloat16 --device cpu)")
+        from ..kernels.cpu_int4 import enabled
+
+        with enabled():
+            return generate(model, tokenizer, prompt, max_new_tokens, chat=chat, engine=engine,
+                            int8_activations=int8_activations)
     ids = torch.tensor(_prompt_ids(tokenizer, prompt, chat), dtype=torch.long, device=device)
     stops = _eos_ids(model, tokenizer)
     fallback = None
