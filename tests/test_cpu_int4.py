@@ -47,7 +47,7 @@ SCHEMES = {
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
-@pytest.mark.parametrize("rows", [1, 5, 32])
+@pytest.mark.parametrize("rows", [1, 5, 64])
 def test_matches_the_reference(name, rows):
     layer = _layer(96, 512, SCHEMES[name])
     x = torch.randn(rows, 512, dtype=torch.bfloat16)
@@ -71,7 +71,7 @@ def test_what_it_leaves_to_the_reference():
     assert "4-bit integer" in cpu_int4.why_unsupported(nf4)
     layer = _layer(64, 512, QuantScheme(group_size=64))
     assert backends.select_backend(layer, torch.randn(1, 512)) is not cpu_int4.forward  # fp32 compute
-    assert backends.select_backend(layer, torch.randn(33, 512, dtype=torch.bfloat16)) is not cpu_int4.forward
+    assert backends.select_backend(layer, torch.randn(65, 512, dtype=torch.bfloat16)) is not cpu_int4.forward
     needs_grad = torch.randn(1, 512, dtype=torch.bfloat16, requires_grad=True)
     assert backends.select_backend(layer, needs_grad) is not cpu_int4.forward  # training: the reference's backward
 

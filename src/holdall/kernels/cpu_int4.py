@@ -1,7 +1,8 @@
 """CPU backend for 4-bit integer ``QuantLinear``s in bf16: torch's own int4 matmul, no dequantized weight.
 
-The reference backend dequantizes the whole weight on every call; for a decode step (one row) that costs ~10x the
-matmul (a 1536 x 576 layer: 460 us against 52 us here, and 80 us for the fp32 dense matmul). PyTorch's CPU
+The reference backend dequantizes the whole weight on every call; for a decode step (one row) that costs ~20x the
+matmul (a 1536 x 576 layer on this project's 2-core CPU: 847 us against 35 us here, and 71 us for the fp32 dense
+matmul; ``benchmarks/cpu_int4_matmul.py``). PyTorch's CPU
 build ships an int4 matmul (``aten._weight_int4pack_mm_for_cpu``, the kernel gpt-fast and torchao use on CPU) that
 reads 4-bit codes in its own packed layout with a ``(scale, zero)`` pair per group and output:
 ``W = (q - 8) * scale + zero``. holdall's int4 maps onto it exactly: symmetric ``(q - 8) * s`` (zero 0),
@@ -10,7 +11,7 @@ scales decoded. The repacked codes and the bf16 ``(scale, zero)`` table are made
 (4 bits per weight more, rebuilt when a buffer changes).
 
 It claims a layer where it is faster (measured on this project's CPU machine): bf16 compute, at most
-:data:`MAX_ROWS` rows (above ~32 rows dequantize + one bf16 matmul wins), no gradient wanted through ``x``
+:data:`MAX_ROWS` rows (from ~128 rows dequantize + one bf16 matmul wins), no gradient wanted through ``x``
 (training keeps the reference's ``DequantLinearFunction``), groups of 32..256 that tile the row.
 
 **Opt-in** (:func:`enable`, the :func:`enabled` context, ``holdall.generate(..., cpu_int4=True)``, ``holdall
@@ -30,9 +31,9 @@ from ..core import backends
 from ..core.packing import unpack
 
 BACKEND = "torch-int4-cpu"
-#: Rows up to which the int4 kernel beats dequantize + bf16 matmul (1536 x 576, group 64: 52 vs 460 us at 1 row,
-#: 172 vs 432 at 16, 667 vs 627 at 64).
-MAX_ROWS = 32
+#: Rows up to which the int4 kernel beats the reference's dequantize + bf16 matmul (1536 x 576, group 64,
+#: benchmarks/cpu_int4_matmul.py: 35 vs 847 us at 1 row, 186 vs 986 at 16, 729 vs 1082 at 64, 1415 vs 1333 at 128).
+MAX_ROWS = 64
 #: Above the reference; below the GPU kernels' backend (they never claim CPU tensors anyway).
 PRIORITY = 5.0
 _GROUPS = (256, 128, 64, 32)
