@@ -157,3 +157,24 @@ def test_cpu_int4_kernel_for_one_call(tok, one_thread, monkeypatch):
     assert len(calls) >= 8  # every decode step's 4-bit layers went through the kernel
     assert cpu_int4.BACKEND not in backends.available_backends()
     assert fast.engine == "static" and fast.tokens == generate(model, tok, PROMPT, 8).tokens
+
+
+def test_cli_cpu_int4_runs_a_saved_quantized_directory(tok, tmp_path, capsys, one_thread):
+    """``holdall generate DIR --cpu-int4`` on a holdall-quantized directory saved in fp32: converted to bf16 (said
+    on stderr) and decoded through the kernel, the same tokens as the Python verb on the bf16 model."""
+    from holdall.algorithms import QuantConfig, quantize
+    from holdall.cli.main import main
+    from holdall.kernels import cpu_int4
+    from holdall.models.checkpoint import save_quantized
+
+    if not cpu_int4.available():
+        pytest.skip("this torch build has no CPU int4 kernels")
+    model = _sharp(make_tiny_llama(vocab=64))
+    quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
+    out = save_quantized(model, tok, tmp_path / "q")
+    want = generate(model.to(torch.bfloat16), tok, PROMPT, 6, cpu_int4=True)
+    assert main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "6", "--device", "cpu",
+                 "--cpu-int4", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens"] == want.tokens and "converted the model to bfloat16" in captured.err
+

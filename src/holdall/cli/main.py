@@ -586,6 +586,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bf16 = str(device).startswith("cuda") or args.cpu_int4
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if bf16 else "float32")
     model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype), device=device)
+    if args.cpu_int4 and args.dtype == "auto" and model.get_input_embeddings().weight.dtype != torch.bfloat16:
+        # a holdall-quantized directory keeps its saved dtype; the kernel computes in bf16 (and rounds the scales
+        # to bf16 itself), so the float tensors follow
+        model = model.to(torch.bfloat16)
+        print("note: converted the model to bfloat16 for --cpu-int4", file=sys.stderr)
     result = generate(model, tokenizer, prompt, args.max_new_tokens, chat=args.chat, engine=args.engine,
                       int8_activations=args.int8_activations, cpu_int4=args.cpu_int4)
     if args.json:

@@ -67,8 +67,9 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
     if cpu_int4:
         dtype = model.get_input_embeddings().weight.dtype
         if device.type != "cpu" or dtype != torch.bfloat16:
-            raise ConfigError(f"cpu_int4 runs bf16 models on a CPU; this one is {dtype} on {device} (load it with "
-                              "dtype=torch.bfloat16 on the CPU: --dtype bfloat16 --device cpu)")
+            raise ConfigError(f"cpu_int4 runs bf16 models on a CPU; this one is {dtype} on {device}: load it with "
+                              "dtype=torch.bfloat16 on the CPU, or convert it with model.to(torch.bfloat16) (a "
+                              "holdall-quantized directory keeps the dtype it was saved in)")
         from ..kernels.cpu_int4 import enabled
 
         with enabled():
