@@ -158,7 +158,7 @@ class StaticDecoder:
         self._fuse_norms = self._plan_norm_fusion(fuse_norms)
         self._int8 = self._plan_int8(int8_activations)
         # with int8 activations and folded norms, o_proj / down_proj hand the next row over as int8 words (the
-        # same numbers; fewer instructions in the next GEMV; H200: 545-548 against 543-544 tokens/s in 3 runs)
+        # same numbers; fewer instructions in the next GEMV; H200: +0.4-0.6% in four runs, BENCHMARKS.md round 9)
         self._int8_handoff = True
         # with folded norms, the stacked gate/up GEMV writes silu(gate) * up itself (no activation launch)
         self._glu = True
