@@ -142,12 +142,13 @@ MAGIC_INT = 0x4B400000
 
 def quantize_s8_asm() -> str:
     """Eight activations of a word, already divided by their power-of-two scale and capped at 127 (float32
-    ``$3..$10``, input order; :func:`holdall.kernels.packed.quantize_activations_s8`), as int8: ``$0`` packs the odd inputs (1, 3, 5, 7: the words' low nibbles), ``$1`` the even ones (0, 2, 4,
-    6: the high nibbles), byte ``i`` the ``i``-th of them; ``$2`` is their sum. Each value is rounded to
+    ``$3..$10``, input order; :func:`holdall.kernels.packed.quantize_activations_s8`), as int8: ``$0`` packs the
+    odd inputs (1, 3, 5, 7: the words' low nibbles), ``$1`` the even ones (0, 2, 4, 6: the high nibbles), byte
+    ``i`` the ``i``-th of them; ``$2`` is their sum. Each value is rounded to
     the nearest integer (ties to even) by ``add.rn`` of :data:`MAGIC_F32` (``.rn`` keeps ptxas from fusing it
     with the multiply before it), two PRMTs per pair and one per four gather the low bytes, two DP4As with
     ones sum them: 8 + 6 + 2 instructions per word."""
-    adds = "".join(f"add.rn.f32 t{i}, ${i + 3}, 0f4B400000;" for i in range(8))
+    adds = "".join(f"add.rn.f32 t{i}, ${i + 3}, 0f{MAGIC_INT:08X};" for i in range(8))  # + MAGIC_F32
     return ("{.reg .f32 t0, t1, t2, t3, t4, t5, t6, t7; .reg .b32 a, b, one, z;" + adds
             + "prmt.b32 a, t1, t3, 0x0040; prmt.b32 b, t5, t7, 0x0040; prmt.b32 $0, a, b, 0x5410;"
             + "prmt.b32 a, t0, t2, 0x0040; prmt.b32 b, t4, t6, 0x0040; prmt.b32 $1, a, b, 0x5410;"

@@ -613,6 +613,23 @@ def _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, val_ptr, z_ptr, rows, gs, z
 
 _ASM_QUANT_S8 = tl.constexpr(ptx.quantize_s8_asm())
 _ASM_DOT_S8 = tl.constexpr(ptx.dot_s8_asm())
+_MAGIC_F32 = tl.constexpr(ptx.MAGIC_F32)  # 1.5 * 2**23: + it rounds to an integer in the low mantissa bits
+_MAGIC_INT = tl.constexpr(ptx.MAGIC_INT)  # ... whose float bits, read as an int, are _MAGIC_INT + the integer
+
+
+@triton.jit
+def _pow2_scales(amax):
+    """``(1 / scale, scale)`` of int8 words whose absmax is ``amax``: ``scale = 2**(E - 6)`` (``E`` its exponent,
+    at least -95), so ``amax / scale`` lands in [64, 128) and the division by it is an exact multiplication."""
+    e = tl.maximum(amax.to(tl.int32, bitcast=True) >> 23, 32)  # biased exponent; tiny or zero words: 2**-95
+    return ((260 - e) << 23).to(tl.float32, bitcast=True), ((e - 6) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _s8_bits(p):
+    """``p`` (float32, already divided by the scale and capped at 127) rounded to the nearest integer, ties to
+    even, as its int8 byte in the low 8 bits of an int32 (plain Triton; exact where the product is not fused)."""
+    return (p + _MAGIC_F32).to(tl.int32, bitcast=True) & 0xFF
 
 
 @triton.jit
@@ -632,9 +649,7 @@ def _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, PTX: tl.constexpr):
     PTX where ptxas cannot fuse it with the product (``PTX``)."""
     amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
                       tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
-    e = tl.maximum(amax.to(tl.int32, bitcast=True) >> 23, 32)  # biased exponent; tiny or zero words: 2**-95
-    inv = ((260 - e) << 23).to(tl.float32, bitcast=True)  # 2**(6 - E)
-    scale = ((e - 6) << 23).to(tl.float32, bitcast=True)  # 2**(E - 6)
+    inv, scale = _pow2_scales(amax)
     p0 = tl.minimum(x0 * inv, 127.0)
     p1 = tl.minimum(x1 * inv, 127.0)
     p2 = tl.minimum(x2 * inv, 127.0)
@@ -648,16 +663,8 @@ def _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, PTX: tl.constexpr):
                                                      [p0, p1, p2, p3, p4, p5, p6, p7],
                                                      (tl.int32, tl.int32, tl.int32), True, 1)
     else:  # plain Triton (the CPU interpreter: its products are exact, nothing to fuse)
-        t0 = (p0 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
-        t1 = (p1 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
-        t2 = (p2 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
-        t3 = (p3 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
-        t4 = (p4 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
-        t5 = (p5 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
-        t6 = (p6 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
-        t7 = (p7 + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
-        odd = t1 | (t3 << 8) | (t5 << 16) | (t7 << 24)
-        even = t0 | (t2 << 8) | (t4 << 16) | (t6 << 24)
+        odd = _s8_bits(p1) | (_s8_bits(p3) << 8) | (_s8_bits(p5) << 16) | (_s8_bits(p7) << 24)
+        even = _s8_bits(p0) | (_s8_bits(p2) << 8) | (_s8_bits(p4) << 16) | (_s8_bits(p6) << 24)
         total = (_s8_byte(odd, 0) + _s8_byte(odd, 1) + _s8_byte(odd, 2) + _s8_byte(odd, 3)
                  + _s8_byte(even, 0) + _s8_byte(even, 1) + _s8_byte(even, 2) + _s8_byte(even, 3))
     return odd, even, total, scale
@@ -688,10 +695,10 @@ def _tile_part(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, val_ptr, z_ptr, rows, g
     if XQ8:
         if KIND == 1:
             zero = _group_zero(z_ptr, rows, gs, zero_row_stride, ok)  # [rows, BG, 1] int32
-            c = 0x4B400000 - zero * xs
+            c = _MAGIC_INT - zero * xs
         else:
-            c = 0x4B400000 - 8 * xs
-        dot = _dot_s8(w, x0, x1, c, PRMT).to(tl.float32, bitcast=True) - 12582912.0
+            c = _MAGIC_INT - 8 * xs
+        dot = _dot_s8(w, x0, x1, c, PRMT).to(tl.float32, bitcast=True) - _MAGIC_F32
         return dot * x2 * s
     part = _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, val_ptr, z_ptr, rows, gs, zero_row_stride, ok,
                      KIND, PRMT, BOOK)
@@ -699,15 +706,23 @@ def _tile_part(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, val_ptr, z_ptr, rows, g
 
 
 @triton.jit
+def _row_values(acc, rn, ok, squares, b_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr, NORM_IN: tl.constexpr):
+    """Rows ``rn``'s float32 outputs from their accumulator ``[R, BG, GW]``: summed, times the norm's ``1 / rms``
+    (``NORM_IN``: the mean square over the whole row), plus the bias at ``b_ptr + rn``."""
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [R]
+    if NORM_IN:
+        y = y * tl.rsqrt(squares / k_inputs + eps)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=ok, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _tile_out(acc, rn, N, squares, b_ptr, y_ptr, nw_ptr, h_ptr, k_inputs, eps, HAS_BIAS: tl.constexpr,
               NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr):
     """Store rows ``rn`` of ``y`` from their accumulator ``[R, BG, GW]``; with ``NORM_OUT`` also write
     ``h = y * nw`` and return ``(sum of y^2 as stored, h as stored, in float32)``, else ``(0, 0)``."""
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [R]
-    if NORM_IN:  # mean square over the whole row
-        y = y * tl.rsqrt(squares / k_inputs + eps)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y = _row_values(acc, rn, rn < N, squares, b_ptr, k_inputs, eps, HAS_BIAS, NORM_IN)
     y_out = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rn, y_out, mask=rn < N)
     if NORM_OUT:  # the next norm's pieces, from the value as stored (the residual stream's rounding)
@@ -726,16 +741,9 @@ def _glu_out(acc_gate, acc_up, rn, n_half, squares, b_ptr, y_ptr, k_inputs, eps,
     """``GLU``: store ``silu(gate) * up`` for gate rows ``rn`` (and their up rows ``n_half`` on), rounded as the
     separate path rounds them: each projection's output to ``y``'s dtype, SiLU computed in float32 and rounded,
     the product rounded (torch's ``F.silu(gate) * up`` on the stored rows)."""
-    g = tl.sum(tl.sum(acc_gate, axis=2), axis=1)  # [R]
-    u = tl.sum(tl.sum(acc_up, axis=2), axis=1)
-    if NORM_IN:
-        inv = tl.rsqrt(squares / k_inputs + eps)
-        g = g * inv
-        u = u * inv
     ok = rn < n_half
-    if HAS_BIAS:
-        g += tl.load(b_ptr + rn, mask=ok, other=0.0).to(tl.float32)
-        u += tl.load(b_ptr + n_half + rn, mask=ok, other=0.0).to(tl.float32)
+    g = _row_values(acc_gate, rn, ok, squares, b_ptr, k_inputs, eps, HAS_BIAS, NORM_IN)
+    u = _row_values(acc_up, rn, ok, squares, b_ptr + n_half, k_inputs, eps, HAS_BIAS, NORM_IN)
     dt = y_ptr.dtype.element_ty
     g = g.to(dt).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
@@ -751,15 +759,14 @@ def _store_int8_words(h_even, h_odd, n0, q_out_ptr, qs_out_ptr, R: tl.constexpr)
     e4 = tl.reshape(h_even, [R // 4, 4])
     o4 = tl.reshape(h_odd, [R // 4, 4])
     amax = tl.maximum(tl.max(tl.abs(e4), axis=1), tl.max(tl.abs(o4), axis=1))  # [R / 4]
-    e = tl.maximum(amax.to(tl.int32, bitcast=True) >> 23, 32)
-    inv = ((260 - e) << 23).to(tl.float32, bitcast=True)[:, None]  # exact products: nothing to fuse
+    inv, scale = _pow2_scales(amax)
     shifts = (tl.arange(0, 4) * 8)[None, :]
-    q_even = ((tl.minimum(e4 * inv, 127.0) + 12582912.0).to(tl.int32, bitcast=True) & 0xFF) << shifts
-    q_odd = ((tl.minimum(o4 * inv, 127.0) + 12582912.0).to(tl.int32, bitcast=True) & 0xFF) << shifts
+    q_even = _s8_bits(tl.minimum(e4 * inv[:, None], 127.0)) << shifts  # the min between: nothing to fuse
+    q_odd = _s8_bits(tl.minimum(o4 * inv[:, None], 127.0)) << shifts
     words = n0 // 8 + tl.arange(0, R // 4)
     tl.store(q_out_ptr + 2 * words, tl.sum(q_odd, axis=1))  # disjoint bytes: the sum is their OR
     tl.store(q_out_ptr + 2 * words + 1, tl.sum(q_even, axis=1))
-    tl.store(qs_out_ptr + words, ((e - 6) << 23).to(tl.float32, bitcast=True))
+    tl.store(qs_out_ptr + words, scale)
 
 
 @triton.jit

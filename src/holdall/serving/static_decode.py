@@ -302,7 +302,7 @@ class StaticDecoder:
                                getattr(attn, "scaling", None))
             x, h, squares, h8 = fused_gemv(attn.o_proj, out, residual=x, norm_out=post.weight,
                                            int8_activations=int8, int8_out=handoff)
-            h = h8 if handoff else h
+            h = h8 if h8 is not None else h
             norm_in = (squares, post.variance_epsilon)
             if self._gate_up[i] is not None and self._glu:  # silu(gate) * up from the GEMV's epilogue
                 inner = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype,
