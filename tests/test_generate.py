@@ -146,6 +146,9 @@ def test_cpu_int4_kernel_for_one_call(tok, one_thread, monkeypatch):
     if not cpu_int4.available():
         pytest.skip("this torch build has no CPU int4 kernels")
     model = _sharp(make_tiny_llama(vocab=64))
+    with pytest.raises(ConfigError, match="nothing to run.*no quantized layers"):
+        generate(model.to(torch.bfloat16), tok, PROMPT, 4, cpu_int4=True)  # a float model: nothing to claim
+    model = model.float()
     quantize(model, QuantConfig.for_method("rtn", bits=4, group_size=32), progress=False)
     with pytest.raises(ConfigError, match="bf16 models"):
         generate(model, tok, PROMPT, 4, cpu_int4=True)

@@ -70,8 +70,14 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
             raise ConfigError(f"cpu_int4 runs bf16 models on a CPU; this one is {dtype} on {device}: load it with "
                               "dtype=torch.bfloat16 on the CPU, or convert it with model.to(torch.bfloat16) (a "
                               "holdall-quantized directory keeps the dtype it was saved in)")
-        from ..kernels.cpu_int4 import enabled
+        from ..kernels.cpu_int4 import enabled, why_unsupported
 
+        reasons = [why_unsupported(m) for m in model.modules() if hasattr(m, "scheme")]
+        if not reasons or all(reasons):
+            why = reasons[0] if reasons else "it has no quantized layers"
+            raise ConfigError(f"cpu_int4 has nothing to run in this model ({why}); quantize it to 4-bit integers "
+                              "with groups of 32..256 that tile its rows first (e.g. holdall quantize --method rtn "
+                              "--bits 4 --group-size 64)")
         with enabled():
             return generate(model, tokenizer, prompt, max_new_tokens, chat=chat, engine=engine,
                             int8_activations=int8_activations)
