@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -203,6 +204,13 @@ def main() -> None:
                 record(weights, "static-silu-separate", tps, None)
         tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
         record(weights, "static", tps, check_against_hf(model, prompt, tokens, max_len))
+        if weights.startswith("int4"):  # round 10's A/B: the same step on round 9's Triton GEMV instead of Gluon's
+            os.environ["HOLDALL_GLUON"] = "0"
+            try:
+                tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
+            finally:
+                del os.environ["HOLDALL_GLUON"]
+            record(weights, "static-triton-gemv", tps, check_against_hf(model, prompt, tokens, max_len))
         if weights.startswith("int4"):  # W4A8: every decode step's 4-bit projections on int8-rounded inputs
             tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
             record(weights, "static-int8-act", tps,

@@ -449,7 +449,7 @@ def test_gemv_tma_gated_activation_is_checked():
     cfg = {"VARIANT": "tma", "BLOCK_N": 16, "BLOCK_G": 4}
     with pytest.raises(ValueError, match="glu writes"):
         triton_wq4.gemv(packed.operands(layer, p), p, x, None, torch.empty(144, device="cuda"), dict(cfg), glu=True)
-    with pytest.raises(ValueError, match="only VARIANT 'tma'"):
+    with pytest.raises(ValueError, match="only VARIANTs 'tma' and 'gluon'"):
         triton_wq4.gemv(packed.operands(layer, p), p, x, None, torch.empty(72, device="cuda"),
                         {"VARIANT": "pairs", "BLOCK_N": 8, "BLOCK_G": 4}, glu=True)
     with pytest.raises(ValueError, match="RPT 2"):
@@ -733,7 +733,7 @@ def test_fused_gemv_splits_the_norm_over_two_epilogues(name, dtype, shapes):
     residual = (torch.randn(p_out, generator=gen) * 4).to("cuda", dtype)
     weight = (torch.rand(p_out, generator=gen) + 0.5).to("cuda", dtype)
     eps = 1e-5
-    y, h, squares = dispatch.fused_gemv(producer, a, residual=residual, norm_out=weight)
+    y, h, squares, _ = dispatch.fused_gemv(producer, a, residual=residual, norm_out=weight)
     y_ref = packed.reference_linear(producer, a.float()[None])[0] + residual.float()  # the producer's bias too
     assert y.dtype == h.dtype == dtype and _rel(y, y_ref) < TOL[dtype]
     yf = y.float()  # the stored residual stream, as the consumer's norm sees it
@@ -755,3 +755,134 @@ def test_fused_gemv_refuses_a_kernel_without_the_norm():
     with pytest.raises(ValueError, match="cannot fold in a norm"):
         triton_wq4.gemv(packed.operands(layer, p), p, x, None, out, {"BLOCK_N": 8, "BLOCK_G": 1},
                         norm_in=(torch.ones(4, device="cuda"), 1e-5))
+
+
+# --- the Gluon one-row GEMV (round 10) -------------------------------------------------------------------
+def _plan(in_f: int, scheme: QuantScheme, out_f: int = 64):
+    return packed.plan(_layer(out_f, in_f, scheme))
+
+
+def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
+    """The one-row configuration picks the Gluon kernel only where it can run: int symmetric codes (group-wise
+    or per-channel scales), float activations, rows of whole 4-word thread tiles and groups."""
+    from holdall.kernels import gluon_wq4  # imports without Triton (the kernel itself is then absent)
+
+    sym = _plan(256, SCHEMES["int4-sym"])
+    assert gluon_wq4.why_not(sym) is None
+    assert gluon_wq4.why_not(_plan(256, QuantScheme(granularity="channel"))) is None
+    others = [_plan(256, {**SCHEMES, **EXTRA_SCHEMES}[name]) for name in ("int4-asym", "nf4", "int4-asym-dq")]
+    for p in others:
+        assert "symmetric int codes only" in gluon_wq4.why_not(p)
+    assert "double-quantized" in gluon_wq4.why_not(_plan(256, QuantScheme(double_quant=True)))
+    assert "int8 activations" in gluon_wq4.why_not(sym, int8_activations=True)
+    assert "whole number" in gluon_wq4.why_not(_plan(576, QuantScheme()))  # SmolLM2: 4.5 groups of 128
+    if not HAS_TRITON:
+        return  # the configuration below lives beside the Triton kernels
+    from holdall.kernels import triton_wq4
+
+    assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=True)["VARIANT"] == "gluon"
+    assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=False)["VARIANT"] == "tma"
+    assert triton_wq4.gemv_config(sym, 132, tma=True, int8_activations=True, gluon=True)["VARIANT"] == "tma"
+    for p in others:
+        assert triton_wq4.gemv_config(p, 132, tma=True, gluon=True)["VARIANT"] != "gluon"
+
+
+def _gluon_ready():
+    from holdall.kernels import gluon_wq4
+
+    if not gluon_wq4.available(torch.cuda.current_device()):
+        pytest.skip("this Triton has no Gluon, or the GPU is older than Ampere")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["int4-sym", "int4-g32-bf16", "int4-ch-sym"])
+@pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256), (40, 1152)], ids=str)
+@pytest.mark.parametrize("block_n,wk", [(8, 4), (8, 2), (16, 2), (4, 1), (2, 8)])
+def test_gluon_gemv_matches_reference(shape, name, block_n, wk, dtype):
+    """Every tiling against the fp32 reference, into a NaN-poisoned output: rows that fill whole tiles of
+    512 words, a masked last tile (11008 inputs = 2 x 512 + 352 words; 1152 = 144 words in a 256-word tile),
+    a row shorter than one tile, row counts that leave a partial row tile (72 rows at 16, 40 at 16), group 32
+    with bf16 scales, per-channel scales (``group_step`` 0), bias."""
+    from holdall.kernels import triton_wq4
+
+    _gluon_ready()
+    scheme = {"int4-ch-sym": QuantScheme(granularity="channel")}.get(name) or {**SCHEMES, **EXTRA_SCHEMES}[name]
+    layer = _layer(*shape, scheme, device="cuda", seed=sum(shape))
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
+    out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
+    triton_wq4.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out,
+                    {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk})
+    assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(22016, 4096), (144, 512), (40, 11008)], ids=str)
+@pytest.mark.parametrize("block_n,wk", [(8, 2), (16, 4), (4, 1)])
+def test_gluon_gemv_epilogues(shape, block_n, wk, dtype):
+    """The decoder's epilogues on the Gluon kernel: ``norm_out`` (``h = y * w`` and per-tile sums of squares
+    of the stored row, a residual folded into the bias), ``norm_in`` (the producer's partials -> ``1 / rms``),
+    and ``glu`` (``silu(gate) * up`` of a stacked layer, rounded as torch rounds it, within one output step of
+    ``F.silu`` on the same kernel's two rows), against the reference."""
+    import torch.nn.functional as F
+
+    from holdall.kernels import triton_wq4
+
+    _gluon_ready()
+    layer = _layer(*shape, SCHEMES["int4-sym"], device="cuda", seed=3)
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk}
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    x = torch.randn(p.in_features, generator=gen).to("cuda", dtype)
+    residual = (torch.randn(p.out_features, generator=gen) * 4).to("cuda", dtype)
+    weight = (torch.rand(p.out_features, generator=gen) + 0.5).to("cuda", dtype)
+    tiles = -(-p.out_features // block_n)
+    y = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
+    h, squares = torch.full_like(y, float("nan")), torch.full((tiles,), float("nan"), device="cuda")
+    bias = residual + layer.bias.detach().to(dtype)
+    triton_wq4.gemv(ops, p, x, bias, y, dict(cfg), norm_out=(weight, h, squares))
+    ref = packed.reference_linear(layer, x[None])[0] + residual.float()
+    assert _rel(y, ref) < TOL[dtype]
+    assert torch.equal(h, (y.float() * weight.float()).to(dtype))
+    torch.testing.assert_close(squares.sum(), y.float().pow(2).sum(), rtol=1e-5, atol=0)
+    # norm_in: the consumer scales its dot products by 1 / rms of the producer's row
+    sq_in = torch.rand(7, device="cuda") * p.in_features
+    got = torch.full_like(y, float("nan"))
+    triton_wq4.gemv(ops, p, x, layer.bias.detach().to(dtype), got, dict(cfg), norm_in=(sq_in, 1e-5))
+    bias32 = layer.bias.detach().float()
+    want = (ref - residual.float() - bias32) * torch.rsqrt(sq_in.sum() / p.in_features + 1e-5) + bias32
+    assert _rel(got, want) < TOL[dtype]
+    # glu: the stacked [gate; up] layer's activation, with the norm folded in too
+    half = p.out_features // 2
+    full = torch.empty_like(y)
+    triton_wq4.gemv(ops, p, x, layer.bias.detach().to(dtype), full, dict(cfg), norm_in=(sq_in, 1e-5))
+    act = torch.full((half,), float("nan"), device="cuda", dtype=dtype)
+    triton_wq4.gemv(ops, p, x, layer.bias.detach().to(dtype), act, dict(cfg), norm_in=(sq_in, 1e-5), glu=True)
+    silu = F.silu(full[:half]) * full[half:]
+    step = torch.finfo(dtype).eps * silu.float().abs().clamp_min(1e-3)
+    assert bool(((act.float() - silu.float()).abs() <= 2 * step).all())
+    want_act = F.silu(want[:half].to(dtype).float()) * want[half:].to(dtype).float()
+    assert _rel(act, want_act) < 2 * TOL[dtype]
+
+
+@cuda_only
+def test_gluon_gemv_refuses_what_it_cannot_compute():
+    from holdall.kernels import triton_wq4
+
+    _gluon_ready()
+    layer = _cuda_layer(40, 256, "int4-asym")
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(40, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="symmetric int codes only"):
+        triton_wq4.gemv(packed.operands(layer, p), p, x, None, out, {"VARIANT": "gluon", "BLOCK_N": 8})
+    sym = _cuda_layer(40, 256, "int4-sym")
+    ps = dispatch.layer_plan(sym)
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        triton_wq4.gemv(packed.operands(sym, ps), ps, x, None, out, {"VARIANT": "gluon", "BLOCK_N": 3})
+    with pytest.raises(ValueError, match="int8 words"):
+        triton_wq4.gemv(packed.operands(sym, ps), ps, x.view(torch.int32)[:64], None, out,
+                        {"VARIANT": "gluon", "BLOCK_N": 8}, x_scales=torch.ones(32, device="cuda"))

@@ -161,7 +161,7 @@ def test_norm_fusion_is_refused_where_the_kernels_do_not_run():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="the norms fold into the one-row TMA GEMV (Hopper)")
+                    reason="the norms fold into the one-row TMA / Gluon GEMV (Hopper here)")
 @pytest.mark.parametrize("method,kw", [("rtn", dict(bits=4, group_size=32)), ("nf4", dict(double_quant=True))])
 def test_folded_norms_decode_like_separate_ones(method, kw):
     from holdall.algorithms import QuantConfig, quantize
@@ -280,7 +280,7 @@ def test_int8_handoff_decodes_like_rounding_in_each_gemv():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="the gated activation folds into the one-row TMA GEMV (Hopper)")
+                    reason="the gated activation folds into the one-row TMA / Gluon GEMV (Hopper here)")
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gated_activation_in_the_gate_up_epilogue_decodes_like_the_separate_kernel(int8, symmetric):

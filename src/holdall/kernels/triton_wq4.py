@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ptx
+from . import gluon_wq4, ptx
 from .packed import CODES_PER_WORD, Operands, Plan
 
 try:  # host-side TMA descriptors (recent Tritons; 3.6 on the device); without them the pointer-load kernels serve
@@ -1321,12 +1321,14 @@ def _has_tma(device_index: int) -> bool:
     return TensorDescriptor is not None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = False) -> dict:
+def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = False, gluon: bool = False) -> dict:
     """Launch configuration for one row, from the sweeps on an H200 (bench/gpu_kernels.py --sweep;
-    BENCHMARKS.md, rounds 5 and 8). ``tma``: the device has Hopper's tensor memory accelerator and the words are
-    16-byte aligned. ``int8_activations``: the caller wants the int codes multiplied by int8-rounded
+    BENCHMARKS.md, rounds 5, 8 and 10). ``tma``: the device has Hopper's tensor memory accelerator and the words
+    are 16-byte aligned. ``int8_activations``: the caller wants the int codes multiplied by int8-rounded
     activations (``XQ8``, W4A8); formats the option cannot take get their float configuration (the caller
-    rounds the activations itself, :func:`holdall.kernels.dispatch.project_int8`).
+    rounds the activations itself, :func:`holdall.kernels.dispatch.project_int8`). ``gluon``: the Gluon GEMV
+    can run here (:func:`holdall.kernels.gluon_wq4.available`): it takes the layers it can
+    (:func:`holdall.kernels.gluon_wq4.why_not`: int symmetric codes with float activations), round 10.
 
     With TMA and rows of whole groups, every format takes the round-5 kernel (``VARIANT tma``). Its best tiling
     depends on the row length (us at 4096x11008 / 11008x4096 / 4096x4096, round 8):
@@ -1347,6 +1349,8 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     the table lookups into asynchronous copies, 15x slower). The round-2 ``v2`` kernel (half the instructions
     per code) measured 2.6x *slower*; it is kept, tested, not used.
     """
+    if gluon and gluon_wq4.why_not(p, int8_activations) is None:
+        return gluon_wq4.gemv_config(p)
     group_w = p.group // CODES_PER_WORD
     long_rows = p.in_features >= 8192
     if p.kind == 2:
@@ -1434,7 +1438,9 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
 def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activations: bool = False) -> dict:
     """:func:`gemv_config` for this device (its SM count, and TMA when it has it and the words are aligned)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return gemv_config(p, _sm_count(index), _has_tma(index) and ops.words.data_ptr() % 16 == 0, int8_activations)
+    aligned = ops.words.data_ptr() % 16 == 0
+    return gemv_config(p, _sm_count(index), _has_tma(index) and aligned, int8_activations,
+                       gluon_wq4.enabled() and gluon_wq4.available(index) and aligned)
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
@@ -1462,10 +1468,14 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     cfg = dict(config if config is not None else default_gemv_config(ops, p, x.device))
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
+    if variant == "gluon":  # round 10: explicit layouts (int symmetric codes, float activations)
+        if x_scales is not None or int8_out is not None:
+            raise ValueError("the Gluon GEMV multiplies float activations; int8 words are VARIANT 'tma' (XQ8)")
+        return gluon_wq4.gemv(ops, p, x, bias, out, {**cfg, "BLOCK_N": block_n}, norm_in, norm_out, glu)
     if (norm_in is not None or norm_out is not None or x_scales is not None or int8_out is not None or glu) \
             and variant != "tma":
         raise ValueError(f"the {variant!r} GEMV cannot fold in a norm, the gated activation or hand over int8 "
-                         "activations; only VARIANT 'tma' does (Hopper, rows of whole groups)")
+                         "activations; only VARIANTs 'tma' and 'gluon' do (rows of whole groups)")
     if variant == "mma":  # the tensor-core kernel with one input row (padded to the MMA's 16 columns)
         return _gemm2(ops, p, x.view(1, -1), bias, out.view(1, -1), {**cfg, "BLOCK_N": block_n, "BLOCK_M": 16})
     grid = (triton.cdiv(p.out_features, block_n),)

@@ -85,7 +85,8 @@ class StaticDecoder:
         next norm's weighted row and partial sums of squares, and the projections after them scale by
         ``1 / rms``; the stacked gate/up GEMV also writes ``silu(gate) * up`` itself. A layer is then five
         launches (q/k/v, attention, o_proj, gate/up, down) instead of eight. Needs every projection of every
-        block on the one-row TMA kernel (Hopper, 4-bit, bf16/fp16) and fused attention. Default (None): on
+        block on a one-row kernel with these epilogues -- the TMA GEMV (Hopper, 4-bit, bf16/fp16) or the Gluon
+        GEMV (int symmetric codes; :mod:`holdall.kernels.gluon_wq4`) -- and fused attention. Default (None): on
         wherever that holds (int4 7B shape on an H200: 464 against 440 tokens/s, BENCHMARKS.md round 8; the
         SiLU in the epilogue 486 against 473, round 9), off elsewhere; ``True`` raises naming the layer that
         cannot.
@@ -174,7 +175,7 @@ class StaticDecoder:
             for i, layer in enumerate(self.layers):
                 for name, module in self._block_projections(i):
                     if not norm_fusable(module, self.dtype):
-                        reason = f"layers.{i}.{name} does not run the one-row TMA kernel"
+                        reason = f"layers.{i}.{name} does not run a one-row kernel with the norm epilogues"
                         break
                 norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
                 if reason is None and any(w.dtype != self.dtype or not w.is_contiguous() for w in norms):

@@ -1,0 +1,295 @@
+"""The one-row 4-bit GEMV in Gluon, Triton's explicit-layout dialect (issue 6, round 10 of the kernels).
+
+Why a second one-row kernel: Nsight Compute on the TMA kernel (``triton_wq4._gemv_tma_kernel``, H200, Llama-2-7B
+``down_proj``) showed it issue-bound, not memory-bound: 5.1 thread-instructions per 4-bit code against the 2 the
+dot product needs (one PRMT decode + one FMA), spent on the layout Triton chose for it -- weights read back from
+shared memory with ``ldmatrix`` (52% of the shared wavefronts excess from bank conflicts), three barriers per
+iteration for the TMA pipeline, and eight scattered scale loads per thread per 64 codes. Gluon lets the kernel
+name its layout instead, so this one is written around what a thread does:
+
+* a thread holds ``R`` weight rows x 4 consecutive int32 words (32 codes, always inside one group since groups
+  are >= 4 words), loaded straight from global memory as one 16-byte vector per row, coalesced along the row
+  across the warp's 32 lanes (512 contiguous bytes per row per warp); ``WK`` warps split the row further;
+* the activations of those 4 words (32 bf16/fp16 values) arrive as four 16-byte vectors, are converted once and
+  serve all ``R`` rows; the codes become the exact float32 ``128 + q`` with one PRMT each
+  (:func:`holdall.kernels.ptx.nibbles_f32_asm`) and enter one chain of FMAs per row that starts from the
+  words' offset ``-136 * sum(x)`` (symmetric codes store ``q + 8``), so a row's 32 codes cost 32 PRMT + 32 FMA
+  and one more FMA for the group scale;
+* ``in_features`` is a compile-time constant, so the loop over the row is unrolled: every load address is a
+  register plus an immediate and ptxas is free to issue the next words' loads under this word's arithmetic;
+  a row length that is not a whole number of tiles ends in one masked tile;
+* one reduction across lanes and warps per row tile at the end, then the same epilogues as the TMA kernel:
+  bias (and the residual folded into it), an RMSNorm split over producer and consumer (``NORM_OUT`` /
+  ``NORM_IN``), and the SiLU-gated MLP's ``silu(gate) * up`` for a stacked gate/up layer (``GLU``: a thread's
+  rows interleave gate row ``i`` and its up row ``i + I``).
+
+Offline (Triton 3.6's compiler for sm_90 on a CPU machine): 3.1 thread-instructions per code in the loop
+against the TMA kernel's 4.6 for the same shape. Int symmetric codes, float activations, group-wise or
+per-channel scales without double quantization; everything else keeps the Triton kernels
+(:func:`holdall.kernels.triton_wq4.gemv_config` chooses). The plain-torch reference is
+:func:`holdall.kernels.packed.reference_linear`; ``tests/test_kernels.py`` compares them on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import ptx
+from .packed import CODES_PER_WORD, Operands, Plan
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every layer
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = gl = None
+
+#: words per thread along a row: one 16-byte load
+WORDS_PER_THREAD = 4
+
+
+@functools.lru_cache(maxsize=None)
+def available(device_index: int) -> bool:
+    """Gluon imports and the GPU is an NVIDIA one from Ampere on (plain vector loads and PRMT: nothing newer)."""
+    return gl is not None and torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def enabled() -> bool:
+    """The Gluon GEMV is the default where it can run, unless ``HOLDALL_GLUON=0`` (A/B runs against the Triton
+    kernels: ``bench/gpu_decode.py`` times both)."""
+    return os.environ.get("HOLDALL_GLUON", "1") != "0"
+
+
+def why_not(p: Plan, int8_activations: bool = False) -> str | None:
+    """Why this kernel cannot take a layer of plan ``p`` (None when it can)."""
+    if p.kind != 0:
+        return "it decodes symmetric int codes only (asymmetric zero points and codebooks keep the Triton kernels)"
+    if p.double_quant:
+        return "double-quantized scales are decoded by the Triton kernels"
+    if int8_activations:
+        return "int8 activations (W4A8) are the Triton kernel's XQ8 path"
+    if p.in_features % p.group or p.in_features % (WORDS_PER_THREAD * CODES_PER_WORD):
+        return f"in_features {p.in_features} is not a whole number of groups of 4-word thread tiles"
+    return None
+
+
+if gl is not None:
+    _ASM_NIB_F32 = gl.constexpr(ptx.nibbles_f32_asm())
+
+    @gluon.jit
+    def _unpack(pair, X_BF16: gl.constexpr):
+        """Two 16-bit floats packed in an int32 (first in the low half) -> two float32s."""
+        if X_BF16:  # bf16 is the top half of a float32: shifting it into place is the conversion
+            return (pair << 16).to(gl.float32, bitcast=True), (pair & -65536).to(gl.float32, bitcast=True)
+        else:
+            lo = (pair & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
+            hi = (pair >> 16).to(gl.int16).to(gl.float16, bitcast=True)
+            return lo.to(gl.float32), hi.to(gl.float32)
+
+    @gluon.jit
+    def _split4(t):
+        """``t [..., 2, 2]`` -> its four ``[...]`` slices of flat last-two-dims index 0, 1, 2, 3."""
+        a, b = gl.split(t)  # last index 0 / 1
+        t0, t2 = gl.split(a)
+        t1, t3 = gl.split(b)
+        return t0, t1, t2, t3
+
+    @gluon.jit
+    def _word_sum(p0, p1, p2, p3, X_BF16: gl.constexpr):
+        """Sum of a word's 8 activations (4 packed pairs)."""
+        x0, x1 = _unpack(p0, X_BF16)
+        x2, x3 = _unpack(p1, X_BF16)
+        x4, x5 = _unpack(p2, X_BF16)
+        x6, x7 = _unpack(p3, X_BF16)
+        return ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+
+    @gluon.jit
+    def _word_dot(part, w, p0, p1, p2, p3, X_BF16: gl.constexpr):
+        """``part + sum_c (128 + q_c) x_c`` over the 8 codes of each word of ``w [R, KQ]`` and its activations
+        (``p0..p3 [1, KQ]``, packed pairs): 8 PRMT + 8 FMA per word and row."""
+        q0, q1, q2, q3, q4, q5, q6, q7 = gl.inline_asm_elementwise(
+            _ASM_NIB_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], (gl.float32,) * 8, True, 1)
+        x0, x1 = _unpack(p0, X_BF16)
+        x2, x3 = _unpack(p1, X_BF16)
+        x4, x5 = _unpack(p2, X_BF16)
+        x6, x7 = _unpack(p3, X_BF16)
+        part = q0 * x0 + part
+        part = q1 * x1 + part
+        part = q2 * x2 + part
+        part = q3 * x3 + part
+        part = q4 * x4 + part
+        part = q5 * x5 + part
+        part = q6 * x6 + part
+        return q7 * x7 + part
+
+    @gluon.jit
+    def _pairs_as(t, XL: gl.constexpr):
+        """A ``[KQ]`` tensor of packed pairs in the weight tile's column layout, as ``[1, KQ]`` (no data moves:
+        the lane that holds weight column ``q`` already holds activation quad ``q``)."""
+        return gl.expand_dims(gl.convert_layout(t, XL, assert_trivial=True), 0)
+
+    @gluon.jit
+    def _tile(acc, wp, xq, sp, kw3, kx, kq2, k0: gl.constexpr, group_step,
+              K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, X_BF16: gl.constexpr, MASK: gl.constexpr):
+        """``acc [R, KQ] +=`` scale x dot of the words ``k0 + 4 q + j`` of every row: the weight tile
+        ``[R, KQ, 4]`` (16-byte rows per thread; ``wp`` points at the row starts plus ``4 q + j``), its
+        activations ``[KQ * 16]`` pairs (16 consecutive per thread; ``xq``), the group scales ``[R, KQ]`` (``sp``
+        at the first group of each quad). ``MASK``: the row's last, partial tile (words past the row read as 0).
+        ``k0`` is a constant and a multiple of the group: every offset below is an immediate."""
+        R: gl.constexpr = wp.shape[0]
+        KQ: gl.constexpr = wp.shape[1]
+        if MASK:
+            w = gl.load(wp + k0, mask=(kw3 + k0) < K_WORDS, other=0)
+            xp = gl.load(xq + 4 * k0, mask=(kx + 4 * k0) < 4 * K_WORDS, other=0)
+            s = gl.load(sp + (k0 // GROUP_W) * group_step, mask=(k0 + 4 * kq2) < K_WORDS, other=0.0)
+        else:
+            w = gl.load(wp + k0)
+            xp = gl.load(xq + 4 * k0)
+            s = gl.load(sp + (k0 // GROUP_W) * group_step)
+        w0, w1, w2, w3 = _split4(gl.reshape(w, [R, KQ, 2, 2]))  # words j = 0..3 of each thread's quad: [R, KQ]
+        XL: gl.constexpr = gl.SliceLayout(0, w0.type.layout)
+        # pair p of word j sits at [q, j // 2, j % 2, p // 2, p % 2]
+        xa, xb = gl.split(gl.reshape(xp, [KQ, 2, 2, 2, 2]))  # p % 2 = 0 / 1
+        xa0, xa2 = gl.split(xa)  # p = 0, 2: [KQ, 2, 2] by word
+        xb1, xb3 = gl.split(xb)  # p = 1, 3
+        a0 = _split4(xa0)
+        a2 = _split4(xa2)
+        b1 = _split4(xb1)
+        b3 = _split4(xb3)
+        part = _word_sum(_pairs_as(a0[0], XL), _pairs_as(b1[0], XL), _pairs_as(a2[0], XL), _pairs_as(b3[0], XL),
+                         X_BF16)
+        for j in gl.static_range(1, 4):
+            part += _word_sum(_pairs_as(a0[j], XL), _pairs_as(b1[j], XL), _pairs_as(a2[j], XL),
+                              _pairs_as(b3[j], XL), X_BF16)
+        part = part * -136.0  # symmetric codes store q + 8: sum (128 + code) x - 136 sum x = sum q x
+        part = _word_dot(part, w0, _pairs_as(a0[0], XL), _pairs_as(b1[0], XL), _pairs_as(a2[0], XL),
+                         _pairs_as(b3[0], XL), X_BF16)
+        part = _word_dot(part, w1, _pairs_as(a0[1], XL), _pairs_as(b1[1], XL), _pairs_as(a2[1], XL),
+                         _pairs_as(b3[1], XL), X_BF16)
+        part = _word_dot(part, w2, _pairs_as(a0[2], XL), _pairs_as(b1[2], XL), _pairs_as(a2[2], XL),
+                         _pairs_as(b3[2], XL), X_BF16)
+        part = _word_dot(part, w3, _pairs_as(a0[3], XL), _pairs_as(b1[3], XL), _pairs_as(a2[3], XL),
+                         _pairs_as(b3[3], XL), X_BF16)
+        return acc + part * s.to(gl.float32)
+
+    @gluon.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
+                     N, n_half, stride_wn, scale_row_stride, group_step,
+                     K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, R: gl.constexpr, WK: gl.constexpr,
+                     X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
+                     SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr):
+        """Rows of program ``t``: ``t R .. t R + R`` (``GLU``: gate rows ``t R / 2 + i`` interleaved with their
+        up rows ``n_half`` further on). ``x_ptr`` is the activation row as int32 pairs; ``y`` one row."""
+        LW: gl.constexpr = gl.BlockedLayout([R, 1, 4], [1, 32, 1], [1, WK, 1], [2, 1, 0])  # [rows, quads, words]
+        LX: gl.constexpr = gl.BlockedLayout([16], [32], [WK], [0])  # a quad's 16 activation pairs per thread
+        KQ: gl.constexpr = 32 * WK  # quads (4-word thread tiles) per tile
+        KW: gl.constexpr = 4 * KQ  # words per tile
+        t = gl.program_id(0)
+        # rows of the tile, clamped into the matrix for the loads (the stores are masked)
+        ri = gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))
+        if GLU:
+            rows = t * (R // 2) + ri // 2 + (ri % 2) * n_half
+            ok = t * (R // 2) + ri // 2 < n_half
+        else:
+            rows = t * R + ri
+            ok = rows < N
+        rows = gl.where(ok, rows, 0)
+        rw = gl.expand_dims(gl.expand_dims(rows, 1), 2)
+        qw = gl.expand_dims(gl.expand_dims(gl.arange(0, KQ, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW))), 0), 2)
+        jw = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0), 1)
+        kw3 = qw * 4 + jw  # [1, KQ, 4] word index in the tile
+        w_off = rw * stride_wn + kw3  # [R, KQ, 4]
+        kx = gl.arange(0, KQ * 16, layout=LX)  # pair index in the tile
+        probe = gl.split(gl.split(gl.reshape(gl.full([R, KQ, 4], 0, gl.int32, LW), [R, KQ, 2, 2]))[0])[0]
+        LA: gl.constexpr = probe.type.layout  # the [R, KQ] layout the dot products come out in
+        rows2 = gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(1, LA)), 1)
+        kq2 = gl.expand_dims(gl.arange(0, KQ, layout=gl.SliceLayout(0, LA)), 0)
+        squares = 0.0
+        if NORM_IN:  # the producer's partial sums of squares, in a fixed order; loaded before the weights so the
+            # wait for them hides behind the loop (in the epilogue it added a dependent load to every program)
+            rs = gl.arange(0, SQ_BLOCK, layout=gl.BlockedLayout([1], [32], [WK], [0]))
+            squares = gl.sum(gl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0), axis=0)
+        wp = w_ptr + w_off
+        xq = x_ptr + kx
+        sp = s_ptr + (rows2 * scale_row_stride + ((4 * kq2) // GROUP_W) * group_step)  # [R, KQ]
+        acc = gl.zeros([R, KQ], gl.float32, LA)
+        N_FULL: gl.constexpr = K_WORDS // KW
+        for it in gl.static_range(N_FULL):
+            acc = _tile(acc, wp, xq, sp, kw3, kx, kq2, it * KW, group_step, K_WORDS, GROUP_W, X_BF16, False)
+        if N_FULL * KW < K_WORDS:
+            acc = _tile(acc, wp, xq, sp, kw3, kx, kq2, N_FULL * KW, group_step, K_WORDS, GROUP_W, X_BF16, True)
+        y = gl.sum(acc, axis=1)  # [R]: every thread ends up with the tile's R sums
+        YL: gl.constexpr = y.type.layout
+        rows_y = gl.convert_layout(rows, YL)
+        ok_y = gl.convert_layout(ok, YL)
+        if NORM_IN:
+            y = y * gl.rsqrt(squares / (K_WORDS * 8) + eps)
+        if HAS_BIAS:
+            y += gl.load(b_ptr + rows_y).to(gl.float32)
+        dt: gl.constexpr = y_ptr.dtype.element_ty
+        if GLU:  # row 2 i + h: gate (h = 0) or up (h = 1) of output t R / 2 + i; rounded as F.silu(gate) * up
+            g, u = gl.split(gl.reshape(y.to(dt).to(gl.float32), [R // 2, 2]))
+            act = (g / (1.0 + gl.exp(-g))).to(dt).to(gl.float32)
+            oi = t * (R // 2) + gl.arange(0, R // 2, layout=g.type.layout)
+            gl.store(y_ptr + oi, (act * u).to(dt), mask=oi < n_half)
+        else:
+            y_out = y.to(dt)
+            gl.store(y_ptr + rows_y, y_out, mask=ok_y)
+            if NORM_OUT:  # the next norm's pieces, from the value as stored (the residual stream's rounding)
+                yf = gl.where(ok_y, y_out.to(gl.float32), 0.0)
+                nw = gl.load(nw_ptr + rows_y).to(gl.float32)
+                gl.store(h_ptr + rows_y, (yf * nw).to(h_ptr.dtype.element_ty), mask=ok_y)
+                gl.store(sq_out_ptr + t, gl.sum(yf * yf, axis=0))
+
+
+def gemv_config(p: Plan) -> dict:
+    """The tiling (rows per thread ``BLOCK_N`` = rows per program, warps ``WK`` along the row), from the sweep
+    on an H200 (BENCHMARKS.md, round 10; us): long rows 8 rows x 4 warps (4096x11008: 10.85; 4 x 2 10.76,
+    16 x 4 11.11), short rows 8 x 2 (4096x4096 5.33, 22016x4096 16.65) except 16 x 2 for 8k-16k rows
+    (11008x4096 9.95 against 10.85 at 8 x 2; 12288x4096 10.03 against 11.21)."""
+    if p.in_features >= 8192:
+        return {"VARIANT": "gluon", "BLOCK_N": 8, "WK": 4}
+    return {"VARIANT": "gluon", "BLOCK_N": 16 if 8192 <= p.out_features <= 16384 else 8, "WK": 2}
+
+
+def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
+         norm_in: tuple[torch.Tensor, float] | None = None,
+         norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False) -> torch.Tensor:
+    """Launch :func:`_gemv_kernel` (``cfg``: ``BLOCK_N``, ``WK``; arguments as
+    :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon"``)."""
+    reason = why_not(p)
+    if reason is not None:
+        raise ValueError(f"the Gluon GEMV cannot take this layer: {reason}")
+    block_n, wk = int(cfg["BLOCK_N"]), int(cfg.get("WK", 4))
+    if block_n not in (2, 4, 8, 16) or wk not in (1, 2, 4, 8):
+        raise ValueError(f"BLOCK_N (rows per thread) must be 2, 4, 8 or 16 and WK 1, 2, 4 or 8; got {block_n}, {wk}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
+        raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
+    n_half, tile_rows = p.out_features, block_n
+    if glu:
+        n_half, tile_rows = p.out_features // 2, block_n // 2
+        if p.out_features % 2 or norm_out is not None:
+            raise ValueError("glu needs a stacked [gate; up] layer (even rows) and no norm_out")
+        if out.numel() != n_half:
+            raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
+    tiles = -(-n_half // tile_rows)
+    sq_in, eps = norm_in if norm_in is not None else (ops.scale, 0.0)
+    if norm_in is not None and (sq_in.dtype != torch.float32 or not sq_in.is_contiguous()):
+        raise ValueError("norm_in's partial sums of squares must be a contiguous float32 tensor")
+    weight, h, sq_out = norm_out if norm_out is not None else (ops.scale, ops.scale, ops.scale)
+    if norm_out is not None and (weight.numel() != p.out_features or h.numel() != p.out_features
+                                 or sq_out.numel() < tiles or sq_out.dtype != torch.float32):
+        raise ValueError(f"norm_out needs a [{p.out_features}] weight and output row and >= {tiles} float32 "
+                         f"partials, got {weight.numel()} / {h.numel()} / {sq_out.numel()} {sq_out.dtype}")
+    _gemv_kernel[(tiles,)](
+        x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
+        sq_in, sq_in.numel(), float(eps), weight, h, sq_out,
+        p.out_features, n_half, ops.words.stride(0), p.scale_row_stride, p.group_step,
+        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, R=block_n, WK=wk,
+        X_BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
+        SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
+        NORM_OUT=norm_out is not None, GLU=glu, num_warps=wk,
+    )
+    return out
