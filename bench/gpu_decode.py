@@ -215,6 +215,13 @@ def main() -> None:
             tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
             record(weights, "static-int8-act", tps,
                    check_against_hf(model, prompt, tokens, max_len, int8_activations=True))
+            os.environ["HOLDALL_GLUON"] = "0"  # the same W4A8 step on round 9's Triton kernel
+            try:
+                tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
+            finally:
+                del os.environ["HOLDALL_GLUON"]
+            record(weights, "static-int8-act-triton-gemv", tps,
+                   check_against_hf(model, prompt, tokens, max_len, int8_activations=True))
             if args.ablate:
                 _, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True, handoff=False)
                 record(weights, "static-int8-act-no-handoff", tps, None)

@@ -764,7 +764,7 @@ def _plan(in_f: int, scheme: QuantScheme, out_f: int = 64):
 
 def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
     """The one-row configuration picks the Gluon kernel only where it can run: int symmetric codes (group-wise
-    or per-channel scales), float activations, rows of whole 4-word thread tiles and groups."""
+    or per-channel scales; float or int8 activations), rows of whole 4-word thread tiles and groups."""
     from holdall.kernels import gluon_wq4  # imports without Triton (the kernel itself is then absent)
 
     sym = _plan(256, SCHEMES["int4-sym"])
@@ -774,7 +774,7 @@ def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
     for p in others:
         assert "symmetric int codes only" in gluon_wq4.why_not(p)
     assert "double-quantized" in gluon_wq4.why_not(_plan(256, QuantScheme(double_quant=True)))
-    assert "int8 activations" in gluon_wq4.why_not(sym, int8_activations=True)
+    assert gluon_wq4.why_not(sym, int8_activations=True) is None
     assert "whole number" in gluon_wq4.why_not(_plan(576, QuantScheme()))  # SmolLM2: 4.5 groups of 128
     if not HAS_TRITON:
         return  # the configuration below lives beside the Triton kernels
@@ -782,7 +782,8 @@ def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
 
     assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=True)["VARIANT"] == "gluon"
     assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=False)["VARIANT"] == "tma"
-    assert triton_wq4.gemv_config(sym, 132, tma=True, int8_activations=True, gluon=True)["VARIANT"] == "tma"
+    int8 = triton_wq4.gemv_config(sym, 132, tma=True, int8_activations=True, gluon=True)
+    assert int8["VARIANT"] == "gluon" and int8["XQ8"]
     for p in others:
         assert triton_wq4.gemv_config(p, 132, tma=True, gluon=True)["VARIANT"] != "gluon"
 
@@ -883,6 +884,66 @@ def test_gluon_gemv_refuses_what_it_cannot_compute():
     ps = dispatch.layer_plan(sym)
     with pytest.raises(ValueError, match="BLOCK_N"):
         triton_wq4.gemv(packed.operands(sym, ps), ps, x, None, out, {"VARIANT": "gluon", "BLOCK_N": 3})
-    with pytest.raises(ValueError, match="int8 words"):
+    with pytest.raises(ValueError, match="int8 words as x need an XQ8 config"):
         triton_wq4.gemv(packed.operands(sym, ps), ps, x.view(torch.int32)[:64], None, out,
                         {"VARIANT": "gluon", "BLOCK_N": 8}, x_scales=torch.ones(32, device="cuda"))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256), (40, 1152)], ids=str)
+@pytest.mark.parametrize("block_n,wk", [(8, 4), (16, 2), (4, 1)])
+def test_gluon_gemv_int8_activations(shape, block_n, wk, dtype):
+    """``XQ8`` on the Gluon kernel: each word's 8 activations rounded to int8 with a power-of-two scale
+    (bit for bit :func:`holdall.kernels.packed.quantize_activations_s8`) and multiplied by the int codes with
+    DP4A -- against the float32 reference on the same rounded activations, and farther from the
+    float-activation result than from it; full, masked and partial tiles; NaN-poisoned output."""
+    from holdall.kernels import triton_wq4
+
+    _gluon_ready()
+    layer = _layer(*shape, SCHEMES["int4-sym"], device="cuda", seed=sum(shape) + 1)
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
+    out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
+    triton_wq4.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out,
+                    {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": True})
+    xr = packed.round_activations_s8(x.float())
+    near = _rel(out, packed.reference_linear(layer, xr[None])[0])
+    assert near < TOL[dtype]
+    assert _rel(out, packed.reference_linear(layer, x[None])[0]) > 2 * near
+
+
+@cuda_only
+@pytest.mark.parametrize("block_n,wk", [(8, 2), (16, 4)])
+def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
+    """``int8_out`` on the Gluon kernel: the producer (``norm_out``) writes ``h`` as exactly the int8 words and
+    scales ``XQ8`` rounds it to, and a consumer reading them (``x_scales``, with the norm's ``1 / rms``, a
+    masked last tile at 11008 inputs) gives exactly what it gives rounding ``h`` itself; the same words the TMA
+    kernel hands over."""
+    from holdall.kernels import triton_wq4
+
+    _gluon_ready()
+    producer = _layer(11008, 4096, SCHEMES["int4-sym"], device="cuda", bias=False, seed=3)
+    consumer = _layer(4096, 11008, SCHEMES["int4-sym"], device="cuda", bias=False, seed=4)
+    cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": True}
+    pp, pc = dispatch.layer_plan(producer), dispatch.layer_plan(consumer)
+    x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(11008, device="cuda", dtype=torch.bfloat16)
+    weight = torch.rand(11008, device="cuda", dtype=torch.bfloat16) + 0.5
+    y, h = torch.empty_like(residual), torch.empty_like(residual)
+    squares = torch.empty(11008 // block_n, device="cuda", dtype=torch.float32)
+    words = torch.full((11008 // 4,), 7, device="cuda", dtype=torch.int32)
+    scales = torch.full((11008 // 8,), float("nan"), device="cuda")
+    triton_wq4.gemv(packed.operands(producer, pp), pp, x, residual, y, dict(cfg), norm_out=(weight, h, squares),
+                    int8_out=(words, scales))
+    q, want_scales = packed.quantize_activations_s8(h)
+    assert torch.equal(words, packed.pack_s8_words(q)) and torch.equal(scales, want_scales)
+    own = torch.empty(4096, device="cuda", dtype=torch.bfloat16)
+    handed = torch.full_like(own, float("nan"))
+    triton_wq4.gemv(packed.operands(consumer, pc), pc, h, None, own, dict(cfg), norm_in=(squares, 1e-5))
+    triton_wq4.gemv(packed.operands(consumer, pc), pc, words, None, handed, dict(cfg), norm_in=(squares, 1e-5),
+                    x_scales=scales)
+    assert torch.equal(handed, own)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        triton_wq4.gemv(packed.operands(producer, pp), pp, x, residual, y, {**cfg, "BLOCK_N": 4},
+                        norm_out=(weight, h, torch.empty(11008 // 4, device="cuda")), int8_out=(words, scales))

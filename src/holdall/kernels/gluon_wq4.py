@@ -63,13 +63,12 @@ def enabled() -> bool:
 
 
 def why_not(p: Plan, int8_activations: bool = False) -> str | None:
-    """Why this kernel cannot take a layer of plan ``p`` (None when it can)."""
+    """Why this kernel cannot take a layer of plan ``p`` (None when it can); ``int8_activations``: with the
+    codes multiplied by int8-rounded activations (``XQ8``), which it does for the same layers."""
     if p.kind != 0:
         return "it decodes symmetric int codes only (asymmetric zero points and codebooks keep the Triton kernels)"
     if p.double_quant:
         return "double-quantized scales are decoded by the Triton kernels"
-    if int8_activations:
-        return "int8 activations (W4A8) are the Triton kernel's XQ8 path"
     if p.in_features % p.group or p.in_features % (WORDS_PER_THREAD * CODES_PER_WORD):
         return f"in_features {p.in_features} is not a whole number of groups of 4-word thread tiles"
     return None
@@ -77,6 +76,57 @@ def why_not(p: Plan, int8_activations: bool = False) -> str | None:
 
 if gl is not None:
     _ASM_NIB_F32 = gl.constexpr(ptx.nibbles_f32_asm())
+    _ASM_QUANT_S8 = gl.constexpr(ptx.quantize_s8_asm())
+    _ASM_DOT_S8 = gl.constexpr(ptx.dot_s8_asm())
+    _MAGIC_F32 = gl.constexpr(ptx.MAGIC_F32)  # 1.5 * 2**23: + it rounds to an integer in the low mantissa bits
+    _MAGIC_INT = gl.constexpr(ptx.MAGIC_INT)  # ... whose float bits, read as an int, are _MAGIC_INT + the integer
+
+    @gluon.jit
+    def _pow2_scales(amax):
+        """``(1 / scale, scale)`` of int8 words whose absmax is ``amax``: ``scale = 2**(E - 6)`` (``E`` its
+        exponent, at least -95): ``amax / scale`` lands in [64, 128) and the division is an exact product
+        (:func:`holdall.kernels.packed.quantize_activations_s8`)."""
+        e = gl.maximum(amax.to(gl.int32, bitcast=True) >> 23, 32)
+        return ((260 - e) << 23).to(gl.float32, bitcast=True), ((e - 6) << 23).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _s8_bits(p):
+        """``p`` (already scaled and capped at 127) rounded to the nearest integer, ties to even, as its int8
+        byte in the low 8 bits of an int32 (the cap in between keeps the add from fusing with the product)."""
+        return (p + _MAGIC_F32).to(gl.int32, bitcast=True) & 0xFF
+
+    @gluon.jit
+    def _quantize_word(p0, p1, p2, p3, X_BF16: gl.constexpr):
+        """A word's 8 activations (4 packed pairs) as int8 times one power-of-two scale: ``(odd, even, total,
+        scale)`` -- the odd inputs' int8 packed in one int32 (the weight words' low nibbles are their codes),
+        the even ones' in another, their int sum, the scale; bit for bit the TMA kernel's ``XQ8`` rounding."""
+        x0, x1 = _unpack(p0, X_BF16)
+        x2, x3 = _unpack(p1, X_BF16)
+        x4, x5 = _unpack(p2, X_BF16)
+        x6, x7 = _unpack(p3, X_BF16)
+        amax = gl.maximum(gl.maximum(gl.maximum(gl.abs(x0), gl.abs(x1)), gl.maximum(gl.abs(x2), gl.abs(x3))),
+                          gl.maximum(gl.maximum(gl.abs(x4), gl.abs(x5)), gl.maximum(gl.abs(x6), gl.abs(x7))))
+        inv, scale = _pow2_scales(amax)
+        odd, even, total = gl.inline_asm_elementwise(
+            _ASM_QUANT_S8, "=r,=r,=r,f,f,f,f,f,f,f,f",
+            [gl.minimum(x0 * inv, 127.0), gl.minimum(x1 * inv, 127.0), gl.minimum(x2 * inv, 127.0),
+             gl.minimum(x3 * inv, 127.0), gl.minimum(x4 * inv, 127.0), gl.minimum(x5 * inv, 127.0),
+             gl.minimum(x6 * inv, 127.0), gl.minimum(x7 * inv, 127.0)], (gl.int32, gl.int32, gl.int32), True, 1)
+        return odd, even, total, scale
+
+    @gluon.jit
+    def _dot_s8(w, odd, even, c):
+        """``c + sum_c q_c x_c`` (int32) over the 8 int codes of each word of ``w`` and its int8 activations:
+        two DP4As after three integer instructions (:func:`holdall.kernels.ptx.dot_s8_asm`)."""
+        return gl.inline_asm_elementwise(_ASM_DOT_S8, "=r,r,r,r,r", [w, odd, even, c], gl.int32, True, 1)
+
+    @gluon.jit
+    def _int8_part(part, w, odd, even, total, scale):
+        """``part + scale * sum_c (code_c - 8) x8_c`` for the words ``w [R, KQ]`` and their int8 activations
+        (``[1, KQ]``): the dot exact in int32 (the codes' offset folded into the DP4A's start value through
+        the float32 magic ``1.5 * 2**23``), then scaled: 5 + 2 instructions per word and row."""
+        d = _dot_s8(w, odd, even, _MAGIC_INT - 8 * total).to(gl.float32, bitcast=True) - _MAGIC_F32
+        return d * scale + part
 
     @gluon.jit
     def _unpack(pair, X_BF16: gl.constexpr):
@@ -131,25 +181,63 @@ if gl is not None:
         return gl.expand_dims(gl.convert_layout(t, XL, assert_trivial=True), 0)
 
     @gluon.jit
-    def _tile(acc, wp, xq, sp, kw3, kx, kq2, k0: gl.constexpr, group_step,
-              K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, X_BF16: gl.constexpr, MASK: gl.constexpr):
+    def _tile(acc, wp, xq, xsq, sp, kw3, kx, kq2, k0: gl.constexpr, group_step,
+              K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, X_BF16: gl.constexpr, MASK: gl.constexpr,
+              XQ8: gl.constexpr, XIN8: gl.constexpr):
         """``acc [R, KQ] +=`` scale x dot of the words ``k0 + 4 q + j`` of every row: the weight tile
         ``[R, KQ, 4]`` (16-byte rows per thread; ``wp`` points at the row starts plus ``4 q + j``), its
-        activations ``[KQ * 16]`` pairs (16 consecutive per thread; ``xq``), the group scales ``[R, KQ]`` (``sp``
-        at the first group of each quad). ``MASK``: the row's last, partial tile (words past the row read as 0).
-        ``k0`` is a constant and a multiple of the group: every offset below is an immediate."""
+        activations (``xq``: ``[KQ * 16]`` float pairs, 16 consecutive per thread; with ``XIN8`` ``[KQ * 8]``
+        int8 word halves and ``xsq`` their ``[KQ * 4]`` scales), the group scales ``[R, KQ]`` (``sp`` at the
+        first group of each quad). ``MASK``: the row's last, partial tile (words past the row read as 0).
+        ``k0`` is a constant and a multiple of the group: every offset below is an immediate. ``XQ8``: int
+        codes times the activations rounded to int8 per word (W4A8, DP4A), rounded here or read (``XIN8``)."""
         R: gl.constexpr = wp.shape[0]
         KQ: gl.constexpr = wp.shape[1]
+        PAIRS: gl.constexpr = 8 if XIN8 else 16  # int32 activation entries per quad
         if MASK:
             w = gl.load(wp + k0, mask=(kw3 + k0) < K_WORDS, other=0)
-            xp = gl.load(xq + 4 * k0, mask=(kx + 4 * k0) < 4 * K_WORDS, other=0)
+            xp = gl.load(xq + PAIRS // 4 * k0, mask=(kx + PAIRS // 4 * k0) < PAIRS // 4 * K_WORDS, other=0)
             s = gl.load(sp + (k0 // GROUP_W) * group_step, mask=(k0 + 4 * kq2) < K_WORDS, other=0.0)
         else:
             w = gl.load(wp + k0)
-            xp = gl.load(xq + 4 * k0)
+            xp = gl.load(xq + PAIRS // 4 * k0)
             s = gl.load(sp + (k0 // GROUP_W) * group_step)
         w0, w1, w2, w3 = _split4(gl.reshape(w, [R, KQ, 2, 2]))  # words j = 0..3 of each thread's quad: [R, KQ]
         XL: gl.constexpr = gl.SliceLayout(0, w0.type.layout)
+        if XIN8:  # entry e of word j: [q, j // 2, j % 2, e], e = 0 the odd inputs' int8, 1 the even ones'
+            part = _xin8_part(w0, w1, w2, w3, xp, xsq, k0, K_WORDS, XL, MASK)
+        else:
+            part = _float_part(w0, w1, w2, w3, xp, XL, X_BF16, XQ8)
+        return acc + part * s.to(gl.float32)
+
+    @gluon.jit
+    def _xin8_part(w0, w1, w2, w3, xp, xsq, k0: gl.constexpr, K_WORDS: gl.constexpr, XL: gl.constexpr,
+                   MASK: gl.constexpr):
+        """:func:`_tile`'s scaled-by-activation dot products ``[R, KQ]`` from int8 words a producer wrote
+        (``xp [KQ * 8]``: per word its odd inputs' int8, then its even ones'; scales at ``xsq``)."""
+        KQ: gl.constexpr = w0.shape[1]
+        odd4, even4 = gl.split(gl.reshape(xp, [KQ, 2, 2, 2]))
+        odd = _split4(odd4)
+        even = _split4(even4)
+        if MASK:
+            xsc = gl.load(xsq + k0, mask=(gl.arange(0, KQ * 4, layout=xsq.type.layout) + k0) < K_WORDS, other=0.0)
+        else:
+            xsc = gl.load(xsq + k0)
+        sc = _split4(gl.reshape(xsc, [KQ, 2, 2]))
+        ws = (w0, w1, w2, w3)
+        part = gl.zeros_like(w0).to(gl.float32)
+        for j in gl.static_range(4):
+            o = _pairs_as(odd[j], XL)
+            e = _pairs_as(even[j], XL)
+            total = _dot_s8(gl.full(o.shape, 0x11111111, gl.int32, o.type.layout), o, e, gl.zeros_like(o))
+            part = _int8_part(part, ws[j], o, e, total, _pairs_as(sc[j], XL))
+        return part
+
+    @gluon.jit
+    def _float_part(w0, w1, w2, w3, xp, XL: gl.constexpr, X_BF16: gl.constexpr, XQ8: gl.constexpr):
+        """:func:`_tile`'s dot products ``[R, KQ]`` from the float activations (``xp [KQ * 16]`` pairs): in
+        float32, or (``XQ8``) rounded here to int8 per word and multiplied by DP4A."""
+        KQ: gl.constexpr = w0.shape[1]
         # pair p of word j sits at [q, j // 2, j % 2, p // 2, p % 2]
         xa, xb = gl.split(gl.reshape(xp, [KQ, 2, 2, 2, 2]))  # p % 2 = 0 / 1
         xa0, xa2 = gl.split(xa)  # p = 0, 2: [KQ, 2, 2] by word
@@ -158,32 +246,62 @@ if gl is not None:
         a2 = _split4(xa2)
         b1 = _split4(xb1)
         b3 = _split4(xb3)
-        part = _word_sum(_pairs_as(a0[0], XL), _pairs_as(b1[0], XL), _pairs_as(a2[0], XL), _pairs_as(b3[0], XL),
-                         X_BF16)
-        for j in gl.static_range(1, 4):
-            part += _word_sum(_pairs_as(a0[j], XL), _pairs_as(b1[j], XL), _pairs_as(a2[j], XL),
-                              _pairs_as(b3[j], XL), X_BF16)
-        part = part * -136.0  # symmetric codes store q + 8: sum (128 + code) x - 136 sum x = sum q x
-        part = _word_dot(part, w0, _pairs_as(a0[0], XL), _pairs_as(b1[0], XL), _pairs_as(a2[0], XL),
-                         _pairs_as(b3[0], XL), X_BF16)
-        part = _word_dot(part, w1, _pairs_as(a0[1], XL), _pairs_as(b1[1], XL), _pairs_as(a2[1], XL),
-                         _pairs_as(b3[1], XL), X_BF16)
-        part = _word_dot(part, w2, _pairs_as(a0[2], XL), _pairs_as(b1[2], XL), _pairs_as(a2[2], XL),
-                         _pairs_as(b3[2], XL), X_BF16)
-        part = _word_dot(part, w3, _pairs_as(a0[3], XL), _pairs_as(b1[3], XL), _pairs_as(a2[3], XL),
-                         _pairs_as(b3[3], XL), X_BF16)
-        return acc + part * s.to(gl.float32)
+        if XQ8:
+            ws = (w0, w1, w2, w3)
+            part = gl.zeros_like(w0).to(gl.float32)
+            for j in gl.static_range(4):
+                odd, even, total, scale = _quantize_word(_pairs_as(a0[j], XL), _pairs_as(b1[j], XL),
+                                                         _pairs_as(a2[j], XL), _pairs_as(b3[j], XL), X_BF16)
+                part = _int8_part(part, ws[j], odd, even, total, scale)
+        else:
+            part = _word_sum(_pairs_as(a0[0], XL), _pairs_as(b1[0], XL), _pairs_as(a2[0], XL),
+                             _pairs_as(b3[0], XL), X_BF16)
+            for j in gl.static_range(1, 4):
+                part += _word_sum(_pairs_as(a0[j], XL), _pairs_as(b1[j], XL), _pairs_as(a2[j], XL),
+                                  _pairs_as(b3[j], XL), X_BF16)
+            part = part * -136.0  # symmetric codes store q + 8: sum (128 + code) x - 136 sum x = sum q x
+            part = _word_dot(part, w0, _pairs_as(a0[0], XL), _pairs_as(b1[0], XL), _pairs_as(a2[0], XL),
+                             _pairs_as(b3[0], XL), X_BF16)
+            part = _word_dot(part, w1, _pairs_as(a0[1], XL), _pairs_as(b1[1], XL), _pairs_as(a2[1], XL),
+                             _pairs_as(b3[1], XL), X_BF16)
+            part = _word_dot(part, w2, _pairs_as(a0[2], XL), _pairs_as(b1[2], XL), _pairs_as(a2[2], XL),
+                             _pairs_as(b3[2], XL), X_BF16)
+            part = _word_dot(part, w3, _pairs_as(a0[3], XL), _pairs_as(b1[3], XL), _pairs_as(a2[3], XL),
+                             _pairs_as(b3[3], XL), X_BF16)
+        return part
+
+    @gluon.jit
+    def _store_int8_words(h, t, q_out_ptr, qs_out_ptr, R: gl.constexpr):
+        """Rows ``t R .. t R + R`` of ``h`` (float32 ``[R]``, as stored) as the int8 words of ``XIN8``: per word of
+        8 rows, ``q_out[2 w]`` the odd rows' int8, ``q_out[2 w + 1]`` the even rows', ``qs_out[w]`` the scale
+        (:func:`holdall.kernels.packed.pack_s8_words` of :func:`holdall.kernels.packed.quantize_activations_s8`)."""
+        even, odd = gl.split(gl.reshape(h, [R // 8, 4, 2]))  # row 8 w + 2 i + e
+        amax = gl.maximum(gl.max(gl.abs(even), axis=1), gl.max(gl.abs(odd), axis=1))  # [R / 8]
+        inv, scale = _pow2_scales(amax)
+        inv2 = gl.expand_dims(inv, 1)
+        shifts = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, even.type.layout)) * 8, 0)
+        q_even = gl.sum(_s8_bits(gl.minimum(even * inv2, 127.0)) << shifts, axis=1)  # disjoint bytes: sum = OR
+        q_odd = gl.sum(_s8_bits(gl.minimum(odd * inv2, 127.0)) << shifts, axis=1)
+        words = t * (R // 8) + gl.arange(0, R // 8, layout=amax.type.layout)
+        gl.store(q_out_ptr + 2 * words, q_odd)
+        gl.store(q_out_ptr + 2 * words + 1, q_even)
+        gl.store(qs_out_ptr + words, scale)
 
     @gluon.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
-                     N, n_half, stride_wn, scale_row_stride, group_step,
+                     xs_ptr, q_out_ptr, qs_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step,
                      K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, R: gl.constexpr, WK: gl.constexpr,
                      X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
-                     SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr):
+                     SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
+                     XQ8: gl.constexpr = False, XIN8: gl.constexpr = False, Q8_OUT: gl.constexpr = False):
         """Rows of program ``t``: ``t R .. t R + R`` (``GLU``: gate rows ``t R / 2 + i`` interleaved with their
-        up rows ``n_half`` further on). ``x_ptr`` is the activation row as int32 pairs; ``y`` one row."""
+        up rows ``n_half`` further on). ``x_ptr`` is the activation row as int32 pairs (``XIN8``: int8 words,
+        ``xs_ptr`` their scales); ``y`` one row. ``Q8_OUT`` (with ``NORM_OUT``, ``R`` a multiple of 8, whole
+        row tiles): also write ``h`` as int8 words and scales for an ``XIN8`` consumer, rounded as ``XQ8``
+        would round it."""
         LW: gl.constexpr = gl.BlockedLayout([R, 1, 4], [1, 32, 1], [1, WK, 1], [2, 1, 0])  # [rows, quads, words]
-        LX: gl.constexpr = gl.BlockedLayout([16], [32], [WK], [0])  # a quad's 16 activation pairs per thread
+        PAIRS: gl.constexpr = 8 if XIN8 else 16  # a quad's activation int32s per thread: 16 float pairs or 8 int8
+        LX: gl.constexpr = gl.BlockedLayout([PAIRS], [32], [WK], [0])
         KQ: gl.constexpr = 32 * WK  # quads (4-word thread tiles) per tile
         KW: gl.constexpr = 4 * KQ  # words per tile
         t = gl.program_id(0)
@@ -201,7 +319,8 @@ if gl is not None:
         jw = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0), 1)
         kw3 = qw * 4 + jw  # [1, KQ, 4] word index in the tile
         w_off = rw * stride_wn + kw3  # [R, KQ, 4]
-        kx = gl.arange(0, KQ * 16, layout=LX)  # pair index in the tile
+        kx = gl.arange(0, KQ * PAIRS, layout=LX)  # activation int32 index in the tile
+        xsq = xs_ptr + gl.arange(0, KQ * 4, layout=gl.BlockedLayout([4], [32], [WK], [0]))  # XIN8: word scales
         probe = gl.split(gl.split(gl.reshape(gl.full([R, KQ, 4], 0, gl.int32, LW), [R, KQ, 2, 2]))[0])[0]
         LA: gl.constexpr = probe.type.layout  # the [R, KQ] layout the dot products come out in
         rows2 = gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(1, LA)), 1)
@@ -217,9 +336,11 @@ if gl is not None:
         acc = gl.zeros([R, KQ], gl.float32, LA)
         N_FULL: gl.constexpr = K_WORDS // KW
         for it in gl.static_range(N_FULL):
-            acc = _tile(acc, wp, xq, sp, kw3, kx, kq2, it * KW, group_step, K_WORDS, GROUP_W, X_BF16, False)
+            acc = _tile(acc, wp, xq, xsq, sp, kw3, kx, kq2, it * KW, group_step, K_WORDS, GROUP_W, X_BF16, False,
+                        XQ8, XIN8)
         if N_FULL * KW < K_WORDS:
-            acc = _tile(acc, wp, xq, sp, kw3, kx, kq2, N_FULL * KW, group_step, K_WORDS, GROUP_W, X_BF16, True)
+            acc = _tile(acc, wp, xq, xsq, sp, kw3, kx, kq2, N_FULL * KW, group_step, K_WORDS, GROUP_W, X_BF16, True,
+                        XQ8, XIN8)
         y = gl.sum(acc, axis=1)  # [R]: every thread ends up with the tile's R sums
         YL: gl.constexpr = y.type.layout
         rows_y = gl.convert_layout(rows, YL)
@@ -240,33 +361,58 @@ if gl is not None:
             if NORM_OUT:  # the next norm's pieces, from the value as stored (the residual stream's rounding)
                 yf = gl.where(ok_y, y_out.to(gl.float32), 0.0)
                 nw = gl.load(nw_ptr + rows_y).to(gl.float32)
-                gl.store(h_ptr + rows_y, (yf * nw).to(h_ptr.dtype.element_ty), mask=ok_y)
+                h = (yf * nw).to(h_ptr.dtype.element_ty)
+                gl.store(h_ptr + rows_y, h, mask=ok_y)
                 gl.store(sq_out_ptr + t, gl.sum(yf * yf, axis=0))
+                if Q8_OUT:
+                    _store_int8_words(h.to(gl.float32), t, q_out_ptr, qs_out_ptr, R)
 
 
-def gemv_config(p: Plan) -> dict:
+def gemv_config(p: Plan, int8_activations: bool = False) -> dict:
     """The tiling (rows per thread ``BLOCK_N`` = rows per program, warps ``WK`` along the row), from the sweep
     on an H200 (BENCHMARKS.md, round 10; us): long rows 8 rows x 4 warps (4096x11008: 10.85; 4 x 2 10.76,
     16 x 4 11.11), short rows 8 x 2 (4096x4096 5.33, 22016x4096 16.65) except 16 x 2 for 8k-16k rows
     (11008x4096 9.95 against 10.85 at 8 x 2; 12288x4096 10.03 against 11.21)."""
     if p.in_features >= 8192:
-        return {"VARIANT": "gluon", "BLOCK_N": 8, "WK": 4}
-    return {"VARIANT": "gluon", "BLOCK_N": 16 if 8192 <= p.out_features <= 16384 else 8, "WK": 2}
+        return {"VARIANT": "gluon", "BLOCK_N": 8, "WK": 4, "XQ8": int8_activations}
+    return {"VARIANT": "gluon", "BLOCK_N": 16 if 8192 <= p.out_features <= 16384 else 8, "WK": 2,
+            "XQ8": int8_activations}
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
          norm_in: tuple[torch.Tensor, float] | None = None,
-         norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False) -> torch.Tensor:
-    """Launch :func:`_gemv_kernel` (``cfg``: ``BLOCK_N``, ``WK``; arguments as
-    :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon"``)."""
-    reason = why_not(p)
+         norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
+         x_scales: torch.Tensor | None = None, int8_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+         ) -> torch.Tensor:
+    """Launch :func:`_gemv_kernel` (``cfg``: ``BLOCK_N``, ``WK``, ``XQ8``; arguments as
+    :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon"``): ``x_scales`` given means
+    ``x`` is int8 words (int32 ``[K / 4]``) with these float32 scales ``[K / 8]`` (an ``XQ8`` config);
+    ``int8_out = (words, scales)`` also writes ``norm_out``'s ``h`` as such words."""
+    xq8 = bool(cfg.get("XQ8", False))
+    reason = why_not(p, xq8)
     if reason is not None:
         raise ValueError(f"the Gluon GEMV cannot take this layer: {reason}")
     block_n, wk = int(cfg["BLOCK_N"]), int(cfg.get("WK", 4))
     if block_n not in (2, 4, 8, 16) or wk not in (1, 2, 4, 8):
         raise ValueError(f"BLOCK_N (rows per thread) must be 2, 4, 8 or 16 and WK 1, 2, 4 or 8; got {block_n}, {wk}")
-    if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
+    if x_scales is not None:  # int8 words from a Q8_OUT producer
+        if not xq8 or x.dtype != torch.int32 or x.numel() * 4 != p.in_features \
+                or x_scales.dtype != torch.float32 or x_scales.numel() * 8 != p.in_features:
+            raise ValueError(f"int8 words as x need an XQ8 config, int32 words [{p.in_features // 4}] and float32 "
+                             f"scales [{p.in_features // 8}]; got XQ8={xq8}, {x.dtype} [{x.numel()}], "
+                             f"{x_scales.dtype} [{x_scales.numel()}]")
+    elif x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
+    q_out = qs_out = ops.scale
+    if int8_out is not None:
+        q_out, qs_out = int8_out
+        if norm_out is None or block_n % 8 or p.out_features % block_n:
+            raise ValueError("int8_out needs norm_out and BLOCK_N a multiple of 8 that divides the "
+                             f"{p.out_features} rows (got BLOCK_N {block_n})")
+        if q_out.dtype != torch.int32 or q_out.numel() * 4 != p.out_features or qs_out.dtype != torch.float32 \
+                or qs_out.numel() * 8 != p.out_features:
+            raise ValueError(f"int8_out needs int32 [{p.out_features // 4}] words and float32 "
+                             f"[{p.out_features // 8}] scales")
     n_half, tile_rows = p.out_features, block_n
     if glu:
         n_half, tile_rows = p.out_features // 2, block_n // 2
@@ -286,10 +432,12 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     _gemv_kernel[(tiles,)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out,
+        x_scales if x_scales is not None else ops.scale, q_out, qs_out,
         p.out_features, n_half, ops.words.stride(0), p.scale_row_stride, p.group_step,
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, R=block_n, WK=wk,
-        X_BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
+        X_BF16=x.dtype != torch.float16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
-        NORM_OUT=norm_out is not None, GLU=glu, num_warps=wk,
+        NORM_OUT=norm_out is not None, GLU=glu, XQ8=xq8, XIN8=x_scales is not None, Q8_OUT=int8_out is not None,
+        num_warps=wk,
     )
     return out

@@ -1350,7 +1350,7 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     per code) measured 2.6x *slower*; it is kept, tested, not used.
     """
     if gluon and gluon_wq4.why_not(p, int8_activations) is None:
-        return gluon_wq4.gemv_config(p)
+        return gluon_wq4.gemv_config(p, int8_activations)
     group_w = p.group // CODES_PER_WORD
     long_rows = p.in_features >= 8192
     if p.kind == 2:
@@ -1468,10 +1468,9 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     cfg = dict(config if config is not None else default_gemv_config(ops, p, x.device))
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
-    if variant == "gluon":  # round 10: explicit layouts (int symmetric codes, float activations)
-        if x_scales is not None or int8_out is not None:
-            raise ValueError("the Gluon GEMV multiplies float activations; int8 words are VARIANT 'tma' (XQ8)")
-        return gluon_wq4.gemv(ops, p, x, bias, out, {**cfg, "BLOCK_N": block_n}, norm_in, norm_out, glu)
+    if variant == "gluon":  # round 10: explicit layouts (int symmetric codes)
+        return gluon_wq4.gemv(ops, p, x, bias, out, {**cfg, "BLOCK_N": block_n}, norm_in, norm_out, glu, x_scales,
+                              int8_out)
     if (norm_in is not None or norm_out is not None or x_scales is not None or int8_out is not None or glu) \
             and variant != "tma":
         raise ValueError(f"the {variant!r} GEMV cannot fold in a norm, the gated activation or hand over int8 "
