@@ -1,0 +1,87 @@
+"""The Gluon one-row GEMV's tilings beside round 9's TMA kernel and bf16 cuBLAS, on Llama-2-7B's decode shapes
+(issue 6, round 10; BENCHMARKS.md). On the device machine::
+
+    PYTHONPATH=src python3 bench/gluon_sweep.py --out $OUT/gluon_sweep.json
+
+Int4 g128 symmetric weights (random, N(0, 0.02)), one bf16 row; every tiling's output is checked against the
+fp32 reference (``max_rel_error``) before it is timed with ``gpu_kernels.bench_graph`` (CUDA graph over enough
+weight copies that L2 never holds the next one). ``triton`` is :func:`holdall.kernels.triton_wq4.gemv` with the
+configuration it picks when the Gluon kernel is switched off (``HOLDALL_GLUON=0``); ``default`` is what it picks
+now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_kernels import bench_graph, copies_for, copy_bandwidth  # noqa: E402
+from holdall.core.linear import QuantLinear  # noqa: E402
+from holdall.core.scheme import QuantScheme  # noqa: E402
+from holdall.kernels import packed  # noqa: E402
+
+SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (22016, 4096), (12288, 4096)]  # [out, in]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", default="4,8,16", help="rows per thread (BLOCK_N) to try")
+    parser.add_argument("--warps", default="1,2,4", help="warps along the row (WK) to try")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gluon_sweep.py times CUDA kernels: run it on the device machine")
+    from holdall.kernels import triton_wq4  # Triton: only where the kernels run
+
+    torch.manual_seed(0)
+    info = {"device": torch.cuda.get_device_name(), "copy_GBps": round(copy_bandwidth(), 1)}
+    print(json.dumps(info), flush=True)
+    rows_out = []
+    for out_f, in_f in SHAPES:
+        linear = torch.nn.Linear(in_f, out_f, bias=False)
+        linear.weight.data.normal_(0, 0.02)
+        layers = [QuantLinear.from_linear(linear, QuantScheme()).cuda()]
+        p = packed.plan(layers[0])
+        nbytes = sum(t.numel() * t.element_size() for t in layers[0].buffers())
+        layers += [QuantLinear.from_linear(linear, QuantScheme()).cuda() for _ in range(copies_for(nbytes) - 1)]
+        ops = [packed.operands(layer, p) for layer in layers]
+        x = torch.randn(in_f, device="cuda", dtype=torch.bfloat16)
+        want = packed.reference_linear(layers[0], x.float()[None])[0]
+        y = torch.empty(out_f, device="cuda", dtype=torch.bfloat16)
+        row = {"shape": f"{out_f}x{in_f}", "weight_MB": round(nbytes / 1e6, 2)}
+        weight = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+        copies = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * 2) - 1)]
+        row["bf16"] = round(bench_graph([lambda w=w: F.linear(x, w) for w in copies]), 2)
+        os.environ["HOLDALL_GLUON"] = "0"
+        try:
+            tma = triton_wq4.default_gemv_config(ops[0], p, x.device)
+        finally:
+            del os.environ["HOLDALL_GLUON"]
+        row["triton"] = round(bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, tma) for o in ops]), 2)
+        row["default"] = triton_wq4.default_gemv_config(ops[0], p, x.device)
+        for block_n, wk in itertools.product([int(v) for v in args.rows.split(",")],
+                                             [int(v) for v in args.warps.split(",")]):
+            cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk}
+            y.fill_(float("nan"))
+            triton_wq4.gemv(ops[0], p, x, None, y, cfg)
+            error = float((y.float() - want).abs().max() / want.abs().max())
+            us = bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, cfg) for o in ops])
+            row[f"g{block_n}x{wk}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
+        print(json.dumps(row), flush=True)
+        rows_out.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"info": info, "rows": rows_out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
