@@ -75,68 +75,36 @@ def why_not(p: Plan, int8_activations: bool = False) -> str | None:
 
 
 if gl is not None:
-    _ASM_NIB_F32 = gl.constexpr(ptx.nibbles_f32_asm())
-    _ASM_QUANT_S8 = gl.constexpr(ptx.quantize_s8_asm())
-    _ASM_DOT_S8 = gl.constexpr(ptx.dot_s8_asm())
+    # the elementwise pieces are the TMA kernel's own @triton.jit helpers (a Gluon kernel compiles what it calls
+    # with its own semantics): one definition of the int8 rounding, the DP4A dot and the 16-bit unpacking
+    from .triton_wq4 import _codes_f32, _dot_s8, _pow2_scales, _quantize_word, _s8_bits, _unpack_pair
+
     _MAGIC_F32 = gl.constexpr(ptx.MAGIC_F32)  # 1.5 * 2**23: + it rounds to an integer in the low mantissa bits
     _MAGIC_INT = gl.constexpr(ptx.MAGIC_INT)  # ... whose float bits, read as an int, are _MAGIC_INT + the integer
 
     @gluon.jit
-    def _pow2_scales(amax):
-        """``(1 / scale, scale)`` of int8 words whose absmax is ``amax``: ``scale = 2**(E - 6)`` (``E`` its
-        exponent, at least -95): ``amax / scale`` lands in [64, 128) and the division is an exact product
-        (:func:`holdall.kernels.packed.quantize_activations_s8`)."""
-        e = gl.maximum(amax.to(gl.int32, bitcast=True) >> 23, 32)
-        return ((260 - e) << 23).to(gl.float32, bitcast=True), ((e - 6) << 23).to(gl.float32, bitcast=True)
+    def _unpack(pair, X_BF16: gl.constexpr):
+        """Two 16-bit floats packed in an int32 (first in the low half) -> two float32s."""
+        return _unpack_pair(pair, X_BF16)
 
     @gluon.jit
-    def _s8_bits(p):
-        """``p`` (already scaled and capped at 127) rounded to the nearest integer, ties to even, as its int8
-        byte in the low 8 bits of an int32 (the cap in between keeps the add from fusing with the product)."""
-        return (p + _MAGIC_F32).to(gl.int32, bitcast=True) & 0xFF
-
-    @gluon.jit
-    def _quantize_word(p0, p1, p2, p3, X_BF16: gl.constexpr):
+    def _quantize_pairs(p0, p1, p2, p3, X_BF16: gl.constexpr):
         """A word's 8 activations (4 packed pairs) as int8 times one power-of-two scale: ``(odd, even, total,
         scale)`` -- the odd inputs' int8 packed in one int32 (the weight words' low nibbles are their codes),
-        the even ones' in another, their int sum, the scale; bit for bit the TMA kernel's ``XQ8`` rounding."""
+        the even ones' in another, their int sum, the scale; the TMA kernel's ``XQ8`` rounding, bit for bit."""
         x0, x1 = _unpack(p0, X_BF16)
         x2, x3 = _unpack(p1, X_BF16)
         x4, x5 = _unpack(p2, X_BF16)
         x6, x7 = _unpack(p3, X_BF16)
-        amax = gl.maximum(gl.maximum(gl.maximum(gl.abs(x0), gl.abs(x1)), gl.maximum(gl.abs(x2), gl.abs(x3))),
-                          gl.maximum(gl.maximum(gl.abs(x4), gl.abs(x5)), gl.maximum(gl.abs(x6), gl.abs(x7))))
-        inv, scale = _pow2_scales(amax)
-        odd, even, total = gl.inline_asm_elementwise(
-            _ASM_QUANT_S8, "=r,=r,=r,f,f,f,f,f,f,f,f",
-            [gl.minimum(x0 * inv, 127.0), gl.minimum(x1 * inv, 127.0), gl.minimum(x2 * inv, 127.0),
-             gl.minimum(x3 * inv, 127.0), gl.minimum(x4 * inv, 127.0), gl.minimum(x5 * inv, 127.0),
-             gl.minimum(x6 * inv, 127.0), gl.minimum(x7 * inv, 127.0)], (gl.int32, gl.int32, gl.int32), True, 1)
-        return odd, even, total, scale
-
-    @gluon.jit
-    def _dot_s8(w, odd, even, c):
-        """``c + sum_c q_c x_c`` (int32) over the 8 int codes of each word of ``w`` and its int8 activations:
-        two DP4As after three integer instructions (:func:`holdall.kernels.ptx.dot_s8_asm`)."""
-        return gl.inline_asm_elementwise(_ASM_DOT_S8, "=r,r,r,r,r", [w, odd, even, c], gl.int32, True, 1)
+        return _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, True)
 
     @gluon.jit
     def _int8_part(part, w, odd, even, total, scale):
         """``part + scale * sum_c (code_c - 8) x8_c`` for the words ``w [R, KQ]`` and their int8 activations
         (``[1, KQ]``): the dot exact in int32 (the codes' offset folded into the DP4A's start value through
         the float32 magic ``1.5 * 2**23``), then scaled: 5 + 2 instructions per word and row."""
-        d = _dot_s8(w, odd, even, _MAGIC_INT - 8 * total).to(gl.float32, bitcast=True) - _MAGIC_F32
+        d = _dot_s8(w, odd, even, _MAGIC_INT - 8 * total, True).to(gl.float32, bitcast=True) - _MAGIC_F32
         return d * scale + part
-
-    @gluon.jit
-    def _unpack(pair, X_BF16: gl.constexpr):
-        """Two 16-bit floats packed in an int32 (first in the low half) -> two float32s."""
-        if X_BF16:  # bf16 is the top half of a float32: shifting it into place is the conversion
-            return (pair << 16).to(gl.float32, bitcast=True), (pair & -65536).to(gl.float32, bitcast=True)
-        else:
-            lo = (pair & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
-            hi = (pair >> 16).to(gl.int16).to(gl.float16, bitcast=True)
-            return lo.to(gl.float32), hi.to(gl.float32)
 
     @gluon.jit
     def _split4(t):
@@ -159,8 +127,7 @@ if gl is not None:
     def _word_dot(part, w, p0, p1, p2, p3, X_BF16: gl.constexpr):
         """``part + sum_c (128 + q_c) x_c`` over the 8 codes of each word of ``w [R, KQ]`` and its activations
         (``p0..p3 [1, KQ]``, packed pairs): 8 PRMT + 8 FMA per word and row."""
-        q0, q1, q2, q3, q4, q5, q6, q7 = gl.inline_asm_elementwise(
-            _ASM_NIB_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], (gl.float32,) * 8, True, 1)
+        q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, True)
         x0, x1 = _unpack(p0, X_BF16)
         x2, x3 = _unpack(p1, X_BF16)
         x4, x5 = _unpack(p2, X_BF16)
@@ -229,7 +196,7 @@ if gl is not None:
         for j in gl.static_range(4):
             o = _pairs_as(odd[j], XL)
             e = _pairs_as(even[j], XL)
-            total = _dot_s8(gl.full(o.shape, 0x11111111, gl.int32, o.type.layout), o, e, gl.zeros_like(o))
+            total = _dot_s8(gl.full(o.shape, 0x11111111, gl.int32, o.type.layout), o, e, gl.zeros_like(o), True)
             part = _int8_part(part, ws[j], o, e, total, _pairs_as(sc[j], XL))
         return part
 
@@ -250,7 +217,7 @@ if gl is not None:
             ws = (w0, w1, w2, w3)
             part = gl.zeros_like(w0).to(gl.float32)
             for j in gl.static_range(4):
-                odd, even, total, scale = _quantize_word(_pairs_as(a0[j], XL), _pairs_as(b1[j], XL),
+                odd, even, total, scale = _quantize_pairs(_pairs_as(a0[j], XL), _pairs_as(b1[j], XL),
                                                          _pairs_as(a2[j], XL), _pairs_as(b3[j], XL), X_BF16)
                 part = _int8_part(part, ws[j], odd, even, total, scale)
         else:
@@ -395,12 +362,10 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     block_n, wk = int(cfg["BLOCK_N"]), int(cfg.get("WK", 4))
     if block_n not in (2, 4, 8, 16) or wk not in (1, 2, 4, 8):
         raise ValueError(f"BLOCK_N (rows per thread) must be 2, 4, 8 or 16 and WK 1, 2, 4 or 8; got {block_n}, {wk}")
+    from .triton_wq4 import _check_int8_out, _check_int8_x, _norm_operands  # the TMA launcher's checks
+
     if x_scales is not None:  # int8 words from a Q8_OUT producer
-        if not xq8 or x.dtype != torch.int32 or x.numel() * 4 != p.in_features \
-                or x_scales.dtype != torch.float32 or x_scales.numel() * 8 != p.in_features:
-            raise ValueError(f"int8 words as x need an XQ8 config, int32 words [{p.in_features // 4}] and float32 "
-                             f"scales [{p.in_features // 8}]; got XQ8={xq8}, {x.dtype} [{x.numel()}], "
-                             f"{x_scales.dtype} [{x_scales.numel()}]")
+        _check_int8_x(p, x, x_scales, xq8)
     elif x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
     q_out = qs_out = ops.scale
@@ -409,10 +374,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         if norm_out is None or block_n % 8 or p.out_features % block_n:
             raise ValueError("int8_out needs norm_out and BLOCK_N a multiple of 8 that divides the "
                              f"{p.out_features} rows (got BLOCK_N {block_n})")
-        if q_out.dtype != torch.int32 or q_out.numel() * 4 != p.out_features or qs_out.dtype != torch.float32 \
-                or qs_out.numel() * 8 != p.out_features:
-            raise ValueError(f"int8_out needs int32 [{p.out_features // 4}] words and float32 "
-                             f"[{p.out_features // 8}] scales")
+        _check_int8_out(p, q_out, qs_out)
     n_half, tile_rows = p.out_features, block_n
     if glu:
         n_half, tile_rows = p.out_features // 2, block_n // 2
@@ -421,14 +383,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         if out.numel() != n_half:
             raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
     tiles = -(-n_half // tile_rows)
-    sq_in, eps = norm_in if norm_in is not None else (ops.scale, 0.0)
-    if norm_in is not None and (sq_in.dtype != torch.float32 or not sq_in.is_contiguous()):
-        raise ValueError("norm_in's partial sums of squares must be a contiguous float32 tensor")
-    weight, h, sq_out = norm_out if norm_out is not None else (ops.scale, ops.scale, ops.scale)
-    if norm_out is not None and (weight.numel() != p.out_features or h.numel() != p.out_features
-                                 or sq_out.numel() < tiles or sq_out.dtype != torch.float32):
-        raise ValueError(f"norm_out needs a [{p.out_features}] weight and output row and >= {tiles} float32 "
-                         f"partials, got {weight.numel()} / {h.numel()} / {sq_out.numel()} {sq_out.dtype}")
+    sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, tiles, norm_in, norm_out)
     _gemv_kernel[(tiles,)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out,

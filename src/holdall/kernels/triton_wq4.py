@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gluon_wq4, ptx
+from . import ptx
 from .packed import CODES_PER_WORD, Operands, Plan
 
 try:  # host-side TMA descriptors (recent Tritons; 3.6 on the device); without them the pointer-load kernels serve
@@ -1347,10 +1347,14 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     Triton's pipelining 3 deep plus a register prefetch); codebooks the ``[rows, groups, words, 8 codes]``
     kernel with the 16-value table (all lanes of a warp on one 64-byte line), unpipelined (pipelining turns
     the table lookups into asynchronous copies, 15x slower). The round-2 ``v2`` kernel (half the instructions
-    per code) measured 2.6x *slower*; it is kept, tested, not used.
+    per code) measured 2.6x *slower*; it is kept, tested, not used. Round 10: where the Gluon kernel can run
+    (``gluon``), int symmetric codes take it (:func:`holdall.kernels.gluon_wq4.gemv_config`) instead of all this.
     """
-    if gluon and gluon_wq4.why_not(p, int8_activations) is None:
-        return gluon_wq4.gemv_config(p, int8_activations)
+    if gluon:
+        from . import gluon_wq4  # imported where used: it builds on this module's elementwise helpers
+
+        if gluon_wq4.why_not(p, int8_activations) is None:
+            return gluon_wq4.gemv_config(p, int8_activations)
     group_w = p.group // CODES_PER_WORD
     long_rows = p.in_features >= 8192
     if p.kind == 2:
@@ -1437,6 +1441,8 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
 # --- launchers ------------------------------------------------------------------------------------------
 def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activations: bool = False) -> dict:
     """:func:`gemv_config` for this device (its SM count, and TMA when it has it and the words are aligned)."""
+    from . import gluon_wq4
+
     index = device.index if device.index is not None else torch.cuda.current_device()
     aligned = ops.words.data_ptr() % 16 == 0
     return gemv_config(p, _sm_count(index), _has_tma(index) and aligned, int8_activations,
@@ -1469,6 +1475,8 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
     if variant == "gluon":  # round 10: explicit layouts (int symmetric codes)
+        from . import gluon_wq4
+
         return gluon_wq4.gemv(ops, p, x, bias, out, {**cfg, "BLOCK_N": block_n}, norm_in, norm_out, glu, x_scales,
                               int8_out)
     if (norm_in is not None or norm_out is not None or x_scales is not None or int8_out is not None or glu) \
@@ -1527,6 +1535,37 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     return out
 
 
+def _norm_operands(ops: Operands, p: Plan, tiles: int, norm_in: tuple[torch.Tensor, float] | None,
+                   norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> tuple:
+    """``(squares in, eps, norm weight, h, squares out)`` for a one-row launch, checked (dummies where unused)."""
+    sq_in, eps = norm_in if norm_in is not None else (ops.scale, 0.0)
+    if norm_in is not None and (sq_in.dtype != torch.float32 or not sq_in.is_contiguous()):
+        raise ValueError("norm_in's partial sums of squares must be a contiguous float32 tensor")
+    weight, h, sq_out = norm_out if norm_out is not None else (ops.scale, ops.scale, ops.scale)
+    if norm_out is not None and (weight.numel() != p.out_features or h.numel() != p.out_features
+                                 or sq_out.numel() < tiles or sq_out.dtype != torch.float32):
+        raise ValueError(f"norm_out needs a [{p.out_features}] weight and output row and >= {tiles} float32 "
+                         f"partials, got {weight.numel()} / {h.numel()} / {sq_out.numel()} {sq_out.dtype}")
+    return sq_in, eps, weight, h, sq_out
+
+
+def _check_int8_x(p: Plan, x: torch.Tensor, x_scales: torch.Tensor, xq8) -> None:
+    """int8 words as a one-row launch's ``x``: an ``XQ8`` config, int32 ``[in / 4]``, float32 scales ``[in / 8]``."""
+    if not xq8 or x.dtype != torch.int32 or x.numel() * 4 != p.in_features \
+            or x_scales.dtype != torch.float32 or x_scales.numel() * 8 != p.in_features:
+        raise ValueError(f"int8 words as x need an XQ8 config, int32 words [{p.in_features // 4}] and float32 "
+                         f"scales [{p.in_features // 8}]; got XQ8={xq8}, {x.dtype} [{x.numel()}], "
+                         f"{x_scales.dtype} [{x_scales.numel()}]")
+
+
+def _check_int8_out(p: Plan, q_out: torch.Tensor, qs_out: torch.Tensor) -> None:
+    """``int8_out``'s buffers: int32 words ``[out / 4]`` and float32 scales ``[out / 8]``."""
+    if q_out.dtype != torch.int32 or q_out.numel() * 4 != p.out_features or qs_out.dtype != torch.float32 \
+            or qs_out.numel() * 8 != p.out_features:
+        raise ValueError(f"int8_out needs int32 [{p.out_features // 4}] words and float32 "
+                         f"[{p.out_features // 8}] scales")
+
+
 def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
               block_n: int, cfg: dict, norm_in: tuple[torch.Tensor, float] | None = None,
               norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -1574,32 +1613,18 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
             src = TensorDescriptor(ops.words, [p.out_features, n_groups, group_w], [ops.words.stride(0), group_w, 1],
                                    [box_rows, cfg["BLOCK_G"], group_w])
     tiles = triton.cdiv(n_half, box_rows)
-    sq_in, eps = norm_in if norm_in is not None else (ops.scale, 0.0)
-    if norm_in is not None and (sq_in.dtype != torch.float32 or not sq_in.is_contiguous()):
-        raise ValueError("norm_in's partial sums of squares must be a contiguous float32 tensor")
-    weight, h, sq_out = norm_out if norm_out is not None else (ops.scale, ops.scale, ops.scale)
-    if norm_out is not None and (weight.numel() != p.out_features or h.numel() != p.out_features
-                                 or sq_out.numel() < tiles or sq_out.dtype != torch.float32):
-        raise ValueError(f"norm_out needs a [{p.out_features}] weight and output row and >= {tiles} float32 "
-                         f"partials, got {weight.numel()} / {h.numel()} / {sq_out.numel()} {sq_out.dtype}")
+    sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, tiles, norm_in, norm_out)
     if (cfg.get("XIN8") and x_scales is None) or (cfg.get("Q8_OUT") and int8_out is None):
         raise ValueError("XIN8 / Q8_OUT are set by passing x_scales / int8_out, not in the config")
     if x_scales is not None:  # int8 words from a Q8_OUT GEMV: x is int32 [in / 4], x_scales float32 [in / 8]
-        if not cfg.get("XQ8") or x.dtype != torch.int32 or x.numel() * 4 != p.in_features \
-                or x_scales.dtype != torch.float32 or x_scales.numel() * 8 != p.in_features:
-            raise ValueError(f"int8 words as x need an XQ8 config, int32 words [{p.in_features // 4}] and float32 "
-                             f"scales [{p.in_features // 8}]; got XQ8={cfg.get('XQ8')}, {x.dtype} [{x.numel()}], "
-                             f"{x_scales.dtype} [{x_scales.numel()}]")
+        _check_int8_x(p, x, x_scales, cfg.get("XQ8"))
         cfg["XIN8"] = True
     if int8_out is not None:  # h as int8 words too: the even / odd row sub-tiles are each word's two halves
         q_out, qs_out = int8_out
         if norm_out is None or cfg.get("RPT", 1) != 2 or block_n % 16 or p.out_features % block_n:
             raise ValueError("int8_out needs norm_out and a config with RPT 2 and BLOCK_N a multiple of 16 that "
                              f"divides the {p.out_features} rows (got RPT {cfg.get('RPT', 1)}, BLOCK_N {block_n})")
-        if q_out.dtype != torch.int32 or q_out.numel() * 4 != p.out_features or qs_out.dtype != torch.float32 \
-                or qs_out.numel() * 8 != p.out_features:
-            raise ValueError(f"int8_out needs int32 [{p.out_features // 4}] words and float32 "
-                             f"[{p.out_features // 8}] scales")
+        _check_int8_out(p, q_out, qs_out)
         cfg["Q8_OUT"] = True
     else:
         q_out = qs_out = ops.scale
