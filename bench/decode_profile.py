@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -63,7 +64,8 @@ def main() -> None:
     parser.add_argument("--variants", default="default",
                         help="for 4-bit int schemes, also: int8 (int8_activations=True), int8-no-handoff (each GEMV "
                              "rounds its own input), silu-separate (SiLU x up in its own launch, as before round 9), "
-                             "e.g. default,int8,int8-no-handoff")
+                             "triton / int8-triton (round 9's Triton GEMVs instead of the Gluon ones: "
+                             "HOLDALL_GLUON=0), e.g. default,triton,int8,int8-triton")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.layers, device)
@@ -78,11 +80,16 @@ def main() -> None:
             quantize(model, QuantConfig.for_method(spec.pop("method"), **spec), progress=False)
         variants = [v for v in args.variants.split(",") if v] if label.startswith("int") else ["default"]
         for variant in variants:
-            decoder = StaticDecoder(model, max_len=args.max_len, int8_activations=variant.startswith("int8"))
-            decoder._int8_handoff = variant != "int8-no-handoff"
-            decoder._glu = variant != "silu-separate"
-            decoder.prefill(prompt)
-            kernels, wall_us = profile_steps(decoder, prompt.numel(), args.steps)
+            if variant.endswith("triton"):  # the kernels are chosen while the step is captured
+                os.environ["HOLDALL_GLUON"] = "0"
+            try:
+                decoder = StaticDecoder(model, max_len=args.max_len, int8_activations=variant.startswith("int8"))
+                decoder._int8_handoff = variant != "int8-no-handoff"
+                decoder._glu = variant != "silu-separate"
+                decoder.prefill(prompt)
+                kernels, wall_us = profile_steps(decoder, prompt.numel(), args.steps)
+            finally:
+                os.environ.pop("HOLDALL_GLUON", None)
             total = sum(kernels.values())
             table = sorted(kernels.items(), key=lambda kv: -kv[1])
             row = {"weights": label, "variant": variant, "wall_us_per_step": round(wall_us, 1),

@@ -255,7 +255,7 @@ if gl is not None:
         gl.store(qs_out_ptr + words, scale)
 
     @gluon.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
+    def _gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
                      xs_ptr, q_out_ptr, qs_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step,
                      K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, R: gl.constexpr, WK: gl.constexpr,
                      X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
@@ -351,7 +351,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
          norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
          x_scales: torch.Tensor | None = None, int8_out: tuple[torch.Tensor, torch.Tensor] | None = None,
          ) -> torch.Tensor:
-    """Launch :func:`_gemv_kernel` (``cfg``: ``BLOCK_N``, ``WK``, ``XQ8``; arguments as
+    """Launch :func:`_gemv_gluon_kernel` (``cfg``: ``BLOCK_N``, ``WK``, ``XQ8``; arguments as
     :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon"``): ``x_scales`` given means
     ``x`` is int8 words (int32 ``[K / 4]``) with these float32 scales ``[K / 8]`` (an ``XQ8`` config);
     ``int8_out = (words, scales)`` also writes ``norm_out``'s ``h`` as such words."""
@@ -384,7 +384,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
             raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
     tiles = -(-n_half // tile_rows)
     sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, tiles, norm_in, norm_out)
-    _gemv_kernel[(tiles,)](
+    _gemv_gluon_kernel[(tiles,)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out,
         x_scales if x_scales is not None else ops.scale, q_out, qs_out,
