@@ -776,6 +776,10 @@ def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
     assert "double-quantized" in gluon_wq4.why_not(_plan(256, QuantScheme(double_quant=True)))
     assert gluon_wq4.why_not(sym, int8_activations=True) is None
     assert "whole number" in gluon_wq4.why_not(_plan(576, QuantScheme()))  # SmolLM2: 4.5 groups of 128
+    # Gluon's API moves between releases: the kernel runs only on the Triton it was tested with, or newer
+    assert gluon_wq4.version_tuple("3.6.0") == (3, 6) >= gluon_wq4.MIN_TRITON
+    assert gluon_wq4.version_tuple("3.10.1+git1a2b") == (3, 10) > gluon_wq4.MIN_TRITON
+    assert gluon_wq4.version_tuple("3.5.0") < gluon_wq4.MIN_TRITON
     if not HAS_TRITON:
         return  # the configuration below lives beside the Triton kernels
     from holdall.kernels import triton_wq4

@@ -50,10 +50,29 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 WORDS_PER_THREAD = 4
 
 
+#: the Triton the kernel was written and tested against (Gluon is experimental: its API moves between releases)
+MIN_TRITON = (3, 6)
+
+
+def version_tuple(text: str) -> tuple[int, int]:
+    """``"3.6.0"`` / ``"3.10.1+git1a2b"`` / ``"3.5rc1"`` -> ``(major, minor)``."""
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    digits = "".join(ch for ch in minor[:2] if ch.isdigit())
+    return int(major), int(digits or 0)
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return version_tuple(triton.__version__)
+
+
 @functools.lru_cache(maxsize=None)
 def available(device_index: int) -> bool:
-    """Gluon imports and the GPU is an NVIDIA one from Ampere on (plain vector loads and PRMT: nothing newer)."""
-    return gl is not None and torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 0)
+    """Gluon imports from a Triton >= 3.6 and the GPU is an NVIDIA one from Ampere on (plain vector loads, PRMT
+    and DP4A: nothing newer)."""
+    return (gl is not None and _triton_version() >= MIN_TRITON and torch.version.hip is None
+            and torch.cuda.get_device_capability(device_index) >= (8, 0))
 
 
 def enabled() -> bool:
