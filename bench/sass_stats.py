@@ -4,6 +4,7 @@
     PYTHONPATH=src:/tmp/tri python bench/sass_stats.py gemm3 --set BLOCK_M=64 --set KIND=2 --set GROUP=64 \\
         --set SCALE_DQ=1 --set FOLD16=1
     PYTHONPATH=src:/tmp/tri python bench/sass_stats.py gemv_tma --set BLOCK_N=16 --set BLOCK_G=4
+    PYTHONPATH=src:/tmp/tri python bench/sass_stats.py gemv_gluon --set K_WORDS=512 --set R=8 --set WK=2 --set XQ8=1
 
 For the one-row TMA GEMV it also prints thread-instructions per 4-bit code (the loop's instructions x threads /
 codes per iteration): 5.6 for the 4096-input default (round 7), which at the H200's issue rate caps the kernel
@@ -46,6 +47,11 @@ KERNELS["gemv_tma"] = ("_gemv_tma_kernel", {
     "y_ptr": "*bf16", "sq_in_ptr": "*fp32", "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16",
     "sq_out_ptr": "*fp32", "xs_ptr": "*fp32", "q_out_ptr": "*i32", "qs_out_ptr": "*fp32", "N": "i32", "n_half": "i32", "n_groups": "i32", "stride_wn": "i32", "scale_row_stride": "i32",
     "group_step": "i32", "zero_row_stride": "i32"})
+KERNELS["gemv_gluon"] = ("_gemv_gluon_kernel", {
+    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
+    "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16", "sq_out_ptr": "*fp32", "xs_ptr": "*fp32",
+    "q_out_ptr": "*i32", "qs_out_ptr": "*fp32", "N": "i32", "n_half": "i32", "stride_wn": "i32",
+    "scale_row_stride": "i32", "group_step": "i32"})
 #: what the launchers pass (constexprs without a default in the kernel): the GEMMs for 4096x11008 at g128, 4 rows,
 #: split 8; the GEMV for int4 g128 sym with the 4096-input default tiling
 BASE = {
@@ -55,6 +61,10 @@ BASE = {
                  "X_BF16": True, "group_step": 1},
 }
 BASE["gemm2"] = BASE["gemm3"]
+#: the Gluon GEMV (round 10) for Llama-2-7B's down_proj: 11008 inputs, 8 rows x 4 warps; its rows are unrolled
+#: (no loop), so the rate printed is the whole kernel's instructions per code
+BASE["gemv_gluon"] = {"K_WORDS": 1376, "GROUP_W": 16, "R": 8, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
+                      "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False, "group_step": 1}
 NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
                       "N", "n_sq", "eps", "w_src"}
 OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
@@ -76,6 +86,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stag
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
              if k not in NOT_MULTIPLE_OF_16}
+    if getattr(fn, "is_gluon", lambda: False)():  # Gluon kernels: the same compiler, their own front end
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
                                                                             "num_stages": num_stages})
@@ -112,7 +124,7 @@ def main() -> None:
                         help="a constexpr (ints; 0/1 for switches), or num_warps / num_stages")
     parser.add_argument("--dump", type=Path, help="also write the kernel's TTGIR (its layouts) and SASS here")
     args = parser.parse_args()
-    from holdall.kernels import triton_wq4
+    from holdall.kernels import gluon_wq4, triton_wq4
 
     name, signature = KERNELS[args.kernel]
     constexprs = dict(BASE[args.kernel])
@@ -124,7 +136,10 @@ def main() -> None:
     if constexprs.get("GLU"):
         box = f"{constexprs['BLOCK_N'] // 2}, 2"
     signature = {k: v.format(**constexprs, BOX_N=box) for k, v in signature.items()}
-    kernel = compile_sm90(getattr(triton_wq4, name), signature, constexprs, num_warps, num_stages)
+    if args.kernel == "gemv_gluon":
+        num_warps = constexprs["WK"]
+    module = gluon_wq4 if args.kernel == "gemv_gluon" else triton_wq4
+    kernel = compile_sm90(getattr(module, name), signature, constexprs, num_warps, num_stages)
     sass, usage = sass_of(kernel)
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)
@@ -138,6 +153,10 @@ def main() -> None:
           f"{spills} spill stores, {kernel.metadata.shared} B shared memory, {len(ops)} instructions")
     per_iteration = (constexprs["BLOCK_N"] * constexprs["BLOCK_G"] * constexprs["GROUP_W"] * 8
                      if args.kernel == "gemv_tma" else 0)  # 4-bit codes one loop iteration consumes
+    if args.kernel == "gemv_gluon":
+        codes = constexprs["R"] * constexprs["K_WORDS"] * 8  # one program's codes
+        print(f"  whole kernel: {len(ops) * num_warps * 32 / codes:.2f} instructions per code; "
+              f"{Counter(ops).most_common(16)}")
     for label, body in loops(sass).items():
         if len(body) > 1:
             rate = f" ({len(body) * num_warps * 32 / per_iteration:.2f} per code)" if per_iteration else ""
