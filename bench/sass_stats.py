@@ -86,9 +86,10 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stag
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
              if k not in NOT_MULTIPLE_OF_16}
+    source = ASTSource
     if getattr(fn, "is_gluon", lambda: False)():  # Gluon kernels: the same compiler, their own front end
-        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
                                                                             "num_stages": num_stages})
 
