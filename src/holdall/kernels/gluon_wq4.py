@@ -23,11 +23,17 @@ name its layout instead, so this one is written around what a thread does:
   ``NORM_IN``), and the SiLU-gated MLP's ``silu(gate) * up`` for a stacked gate/up layer (``GLU``: a thread's
   rows interleave gate row ``i`` and its up row ``i + I``).
 
-Offline (Triton 3.6's compiler for sm_90 on a CPU machine): 3.1 thread-instructions per code in the loop
-against the TMA kernel's 4.6 for the same shape. Int symmetric codes, float activations, group-wise or
-per-channel scales without double quantization; everything else keeps the Triton kernels
-(:func:`holdall.kernels.triton_wq4.gemv_config` chooses). The plain-torch reference is
-:func:`holdall.kernels.packed.reference_linear`; ``tests/test_kernels.py`` compares them on the device.
+With ``XQ8`` (W4A8) each word's activations are rounded to int8 exactly as the TMA kernel rounds them and the
+codes multiplied by DP4A, or (``XIN8``) read as the int8 words a ``Q8_OUT`` producer wrote; the elementwise
+pieces (16-bit unpacking, code decode, int8 rounding, DP4A dot) are ``triton_wq4``'s own helpers.
+
+Compiled for sm_90 (``bench/sass_stats.py gemv_gluon``): 3.2-3.6 thread-instructions per code with float
+activations against the TMA kernel's 4.6-5.1, 2.4 rounding int8 in the kernel, 1.7 reading handed int8 words.
+On an H200 (BENCHMARKS.md round 10): 4096x11008 in 10.8 us (2.55x bf16 cuBLAS; TMA kernel 13.5), the int4 7B
+decode step 8% faster. Int symmetric codes, group-wise or per-channel scales without double quantization;
+everything else keeps the Triton kernels (:func:`holdall.kernels.triton_wq4.gemv_config` chooses). The
+plain-torch reference is :func:`holdall.kernels.packed.reference_linear`; ``tests/test_kernels.py`` compares them
+on the device.
 """
 
 from __future__ import annotations
@@ -69,10 +75,11 @@ def _triton_version() -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def available(device_index: int) -> bool:
-    """Gluon imports from a Triton >= 3.6 and the GPU is an NVIDIA one from Ampere on (plain vector loads, PRMT
-    and DP4A: nothing newer)."""
+    """Gluon imports from a Triton >= 3.6 and the GPU is an NVIDIA Hopper or newer. The kernel itself needs
+    nothing past Ampere (vector loads, PRMT, DP4A), but it has only been run and tested on an H200, so older GPUs
+    keep the Triton kernels."""
     return (gl is not None and _triton_version() >= MIN_TRITON and torch.version.hip is None
-            and torch.cuda.get_device_capability(device_index) >= (8, 0))
+            and torch.cuda.get_device_capability(device_index) >= (9, 0))
 
 
 def enabled() -> bool:
@@ -102,19 +109,14 @@ if gl is not None:
     _MAGIC_INT = gl.constexpr(ptx.MAGIC_INT)  # ... whose float bits, read as an int, are _MAGIC_INT + the integer
 
     @gluon.jit
-    def _unpack(pair, X_BF16: gl.constexpr):
-        """Two 16-bit floats packed in an int32 (first in the low half) -> two float32s."""
-        return _unpack_pair(pair, X_BF16)
-
-    @gluon.jit
     def _quantize_pairs(p0, p1, p2, p3, X_BF16: gl.constexpr):
         """A word's 8 activations (4 packed pairs) as int8 times one power-of-two scale: ``(odd, even, total,
         scale)`` -- the odd inputs' int8 packed in one int32 (the weight words' low nibbles are their codes),
         the even ones' in another, their int sum, the scale; the TMA kernel's ``XQ8`` rounding, bit for bit."""
-        x0, x1 = _unpack(p0, X_BF16)
-        x2, x3 = _unpack(p1, X_BF16)
-        x4, x5 = _unpack(p2, X_BF16)
-        x6, x7 = _unpack(p3, X_BF16)
+        x0, x1 = _unpack_pair(p0, X_BF16)
+        x2, x3 = _unpack_pair(p1, X_BF16)
+        x4, x5 = _unpack_pair(p2, X_BF16)
+        x6, x7 = _unpack_pair(p3, X_BF16)
         return _quantize_word(x0, x1, x2, x3, x4, x5, x6, x7, True)
 
     @gluon.jit
@@ -136,10 +138,10 @@ if gl is not None:
     @gluon.jit
     def _word_sum(p0, p1, p2, p3, X_BF16: gl.constexpr):
         """Sum of a word's 8 activations (4 packed pairs)."""
-        x0, x1 = _unpack(p0, X_BF16)
-        x2, x3 = _unpack(p1, X_BF16)
-        x4, x5 = _unpack(p2, X_BF16)
-        x6, x7 = _unpack(p3, X_BF16)
+        x0, x1 = _unpack_pair(p0, X_BF16)
+        x2, x3 = _unpack_pair(p1, X_BF16)
+        x4, x5 = _unpack_pair(p2, X_BF16)
+        x6, x7 = _unpack_pair(p3, X_BF16)
         return ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
 
     @gluon.jit
@@ -147,10 +149,10 @@ if gl is not None:
         """``part + sum_c (128 + q_c) x_c`` over the 8 codes of each word of ``w [R, KQ]`` and its activations
         (``p0..p3 [1, KQ]``, packed pairs): 8 PRMT + 8 FMA per word and row."""
         q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, True)
-        x0, x1 = _unpack(p0, X_BF16)
-        x2, x3 = _unpack(p1, X_BF16)
-        x4, x5 = _unpack(p2, X_BF16)
-        x6, x7 = _unpack(p3, X_BF16)
+        x0, x1 = _unpack_pair(p0, X_BF16)
+        x2, x3 = _unpack_pair(p1, X_BF16)
+        x4, x5 = _unpack_pair(p2, X_BF16)
+        x6, x7 = _unpack_pair(p3, X_BF16)
         part = q0 * x0 + part
         part = q1 * x1 + part
         part = q2 * x2 + part

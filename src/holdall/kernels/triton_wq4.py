@@ -1328,7 +1328,7 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     activations (``XQ8``, W4A8); formats the option cannot take get their float configuration (the caller
     rounds the activations itself, :func:`holdall.kernels.dispatch.project_int8`). ``gluon``: the Gluon GEMV
     can run here (:func:`holdall.kernels.gluon_wq4.available`): it takes the layers it can
-    (:func:`holdall.kernels.gluon_wq4.why_not`: int symmetric codes with float activations), round 10.
+    (:func:`holdall.kernels.gluon_wq4.why_not`: int symmetric codes, float or int8 activations), round 10.
 
     With TMA and rows of whole groups, every format takes the round-5 kernel (``VARIANT tma``). Its best tiling
     depends on the row length (us at 4096x11008 / 11008x4096 / 4096x4096, round 8):
@@ -1440,7 +1440,8 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
 
 # --- launchers ------------------------------------------------------------------------------------------
 def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activations: bool = False) -> dict:
-    """:func:`gemv_config` for this device (its SM count, and TMA when it has it and the words are aligned)."""
+    """:func:`gemv_config` for this device (its SM count, TMA when it has it and the words are aligned, the
+    Gluon GEMV where it runs unless ``HOLDALL_GLUON=0``)."""
     from . import gluon_wq4
 
     index = device.index if device.index is not None else torch.cuda.current_device()
