@@ -7,7 +7,7 @@ Int4 g128 symmetric weights (random, N(0, 0.02)), one bf16 row; every tiling's o
 fp32 reference (``max_rel_error``) before it is timed with ``gpu_kernels.bench_graph`` (CUDA graph over enough
 weight copies that L2 never holds the next one). ``triton`` is :func:`holdall.kernels.triton_wq4.gemv` with the
 configuration it picks when the Gluon kernel is switched off (``HOLDALL_GLUON=0``); ``default`` is what it picks
-now.
+now. ``--int8``: the same for the W4A8 path (``XQ8``; its tiling was not swept in round 10).
 """
 
 from __future__ import annotations
@@ -38,13 +38,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="4,8,16", help="rows per thread (BLOCK_N) to try")
     parser.add_argument("--warps", default="1,2,4", help="warps along the row (WK) to try")
+    parser.add_argument("--int8", action="store_true",
+                        help="the W4A8 path instead (XQ8: activations rounded to int8 in the kernel, DP4A), checked "
+                             "against the reference on the rounded activations")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gluon_sweep.py times CUDA kernels: run it on the device machine")
     from holdall.kernels import triton_wq4  # Triton: only where the kernels run
 
     torch.manual_seed(0)
-    info = {"device": torch.cuda.get_device_name(), "copy_GBps": round(copy_bandwidth(), 1)}
+    info = {"device": torch.cuda.get_device_name(), "copy_GBps": round(copy_bandwidth(), 1), "int8": args.int8}
     print(json.dumps(info), flush=True)
     rows_out = []
     for out_f, in_f in SHAPES:
@@ -56,7 +59,8 @@ def main() -> None:
         layers += [QuantLinear.from_linear(linear, QuantScheme()).cuda() for _ in range(copies_for(nbytes) - 1)]
         ops = [packed.operands(layer, p) for layer in layers]
         x = torch.randn(in_f, device="cuda", dtype=torch.bfloat16)
-        want = packed.reference_linear(layers[0], x.float()[None])[0]
+        xr = packed.round_activations_s8(x.float()) if args.int8 else x.float()
+        want = packed.reference_linear(layers[0], xr[None])[0]
         y = torch.empty(out_f, device="cuda", dtype=torch.bfloat16)
         row = {"shape": f"{out_f}x{in_f}", "weight_MB": round(nbytes / 1e6, 2)}
         weight = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
@@ -64,14 +68,14 @@ def main() -> None:
         row["bf16"] = round(bench_graph([lambda w=w: F.linear(x, w) for w in copies]), 2)
         os.environ["HOLDALL_GLUON"] = "0"
         try:
-            tma = triton_wq4.default_gemv_config(ops[0], p, x.device)
+            tma = triton_wq4.default_gemv_config(ops[0], p, x.device, int8_activations=args.int8)
         finally:
             del os.environ["HOLDALL_GLUON"]
         row["triton"] = round(bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, tma) for o in ops]), 2)
-        row["default"] = triton_wq4.default_gemv_config(ops[0], p, x.device)
+        row["default"] = triton_wq4.default_gemv_config(ops[0], p, x.device, int8_activations=args.int8)
         for block_n, wk in itertools.product([int(v) for v in args.rows.split(",")],
                                              [int(v) for v in args.warps.split(",")]):
-            cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk}
+            cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": args.int8}
             y.fill_(float("nan"))
             triton_wq4.gemv(ops[0], p, x, None, y, cfg)
             error = float((y.float() - want).abs().max() / want.abs().max())

@@ -27,7 +27,8 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 for part in "${parts[@]}"; do
   case "$part" in
     kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log"
-             python3 bench/gluon_sweep.py --out "$OUT/gluon_sweep.json" 2>&1 | tee "$OUT/gluon_sweep.log" ;;
+             python3 bench/gluon_sweep.py --out "$OUT/gluon_sweep.json" 2>&1 | tee "$OUT/gluon_sweep.log"
+             python3 bench/gluon_sweep.py --int8 --out "$OUT/gluon_sweep_int8.json" 2>&1 | tee "$OUT/gluon_sweep_int8.log" ;;
     decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
     qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \
              --configs hf,holdall-graphs-offload,holdall-graphs --out "$OUT" 2>&1 | tee "$OUT/qlora_step.log" ;;
