@@ -277,11 +277,11 @@ if gl is not None:
 
     @gluon.jit
     def _gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr,
-                     xs_ptr, q_out_ptr, qs_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step,
-                     K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, R: gl.constexpr, WK: gl.constexpr,
-                     X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
-                     SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
-                     XQ8: gl.constexpr = False, XIN8: gl.constexpr = False, Q8_OUT: gl.constexpr = False):
+                           xs_ptr, q_out_ptr, qs_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step,
+                           K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, R: gl.constexpr, WK: gl.constexpr,
+                           X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
+                           SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
+                           XQ8: gl.constexpr = False, XIN8: gl.constexpr = False, Q8_OUT: gl.constexpr = False):
         """Rows of program ``t``: ``t R .. t R + R`` (``GLU``: gate rows ``t R / 2 + i`` interleaved with their
         up rows ``n_half`` further on). ``x_ptr`` is the activation row as int32 pairs (``XIN8``: int8 words,
         ``xs_ptr`` their scales); ``y`` one row. ``Q8_OUT`` (with ``NORM_OUT``, ``R`` a multiple of 8, whole
