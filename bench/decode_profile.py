@@ -13,8 +13,8 @@ sum of its kernels says how much is launch gaps between kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpu_decode import SCHEMES, build_model, log  # noqa: E402
+from gpu_decode import SCHEMES, build_model, log, triton_gemv  # noqa: E402
 
 from holdall.serving.static_decode import StaticDecoder  # noqa: E402
 
@@ -80,16 +80,12 @@ def main() -> None:
             quantize(model, QuantConfig.for_method(spec.pop("method"), **spec), progress=False)
         variants = [v for v in args.variants.split(",") if v] if label.startswith("int") else ["default"]
         for variant in variants:
-            if variant.endswith("triton"):  # the kernels are chosen while the step is captured
-                os.environ["HOLDALL_GLUON"] = "0"
-            try:
+            with triton_gemv() if variant.endswith("triton") else contextlib.nullcontext():
                 decoder = StaticDecoder(model, max_len=args.max_len, int8_activations=variant.startswith("int8"))
                 decoder._int8_handoff = variant != "int8-no-handoff"
                 decoder._glu = variant != "silu-separate"
                 decoder.prefill(prompt)
                 kernels, wall_us = profile_steps(decoder, prompt.numel(), args.steps)
-            finally:
-                os.environ.pop("HOLDALL_GLUON", None)
             total = sum(kernels.values())
             table = sorted(kernels.items(), key=lambda kv: -kv[1])
             row = {"weights": label, "variant": variant, "wall_us_per_step": round(wall_us, 1),

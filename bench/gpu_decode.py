@@ -28,6 +28,7 @@ cache included). The static decoder's logits are also checked against transforme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -150,6 +151,21 @@ def check_against_hf(model, prompt: torch.Tensor, tokens: list[int], max_len: in
             "argmax_agreement": round(float((got.argmax(-1) == reference.argmax(-1)).float().mean()), 3)}
 
 
+@contextlib.contextmanager
+def triton_gemv():
+    """Round 9's Triton GEMVs instead of the Gluon ones while the block runs (``HOLDALL_GLUON=0``; the kernels are
+    chosen when a decoder captures its step), the variable restored after."""
+    before = os.environ.get("HOLDALL_GLUON")
+    os.environ["HOLDALL_GLUON"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["HOLDALL_GLUON"]
+        else:
+            os.environ["HOLDALL_GLUON"] = before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -205,21 +221,15 @@ def main() -> None:
         tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
         record(weights, "static", tps, check_against_hf(model, prompt, tokens, max_len))
         if weights.startswith("int4"):  # round 10's A/B: the same step on round 9's Triton GEMV instead of Gluon's
-            os.environ["HOLDALL_GLUON"] = "0"
-            try:
+            with triton_gemv():
                 tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
-            finally:
-                del os.environ["HOLDALL_GLUON"]
             record(weights, "static-triton-gemv", tps, check_against_hf(model, prompt, tokens, max_len))
         if weights.startswith("int4"):  # W4A8: every decode step's 4-bit projections on int8-rounded inputs
             tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
             record(weights, "static-int8-act", tps,
                    check_against_hf(model, prompt, tokens, max_len, int8_activations=True))
-            os.environ["HOLDALL_GLUON"] = "0"  # the same W4A8 step on round 9's Triton kernel
-            try:
+            with triton_gemv():  # the same W4A8 step on round 9's Triton kernel
                 tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
-            finally:
-                del os.environ["HOLDALL_GLUON"]
             record(weights, "static-int8-act-triton-gemv", tps,
                    check_against_hf(model, prompt, tokens, max_len, int8_activations=True))
             if args.ablate:
