@@ -790,6 +790,15 @@ def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
     assert int8["VARIANT"] == "gluon" and int8["XQ8"]
     for p in others:
         assert triton_wq4.gemv_config(p, 132, tma=True, gluon=True)["VARIANT"] != "gluon"
+    # int8 words from the epilogue: whole 8-row words per Gluon tile, 16-row two-sub-tile TMA tiles, tiles that
+    # divide the rows; anything else is rounded in torch by fused_gemv
+    wide = _plan(256, SCHEMES["int4-sym"], out_f=96)
+    assert triton_wq4.writes_int8_words(wide, {"VARIANT": "gluon", "BLOCK_N": 8})
+    assert not triton_wq4.writes_int8_words(wide, {"VARIANT": "gluon", "BLOCK_N": 4})  # half a word per tile
+    assert not triton_wq4.writes_int8_words(wide, {"VARIANT": "gluon", "BLOCK_N": 64})  # 96 rows: a partial tile
+    assert triton_wq4.writes_int8_words(wide, {"VARIANT": "tma", "BLOCK_N": 16, "RPT": 2})
+    assert not triton_wq4.writes_int8_words(wide, {"VARIANT": "tma", "BLOCK_N": 16})  # one row per thread
+    assert not triton_wq4.writes_int8_words(wide, {"VARIANT": "pairs", "BLOCK_N": 8})
 
 
 def _gluon_ready():

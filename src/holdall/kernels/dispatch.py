@@ -192,9 +192,7 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torc
         if int8_out:
             h8 = Int8Row(torch.empty(p.out_features // 4, dtype=torch.int32, device=x.device),
                          torch.empty(p.out_features // 8, dtype=torch.float32, device=x.device))
-            if (config.get("RPT") == 2 and config["BLOCK_N"] % 16 == 0 and config.get("EVEN_N")) or (
-                    config.get("VARIANT") == "gluon" and config["BLOCK_N"] % 8 == 0
-                    and p.out_features % config["BLOCK_N"] == 0):
+            if triton_wq4.writes_int8_words(p, config):
                 int8_words = h8
     elif int8_out:
         raise ValueError("int8_out hands the next norm's weighted row over: it needs norm_out")

@@ -383,7 +383,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     block_n, wk = int(cfg["BLOCK_N"]), int(cfg.get("WK", 4))
     if block_n not in (2, 4, 8, 16) or wk not in (1, 2, 4, 8):
         raise ValueError(f"BLOCK_N (rows per thread) must be 2, 4, 8 or 16 and WK 1, 2, 4 or 8; got {block_n}, {wk}")
-    from .triton_wq4 import _check_int8_out, _check_int8_x, _norm_operands  # the TMA launcher's checks
+    from .triton_wq4 import _check_int8_out, _check_int8_x, _norm_operands, writes_int8_words  # shared checks
 
     if x_scales is not None:  # int8 words from a Q8_OUT producer
         _check_int8_x(p, x, x_scales, xq8)
@@ -392,7 +392,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     q_out = qs_out = ops.scale
     if int8_out is not None:
         q_out, qs_out = int8_out
-        if norm_out is None or block_n % 8 or p.out_features % block_n:
+        if norm_out is None or not writes_int8_words(p, {"VARIANT": "gluon", "BLOCK_N": block_n}):
             raise ValueError("int8_out needs norm_out and BLOCK_N a multiple of 8 that divides the "
                              f"{p.out_features} rows (got BLOCK_N {block_n})")
         _check_int8_out(p, q_out, qs_out)

@@ -1438,6 +1438,19 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict:
     return config
 
 
+def writes_int8_words(p: Plan, config: dict) -> bool:
+    """Whether a one-row launch with ``config`` can also write its ``norm_out`` row as int8 words (``int8_out``):
+    its row tiles divide the rows, and each holds whole 8-row words in the layout its epilogue packs -- the TMA
+    kernel's two row sub-tiles of 16-row tiles (``RPT`` 2), the Gluon kernel's 8-row multiples. Otherwise
+    :func:`holdall.kernels.dispatch.fused_gemv` rounds the row in torch (the same numbers)."""
+    block_n = int(config["BLOCK_N"])
+    if p.out_features % block_n:
+        return False
+    if config.get("VARIANT") == "gluon":
+        return block_n % 8 == 0
+    return config.get("VARIANT") == "tma" and config.get("RPT", 1) == 2 and block_n % 16 == 0
+
+
 # --- launchers ------------------------------------------------------------------------------------------
 def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activations: bool = False) -> dict:
     """:func:`gemv_config` for this device (its SM count, TMA when it has it and the words are aligned, the
@@ -1622,7 +1635,7 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
         cfg["XIN8"] = True
     if int8_out is not None:  # h as int8 words too: the even / odd row sub-tiles are each word's two halves
         q_out, qs_out = int8_out
-        if norm_out is None or cfg.get("RPT", 1) != 2 or block_n % 16 or p.out_features % block_n:
+        if norm_out is None or not writes_int8_words(p, {**cfg, "VARIANT": "tma", "BLOCK_N": block_n}):
             raise ValueError("int8_out needs norm_out and a config with RPT 2 and BLOCK_N a multiple of 16 that "
                              f"divides the {p.out_features} rows (got RPT {cfg.get('RPT', 1)}, BLOCK_N {block_n})")
         _check_int8_out(p, q_out, qs_out)
