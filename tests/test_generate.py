@@ -162,6 +162,17 @@ def test_cpu_int4_kernel_for_one_call(tok, one_thread, monkeypatch):
     assert fast.engine == "static" and fast.tokens == generate(model, tok, PROMPT, 8).tokens
 
 
+def test_cpu_int4_refuses_a_torch_without_the_kernels(tok, monkeypatch):
+    """A torch build without the CPU int4 kernels: ``cpu_int4=True`` says so instead of silently running the
+    reference path it was asked to replace."""
+    from holdall.kernels import cpu_int4
+
+    monkeypatch.setattr(cpu_int4, "available", lambda: False)
+    model = make_tiny_llama(vocab=64).to(torch.bfloat16)
+    with pytest.raises(ConfigError, match="lacks.*upgrade torch, or drop cpu_int4"):
+        generate(model, tok, PROMPT, 4, cpu_int4=True)
+
+
 def test_cli_cpu_int4_runs_a_saved_quantized_directory(tok, tmp_path, capsys, one_thread):
     """``holdall generate DIR --cpu-int4`` on a holdall-quantized directory saved in fp32: converted to bf16 (said
     on stderr) and decoded through the kernel, the same tokens as the Python verb on the bf16 model."""

@@ -70,8 +70,12 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
             raise ConfigError(f"cpu_int4 runs bf16 models on a CPU; this one is {dtype} on {device}: load it with "
                               "dtype=torch.bfloat16 on the CPU, or convert it with model.to(torch.bfloat16) (a "
                               "holdall-quantized directory keeps the dtype it was saved in)")
-        from ..kernels.cpu_int4 import enabled, why_unsupported
+        from ..kernels.cpu_int4 import available, enabled, why_unsupported
 
+        if not available():
+            raise ConfigError(f"cpu_int4 needs torch's CPU int4 kernels, which this torch build ({torch.__version__}) "
+                              "lacks (aten._weight_int4pack_mm_for_cpu): upgrade torch, or drop cpu_int4 "
+                              "(--cpu-int4) to run the reference path")
         reasons = [why_unsupported(m) for m in model.modules() if hasattr(m, "scheme")]
         if not reasons or all(reasons):
             why = reasons[0] if reasons else "it has no quantized layers"
