@@ -313,11 +313,11 @@ if gl is not None:
         LA: gl.constexpr = probe.type.layout  # the [R, KQ] layout the dot products come out in
         rows2 = gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(1, LA)), 1)
         kq2 = gl.expand_dims(gl.arange(0, KQ, layout=gl.SliceLayout(0, LA)), 0)
-        squares = 0.0
-        if NORM_IN:  # the producer's partial sums of squares, in a fixed order; loaded before the weights so the
-            # wait for them hides behind the loop (in the epilogue it added a dependent load to every program)
+        sq_parts = 0.0
+        if NORM_IN:  # the producer's partial sums of squares: loaded before the weights, summed after them (a sum
+            # here made every program wait for this load and a cross-warp reduction before its first weight load)
             rs = gl.arange(0, SQ_BLOCK, layout=gl.BlockedLayout([1], [32], [WK], [0]))
-            squares = gl.sum(gl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0), axis=0)
+            sq_parts = gl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0)
         wp = w_ptr + w_off
         xq = x_ptr + kx
         sp = s_ptr + (rows2 * scale_row_stride + ((4 * kq2) // GROUP_W) * group_step)  # [R, KQ]
@@ -333,8 +333,8 @@ if gl is not None:
         YL: gl.constexpr = y.type.layout
         rows_y = gl.convert_layout(rows, YL)
         ok_y = gl.convert_layout(ok, YL)
-        if NORM_IN:
-            y = y * gl.rsqrt(squares / (K_WORDS * 8) + eps)
+        if NORM_IN:  # in a fixed order
+            y = y * gl.rsqrt(gl.sum(sq_parts, axis=0) / (K_WORDS * 8) + eps)
         if HAS_BIAS:
             y += gl.load(b_ptr + rows_y).to(gl.float32)
         dt: gl.constexpr = y_ptr.dtype.element_ty
