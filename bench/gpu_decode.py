@@ -152,18 +152,29 @@ def check_against_hf(model, prompt: torch.Tensor, tokens: list[int], max_len: in
 
 
 @contextlib.contextmanager
-def triton_gemv():
-    """Round 9's Triton GEMVs instead of the Gluon ones while the block runs (``HOLDALL_GLUON=0``; the kernels are
-    chosen when a decoder captures its step), the variable restored after."""
-    before = os.environ.get("HOLDALL_GLUON")
-    os.environ["HOLDALL_GLUON"] = "0"
+def environment(**values: str):
+    """Environment variables set while the block runs (the kernels are chosen when a decoder captures its step),
+    restored after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["HOLDALL_GLUON"]
-        else:
-            os.environ["HOLDALL_GLUON"] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def triton_gemv():
+    """Round 9's Triton GEMVs instead of the Gluon ones (``HOLDALL_GLUON=0``)."""
+    return environment(HOLDALL_GLUON="0")
+
+
+def no_pdl():
+    """Every decode kernel launched without programmatic dependent launch (``HOLDALL_PDL=0``, round 10's step)."""
+    return environment(HOLDALL_PDL="0")
 
 
 def main() -> None:
@@ -220,6 +231,11 @@ def main() -> None:
                 record(weights, "static-silu-separate", tps, None)
         tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
         record(weights, "static", tps, check_against_hf(model, prompt, tokens, max_len))
+        if weights.startswith("int4"):  # round 11's A/B: the same step without programmatic dependent launch
+            with no_pdl():
+                plain, tps = static_decode(model, prompt, args.new_tokens, max_len)
+            row = record(weights, "static-no-pdl", tps, check_against_hf(model, prompt, plain, max_len))
+            row["same_tokens_as_static"] = plain == tokens  # PDL moves loads, not arithmetic: bit-identical steps
         if weights.startswith("int4"):  # round 10's A/B: the same step on round 9's Triton GEMV instead of Gluon's
             with triton_gemv():
                 tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)
@@ -228,6 +244,11 @@ def main() -> None:
             tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
             record(weights, "static-int8-act", tps,
                    check_against_hf(model, prompt, tokens, max_len, int8_activations=True))
+            with no_pdl():
+                plain, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
+            row = record(weights, "static-int8-act-no-pdl", tps,
+                         check_against_hf(model, prompt, plain, max_len, int8_activations=True))
+            row["same_tokens_as_static"] = plain == tokens
             with triton_gemv():  # the same W4A8 step on round 9's Triton kernel
                 tokens, tps = static_decode(model, prompt, args.new_tokens, max_len, int8_activations=True)
             record(weights, "static-int8-act-triton-gemv", tps,

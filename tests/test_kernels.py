@@ -801,6 +801,22 @@ def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
     assert not triton_wq4.writes_int8_words(wide, {"VARIANT": "pairs", "BLOCK_N": 8})
 
 
+def test_gluon_gemv_programmatic_launch_config(monkeypatch):
+    """Programmatic dependent launch (round 11) is part of the Gluon configuration: on by default, with as many
+    row tiles' weights loaded before the wait as fit in ~64 registers a thread (1 or 2), off with
+    ``HOLDALL_PDL=0`` (A/B runs); the attention kernel follows the same switch."""
+    from holdall.kernels import gluon_wq4
+
+    assert [gluon_wq4.pdl_tiles(n) for n in (2, 4, 8, 16)] == [2, 2, 2, 1]
+    short, long_rows = _plan(4096, SCHEMES["int4-sym"], out_f=4096), _plan(11008, SCHEMES["int4-sym"], out_f=64)
+    monkeypatch.delenv("HOLDALL_PDL", raising=False)
+    assert gluon_wq4.pdl_enabled()
+    assert gluon_wq4.gemv_config(short)["PDL_TILES"] == 2 and gluon_wq4.gemv_config(long_rows)["PDL_TILES"] == 2
+    assert gluon_wq4.gemv_config(_plan(4096, SCHEMES["int4-sym"], out_f=11008))["PDL_TILES"] == 1  # 16 rows
+    monkeypatch.setenv("HOLDALL_PDL", "0")
+    assert not gluon_wq4.pdl_enabled() and gluon_wq4.gemv_config(short)["PDL_TILES"] == 0
+
+
 def _gluon_ready():
     from holdall.kernels import gluon_wq4
 
@@ -880,6 +896,54 @@ def test_gluon_gemv_epilogues(shape, block_n, wk, dtype):
     assert bool(((act.float() - silu.float()).abs() <= 2 * step).all())
     want_act = F.silu(want[:half].to(dtype).float()) * want[half:].to(dtype).float()
     assert _rel(act, want_act) < 2 * TOL[dtype]
+
+
+@cuda_only
+@pytest.mark.parametrize("block_n,wk,pre", [(8, 2, 2), (8, 2, 1), (16, 2, 1), (8, 4, 2), (4, 1, 2)])
+def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre):
+    """With ``PDL_TILES`` each GEMV of a chain starts before the previous one ends and loads its weights, then
+    waits (``griddepcontrol``) before it reads its input or writes. A chain of six dependent 7B-shaped GEMVs
+    through two ping-pong buffers (each layer overwrites the row the layer before it is still reading) gives
+    bit for bit what the same chain gives launched plainly, eagerly and replayed from a CUDA graph (20 replays:
+    a race shows as a changed output), and stays within the fp32 reference chain's tolerance."""
+    from holdall.kernels import triton_wq4
+
+    _gluon_ready()
+    shapes = [(11008, 4096), (4096, 11008)] * 3
+    layers = [_layer(o, i, SCHEMES["int4-sym"], device="cuda", bias=False, seed=20 + n)
+              for n, (o, i) in enumerate(shapes)]
+    plans = [dispatch.layer_plan(layer) for layer in layers]
+    ops = [packed.operands(layer, p) for layer, p in zip(layers, plans)]
+    x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    wide, narrow = torch.empty(11008, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
+
+    def chain(pdl_tiles: int) -> None:
+        h = x
+        for n, (o, p) in enumerate(zip(ops, plans)):
+            out = wide if n % 2 == 0 else narrow
+            triton_wq4.gemv(o, p, h, None, out, {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk,
+                                                 "PDL_TILES": pdl_tiles})
+            h = out
+
+    chain(0)
+    plain = narrow.clone()
+    ref = x.float()
+    for layer in layers:
+        ref = packed.reference_linear(layer, ref.to(torch.bfloat16)[None])[0]
+    assert _rel(plain, ref) < 3 * TOL[torch.bfloat16]
+    narrow.fill_(float("nan"))
+    chain(pre)
+    assert torch.equal(narrow, plain)
+    graph = torch.cuda.CUDAGraph()
+    chain(pre)  # compiled before the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        chain(pre)
+    for _ in range(20):
+        narrow.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(narrow, plain)
 
 
 @cuda_only

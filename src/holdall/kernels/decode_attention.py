@@ -57,6 +57,8 @@ class DecodeAttention:
     device, dtype: where and in what the step runs.
     splits: programs per kv head that share the written slots (flash-decoding); ``None`` picks about one
         program per SM. On CUDA with Triton the step is one Triton launch, else :func:`decode_attention_reference`.
+    pdl: launch it with programmatic dependent launch (``None``: on Hopper or newer unless ``HOLDALL_PDL=0``), so
+        that it starts before the q/k/v GEMV ends and the o_proj GEMV loads its weights while it runs.
     """
 
     n_heads: int
@@ -67,6 +69,7 @@ class DecodeAttention:
     dtype: torch.dtype
     splits: int | None = None
     use_triton: bool | None = None
+    pdl: bool | None = None
     _partials: torch.Tensor | None = field(default=None, init=False, repr=False)  # the kernel's workspace
     _counters: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -82,6 +85,7 @@ class DecodeAttention:
             from . import triton_attention  # first use: only now is Triton imported
 
             self.splits = triton_attention.default_splits(self) if self.splits is None else int(self.splits)
+            self.pdl = triton_attention.programmatic_launch(self) if self.pdl is None else bool(self.pdl)
             self._partials, self._counters = triton_attention.workspace(self)
 
     def __call__(self, q, k, v, k_cache, v_cache, position, cos, sin, scale: float | None = None) -> torch.Tensor:

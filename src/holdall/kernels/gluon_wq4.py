@@ -88,6 +88,17 @@ def enabled() -> bool:
     return os.environ.get("HOLDALL_GLUON", "1") != "0"
 
 
+def pdl_enabled() -> bool:
+    """Programmatic dependent launch is on unless ``HOLDALL_PDL=0`` (A/B runs)."""
+    return os.environ.get("HOLDALL_PDL", "1") != "0"
+
+
+def pdl_tiles(block_n: int) -> int:
+    """Row tiles whose weights a program loads before it waits for the previous kernel: as many as fit in ~64
+    registers a thread (a tile is ``block_n`` rows x 16 bytes per thread), one at least, two at most."""
+    return max(1, min(2, 16 // block_n))
+
+
 def why_not(p: Plan, int8_activations: bool = False) -> str | None:
     """Why this kernel cannot take a layer of plan ``p`` (None when it can); ``int8_activations``: with the
     codes multiplied by int8-rounded activations (``XQ8``), which it does for the same layers."""
@@ -169,27 +180,34 @@ if gl is not None:
         return gl.expand_dims(gl.convert_layout(t, XL, assert_trivial=True), 0)
 
     @gluon.jit
-    def _tile(acc, wp, xq, xsq, sp, kw3, kx, kq2, k0: gl.constexpr, group_step,
-              K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, X_BF16: gl.constexpr, MASK: gl.constexpr,
-              XQ8: gl.constexpr, XIN8: gl.constexpr):
-        """``acc [R, KQ] +=`` scale x dot of the words ``k0 + 4 q + j`` of every row: the weight tile
-        ``[R, KQ, 4]`` (16-byte rows per thread; ``wp`` points at the row starts plus ``4 q + j``), its
-        activations (``xq``: ``[KQ * 16]`` float pairs, 16 consecutive per thread; with ``XIN8`` ``[KQ * 8]``
-        int8 word halves and ``xsq`` their ``[KQ * 4]`` scales), the group scales ``[R, KQ]`` (``sp`` at the
-        first group of each quad). ``MASK``: the row's last, partial tile (words past the row read as 0).
-        ``k0`` is a constant and a multiple of the group: every offset below is an immediate. ``XQ8``: int
-        codes times the activations rounded to int8 per word (W4A8, DP4A), rounded here or read (``XIN8``)."""
-        R: gl.constexpr = wp.shape[0]
-        KQ: gl.constexpr = wp.shape[1]
-        PAIRS: gl.constexpr = 8 if XIN8 else 16  # int32 activation entries per quad
+    def _weights(wp, sp, kw3, kq2, k0: gl.constexpr, group_step, K_WORDS: gl.constexpr, GROUP_W: gl.constexpr,
+                 MASK: gl.constexpr):
+        """The weight tile ``[R, KQ, 4]`` of the words ``k0 + 4 q + j`` of every row (16-byte rows per thread;
+        ``wp`` points at the row starts plus ``4 q + j``) and its group scales ``[R, KQ]`` (``sp`` at the first
+        group of each quad). ``MASK``: the row's last, partial tile (words past the row read as 0). ``k0`` is a
+        constant and a multiple of the group: every offset is an immediate."""
         if MASK:
             w = gl.load(wp + k0, mask=(kw3 + k0) < K_WORDS, other=0)
-            xp = gl.load(xq + PAIRS // 4 * k0, mask=(kx + PAIRS // 4 * k0) < PAIRS // 4 * K_WORDS, other=0)
             s = gl.load(sp + (k0 // GROUP_W) * group_step, mask=(k0 + 4 * kq2) < K_WORDS, other=0.0)
         else:
             w = gl.load(wp + k0)
-            xp = gl.load(xq + PAIRS // 4 * k0)
             s = gl.load(sp + (k0 // GROUP_W) * group_step)
+        return w, s
+
+    @gluon.jit
+    def _tile(acc, w, s, xq, xsq, kx, k0: gl.constexpr, K_WORDS: gl.constexpr, X_BF16: gl.constexpr,
+              MASK: gl.constexpr, XQ8: gl.constexpr, XIN8: gl.constexpr):
+        """``acc [R, KQ] +=`` scale x dot of the weight tile ``w [R, KQ, 4]`` (scales ``s [R, KQ]``, from
+        :func:`_weights`) and its activations (``xq``: ``[KQ * 16]`` float pairs, 16 consecutive per thread;
+        with ``XIN8`` ``[KQ * 8]`` int8 word halves and ``xsq`` their ``[KQ * 4]`` scales). ``XQ8``: int codes
+        times the activations rounded to int8 per word (W4A8, DP4A), rounded here or read (``XIN8``)."""
+        R: gl.constexpr = w.shape[0]
+        KQ: gl.constexpr = w.shape[1]
+        PAIRS: gl.constexpr = 8 if XIN8 else 16  # int32 activation entries per quad
+        if MASK:
+            xp = gl.load(xq + PAIRS // 4 * k0, mask=(kx + PAIRS // 4 * k0) < PAIRS // 4 * K_WORDS, other=0)
+        else:
+            xp = gl.load(xq + PAIRS // 4 * k0)
         w0, w1, w2, w3 = _split4(gl.reshape(w, [R, KQ, 2, 2]))  # words j = 0..3 of each thread's quad: [R, KQ]
         XL: gl.constexpr = gl.SliceLayout(0, w0.type.layout)
         if XIN8:  # entry e of word j: [q, j // 2, j % 2, e], e = 0 the odd inputs' int8, 1 the even ones'
@@ -197,6 +215,15 @@ if gl is not None:
         else:
             part = _float_part(w0, w1, w2, w3, xp, XL, X_BF16, XQ8)
         return acc + part * s.to(gl.float32)
+
+    @gluon.jit
+    def _wait_for_producer():
+        """Programmatic dependent launch (Hopper): block until the previous kernel in the stream has finished
+        and its writes are visible, then let the next kernel's programs start (they may load their weights
+        while this one runs). A no-op when the launch did not ask for it."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _xin8_part(w0, w1, w2, w3, xp, xsq, k0: gl.constexpr, K_WORDS: gl.constexpr, XL: gl.constexpr,
@@ -281,7 +308,8 @@ if gl is not None:
                            K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, R: gl.constexpr, WK: gl.constexpr,
                            X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                            SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
-                           XQ8: gl.constexpr = False, XIN8: gl.constexpr = False, Q8_OUT: gl.constexpr = False):
+                           XQ8: gl.constexpr = False, XIN8: gl.constexpr = False, Q8_OUT: gl.constexpr = False,
+                           PDL_TILES: gl.constexpr = 0):
         """Rows of program ``t``: ``t R .. t R + R`` (``GLU``: gate rows ``t R / 2 + i`` interleaved with their
         up rows ``n_half`` further on). ``x_ptr`` is the activation row as int32 pairs (``XIN8``: int8 words,
         ``xs_ptr`` their scales); ``y`` one row. ``Q8_OUT`` (with ``NORM_OUT``, ``R`` a multiple of 8, whole
@@ -313,22 +341,32 @@ if gl is not None:
         LA: gl.constexpr = probe.type.layout  # the [R, KQ] layout the dot products come out in
         rows2 = gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(1, LA)), 1)
         kq2 = gl.expand_dims(gl.arange(0, KQ, layout=gl.SliceLayout(0, LA)), 0)
+        wp = w_ptr + w_off
+        xq = x_ptr + kx
+        sp = s_ptr + (rows2 * scale_row_stride + ((4 * kq2) // GROUP_W) * group_step)  # [R, KQ]
+        N_FULL: gl.constexpr = K_WORDS // KW
+        N_TILES: gl.constexpr = N_FULL + (1 if N_FULL * KW < K_WORDS else 0)
+        PRE: gl.constexpr = min(PDL_TILES, N_TILES)  # tiles whose weights are in flight before the wait
+        if PDL_TILES > 0:  # weights and scales never change during a decode step: no need to wait to read them
+            w0, s0 = _weights(wp, sp, kw3, kq2, 0, group_step, K_WORDS, GROUP_W, N_FULL == 0)
+            if PRE > 1:
+                w1, s1 = _weights(wp, sp, kw3, kq2, KW, group_step, K_WORDS, GROUP_W, N_FULL == 1)
+            _wait_for_producer()  # x, the squares and every store come after it
         sq_parts = 0.0
         if NORM_IN:  # the producer's partial sums of squares: loaded before the weights, summed after them (a sum
             # here made every program wait for this load and a cross-warp reduction before its first weight load)
             rs = gl.arange(0, SQ_BLOCK, layout=gl.BlockedLayout([1], [32], [WK], [0]))
             sq_parts = gl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0)
-        wp = w_ptr + w_off
-        xq = x_ptr + kx
-        sp = s_ptr + (rows2 * scale_row_stride + ((4 * kq2) // GROUP_W) * group_step)  # [R, KQ]
         acc = gl.zeros([R, KQ], gl.float32, LA)
-        N_FULL: gl.constexpr = K_WORDS // KW
-        for it in gl.static_range(N_FULL):
-            acc = _tile(acc, wp, xq, xsq, sp, kw3, kx, kq2, it * KW, group_step, K_WORDS, GROUP_W, X_BF16, False,
-                        XQ8, XIN8)
-        if N_FULL * KW < K_WORDS:
-            acc = _tile(acc, wp, xq, xsq, sp, kw3, kx, kq2, N_FULL * KW, group_step, K_WORDS, GROUP_W, X_BF16, True,
-                        XQ8, XIN8)
+        for it in gl.static_range(N_TILES):
+            if it < PRE:
+                if it == 0:
+                    w, s = w0, s0
+                else:
+                    w, s = w1, s1
+            else:
+                w, s = _weights(wp, sp, kw3, kq2, it * KW, group_step, K_WORDS, GROUP_W, it >= N_FULL)
+            acc = _tile(acc, w, s, xq, xsq, kx, it * KW, K_WORDS, X_BF16, it >= N_FULL, XQ8, XIN8)
         y = gl.sum(acc, axis=1)  # [R]: every thread ends up with the tile's R sums
         YL: gl.constexpr = y.type.layout
         rows_y = gl.convert_layout(rows, YL)
@@ -362,9 +400,11 @@ def gemv_config(p: Plan, int8_activations: bool = False) -> dict:
     16 x 4 11.11), short rows 8 x 2 (4096x4096 5.33, 22016x4096 16.65) except 16 x 2 for 8k-16k rows
     (11008x4096 9.95 against 10.85 at 8 x 2; 12288x4096 10.03 against 11.21)."""
     if p.in_features >= 8192:
-        return {"VARIANT": "gluon", "BLOCK_N": 8, "WK": 4, "XQ8": int8_activations}
-    return {"VARIANT": "gluon", "BLOCK_N": 16 if 8192 <= p.out_features <= 16384 else 8, "WK": 2,
-            "XQ8": int8_activations}
+        block_n, wk = 8, 4
+    else:
+        block_n, wk = (16 if 8192 <= p.out_features <= 16384 else 8), 2
+    return {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": int8_activations,
+            "PDL_TILES": pdl_tiles(block_n) if pdl_enabled() else 0}
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
@@ -372,7 +412,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
          norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
          x_scales: torch.Tensor | None = None, int8_out: tuple[torch.Tensor, torch.Tensor] | None = None,
          ) -> torch.Tensor:
-    """Launch :func:`_gemv_gluon_kernel` (``cfg``: ``BLOCK_N``, ``WK``, ``XQ8``; arguments as
+    """Launch :func:`_gemv_gluon_kernel` (``cfg``: ``BLOCK_N``, ``WK``, ``XQ8``, ``PDL_TILES``; arguments as
     :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon"``): ``x_scales`` given means
     ``x`` is int8 words (int32 ``[K / 4]``) with these float32 scales ``[K / 8]`` (an ``XQ8`` config);
     ``int8_out = (words, scales)`` also writes ``norm_out``'s ``h`` as such words."""
@@ -380,9 +420,11 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     reason = why_not(p, xq8)
     if reason is not None:
         raise ValueError(f"the Gluon GEMV cannot take this layer: {reason}")
-    block_n, wk = int(cfg["BLOCK_N"]), int(cfg.get("WK", 4))
+    block_n, wk, pre = int(cfg["BLOCK_N"]), int(cfg.get("WK", 4)), int(cfg.get("PDL_TILES", 0))
     if block_n not in (2, 4, 8, 16) or wk not in (1, 2, 4, 8):
         raise ValueError(f"BLOCK_N (rows per thread) must be 2, 4, 8 or 16 and WK 1, 2, 4 or 8; got {block_n}, {wk}")
+    if pre not in (0, 1, 2):
+        raise ValueError(f"PDL_TILES must be 0 (no programmatic dependent launch), 1 or 2; got {pre}")
     from .triton_wq4 import _check_int8_out, _check_int8_x, _norm_operands, writes_int8_words  # shared checks
 
     if x_scales is not None:  # int8 words from a Q8_OUT producer
@@ -414,6 +456,6 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         X_BF16=x.dtype != torch.float16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
         NORM_OUT=norm_out is not None, GLU=glu, XQ8=xq8, XIN8=x_scales is not None, Q8_OUT=int8_out is not None,
-        num_warps=wk,
+        PDL_TILES=pre, num_warps=wk, launch_pdl=pre > 0,
     )
     return out

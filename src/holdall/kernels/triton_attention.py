@@ -41,8 +41,12 @@ def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr, sem_ptr,
     stride_kh, stride_kn, stride_vh, stride_vn, scale_log2,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch: q/k/v and the cache are the previous kernels' -- wait for them,
+        # then let the next kernel (o_proj's GEMV) start loading its weights beside this one
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     g = tl.program_id(0)
     split = tl.program_id(1)
     pos = tl.load(pos_ptr).to(tl.int32)
@@ -128,6 +132,14 @@ def default_splits(plan) -> int:
     return max(1, min(triton.cdiv(_sm_count(index), plan.n_kv), triton.cdiv(plan.max_len, BLOCK_N)))
 
 
+def programmatic_launch(plan) -> bool:
+    """Launch with programmatic dependent launch (Hopper or newer, unless ``HOLDALL_PDL=0``)."""
+    from .gluon_wq4 import pdl_enabled  # the one switch for every decode kernel
+
+    index = plan.device.index if plan.device.index is not None else torch.cuda.current_device()
+    return pdl_enabled() and torch.cuda.get_device_capability(index) >= (9, 0)
+
+
 def workspace(plan) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 split partials and the zeroed per-kv-head counters (the kernel puts them back to zero)."""
     block_g = _block_g(plan.n_heads // plan.n_kv)
@@ -156,6 +168,7 @@ def decode_attention(plan, q, k, v, k_cache, v_cache, position, cos, sin, scale:
         plan._partials, plan._counters,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), scale * _LOG2E,
         GROUP=plan.n_heads // n_kv, BLOCK_G=_block_g(plan.n_heads // n_kv), D=d, SPLITS=plan.splits,
-        BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=plan.pdl, num_warps=4,
+        launch_pdl=plan.pdl,
     )
     return out
