@@ -7,10 +7,10 @@ Int4 g128 symmetric weights (random, N(0, 0.02)), one bf16 row; every tiling's o
 fp32 reference (``max_rel_error``) before it is timed with ``gpu_kernels.bench_graph`` (CUDA graph over enough
 weight copies that L2 never holds the next one). ``triton`` is :func:`holdall.kernels.triton_wq4.gemv` with the
 configuration it picks when the Gluon kernel is switched off (``HOLDALL_GLUON=0``); ``default`` is what it picks
-now. ``--int8``: the same for the W4A8 path (``XQ8``; its tiling was not swept in round 10). ``--pdl``: the
-``PDL_TILES`` to try per tiling (round 11: 0 launches without programmatic dependent launch; 1 or 2 launch with it
-and load that many row tiles' weights before waiting for the previous kernel -- the timed calls run back to back
-in one graph, as a decode step's GEMVs do). Cells are named ``g{rows}x{warps}p{PDL_TILES}``.
+now. ``--int8``: the same for the W4A8 path (``XQ8``; its tiling was not swept in round 10). Round 11: ``--modes``,
+how each tiling is launched -- ``nopdl`` plainly, ``pdl-t0/1/2`` with programmatic dependent launch and 0-2 row
+tiles' weights loaded into registers before the wait, ``-l2`` with the rest of the rows prefetched into L2 there
+(the timed calls run back to back in one graph, as a decode step's GEMVs do). Cells: ``g{rows}x{warps}-{mode}``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from holdall.core.scheme import QuantScheme  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (22016, 4096), (12288, 4096)]  # [out, in]
+MODES = {"nopdl": {"PDL": False}, "pdl-t0": {"PDL": True, "PDL_TILES": 0}, "pdl-t1": {"PDL": True, "PDL_TILES": 1},
+         "pdl-t2": {"PDL": True, "PDL_TILES": 2}, "pdl-t0-l2": {"PDL": True, "PDL_TILES": 0, "PDL_L2": True},
+         "pdl-t1-l2": {"PDL": True, "PDL_TILES": 1, "PDL_L2": True}}
 
 
 def main() -> None:
@@ -41,7 +44,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="4,8,16", help="rows per thread (BLOCK_N) to try")
     parser.add_argument("--warps", default="1,2,4", help="warps along the row (WK) to try")
-    parser.add_argument("--pdl", default="0,1,2", help="PDL_TILES to try (0: no programmatic dependent launch)")
+    parser.add_argument("--tilings", default="8x2,16x2,8x4", help="rows per thread x warps along the row")
+    parser.add_argument("--modes", default="nopdl,pdl-t0,pdl-t1,pdl-t2,pdl-t0-l2,pdl-t1-l2",
+                        help="launch modes (see above)")
     parser.add_argument("--int8", action="store_true",
                         help="the W4A8 path instead (XQ8: activations rounded to int8 in the kernel, DP4A), checked "
                              "against the reference on the rounded activations")
@@ -77,15 +82,14 @@ def main() -> None:
             del os.environ["HOLDALL_GLUON"]
         row["triton"] = round(bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, tma) for o in ops]), 2)
         row["default"] = triton_wq4.default_gemv_config(ops[0], p, x.device, int8_activations=args.int8)
-        for block_n, wk, pre in itertools.product([int(v) for v in args.rows.split(",")],
-                                                  [int(v) for v in args.warps.split(",")],
-                                                  [int(v) for v in args.pdl.split(",")]):
-            cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": args.int8, "PDL_TILES": pre}
+        for tiling, mode in itertools.product(args.tilings.split(","), args.modes.split(",")):
+            block_n, wk = (int(v) for v in tiling.split("x"))
+            cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": args.int8, **MODES[mode]}
             y.fill_(float("nan"))
             triton_wq4.gemv(ops[0], p, x, None, y, cfg)
             error = float((y.float() - want).abs().max() / want.abs().max())
             us = bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, cfg) for o in ops])
-            row[f"g{block_n}x{wk}p{pre}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
+            row[f"g{tiling}-{mode}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
         print(json.dumps(row), flush=True)
         rows_out.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -811,10 +811,9 @@ def test_gluon_gemv_programmatic_launch_config(monkeypatch):
     short, long_rows = _plan(4096, SCHEMES["int4-sym"], out_f=4096), _plan(11008, SCHEMES["int4-sym"], out_f=64)
     monkeypatch.delenv("HOLDALL_PDL", raising=False)
     assert gluon_wq4.pdl_enabled()
-    assert gluon_wq4.gemv_config(short)["PDL_TILES"] == 2 and gluon_wq4.gemv_config(long_rows)["PDL_TILES"] == 2
-    assert gluon_wq4.gemv_config(_plan(4096, SCHEMES["int4-sym"], out_f=11008))["PDL_TILES"] == 1  # 16 rows
+    assert gluon_wq4.gemv_config(short)["PDL"] and gluon_wq4.gemv_config(long_rows)["PDL"]
     monkeypatch.setenv("HOLDALL_PDL", "0")
-    assert not gluon_wq4.pdl_enabled() and gluon_wq4.gemv_config(short)["PDL_TILES"] == 0
+    assert not gluon_wq4.pdl_enabled() and not gluon_wq4.gemv_config(short)["PDL"]
 
 
 def _gluon_ready():
@@ -899,10 +898,12 @@ def test_gluon_gemv_epilogues(shape, block_n, wk, dtype):
 
 
 @cuda_only
-@pytest.mark.parametrize("block_n,wk,pre", [(8, 2, 2), (8, 2, 1), (16, 2, 1), (8, 4, 2), (4, 1, 2)])
-def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre):
-    """With ``PDL_TILES`` each GEMV of a chain starts before the previous one ends and loads its weights, then
-    waits (``griddepcontrol``) before it reads its input or writes. A chain of six dependent 7B-shaped GEMVs
+@pytest.mark.parametrize("block_n,wk,pre,l2", [(8, 2, 2, False), (8, 2, 0, True), (16, 2, 1, True), (8, 4, 2, False),
+                                               (8, 4, 0, False), (4, 1, 2, True)])
+def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2):
+    """With ``PDL`` each GEMV of a chain starts before the previous one ends and loads ``PDL_TILES`` row tiles'
+    weights (``PDL_L2``: prefetches the rest into L2), then waits (``griddepcontrol``) before it reads its input
+    or writes. A chain of six dependent 7B-shaped GEMVs
     through two ping-pong buffers (each layer overwrites the row the layer before it is still reading) gives
     bit for bit what the same chain gives launched plainly, eagerly and replayed from a CUDA graph (20 replays:
     a race shows as a changed output), and stays within the fp32 reference chain's tolerance."""
@@ -917,28 +918,27 @@ def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre):
     x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     wide, narrow = torch.empty(11008, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
 
-    def chain(pdl_tiles: int) -> None:
+    def chain(pdl: bool) -> None:
         h = x
         for n, (o, p) in enumerate(zip(ops, plans)):
             out = wide if n % 2 == 0 else narrow
-            triton_wq4.gemv(o, p, h, None, out, {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk,
-                                                 "PDL_TILES": pdl_tiles})
+            triton_wq4.gemv(o, p, h, None, out, {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "PDL": pdl,
+                                                 "PDL_TILES": pre, "PDL_L2": l2})
             h = out
 
-    chain(0)
+    chain(False)
     plain = narrow.clone()
     ref = x.float()
     for layer in layers:
         ref = packed.reference_linear(layer, ref.to(torch.bfloat16)[None])[0]
     assert _rel(plain, ref) < 3 * TOL[torch.bfloat16]
     narrow.fill_(float("nan"))
-    chain(pre)
+    chain(True)
     assert torch.equal(narrow, plain)
     graph = torch.cuda.CUDAGraph()
-    chain(pre)  # compiled before the capture
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        chain(pre)
+        chain(True)
     for _ in range(20):
         narrow.fill_(float("nan"))
         graph.replay()

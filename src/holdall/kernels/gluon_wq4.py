@@ -217,6 +217,12 @@ if gl is not None:
         return acc + part * s.to(gl.float32)
 
     @gluon.jit
+    def _prefetch_l2(ptrs):
+        """Ask for the lines at ``ptrs`` to be brought into L2 (no register is written)."""
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
     def _wait_for_producer():
         """Programmatic dependent launch (Hopper): block until the previous kernel in the stream has finished
         and its writes are visible, then let the next kernel's programs start (they may load their weights
@@ -309,7 +315,7 @@ if gl is not None:
                            X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                            SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
                            XQ8: gl.constexpr = False, XIN8: gl.constexpr = False, Q8_OUT: gl.constexpr = False,
-                           PDL_TILES: gl.constexpr = 0):
+                           PDL: gl.constexpr = False, PDL_TILES: gl.constexpr = 0, PDL_L2: gl.constexpr = False):
         """Rows of program ``t``: ``t R .. t R + R`` (``GLU``: gate rows ``t R / 2 + i`` interleaved with their
         up rows ``n_half`` further on). ``x_ptr`` is the activation row as int32 pairs (``XIN8``: int8 words,
         ``xs_ptr`` their scales); ``y`` one row. ``Q8_OUT`` (with ``NORM_OUT``, ``R`` a multiple of 8, whole
@@ -346,17 +352,25 @@ if gl is not None:
         sp = s_ptr + (rows2 * scale_row_stride + ((4 * kq2) // GROUP_W) * group_step)  # [R, KQ]
         N_FULL: gl.constexpr = K_WORDS // KW
         N_TILES: gl.constexpr = N_FULL + (1 if N_FULL * KW < K_WORDS else 0)
-        PRE: gl.constexpr = min(PDL_TILES, N_TILES)  # tiles whose weights are in flight before the wait
-        if PDL_TILES > 0:  # weights and scales never change during a decode step: no need to wait to read them
-            w0, s0 = _weights(wp, sp, kw3, kq2, 0, group_step, K_WORDS, GROUP_W, N_FULL == 0)
+        PRE: gl.constexpr = min(PDL_TILES, N_TILES) if PDL else 0  # tiles in registers before the wait
+        if PDL:  # weights and scales never change during a decode step: read them before waiting for the input
+            if PRE > 0:
+                w0, s0 = _weights(wp, sp, kw3, kq2, 0, group_step, K_WORDS, GROUP_W, N_FULL == 0)
             if PRE > 1:
                 w1, s1 = _weights(wp, sp, kw3, kq2, KW, group_step, K_WORDS, GROUP_W, N_FULL == 1)
+            if PDL_L2:  # the rest of the rows on their way into L2 (no registers held)
+                rows_p = gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(1, LA)), 1)
+                row_starts = w_ptr + (rows_p * stride_wn + 4 * kq2)  # [R, KQ]: a thread's 16 bytes of each row
+                for it in gl.static_range(PRE, N_TILES):
+                    if it < N_FULL:
+                        _prefetch_l2(row_starts + it * KW)
+                    else:  # the last tile's quads past the row end would prefetch the next row: clamp them
+                        _prefetch_l2(row_starts + gl.minimum(it * KW + 4 * kq2, K_WORDS - 4) - 4 * kq2)
             _wait_for_producer()  # x, the squares and every store come after it
-        sq_parts = 0.0
-        if NORM_IN:  # the producer's partial sums of squares: loaded before the weights, summed after them (a sum
-            # here made every program wait for this load and a cross-warp reduction before its first weight load)
+        squares = 0.0
+        if NORM_IN:  # the producer's partial sums of squares, in a fixed order
             rs = gl.arange(0, SQ_BLOCK, layout=gl.BlockedLayout([1], [32], [WK], [0]))
-            sq_parts = gl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0)
+            squares = gl.sum(gl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0), axis=0)
         acc = gl.zeros([R, KQ], gl.float32, LA)
         for it in gl.static_range(N_TILES):
             if it < PRE:
@@ -371,8 +385,8 @@ if gl is not None:
         YL: gl.constexpr = y.type.layout
         rows_y = gl.convert_layout(rows, YL)
         ok_y = gl.convert_layout(ok, YL)
-        if NORM_IN:  # in a fixed order
-            y = y * gl.rsqrt(gl.sum(sq_parts, axis=0) / (K_WORDS * 8) + eps)
+        if NORM_IN:
+            y = y * gl.rsqrt(squares / (K_WORDS * 8) + eps)
         if HAS_BIAS:
             y += gl.load(b_ptr + rows_y).to(gl.float32)
         dt: gl.constexpr = y_ptr.dtype.element_ty
@@ -404,7 +418,7 @@ def gemv_config(p: Plan, int8_activations: bool = False) -> dict:
     else:
         block_n, wk = (16 if 8192 <= p.out_features <= 16384 else 8), 2
     return {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": int8_activations,
-            "PDL_TILES": pdl_tiles(block_n) if pdl_enabled() else 0}
+            "PDL": pdl_enabled(), "PDL_TILES": pdl_tiles(block_n), "PDL_L2": False}
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
@@ -412,19 +426,20 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
          norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
          x_scales: torch.Tensor | None = None, int8_out: tuple[torch.Tensor, torch.Tensor] | None = None,
          ) -> torch.Tensor:
-    """Launch :func:`_gemv_gluon_kernel` (``cfg``: ``BLOCK_N``, ``WK``, ``XQ8``, ``PDL_TILES``; arguments as
-    :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon"``): ``x_scales`` given means
-    ``x`` is int8 words (int32 ``[K / 4]``) with these float32 scales ``[K / 8]`` (an ``XQ8`` config);
+    """Launch :func:`_gemv_gluon_kernel` (``cfg``: ``BLOCK_N``, ``WK``, ``XQ8``, ``PDL``, ``PDL_TILES``,
+    ``PDL_L2``; arguments as :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon"``):
+    ``x_scales`` given means ``x`` is int8 words (int32 ``[K / 4]``) with these float32 scales ``[K / 8]`` (an ``XQ8`` config);
     ``int8_out = (words, scales)`` also writes ``norm_out``'s ``h`` as such words."""
     xq8 = bool(cfg.get("XQ8", False))
     reason = why_not(p, xq8)
     if reason is not None:
         raise ValueError(f"the Gluon GEMV cannot take this layer: {reason}")
     block_n, wk, pre = int(cfg["BLOCK_N"]), int(cfg.get("WK", 4)), int(cfg.get("PDL_TILES", 0))
+    pdl, pdl_l2 = bool(cfg.get("PDL", False)), bool(cfg.get("PDL_L2", False))
     if block_n not in (2, 4, 8, 16) or wk not in (1, 2, 4, 8):
         raise ValueError(f"BLOCK_N (rows per thread) must be 2, 4, 8 or 16 and WK 1, 2, 4 or 8; got {block_n}, {wk}")
     if pre not in (0, 1, 2):
-        raise ValueError(f"PDL_TILES must be 0 (no programmatic dependent launch), 1 or 2; got {pre}")
+        raise ValueError(f"PDL_TILES (row tiles loaded before the wait) must be 0, 1 or 2; got {pre}")
     from .triton_wq4 import _check_int8_out, _check_int8_x, _norm_operands, writes_int8_words  # shared checks
 
     if x_scales is not None:  # int8 words from a Q8_OUT producer
@@ -456,6 +471,6 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         X_BF16=x.dtype != torch.float16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
         NORM_OUT=norm_out is not None, GLU=glu, XQ8=xq8, XIN8=x_scales is not None, Q8_OUT=int8_out is not None,
-        PDL_TILES=pre, num_warps=wk, launch_pdl=pre > 0,
+        PDL=pdl, PDL_TILES=pre, PDL_L2=pdl_l2, num_warps=wk, launch_pdl=pdl,
     )
     return out
