@@ -802,16 +802,18 @@ def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
 
 
 def test_gluon_gemv_programmatic_launch_config(monkeypatch):
-    """Programmatic dependent launch (round 11) is part of the Gluon configuration: on by default, with as many
-    row tiles' weights loaded before the wait as fit in ~64 registers a thread (1 or 2), off with
-    ``HOLDALL_PDL=0`` (A/B runs); the attention kernel follows the same switch."""
+    """Programmatic dependent launch (round 11) is part of the Gluon configuration: on by default, with the
+    number of row tiles loaded before the wait the H200 sweep chose (float: 2 on long rows, 0 on short ones;
+    int8 activations: 1), off with ``HOLDALL_PDL=0`` (A/B runs)."""
     from holdall.kernels import gluon_wq4
 
-    assert [gluon_wq4.pdl_tiles(n) for n in (2, 4, 8, 16)] == [2, 2, 2, 1]
     short, long_rows = _plan(4096, SCHEMES["int4-sym"], out_f=4096), _plan(11008, SCHEMES["int4-sym"], out_f=64)
     monkeypatch.delenv("HOLDALL_PDL", raising=False)
     assert gluon_wq4.pdl_enabled()
-    assert gluon_wq4.gemv_config(short)["PDL"] and gluon_wq4.gemv_config(long_rows)["PDL"]
+    configs = {(p.in_features, int8): gluon_wq4.gemv_config(p, int8) for p in (short, long_rows) for int8 in (0, 1)}
+    tiles = {key: (cfg["PDL"], cfg["PDL_TILES"]) for key, cfg in configs.items()}
+    assert tiles == {(4096, False): (True, 0), (11008, False): (True, 2), (4096, True): (True, 1),
+                     (11008, True): (True, 1)}
     monkeypatch.setenv("HOLDALL_PDL", "0")
     assert not gluon_wq4.pdl_enabled() and not gluon_wq4.gemv_config(short)["PDL"]
 

@@ -93,12 +93,6 @@ def pdl_enabled() -> bool:
     return os.environ.get("HOLDALL_PDL", "1") != "0"
 
 
-def pdl_tiles(block_n: int) -> int:
-    """Row tiles whose weights a program loads before it waits for the previous kernel: as many as fit in ~64
-    registers a thread (a tile is ``block_n`` rows x 16 bytes per thread), one at least, two at most."""
-    return max(1, min(2, 16 // block_n))
-
-
 def why_not(p: Plan, int8_activations: bool = False) -> str | None:
     """Why this kernel cannot take a layer of plan ``p`` (None when it can); ``int8_activations``: with the
     codes multiplied by int8-rounded activations (``XQ8``), which it does for the same layers."""
@@ -409,16 +403,27 @@ if gl is not None:
 
 
 def gemv_config(p: Plan, int8_activations: bool = False) -> dict:
-    """The tiling (rows per thread ``BLOCK_N`` = rows per program, warps ``WK`` along the row), from the sweep
-    on an H200 (BENCHMARKS.md, round 10; us): long rows 8 rows x 4 warps (4096x11008: 10.85; 4 x 2 10.76,
-    16 x 4 11.11), short rows 8 x 2 (4096x4096 5.33, 22016x4096 16.65) except 16 x 2 for 8k-16k rows
-    (11008x4096 9.95 against 10.85 at 8 x 2; 12288x4096 10.03 against 11.21)."""
-    if p.in_features >= 8192:
-        block_n, wk = 8, 4
+    """The tiling (rows per thread ``BLOCK_N`` = rows per program, warps ``WK`` along the row) and how it is
+    launched (``PDL``: programmatic dependent launch unless ``HOLDALL_PDL=0``; ``PDL_TILES`` row tiles' weights
+    loaded before the wait), from the round-11 sweep on an H200 (``bench/gluon_sweep.py``, calls back to back;
+    BENCHMARKS.md, us):
+
+    * float activations: long rows (>= 8192 inputs) 8 rows x 4 warps with two tiles loaded early (4096x11008:
+      10.45 against 10.84 launched plainly); shorter rows 8 x 2 with none (4096x4096 4.67 against 5.36,
+      22016x4096 15.98 against 16.79, 12288x4096 10.14 against 16 x 2 plainly, round 10's choice, 9.95). More
+      tiles early hold more registers (128 -> 152-254) and lost wherever programs are many (22016x4096 at two
+      tiles: 17.32), and 16-row tiles lost with any PDL (12288x4096: 11.9-12.9);
+    * int8 activations (``XQ8``): 8 x 2 with one tile early at every shape (4096x11008 8.06, 11008x4096 7.85,
+      4096x4096 3.79, 22016x4096 13.46, 12288x4096 8.28; plainly 9.26 / 9.37 / 5.70 / 15.78 / 10.03).
+    """
+    if int8_activations:
+        block_n, wk, tiles = 8, 2, 1
+    elif p.in_features >= 8192:
+        block_n, wk, tiles = 8, 4, 2
     else:
-        block_n, wk = (16 if 8192 <= p.out_features <= 16384 else 8), 2
-    return {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": int8_activations,
-            "PDL": pdl_enabled(), "PDL_TILES": pdl_tiles(block_n), "PDL_L2": False}
+        block_n, wk, tiles = 8, 2, 0
+    return {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": int8_activations, "PDL": pdl_enabled(),
+            "PDL_TILES": tiles, "PDL_L2": False}
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
