@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--rows", default="4,8,16", help="rows per thread (BLOCK_N) to try")
     parser.add_argument("--warps", default="1,2,4", help="warps along the row (WK) to try")
     parser.add_argument("--tilings", default="8x2,16x2,8x4", help="rows per thread x warps along the row")
+    parser.add_argument("--mma", default="",
+                        help="round 12: also the tensor-core GEMV (float activations), tilings as tiles x warps, "
+                             "e.g. 1x4,2x4,4x4,1x8,2x8")
     parser.add_argument("--modes", default="nopdl,pdl-t0,pdl-t1,pdl-t2,pdl-t0-l2,pdl-t1-l2",
                         help="launch modes (see above)")
     parser.add_argument("--int8", action="store_true",
@@ -90,6 +93,16 @@ def main() -> None:
             error = float((y.float() - want).abs().max() / want.abs().max())
             us = bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, cfg) for o in ops])
             row[f"g{tiling}-{mode}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
+        if args.mma and not args.int8:
+            from holdall.kernels import gluon_mma
+
+            for tiling in args.mma.split(","):
+                tiles, warps = (int(v) for v in tiling.split("x"))
+                y.fill_(float("nan"))
+                gluon_mma.gemv(ops[0], p, x, None, y, tiles, warps)
+                error = float((y.float() - want).abs().max() / want.abs().max())
+                us = bench_graph([lambda o=o: gluon_mma.gemv(o, p, x, None, y, tiles, warps) for o in ops])
+                row[f"mma{tiling}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
         print(json.dumps(row), flush=True)
         rows_out.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)

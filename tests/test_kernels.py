@@ -948,6 +948,40 @@ def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2
         assert torch.equal(narrow, plain)
 
 
+def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
+    """The tensor-core GEMV (round 12) applies a scale per 128-input chunk: groups of 128, 256, ... or one per
+    row, symmetric int codes, no double quantization."""
+    from holdall.kernels import gluon_mma
+
+    assert gluon_mma.why_not(_plan(256, SCHEMES["int4-sym"])) is None
+    assert gluon_mma.why_not(_plan(256, QuantScheme(granularity="channel"))) is None
+    assert "split a 128-input chunk" in gluon_mma.why_not(_plan(256, {**SCHEMES, **EXTRA_SCHEMES}["int4-g32-bf16"]))
+    assert "whole number" in gluon_mma.why_not(_plan(576, QuantScheme(granularity="channel")))
+    assert "symmetric" in gluon_mma.why_not(_plan(256, SCHEMES["int4-asym"]))
+    assert "double-quantized" in gluon_mma.why_not(_plan(256, QuantScheme(double_quant=True)))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym"])
+@pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256), (40, 1152)], ids=str)
+@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8), (4, 4), (4, 2), (1, 1)])
+def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
+    """The tensor-core GEMV against the fp32 reference into a NaN-poisoned output: chunks that fill every warp's
+    share and ones that leave the last round partial (11008 inputs = 86 chunks; 1152 = 9), rows that leave a
+    partial 16-row tile (72, 40), per-channel scales, bias, bf16 and fp16."""
+    from holdall.kernels import gluon_mma
+
+    _gluon_ready()
+    scheme = {"int4-ch-sym": QuantScheme(granularity="channel")}.get(name) or SCHEMES[name]
+    layer = _layer(*shape, scheme, device="cuda", seed=sum(shape) + 7)
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
+    out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
+    gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, tiles, warps)
+    assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
+
+
 @cuda_only
 def test_gluon_gemv_refuses_what_it_cannot_compute():
     from holdall.kernels import triton_wq4

@@ -1,0 +1,271 @@
+"""The one-row 4-bit GEMV on tensor cores, in Gluon (issue 6, round 12 of the kernels; NOT YET RUN ON A GPU).
+
+Why: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4 thread-instructions
+per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking -- while its W4A8 sibling
+(int8 activations, DP4A) needs 1.7-2.4 and runs 1.2-1.4x faster. A tensor-core MMA does the multiply-adds for 8
+codes per thread-instruction instead of 1, so the decode is what is left: 7 instructions per 8 codes.
+
+Swap AB: ``y^T = W x^T`` with the weight rows as the MMA's M dimension (``mma.sync.m16n8k16``, bf16/fp16 in,
+float32 accumulate) and the activation row as its N (8 columns; at batch 1 every column holds the same row, so the
+quad's lanes load the same activations and no masking is needed). Each warp owns ``16 T`` weight rows; thread
+``(g, c)`` of the warp (lane ``4 g + c``) holds rows ``g`` and ``g + 8`` of each 16-row tile and the 4 consecutive
+words ``4 c .. 4 c + 3`` of every 16-word (128-code) chunk: one 16-byte load per row and chunk, 64 contiguous
+bytes per row across the quad. One PRMT turns two codes into the bf16 pair ``(128 + q, 128 + q')``
+(:func:`holdall.kernels.ptx.nibbles_asm`), and a word's four pairs are exactly two MMA steps' A registers of its
+row -- because the order of the inputs inside a chunk does not change a dot product, the chunk's 128 inputs are
+fed to the MMA in the order the registers already hold them, and the activations are fed in the same order:
+
+* code ``phi`` of a chunk (thread ``c``, word ``w``, pair register ``r``, half ``e``): ``phi = 32 c + 8 w + 2 e +
+  4 (r & 1) + (r >> 1)`` (``nibbles_asm``: ``$0 = (0, 2)``, ``$1 = (4, 6)``, ``$2 = (1, 3)``, ``$3 = (5, 7)``);
+* MMA step ``(w, p)`` (8 per chunk) takes ``a0, a1 = pair r = p`` of rows ``g``, ``g + 8`` and ``a2, a3 = pair
+  r = p + 2``; the matching B registers are ``b0 = (x[b], x[b + 2])`` and ``b1 = (x[b + 1], x[b + 3])`` with ``b =
+  32 c + 8 w + 4 p`` -- two PRMTs of the thread's own 16 activation words, shared by its ``T`` tiles.
+
+The MMA sums ``(128 + q) x`` over the chunk into a fresh accumulator; the chunk's group scale and the offset
+``-136 * sum(x)`` (symmetric codes store ``q + 8``) are applied once per chunk and row: 2 FMAs. Groups must be
+whole chunks (128, 256, ... codes, or one scale per row). ``WK`` warps split a row's chunks; their partial sums
+meet in shared memory at the end. The MMA itself is inline PTX on per-thread registers (every lane runs it in the
+same order, as ``mma.sync`` needs), so no operand layout has to be negotiated with the compiler.
+
+Plain-torch reference: :func:`holdall.kernels.packed.reference_linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ptx
+from .gluon_wq4 import pdl_enabled
+from .packed import CODES_PER_WORD, Operands, Plan
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = gl = None
+
+CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
+#: -(MAG + 8) as a 16-bit float pair, signed int32 bits: bf16 -136 (0xC308), fp16 -1032 (0xE408)
+NEG_PAIR = {True: 0xC308C308 - (1 << 32), False: 0xE408E408 - (1 << 32)}
+
+
+def why_not(p: Plan) -> str | None:
+    """Why this kernel cannot take a layer of plan ``p`` (None when it can)."""
+    if p.kind != 0:
+        return "it decodes symmetric int codes only"
+    if p.double_quant:
+        return "double-quantized scales are decoded by the Triton kernels"
+    if p.in_features % (CHUNK_WORDS * CODES_PER_WORD):
+        return f"in_features {p.in_features} is not a whole number of 128-input chunks"
+    if p.group % (CHUNK_WORDS * CODES_PER_WORD) and p.group != p.in_features:
+        return f"groups of {p.group} split a 128-input chunk (the scale is applied per chunk)"
+    return None
+
+
+if gl is not None:
+    from .gluon_wq4 import _wait_for_producer
+
+    _NIB_BF16 = gl.constexpr(ptx.nibbles_asm(True))
+    _NIB_F16 = gl.constexpr(ptx.nibbles_asm(False))
+    _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, "
+                             "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+    _MMA_F16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, "
+                            "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+
+    @gluon.jit
+    def _pairs(w, X_BF16: gl.constexpr):
+        """A word's 8 codes as four 16-bit float pairs ``MAG + q`` (``$0 = (0, 2)``, ``$1 = (4, 6)``,
+        ``$2 = (1, 3)``, ``$3 = (5, 7)``), int32 bits."""
+        if X_BF16:
+            return gl.inline_asm_elementwise(_NIB_BF16, "=r,=r,=r,=r,r", [w], (gl.int32,) * 4, True, 1)
+        else:
+            return gl.inline_asm_elementwise(_NIB_F16, "=r,=r,=r,=r,r", [w], (gl.int32,) * 4, True, 1)
+
+    @gluon.jit
+    def _mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, X_BF16: gl.constexpr):
+        """One ``m16n8k16`` MMA per element position (every lane of a warp runs them in the same order)."""
+        if X_BF16:
+            return gl.inline_asm_elementwise(_MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                             [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], (gl.float32,) * 4, True, 1)
+        else:
+            return gl.inline_asm_elementwise(_MMA_F16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                             [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], (gl.float32,) * 4, True, 1)
+
+    @gluon.jit
+    def _prmt(a, b, SEL: gl.constexpr):
+        """``prmt.b32`` of two int32 tensors (``0x5410``: both low halves, ``0x7632``: both high halves)."""
+        return gl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SEL};", "=r,r,r", [a, b], gl.int32, True, 1)
+
+    @gluon.jit
+    def _split2(t):
+        """``t [..., 2]`` -> its two ``[...]`` halves."""
+        return gl.split(t)
+
+    @gluon.constexpr_function
+    def _slice_for(layout, rank, dim):
+        """The 1-D layout of dimension ``dim`` of a rank-``rank`` ``layout`` (the others sliced away, highest
+        first, so that ``expand_dims`` in increasing order rebuilds it)."""
+        for d in reversed(range(rank)):
+            if d != dim:
+                layout = gl.SliceLayout(d, layout)
+        return layout
+
+    @gluon.jit
+    def _iota(n: gl.constexpr, layout: gl.constexpr, RANK: gl.constexpr, DIM: gl.constexpr):
+        """``arange(n)`` along dimension ``DIM`` of a rank-``RANK`` tensor in ``layout`` (size 1 elsewhere)."""
+        t = gl.arange(0, n, layout=_slice_for(layout, RANK, DIM))
+        for d in gl.static_range(RANK):
+            if d != DIM:
+                t = gl.expand_dims(t, d)
+        return t
+
+    @gluon.jit
+    def _last4(t):
+        """``t [..., 4]`` -> its four ``[...]`` slices."""
+        a, b = gl.split(gl.reshape(t, t.shape[:-1] + [2, 2]))
+        t0, t2 = gl.split(a)
+        t1, t3 = gl.split(b)
+        return t0, t1, t2, t3
+
+    @gluon.jit
+    def _chunk(w, xw, L4: gl.constexpr, X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr):
+        """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 t + h`` = rows ``16 t + 8 h +
+        g``, g, c, word) and ``xw [WK, 8, 4, 16]`` the thread's activation pairs (int32; pair ``j`` = inputs
+        ``32 c + 2 j``, ``+ 1``) -> ``(rows g, rows g + 8)`` float32 ``[WK, T, 8, 4]`` (``c0`` / ``c2`` of each
+        MMA: column ``2 c``; at batch 1 every column is the same), the codes' offset already taken off: eight
+        more MMAs per chunk multiply the same activations by the constant pair ``NEG_PAIR`` (``-(MAG + 8)``
+        twice), which costs less than summing them (one MMA per 64 codes against ~60 instructions)."""
+        KW: gl.constexpr = w.shape[0]
+        T: gl.constexpr = w.shape[1] // 2
+        # [WK, T, 8, 4, 4 (word), 2 (h)] -> rows g / g + 8, each [WK, T, 8, 4, 4]
+        lo_rows, hi_rows = gl.split(gl.permute(gl.reshape(w, [KW, T, 2, 8, 4, 4]), [0, 1, 3, 4, 5, 2]))
+        lo_w = _last4(lo_rows)
+        hi_w = _last4(hi_rows)
+        # activation pairs by word: [WK, 8, 4, 4 (j), 4 (w)] -> word i's 4 pairs
+        x_w = _last4(gl.permute(gl.reshape(xw, [KW, 8, 4, 4, 4]), [0, 1, 2, 4, 3]))
+        acc0 = gl.zeros([KW, T, 8, 4], gl.float32, L4)
+        acc1 = gl.zeros_like(acc0)
+        acc2 = gl.zeros_like(acc0)
+        acc3 = gl.zeros_like(acc0)
+        LB: gl.constexpr = gl.SliceLayout(1, L4)  # [WK, 8, 4]: one register per thread
+        off0 = gl.zeros([KW, 8, 4], gl.float32, LB)  # -(MAG + 8) * sum(x) of the chunk, from the MMA too
+        off1 = gl.zeros_like(off0)
+        off2 = gl.zeros_like(off0)
+        off3 = gl.zeros_like(off0)
+        neg = gl.full([KW, 8, 4], NEG_PAIR, gl.int32, LB)
+        for i in gl.static_range(4):
+            a_lo = _pairs(gl.convert_layout(lo_w[i], L4, assert_trivial=True), X_BF16)
+            a_hi = _pairs(gl.convert_layout(hi_w[i], L4, assert_trivial=True), X_BF16)
+            xj = _last4(x_w[i])  # pairs 4 i + 0..3: inputs 32 c + 8 i + (0, 1), (2, 3), (4, 5), (6, 7)
+            for p in gl.static_range(2):
+                x01 = gl.convert_layout(xj[2 * p], LB, assert_trivial=True)
+                x23 = gl.convert_layout(xj[2 * p + 1], LB, assert_trivial=True)
+                b0 = _prmt(x01, x23, 0x5410)
+                b1 = _prmt(x01, x23, 0x7632)
+                off0, off1, off2, off3 = _mma(off0, off1, off2, off3, neg, neg, neg, neg, b0, b1, X_BF16)
+                acc0, acc1, acc2, acc3 = _mma(acc0, acc1, acc2, acc3, a_lo[p], a_hi[p], a_lo[p + 2], a_hi[p + 2],
+                                              gl.expand_dims(b0, 1), gl.expand_dims(b1, 1), X_BF16)
+        off = gl.expand_dims(off0, 1)
+        return acc0 + off, acc2 + off
+
+    @gluon.jit
+    def _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it: gl.constexpr, WK: gl.constexpr,
+                        N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride, group_step):
+        """Round ``it``'s words ``[WK, 2T, 8, 4, 4]`` and float32 scales ``[WK, 2T, 8, 4]`` (warp ``kw`` takes
+        chunk ``it WK + kw``; in a last, partial round the warps past the row read zeros)."""
+        chunk_w = it * WK + kw_w
+        chunk_s = it * WK + kw_s
+        s_ptrs = s_ptr + (rows_s * scale_row_stride + ((16 * chunk_s) // GROUP_W) * group_step)
+        if (it + 1) * WK > N_CHUNKS:
+            w = gl.load(w_base + 16 * chunk_w, mask=(chunk_w < N_CHUNKS) & (w_in >= 0), other=0)
+            s = gl.load(s_ptrs, mask=(chunk_s < N_CHUNKS) & (rows_s >= 0), other=0.0)
+        else:
+            w = gl.load(w_base + 16 * chunk_w)
+            s = gl.load(s_ptrs)
+        return w, s.to(gl.float32)
+
+    @gluon.jit
+    def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, stride_wn, scale_row_stride, group_step,
+                         K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
+                         X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NEG_PAIR: gl.constexpr,
+                         PDL: gl.constexpr = False):
+        """Rows ``16 T pid .. 16 T (pid + 1)``; ``x_ptr`` the activation row as int32 pairs, ``y`` one row.
+        ``NEG_PAIR``: the 16-bit float pair ``-(MAG + 8)``, the decoded codes' offset (bf16 ``-136``: 0xC308,
+        fp16 ``-1032``: 0xE408)."""
+        LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [WK, 1, 1, 1], [3, 2, 1, 0])
+        LS: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
+        L4: gl.constexpr = gl.BlockedLayout([1, T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
+        N_CHUNKS: gl.constexpr = K_WORDS // 16
+        ITERS: gl.constexpr = (N_CHUNKS + WK - 1) // WK
+        row0 = gl.program_id(0) * (16 * T)
+        # weights: row 16 t + 8 h + g = 8 rr + g of the tile, words 16 chunk + 4 c + w
+        rows_w = row0 + 8 * _iota(2 * T, LW, 5, 1) + _iota(8, LW, 5, 2)  # [1, 2T, 8, 1, 1]
+        rows_w = gl.minimum(rows_w, N - 1)  # clamped: the stores are masked
+        kw_w = _iota(WK, LW, 5, 0)
+        w_in = 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)  # word within the chunk
+        w_base = w_ptr + (rows_w * stride_wn + w_in)
+        # activations: pairs 64 chunk + 16 c + j, the same for every g
+        kw_x = _iota(WK, LX, 4, 0)
+        x_in = 16 * _iota(4, LX, 4, 2) + _iota(16, LX, 4, 3) + 0 * _iota(8, LX, 4, 1)
+        # scales of rows 8 rr + g, one per chunk
+        rows_s = gl.minimum(row0 + 8 * _iota(2 * T, LS, 4, 1) + _iota(8, LS, 4, 2), N - 1) + 0 * _iota(4, LS, 4, 3)
+        kw_s = _iota(WK, LS, 4, 0)
+        y_lo = gl.zeros([WK, T, 8, 4], gl.float32, L4)
+        y_hi = gl.zeros_like(y_lo)
+        if PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
+            w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
+                                               scale_row_stride, group_step)
+            _wait_for_producer()
+        for it in gl.static_range(ITERS):
+            chunk_x = it * WK + kw_x
+            if PDL and it == 0:
+                w, s = w_first, s_first
+            else:
+                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
+                                       scale_row_stride, group_step)
+            if (it + 1) * WK > N_CHUNKS:  # the last round: some warps have no chunk left
+                xw = gl.load(x_ptr + (64 * chunk_x + x_in), mask=(chunk_x < N_CHUNKS) & (x_in >= 0), other=0)
+            else:
+                xw = gl.load(x_ptr + (64 * chunk_x + x_in))
+            lo, hi = _chunk(w, xw, L4, X_BF16, NEG_PAIR)
+            s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [WK, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
+            y_lo += lo * gl.convert_layout(s_lo, L4, assert_trivial=True)
+            y_hi += hi * gl.convert_layout(s_hi, L4, assert_trivial=True)
+        # the WK warps' partial sums -> [T, 8, 4]; lane c = 0 of each quad stores rows g and g + 8
+        out_lo = gl.sum(y_lo, axis=0)
+        out_hi = gl.sum(y_hi, axis=0)
+        LO: gl.constexpr = out_lo.type.layout
+        quad = _iota(4, LO, 3, 2)
+        rows_o = row0 + 16 * _iota(T, LO, 3, 0) + _iota(8, LO, 3, 1) + 0 * quad
+        first = quad == 0
+        if HAS_BIAS:
+            out_lo += gl.load(b_ptr + rows_o, mask=rows_o < N, other=0.0).to(gl.float32)
+            out_hi += gl.load(b_ptr + rows_o + 8, mask=rows_o + 8 < N, other=0.0).to(gl.float32)
+        dt: gl.constexpr = y_ptr.dtype.element_ty
+        gl.store(y_ptr + rows_o, out_lo.to(dt), mask=first & (rows_o < N))
+        gl.store(y_ptr + rows_o + 8, out_hi.to(dt), mask=first & (rows_o + 8 < N))
+
+
+def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+         tiles: int = 2, warps: int = 4, pdl: bool | None = None) -> torch.Tensor:
+    """``out [N] = W @ x + b`` for one contiguous bf16/fp16 row ``x [K]`` on tensor cores (``tiles`` 16-row MMA
+    tiles per warp, ``warps`` splitting the row; ``pdl``: programmatic dependent launch, by default unless
+    ``HOLDALL_PDL=0``)."""
+    pdl = pdl_enabled() if pdl is None else bool(pdl)
+    reason = why_not(p)
+    if reason is not None:
+        raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
+        raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
+    if tiles not in (1, 2, 4) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"tiles must be 1, 2 or 4 and warps 1, 2, 4 or 8; got {tiles}, {warps}")
+    bf16 = x.dtype == torch.bfloat16
+    rows = 16 * tiles
+    _gemv_mma_kernel[(-(-p.out_features // rows),)](
+        x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
+        p.out_features, ops.words.stride(0), p.scale_row_stride, p.group_step,
+        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=warps,
+        X_BF16=bf16, HAS_BIAS=bias is not None, NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, num_warps=warps, launch_pdl=pdl,
+    )
+    return out
