@@ -905,10 +905,10 @@ def test_gluon_gemv_epilogues(shape, block_n, wk, dtype):
 def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2):
     """With ``PDL`` each GEMV of a chain starts before the previous one ends and loads ``PDL_TILES`` row tiles'
     weights (``PDL_L2``: prefetches the rest into L2), then waits (``griddepcontrol``) before it reads its input
-    or writes. A chain of six dependent 7B-shaped GEMVs
-    through two ping-pong buffers (each layer overwrites the row the layer before it is still reading) gives
-    bit for bit what the same chain gives launched plainly, eagerly and replayed from a CUDA graph (20 replays:
-    a race shows as a changed output), and stays within the fp32 reference chain's tolerance."""
+    or writes. A chain of six dependent 7B-shaped GEMVs through two ping-pong buffers (each layer overwrites
+    the row the layer before it is still reading) gives bit for bit what the same chain gives launched plainly,
+    eagerly and replayed from a CUDA graph (20 replays: a race shows as a changed output), and stays within the
+    fp32 reference chain's tolerance."""
     from holdall.kernels import triton_wq4
 
     _gluon_ready()

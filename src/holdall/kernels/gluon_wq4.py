@@ -38,10 +38,10 @@ pieces (16-bit unpacking, code decode, int8 rounding, DP4A dot) are ``triton_wq4
 Compiled for sm_90 (``bench/sass_stats.py gemv_gluon``): 3.2-3.6 thread-instructions per code with float
 activations against the TMA kernel's 4.6-5.1, 2.4 rounding int8 in the kernel, 1.7 reading handed int8 words.
 On an H200 (BENCHMARKS.md rounds 10-11): 4096x11008 in 10.5 us (2.62x bf16 cuBLAS; TMA kernel 13.5), 8.1 us
-with int8 activations (3.39x); the int4 7B decode step at 48% of the copy roofline, 60% with int8 activations. Int symmetric codes, group-wise or per-channel scales without double quantization;
-everything else keeps the Triton kernels (:func:`holdall.kernels.triton_wq4.gemv_config` chooses). The
-plain-torch reference is :func:`holdall.kernels.packed.reference_linear`; ``tests/test_kernels.py`` compares them
-on the device.
+with int8 activations (3.39x); the int4 7B decode step at 48% of the copy roofline, 60% with int8 activations.
+Int symmetric codes, group-wise or per-channel scales without double quantization; everything else keeps the
+Triton kernels (:func:`holdall.kernels.triton_wq4.gemv_config` chooses). The plain-torch reference is
+:func:`holdall.kernels.packed.reference_linear`; ``tests/test_kernels.py`` compares them on the device.
 """
 
 from __future__ import annotations
@@ -441,8 +441,8 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
          ) -> torch.Tensor:
     """Launch :func:`_gemv_gluon_kernel` (``cfg``: ``BLOCK_N``, ``WK``, ``XQ8``, ``PDL``, ``PDL_TILES``,
     ``PDL_L2``; arguments as :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon"``):
-    ``x_scales`` given means ``x`` is int8 words (int32 ``[K / 4]``) with these float32 scales ``[K / 8]`` (an ``XQ8`` config);
-    ``int8_out = (words, scales)`` also writes ``norm_out``'s ``h`` as such words."""
+    ``x_scales`` given means ``x`` is int8 words (int32 ``[K / 4]``) with these float32 scales ``[K / 8]`` (an
+    ``XQ8`` config); ``int8_out = (words, scales)`` also writes ``norm_out``'s ``h`` as such words."""
     xq8 = bool(cfg.get("XQ8", False))
     reason = why_not(p, xq8)
     if reason is not None:
