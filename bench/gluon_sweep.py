@@ -98,10 +98,11 @@ def main() -> None:
 
             for tiling in args.mma.split(","):
                 tiles, warps = (int(v) for v in tiling.split("x"))
+                cfg = {"BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "PDL": True}
                 y.fill_(float("nan"))
-                gluon_mma.gemv(ops[0], p, x, None, y, tiles, warps)
+                gluon_mma.gemv(ops[0], p, x, None, y, cfg)
                 error = float((y.float() - want).abs().max() / want.abs().max())
-                us = bench_graph([lambda o=o: gluon_mma.gemv(o, p, x, None, y, tiles, warps) for o in ops])
+                us = bench_graph([lambda o=o: gluon_mma.gemv(o, p, x, None, y, cfg) for o in ops])
                 row[f"mma{tiling}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
         print(json.dumps(row), flush=True)
         rows_out.append(row)

@@ -66,10 +66,12 @@ BASE["gemm2"] = BASE["gemm3"]
 BASE["gemv_gluon"] = {"K_WORDS": 1376, "GROUP_W": 16, "R": 8, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
                       "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False, "group_step": 1}
 KERNELS["gemv_mma"] = ("_gemv_mma_kernel", {
-    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32",
-    "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32"})
+    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
+    "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16", "sq_out_ptr": "*fp32", "N": "i32",
+    "n_half": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32"})
 #: the tensor-core GEMV (round 12) for Llama-2-7B's down_proj: 11008 inputs, 2 tiles x 4 warps
 BASE["gemv_mma"] = {"K_WORDS": 1376, "GROUP_W": 16, "T": 2, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
+                    "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False,
                     "NEG_PAIR": 0xC308C308 - (1 << 32), "group_step": 1}
 NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
                       "N", "n_sq", "eps", "w_src"}
@@ -140,7 +142,7 @@ def main() -> None:
         constexprs[key] = int(value)
     num_warps, num_stages = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3)
     box = f"{constexprs.get('BLOCK_N')}"  # GLU: each gate row beside its up row, [BLOCK_N / 2, 2, ...]
-    if constexprs.get("GLU"):
+    if constexprs.get("GLU") and "BLOCK_N" in constexprs:
         box = f"{constexprs['BLOCK_N'] // 2}, 2"
     signature = {k: v.format(**constexprs, BOX_N=box) for k, v in signature.items()}
     if args.kernel in ("gemv_gluon", "gemv_mma"):

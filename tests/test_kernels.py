@@ -857,15 +857,30 @@ def test_gluon_gemv_epilogues(shape, block_n, wk, dtype):
     of the stored row, a residual folded into the bias), ``norm_in`` (the producer's partials -> ``1 / rms``),
     and ``glu`` (``silu(gate) * up`` of a stacked layer, rounded as torch rounds it, within one output step of
     ``F.silu`` on the same kernel's two rows), against the reference."""
+    _gluon_ready()
+    _check_epilogues(shape, dtype, {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk})
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(22016, 4096), (144, 512), (40, 11008)], ids=str)
+@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8), (4, 2)])
+def test_tensor_core_gemv_epilogues(shape, tiles, warps, dtype):
+    """The same epilogues on the tensor-core GEMV (round 12), with programmatic dependent launch."""
+    _gluon_ready()
+    _check_epilogues(shape, dtype, {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps,
+                                    "PDL": True})
+
+
+def _check_epilogues(shape, dtype, cfg):
     import torch.nn.functional as F
 
     from holdall.kernels import triton_wq4
 
-    _gluon_ready()
+    block_n = cfg["BLOCK_N"]
     layer = _layer(*shape, SCHEMES["int4-sym"], device="cuda", seed=3)
     p = dispatch.layer_plan(layer)
     ops = packed.operands(layer, p)
-    cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk}
     gen = torch.Generator(device="cpu").manual_seed(5)
     x = torch.randn(p.in_features, generator=gen).to("cuda", dtype)
     residual = (torch.randn(p.out_features, generator=gen) * 4).to("cuda", dtype)
@@ -948,10 +963,23 @@ def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2
         assert torch.equal(narrow, plain)
 
 
-def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
+def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes(monkeypatch):
     """The tensor-core GEMV (round 12) applies a scale per 128-input chunk: groups of 128, 256, ... or one per
-    row, symmetric int codes, no double quantization."""
+    row, symmetric int codes, no double quantization; it serves float activations only when ``HOLDALL_MMA=1``
+    (opt-in until timed on a GPU)."""
     from holdall.kernels import gluon_mma
+
+    sym = _plan(256, SCHEMES["int4-sym"])
+    if HAS_TRITON:
+        from holdall.kernels import triton_wq4
+
+        monkeypatch.delenv("HOLDALL_MMA", raising=False)
+        assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=True)["VARIANT"] == "gluon"
+        monkeypatch.setenv("HOLDALL_MMA", "1")
+        cfg = triton_wq4.gemv_config(sym, 132, tma=True, gluon=True)
+        assert cfg["VARIANT"] == "gluon_mma" and cfg["BLOCK_N"] == 16 * cfg["TILES"]
+        assert triton_wq4.gemv_config(sym, 132, tma=True, int8_activations=True, gluon=True)["VARIANT"] == "gluon"
+        assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=False)["VARIANT"] == "tma"  # not a Hopper here
 
     assert gluon_mma.why_not(_plan(256, SCHEMES["int4-sym"])) is None
     assert gluon_mma.why_not(_plan(256, QuantScheme(granularity="channel"))) is None
@@ -978,8 +1006,12 @@ def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
     p = dispatch.layer_plan(layer)
     x = torch.randn(p.in_features, device="cuda", dtype=dtype)
     out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
-    gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, tiles, warps)
+    cfg = {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "PDL": False}
+    gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, cfg)
     assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
+    again = torch.full_like(out, float("nan"))  # launched with programmatic dependent launch: the same numbers
+    gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), again, {**cfg, "PDL": True})
+    assert torch.equal(again, out)
 
 
 @cuda_only

@@ -32,6 +32,8 @@ Plain-torch reference: :func:`holdall.kernels.packed.reference_linear`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import ptx
@@ -63,7 +65,7 @@ def why_not(p: Plan) -> str | None:
 
 
 if gl is not None:
-    from .gluon_wq4 import _wait_for_producer
+    from .gluon_wq4 import _epilogue, _squares_in, _tile_rows, _wait_for_producer
 
     _NIB_BF16 = gl.constexpr(ptx.nibbles_asm(True))
     _NIB_F16 = gl.constexpr(ptx.nibbles_asm(False))
@@ -185,31 +187,36 @@ if gl is not None:
         return w, s.to(gl.float32)
 
     @gluon.jit
-    def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, stride_wn, scale_row_stride, group_step,
+    def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, N,
+                         n_half, stride_wn, scale_row_stride, group_step,
                          K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
-                         X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NEG_PAIR: gl.constexpr,
-                         PDL: gl.constexpr = False):
-        """Rows ``16 T pid .. 16 T (pid + 1)``; ``x_ptr`` the activation row as int32 pairs, ``y`` one row.
+                         X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
+                         SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
+                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False):
+        """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
+        and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
+        int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
         ``NEG_PAIR``: the 16-bit float pair ``-(MAG + 8)``, the decoded codes' offset (bf16 ``-136``: 0xC308,
         fp16 ``-1032``: 0xE408)."""
         LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [WK, 1, 1, 1], [3, 2, 1, 0])
         LS: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
         L4: gl.constexpr = gl.BlockedLayout([1, T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
+        R: gl.constexpr = 16 * T
         N_CHUNKS: gl.constexpr = K_WORDS // 16
         ITERS: gl.constexpr = (N_CHUNKS + WK - 1) // WK
-        row0 = gl.program_id(0) * (16 * T)
-        # weights: row 16 t + 8 h + g = 8 rr + g of the tile, words 16 chunk + 4 c + w
-        rows_w = row0 + 8 * _iota(2 * T, LW, 5, 1) + _iota(8, LW, 5, 2)  # [1, 2T, 8, 1, 1]
-        rows_w = gl.minimum(rows_w, N - 1)  # clamped: the stores are masked
+        t = gl.program_id(0)
+        # weights: tile position 8 rr + g (rr = 2 i + h), words 16 chunk + 4 c + w
+        rows_w, _ = _tile_rows(8 * _iota(2 * T, LW, 5, 1) + _iota(8, LW, 5, 2), t, R, N, n_half, GLU)
         kw_w = _iota(WK, LW, 5, 0)
         w_in = 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)  # word within the chunk
         w_base = w_ptr + (rows_w * stride_wn + w_in)
         # activations: pairs 64 chunk + 16 c + j, the same for every g
         kw_x = _iota(WK, LX, 4, 0)
         x_in = 16 * _iota(4, LX, 4, 2) + _iota(16, LX, 4, 3) + 0 * _iota(8, LX, 4, 1)
-        # scales of rows 8 rr + g, one per chunk
-        rows_s = gl.minimum(row0 + 8 * _iota(2 * T, LS, 4, 1) + _iota(8, LS, 4, 2), N - 1) + 0 * _iota(4, LS, 4, 3)
+        # scales of the same rows, one per chunk (the quad's four lanes load the same one)
+        rows_s, _ = _tile_rows(8 * _iota(2 * T, LS, 4, 1) + _iota(8, LS, 4, 2), t, R, N, n_half, GLU)
+        rows_s = rows_s + 0 * _iota(4, LS, 4, 3)
         kw_s = _iota(WK, LS, 4, 0)
         y_lo = gl.zeros([WK, T, 8, 4], gl.float32, L4)
         y_hi = gl.zeros_like(y_lo)
@@ -217,6 +224,7 @@ if gl is not None:
             w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
                                                scale_row_stride, group_step)
             _wait_for_producer()
+        squares = _squares_in(sq_in_ptr, n_sq, SQ_BLOCK, WK, NORM_IN)
         for it in gl.static_range(ITERS):
             chunk_x = it * WK + kw_x
             if PDL and it == 0:
@@ -232,40 +240,64 @@ if gl is not None:
             s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [WK, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
             y_lo += lo * gl.convert_layout(s_lo, L4, assert_trivial=True)
             y_hi += hi * gl.convert_layout(s_hi, L4, assert_trivial=True)
-        # the WK warps' partial sums -> [T, 8, 4]; lane c = 0 of each quad stores rows g and g + 8
-        out_lo = gl.sum(y_lo, axis=0)
-        out_hi = gl.sum(y_hi, axis=0)
-        LO: gl.constexpr = out_lo.type.layout
-        quad = _iota(4, LO, 3, 2)
-        rows_o = row0 + 16 * _iota(T, LO, 3, 0) + _iota(8, LO, 3, 1) + 0 * quad
-        first = quad == 0
-        if HAS_BIAS:
-            out_lo += gl.load(b_ptr + rows_o, mask=rows_o < N, other=0.0).to(gl.float32)
-            out_hi += gl.load(b_ptr + rows_o + 8, mask=rows_o + 8 < N, other=0.0).to(gl.float32)
-        dt: gl.constexpr = y_ptr.dtype.element_ty
-        gl.store(y_ptr + rows_o, out_lo.to(dt), mask=first & (rows_o < N))
-        gl.store(y_ptr + rows_o + 8, out_hi.to(dt), mask=first & (rows_o + 8 < N))
+        # the WK warps' partial sums; every lane of a quad holds the same column (batch 1): keep one
+        out_lo = gl.max(gl.sum(y_lo, axis=0), axis=2)  # [T, 8]: rows 16 i + g
+        out_hi = gl.max(gl.sum(y_hi, axis=0), axis=2)  # rows 16 i + 8 + g
+        y = gl.reshape(gl.permute(gl.join(out_lo, out_hi), [0, 2, 1]), [R])  # tile position 16 i + 8 h + g
+        YL: gl.constexpr = gl.BlockedLayout([R], [32], [WK], [0])  # every thread all R rows (the epilogue's)
+        y = gl.convert_layout(y, YL)
+        rows_y, ok_y = _tile_rows(gl.arange(0, R, layout=YL), t, R, N, n_half, GLU)
+        _epilogue(y, rows_y, ok_y, t, squares, eps, b_ptr, y_ptr, n_half, nw_ptr, h_ptr, sq_out_ptr, y_ptr, y_ptr,
+                  K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU, False)
 
 
-def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-         tiles: int = 2, warps: int = 4, pdl: bool | None = None) -> torch.Tensor:
-    """``out [N] = W @ x + b`` for one contiguous bf16/fp16 row ``x [K]`` on tensor cores (``tiles`` 16-row MMA
-    tiles per warp, ``warps`` splitting the row; ``pdl``: programmatic dependent launch, by default unless
-    ``HOLDALL_PDL=0``)."""
-    pdl = pdl_enabled() if pdl is None else bool(pdl)
+def gemv_config(p: Plan) -> dict:
+    """The launch for one row (``BLOCK_N`` = rows per program = 16 ``TILES``; ``WK`` warps along the row;
+    ``PDL``): not yet swept -- two 16-row tiles per warp and 4 warps (the SASS's 1.75 instructions per code at
+    4096 inputs; 1.55 at 4 tiles but 172 registers)."""
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 32, "TILES": 2, "WK": 4, "PDL": pdl_enabled()}
+
+
+def enabled() -> bool:
+    """Off until it has been run and timed on a GPU: ``HOLDALL_MMA=1`` makes it the float one-row GEMV where it
+    can take the layer."""
+    return os.environ.get("HOLDALL_MMA", "0") == "1"
+
+
+def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
+         norm_in: tuple[torch.Tensor, float] | None = None,
+         norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
+         ) -> torch.Tensor:
+    """Launch :func:`_gemv_mma_kernel` for one contiguous bf16/fp16 row ``x [K]`` (``cfg``: ``TILES`` 16-row MMA
+    tiles per warp, ``WK`` warps splitting the row, ``PDL``; ``BLOCK_N`` must be 16 ``TILES``; the other
+    arguments as :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon_mma"``)."""
     reason = why_not(p)
     if reason is not None:
         raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
     if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
-    if tiles not in (1, 2, 4) or warps not in (1, 2, 4, 8):
-        raise ValueError(f"tiles must be 1, 2 or 4 and warps 1, 2, 4 or 8; got {tiles}, {warps}")
+    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
+        raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4 or 8 and BLOCK_N 16 x TILES; got {cfg}")
+    from .triton_wq4 import _norm_operands
+
+    n_half, tile_rows = p.out_features, 16 * tiles
+    if glu:
+        n_half, tile_rows = p.out_features // 2, 8 * tiles
+        if p.out_features % 2 or norm_out is not None:
+            raise ValueError("glu needs a stacked [gate; up] layer (even rows) and no norm_out")
+        if out.numel() != n_half:
+            raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
+    programs = -(-n_half // tile_rows)
+    sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, programs, norm_in, norm_out)
     bf16 = x.dtype == torch.bfloat16
-    rows = 16 * tiles
-    _gemv_mma_kernel[(-(-p.out_features // rows),)](
+    _gemv_mma_kernel[(programs,)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
-        p.out_features, ops.words.stride(0), p.scale_row_stride, p.group_step,
-        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=warps,
-        X_BF16=bf16, HAS_BIAS=bias is not None, NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        sq_in, sq_in.numel(), float(eps), weight, h, sq_out, p.out_features, n_half, ops.words.stride(0),
+        p.scale_row_stride, p.group_step,
+        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
+        X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
+        SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
+        NORM_OUT=norm_out is not None, GLU=glu, NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, num_warps=wk, launch_pdl=pdl,
     )
     return out

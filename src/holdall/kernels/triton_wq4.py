@@ -1353,6 +1353,11 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     if gluon:
         from . import gluon_wq4  # imported where used: it builds on this module's elementwise helpers
 
+        if not int8_activations:  # round 12, opt-in until timed: the tensor-core GEMV for float activations
+            from . import gluon_mma
+
+            if gluon_mma.enabled() and gluon_mma.why_not(p) is None:
+                return gluon_mma.gemv_config(p)
         if gluon_wq4.why_not(p, int8_activations) is None:
             return gluon_wq4.gemv_config(p, int8_activations)
     group_w = p.group // CODES_PER_WORD
@@ -1488,6 +1493,12 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     cfg = dict(config if config is not None else default_gemv_config(ops, p, x.device))
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
+    if variant == "gluon_mma":  # round 12: tensor cores, float activations (int symmetric codes)
+        from . import gluon_mma
+
+        if x_scales is not None or int8_out is not None:
+            raise ValueError("the tensor-core GEMV takes float activations: no int8 words in or out")
+        return gluon_mma.gemv(ops, p, x, bias, out, {**cfg, "BLOCK_N": block_n}, norm_in, norm_out, glu)
     if variant == "gluon":  # round 10: explicit layouts (int symmetric codes)
         from . import gluon_wq4
 
