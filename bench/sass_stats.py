@@ -68,7 +68,8 @@ BASE["gemv_gluon"] = {"K_WORDS": 1376, "GROUP_W": 16, "R": 8, "WK": 4, "X_BF16":
 KERNELS["gemv_mma"] = ("_gemv_mma_kernel", {
     "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
     "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16", "sq_out_ptr": "*fp32", "N": "i32",
-    "n_half": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32"})
+    "n_half": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32", "M": "i32",
+    "stride_x": "i32", "stride_y": "i32"})
 #: the tensor-core GEMV (round 12) for Llama-2-7B's down_proj: 11008 inputs, 2 tiles x 4 warps
 BASE["gemv_mma"] = {"K_WORDS": 1376, "GROUP_W": 16, "T": 2, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
                     "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False,

@@ -1015,6 +1015,28 @@ def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256)], ids=str)
+@pytest.mark.parametrize("rows", [2, 5, 8])
+@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8)])
+def test_tensor_core_gemv_takes_up_to_8_rows(shape, rows, tiles, warps, dtype):
+    """2..8 rows as the MMA's columns (lane ``g`` loads row ``g``): each row against the fp32 reference, into a
+    NaN-poisoned output with a row stride wider than the row; bias added."""
+    from holdall.kernels import triton_wq4
+
+    _gluon_ready()
+    layer = _layer(*shape, SCHEMES["int4-sym"], device="cuda", seed=sum(shape) + rows)
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(rows, p.in_features + 64, device="cuda", dtype=dtype)[:, :p.in_features]
+    out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
+    cfg = {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "PDL": True}
+    triton_wq4.gemm(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, cfg)
+    want = packed.reference_linear(layer, x)
+    for r in range(rows):
+        assert _rel(out[r], want[r]) < TOL[dtype]
+
+
+@cuda_only
 def test_gluon_gemv_refuses_what_it_cannot_compute():
     from holdall.kernels import triton_wq4
 

@@ -133,8 +133,9 @@ if gl is not None:
     def _chunk(w, xw, L4: gl.constexpr, X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr):
         """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 t + h`` = rows ``16 t + 8 h +
         g``, g, c, word) and ``xw [WK, 8, 4, 16]`` the thread's activation pairs (int32; pair ``j`` = inputs
-        ``32 c + 2 j``, ``+ 1``) -> ``(rows g, rows g + 8)`` float32 ``[WK, T, 8, 4]`` (``c0`` / ``c2`` of each
-        MMA: column ``2 c``; at batch 1 every column is the same), the codes' offset already taken off: eight
+        ``32 c + 2 j``, ``+ 1``) -> the MMA's ``c0..c3`` float32 ``[WK, T, 8, 4]``: rows ``g`` x columns
+        ``2 c``, ``2 c + 1``, rows ``g + 8`` x the same (at batch 1 every column is the same), the codes' offset
+        already taken off: eight
         more MMAs per chunk multiply the same activations by the constant pair ``NEG_PAIR`` (``-(MAG + 8)``
         twice), which costs less than summing them (one MMA per 64 codes against ~60 instructions)."""
         KW: gl.constexpr = w.shape[0]
@@ -167,8 +168,9 @@ if gl is not None:
                 off0, off1, off2, off3 = _mma(off0, off1, off2, off3, neg, neg, neg, neg, b0, b1, X_BF16)
                 acc0, acc1, acc2, acc3 = _mma(acc0, acc1, acc2, acc3, a_lo[p], a_hi[p], a_lo[p + 2], a_hi[p + 2],
                                               gl.expand_dims(b0, 1), gl.expand_dims(b1, 1), X_BF16)
-        off = gl.expand_dims(off0, 1)
-        return acc0 + off, acc2 + off
+        even = gl.expand_dims(off0, 1)  # columns 2 c
+        odd = gl.expand_dims(off1, 1)  # columns 2 c + 1
+        return acc0 + even, acc1 + odd, acc2 + even, acc3 + odd
 
     @gluon.jit
     def _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it: gl.constexpr, WK: gl.constexpr,
@@ -187,17 +189,36 @@ if gl is not None:
         return w, s.to(gl.float32)
 
     @gluon.jit
+    def _store_columns(y_lo, y_hi, y_lo1, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS: gl.constexpr):
+        """``MULTI``'s outputs: the warps' partial sums of rows ``g`` / ``g + 8`` x columns ``2 c`` / ``2 c + 1``
+        (``[WK, T, 8, 4]`` each) plus the bias, stored to ``y [M, N]``."""
+        T: gl.constexpr = y_lo.shape[1]
+        lo = gl.sum(y_lo, axis=0)  # [T, 8, 4]
+        LO: gl.constexpr = lo.type.layout
+        quad = _iota(4, LO, 3, 2)
+        rows = t * (16 * T) + 16 * _iota(T, LO, 3, 0) + _iota(8, LO, 3, 1) + 0 * quad
+        dt: gl.constexpr = y_ptr.dtype.element_ty
+        for h in gl.static_range(2):  # rows g, g + 8
+            r = rows + 8 * h
+            bias = gl.load(b_ptr + r, mask=r < N, other=0.0).to(gl.float32) if HAS_BIAS else 0.0
+            for e in gl.static_range(2):  # columns 2 c, 2 c + 1
+                part = (y_lo, y_lo1, y_hi, y_hi1)[2 * h + e]
+                col = 2 * quad + e
+                gl.store(y_ptr + col * stride_y + r, (gl.sum(part, axis=0) + bias).to(dt), mask=(r < N) & (col < M))
+
+    @gluon.jit
     def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, N,
-                         n_half, stride_wn, scale_row_stride, group_step,
+                         n_half, stride_wn, scale_row_stride, group_step, M, stride_x, stride_y,
                          K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
-                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False):
+                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False, MULTI: gl.constexpr = False):
         """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
         and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
         int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
         ``NEG_PAIR``: the 16-bit float pair ``-(MAG + 8)``, the decoded codes' offset (bf16 ``-136``: 0xC308,
-        fp16 ``-1032``: 0xE408)."""
+        fp16 ``-1032``: 0xE408). ``MULTI``: ``M`` (2..8) rows of ``x`` (``stride_x`` int32 pairs apart), one per
+        MMA column (lane ``g`` loads row ``g``), written to ``y [M, N]`` (``stride_y``) with the bias only."""
         LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [WK, 1, 1, 1], [3, 2, 1, 0])
         LS: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
@@ -213,13 +234,18 @@ if gl is not None:
         w_base = w_ptr + (rows_w * stride_wn + w_in)
         # activations: pairs 64 chunk + 16 c + j, the same for every g
         kw_x = _iota(WK, LX, 4, 0)
-        x_in = 16 * _iota(4, LX, 4, 2) + _iota(16, LX, 4, 3) + 0 * _iota(8, LX, 4, 1)
+        if MULTI:  # lane g: row g of x (the last one again past M)
+            x_in = 16 * _iota(4, LX, 4, 2) + _iota(16, LX, 4, 3) + gl.minimum(_iota(8, LX, 4, 1), M - 1) * stride_x
+        else:
+            x_in = 16 * _iota(4, LX, 4, 2) + _iota(16, LX, 4, 3) + 0 * _iota(8, LX, 4, 1)
         # scales of the same rows, one per chunk (the quad's four lanes load the same one)
         rows_s, _ = _tile_rows(8 * _iota(2 * T, LS, 4, 1) + _iota(8, LS, 4, 2), t, R, N, n_half, GLU)
         rows_s = rows_s + 0 * _iota(4, LS, 4, 3)
         kw_s = _iota(WK, LS, 4, 0)
-        y_lo = gl.zeros([WK, T, 8, 4], gl.float32, L4)
-        y_hi = gl.zeros_like(y_lo)
+        y_lo = gl.zeros([WK, T, 8, 4], gl.float32, L4)  # rows g x columns 2 c
+        y_hi = gl.zeros_like(y_lo)  # rows g + 8 x columns 2 c
+        y_lo1 = gl.zeros_like(y_lo)  # rows g x columns 2 c + 1 (MULTI)
+        y_hi1 = gl.zeros_like(y_lo)
         if PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
             w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
                                                scale_row_stride, group_step)
@@ -236,10 +262,18 @@ if gl is not None:
                 xw = gl.load(x_ptr + (64 * chunk_x + x_in), mask=(chunk_x < N_CHUNKS) & (x_in >= 0), other=0)
             else:
                 xw = gl.load(x_ptr + (64 * chunk_x + x_in))
-            lo, hi = _chunk(w, xw, L4, X_BF16, NEG_PAIR)
+            lo, lo1, hi, hi1 = _chunk(w, xw, L4, X_BF16, NEG_PAIR)
             s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [WK, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
-            y_lo += lo * gl.convert_layout(s_lo, L4, assert_trivial=True)
-            y_hi += hi * gl.convert_layout(s_hi, L4, assert_trivial=True)
+            s_lo = gl.convert_layout(s_lo, L4, assert_trivial=True)
+            s_hi = gl.convert_layout(s_hi, L4, assert_trivial=True)
+            y_lo += lo * s_lo
+            y_hi += hi * s_hi
+            if MULTI:
+                y_lo1 += lo1 * s_lo
+                y_hi1 += hi1 * s_hi
+        if MULTI:
+            _store_columns(y_lo, y_hi, y_lo1, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS)
+            return
         # the WK warps' partial sums; every lane of a quad holds the same column (batch 1): keep one
         out_lo = gl.max(gl.sum(y_lo, axis=0), axis=2)  # [T, 8]: rows 16 i + g
         out_hi = gl.max(gl.sum(y_hi, axis=0), axis=2)  # rows 16 i + 8 + g
@@ -294,10 +328,36 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     _gemv_mma_kernel[(programs,)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out, p.out_features, n_half, ops.words.stride(0),
-        p.scale_row_stride, p.group_step,
+        p.scale_row_stride, p.group_step, 1, 0, 0,
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
         NORM_OUT=norm_out is not None, GLU=glu, NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, num_warps=wk, launch_pdl=pdl,
+    )
+    return out
+
+
+def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """``out [M, N] = x W^T + b`` for 2..8 rows ``x [M, K]`` (bf16/fp16, rows contiguous): each row one column of
+    the same MMAs, so up to 8 rows cost what one does (``cfg`` as :func:`gemv`; no fused epilogues)."""
+    reason = why_not(p)
+    if reason is not None:
+        raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
+    m = x.shape[0]
+    if x.dim() != 2 or not 1 <= m <= 8 or x.shape[1] != p.in_features or x.stride(1) != 1 or x.stride(0) % 2 \
+            or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be 1..8 bf16/fp16 rows of {p.in_features} (contiguous, even row stride); "
+                         f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    if out.shape != (m, p.out_features) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
+    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    bf16 = x.dtype == torch.bfloat16
+    _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
+        x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
+        ops.scale, 0, 0.0, ops.scale, ops.scale, ops.scale, p.out_features, p.out_features, ops.words.stride(0),
+        p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
+        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
+        X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
+        NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, MULTI=True, num_warps=wk, launch_pdl=pdl,
     )
     return out
