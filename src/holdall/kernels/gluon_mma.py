@@ -49,6 +49,9 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
 #: -(MAG + 8) as a 16-bit float pair, signed int32 bits: bf16 -136 (0xC308), fp16 -1032 (0xE408)
 NEG_PAIR = {True: 0xC308C308 - (1 << 32), False: 0xE408E408 - (1 << 32)}
+#: PRMT selectors that make an MMA step's B registers from two activation pairs (x[b], x[b+1]), (x[b+2], x[b+3]):
+#: b0 = (x[b], x[b+2]) (both low halves), b1 = (x[b+1], x[b+3]) (both high halves)
+B0_SEL, B1_SEL = 0x5410, 0x7632
 
 
 def why_not(p: Plan) -> str | None:
@@ -67,6 +70,8 @@ def why_not(p: Plan) -> str | None:
 if gl is not None:
     from .gluon_wq4 import _epilogue, _squares_in, _tile_rows, _wait_for_producer
 
+    _B0_SEL = gl.constexpr(B0_SEL)
+    _B1_SEL = gl.constexpr(B1_SEL)
     _NIB_BF16 = gl.constexpr(ptx.nibbles_asm(True))
     _NIB_F16 = gl.constexpr(ptx.nibbles_asm(False))
     _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, "
@@ -163,8 +168,8 @@ if gl is not None:
             for p in gl.static_range(2):
                 x01 = gl.convert_layout(xj[2 * p], LB, assert_trivial=True)
                 x23 = gl.convert_layout(xj[2 * p + 1], LB, assert_trivial=True)
-                b0 = _prmt(x01, x23, 0x5410)
-                b1 = _prmt(x01, x23, 0x7632)
+                b0 = _prmt(x01, x23, _B0_SEL)
+                b1 = _prmt(x01, x23, _B1_SEL)
                 off0, off1, off2, off3 = _mma(off0, off1, off2, off3, neg, neg, neg, neg, b0, b1, X_BF16)
                 acc0, acc1, acc2, acc3 = _mma(acc0, acc1, acc2, acc3, a_lo[p], a_hi[p], a_lo[p + 2], a_hi[p + 2],
                                               gl.expand_dims(b0, 1), gl.expand_dims(b1, 1), X_BF16)
