@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = gl = None
 
 CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
+MAX_ROWS = 16  # activation rows per launch: 2 tiles of MMA columns (4 spill registers: SASS)
 #: -(MAG + 8) as a 16-bit float pair, signed int32 bits: bf16 -136 (0xC308), fp16 -1032 (0xE408)
 NEG_PAIR = {True: 0xC308C308 - (1 << 32), False: 0xE408E408 - (1 << 32)}
 #: PRMT selectors that make an MMA step's B registers from two activation pairs (x[b], x[b+1]), (x[b+2], x[b+3]):
@@ -135,35 +136,39 @@ if gl is not None:
         return t0, t1, t2, t3
 
     @gluon.jit
-    def _chunk(w, xw, L4: gl.constexpr, X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr):
-        """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 t + h`` = rows ``16 t + 8 h +
-        g``, g, c, word) and ``xw [WK, 8, 4, 16]`` the thread's activation pairs (int32; pair ``j`` = inputs
-        ``32 c + 2 j``, ``+ 1``) -> the MMA's ``c0..c3`` float32 ``[WK, T, 8, 4]``: rows ``g`` x columns
-        ``2 c``, ``2 c + 1``, rows ``g + 8`` x the same (at batch 1 every column is the same), the codes' offset
-        already taken off: eight
-        more MMAs per chunk multiply the same activations by the constant pair ``NEG_PAIR`` (``-(MAG + 8)``
-        twice), which costs less than summing them (one MMA per 64 codes against ~60 instructions)."""
+    def _chunk(w, xw, L5: gl.constexpr, X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr):
+        """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 i + h`` = rows ``16 i + 8 h +
+        g``, g, c, word) and ``xw [WK, NT, 8, 4, 16]`` the thread's activation pairs (int32; column tile ``nt``
+        of lane ``g``: activation row ``8 nt + g``; pair ``j`` = inputs ``32 c + 2 j``, ``+ 1``) -> the MMAs'
+        ``c0..c3`` float32 ``[WK, T, NT, 8, 4]``: rows ``g`` x columns ``2 c``, ``2 c + 1``, rows ``g + 8`` x the
+        same (at batch 1 every column is the same), the codes' offset already taken off: eight more MMAs per
+        chunk and column tile multiply the same activations by the constant pair ``NEG_PAIR`` (``-(MAG + 8)``
+        twice), which costs less than summing them (one MMA per 64 codes against ~60 instructions). The A
+        registers of a step serve every column tile and the B registers every row tile (the MMA is elementwise
+        over ``[T, 1]`` x ``[1, NT]``)."""
         KW: gl.constexpr = w.shape[0]
         T: gl.constexpr = w.shape[1] // 2
+        NT: gl.constexpr = xw.shape[1]
+        LA: gl.constexpr = gl.SliceLayout(2, L5)  # [WK, T, 8, 4]
+        LB: gl.constexpr = gl.SliceLayout(1, L5)  # [WK, NT, 8, 4]
         # [WK, T, 8, 4, 4 (word), 2 (h)] -> rows g / g + 8, each [WK, T, 8, 4, 4]
         lo_rows, hi_rows = gl.split(gl.permute(gl.reshape(w, [KW, T, 2, 8, 4, 4]), [0, 1, 3, 4, 5, 2]))
         lo_w = _last4(lo_rows)
         hi_w = _last4(hi_rows)
-        # activation pairs by word: [WK, 8, 4, 4 (j), 4 (w)] -> word i's 4 pairs
-        x_w = _last4(gl.permute(gl.reshape(xw, [KW, 8, 4, 4, 4]), [0, 1, 2, 4, 3]))
-        acc0 = gl.zeros([KW, T, 8, 4], gl.float32, L4)
+        # activation pairs by word: [WK, NT, 8, 4, 4 (j), 4 (w)] -> word i's 4 pairs
+        x_w = _last4(gl.permute(gl.reshape(xw, [KW, NT, 8, 4, 4, 4]), [0, 1, 2, 3, 5, 4]))
+        acc0 = gl.zeros([KW, T, NT, 8, 4], gl.float32, L5)
         acc1 = gl.zeros_like(acc0)
         acc2 = gl.zeros_like(acc0)
         acc3 = gl.zeros_like(acc0)
-        LB: gl.constexpr = gl.SliceLayout(1, L4)  # [WK, 8, 4]: one register per thread
-        off0 = gl.zeros([KW, 8, 4], gl.float32, LB)  # -(MAG + 8) * sum(x) of the chunk, from the MMA too
+        off0 = gl.zeros([KW, NT, 8, 4], gl.float32, LB)  # -(MAG + 8) * sum(x) of the chunk, from the MMA too
         off1 = gl.zeros_like(off0)
         off2 = gl.zeros_like(off0)
         off3 = gl.zeros_like(off0)
-        neg = gl.full([KW, 8, 4], NEG_PAIR, gl.int32, LB)
+        neg = gl.full([KW, NT, 8, 4], NEG_PAIR, gl.int32, LB)
         for i in gl.static_range(4):
-            a_lo = _pairs(gl.convert_layout(lo_w[i], L4, assert_trivial=True), X_BF16)
-            a_hi = _pairs(gl.convert_layout(hi_w[i], L4, assert_trivial=True), X_BF16)
+            a_lo = _pairs(gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2), X_BF16)
+            a_hi = _pairs(gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2), X_BF16)
             xj = _last4(x_w[i])  # pairs 4 i + 0..3: inputs 32 c + 8 i + (0, 1), (2, 3), (4, 5), (6, 7)
             for p in gl.static_range(2):
                 x01 = gl.convert_layout(xj[2 * p], LB, assert_trivial=True)
@@ -194,22 +199,24 @@ if gl is not None:
         return w, s.to(gl.float32)
 
     @gluon.jit
-    def _store_columns(y_lo, y_hi, y_lo1, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS: gl.constexpr):
-        """``MULTI``'s outputs: the warps' partial sums of rows ``g`` / ``g + 8`` x columns ``2 c`` / ``2 c + 1``
-        (``[WK, T, 8, 4]`` each) plus the bias, stored to ``y [M, N]``."""
+    def _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS: gl.constexpr):
+        """Several activation rows' outputs: the warps' partial sums of rows ``g`` / ``g + 8`` x columns
+        ``8 nt + 2 c`` / ``+ 1`` (``[WK, T, NT, 8, 4]`` each) plus the bias, stored to ``y [M, N]``."""
         T: gl.constexpr = y_lo.shape[1]
-        lo = gl.sum(y_lo, axis=0)  # [T, 8, 4]
+        NT: gl.constexpr = y_lo.shape[2]
+        lo = gl.sum(y_lo, axis=0)  # [T, NT, 8, 4]
         LO: gl.constexpr = lo.type.layout
-        quad = _iota(4, LO, 3, 2)
-        rows = t * (16 * T) + 16 * _iota(T, LO, 3, 0) + _iota(8, LO, 3, 1) + 0 * quad
+        quad = _iota(4, LO, 4, 3)
+        rows = t * (16 * T) + 16 * _iota(T, LO, 4, 0) + _iota(8, LO, 4, 2) + 0 * quad + 0 * _iota(NT, LO, 4, 1)
+        cols = 8 * _iota(NT, LO, 4, 1) + 2 * quad
         dt: gl.constexpr = y_ptr.dtype.element_ty
         for h in gl.static_range(2):  # rows g, g + 8
             r = rows + 8 * h
             bias = gl.load(b_ptr + r, mask=r < N, other=0.0).to(gl.float32) if HAS_BIAS else 0.0
             for e in gl.static_range(2):  # columns 2 c, 2 c + 1
-                part = (y_lo, y_lo1, y_hi, y_hi1)[2 * h + e]
-                col = 2 * quad + e
-                gl.store(y_ptr + col * stride_y + r, (gl.sum(part, axis=0) + bias).to(dt), mask=(r < N) & (col < M))
+                part = gl.sum((y_lo, y_lo1, y_hi, y_hi1)[2 * h + e], axis=0)
+                col = cols + e
+                gl.store(y_ptr + col * stride_y + r, (part + bias).to(dt), mask=(r < N) & (col < M))
 
     @gluon.jit
     def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, N,
@@ -217,17 +224,19 @@ if gl is not None:
                          K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
-                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False, MULTI: gl.constexpr = False):
+                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False, NT: gl.constexpr = 0):
         """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
         and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
         int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
         ``NEG_PAIR``: the 16-bit float pair ``-(MAG + 8)``, the decoded codes' offset (bf16 ``-136``: 0xC308,
-        fp16 ``-1032``: 0xE408). ``MULTI``: ``M`` (2..8) rows of ``x`` (``stride_x`` int32 pairs apart), one per
-        MMA column (lane ``g`` loads row ``g``), written to ``y [M, N]`` (``stride_y``) with the bias only."""
+        fp16 ``-1032``: 0xE408). ``NT`` > 0: ``M`` (up to ``8 NT``) rows of ``x`` (``stride_x`` int32 pairs
+        apart) as ``NT`` tiles of MMA columns (lane ``g`` of tile ``nt`` loads row ``8 nt + g``), written to ``y
+        [M, N]`` (``stride_y``) with the bias only."""
+        COLS: gl.constexpr = NT if NT > 0 else 1  # MMA column tiles
         LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        LX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [WK, 1, 1, 1], [3, 2, 1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([1, COLS, 1, 1, 16], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LS: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
-        L4: gl.constexpr = gl.BlockedLayout([1, T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
+        L5: gl.constexpr = gl.BlockedLayout([1, T, COLS, 1, 1], [1, 1, 1, 8, 4], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         R: gl.constexpr = 16 * T
         N_CHUNKS: gl.constexpr = K_WORDS // 16
         ITERS: gl.constexpr = (N_CHUNKS + WK - 1) // WK
@@ -237,19 +246,20 @@ if gl is not None:
         kw_w = _iota(WK, LW, 5, 0)
         w_in = 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)  # word within the chunk
         w_base = w_ptr + (rows_w * stride_wn + w_in)
-        # activations: pairs 64 chunk + 16 c + j, the same for every g
-        kw_x = _iota(WK, LX, 4, 0)
-        if MULTI:  # lane g: row g of x (the last one again past M)
-            x_in = 16 * _iota(4, LX, 4, 2) + _iota(16, LX, 4, 3) + gl.minimum(_iota(8, LX, 4, 1), M - 1) * stride_x
-        else:
-            x_in = 16 * _iota(4, LX, 4, 2) + _iota(16, LX, 4, 3) + 0 * _iota(8, LX, 4, 1)
+        # activations: pairs 64 chunk + 16 c + j of row 8 nt + g (the last row again past M; one row at batch 1)
+        kw_x = _iota(WK, LX, 5, 0)
+        x_in = 16 * _iota(4, LX, 5, 3) + _iota(16, LX, 5, 4)
+        if NT > 0:
+            x_in += gl.minimum(8 * _iota(COLS, LX, 5, 1) + _iota(8, LX, 5, 2), M - 1) * stride_x
+        else:  # every lane the one row
+            x_in += 0 * _iota(8, LX, 5, 2)
         # scales of the same rows, one per chunk (the quad's four lanes load the same one)
         rows_s, _ = _tile_rows(8 * _iota(2 * T, LS, 4, 1) + _iota(8, LS, 4, 2), t, R, N, n_half, GLU)
         rows_s = rows_s + 0 * _iota(4, LS, 4, 3)
         kw_s = _iota(WK, LS, 4, 0)
-        y_lo = gl.zeros([WK, T, 8, 4], gl.float32, L4)  # rows g x columns 2 c
+        y_lo = gl.zeros([WK, T, COLS, 8, 4], gl.float32, L5)  # rows g x columns 2 c
         y_hi = gl.zeros_like(y_lo)  # rows g + 8 x columns 2 c
-        y_lo1 = gl.zeros_like(y_lo)  # rows g x columns 2 c + 1 (MULTI)
+        y_lo1 = gl.zeros_like(y_lo)  # rows g x columns 2 c + 1 (several activation rows)
         y_hi1 = gl.zeros_like(y_lo)
         if PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
             w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
@@ -267,27 +277,27 @@ if gl is not None:
                 xw = gl.load(x_ptr + (64 * chunk_x + x_in), mask=(chunk_x < N_CHUNKS) & (x_in >= 0), other=0)
             else:
                 xw = gl.load(x_ptr + (64 * chunk_x + x_in))
-            lo, lo1, hi, hi1 = _chunk(w, xw, L4, X_BF16, NEG_PAIR)
+            lo, lo1, hi, hi1 = _chunk(w, xw, L5, X_BF16, NEG_PAIR)
             s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [WK, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
-            s_lo = gl.convert_layout(s_lo, L4, assert_trivial=True)
-            s_hi = gl.convert_layout(s_hi, L4, assert_trivial=True)
+            s_lo = gl.expand_dims(gl.convert_layout(s_lo, gl.SliceLayout(2, L5), assert_trivial=True), 2)
+            s_hi = gl.expand_dims(gl.convert_layout(s_hi, gl.SliceLayout(2, L5), assert_trivial=True), 2)
             y_lo += lo * s_lo
             y_hi += hi * s_hi
-            if MULTI:
+            if NT > 0:
                 y_lo1 += lo1 * s_lo
                 y_hi1 += hi1 * s_hi
-        if MULTI:
-            _store_columns(y_lo, y_hi, y_lo1, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS)
-            return
-        # the WK warps' partial sums; every lane of a quad holds the same column (batch 1): keep one
-        out_lo = gl.max(gl.sum(y_lo, axis=0), axis=2)  # [T, 8]: rows 16 i + g
-        out_hi = gl.max(gl.sum(y_hi, axis=0), axis=2)  # rows 16 i + 8 + g
-        y = gl.reshape(gl.permute(gl.join(out_lo, out_hi), [0, 2, 1]), [R])  # tile position 16 i + 8 h + g
-        YL: gl.constexpr = gl.BlockedLayout([R], [32], [WK], [0])  # every thread all R rows (the epilogue's)
-        y = gl.convert_layout(y, YL)
-        rows_y, ok_y = _tile_rows(gl.arange(0, R, layout=YL), t, R, N, n_half, GLU)
-        _epilogue(y, rows_y, ok_y, t, squares, eps, b_ptr, y_ptr, n_half, nw_ptr, h_ptr, sq_out_ptr, y_ptr, y_ptr,
-                  K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU, False)
+        if NT > 0:
+            _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS)
+        else:
+            # the WK warps' partial sums; every lane of a quad holds the same column (batch 1): keep one
+            out_lo = gl.max(gl.sum(gl.sum(y_lo, axis=0), axis=1), axis=2)  # [T, 8]: rows 16 i + g
+            out_hi = gl.max(gl.sum(gl.sum(y_hi, axis=0), axis=1), axis=2)  # rows 16 i + 8 + g
+            y = gl.reshape(gl.permute(gl.join(out_lo, out_hi), [0, 2, 1]), [R])  # tile position 16 i + 8 h + g
+            YL: gl.constexpr = gl.BlockedLayout([R], [32], [WK], [0])  # every thread all R rows (the epilogue's)
+            y = gl.convert_layout(y, YL)
+            rows_y, ok_y = _tile_rows(gl.arange(0, R, layout=YL), t, R, N, n_half, GLU)
+            _epilogue(y, rows_y, ok_y, t, squares, eps, b_ptr, y_ptr, n_half, nw_ptr, h_ptr, sq_out_ptr, y_ptr,
+                      y_ptr, K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU, False)
 
 
 def gemv_config(p: Plan) -> dict:
@@ -342,16 +352,22 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     return out
 
 
+def column_tiles(m: int) -> int:
+    """MMA column tiles for ``m`` activation rows: 8 rows each, a power of two."""
+    return 1 << max(0, (-(-m // 8) - 1).bit_length())
+
+
 def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """``out [M, N] = x W^T + b`` for 2..8 rows ``x [M, K]`` (bf16/fp16, rows contiguous): each row one column of
-    the same MMAs, so up to 8 rows cost what one does (``cfg`` as :func:`gemv`; no fused epilogues)."""
+    """``out [M, N] = x W^T + b`` for 1..``MAX_ROWS`` rows ``x [M, K]`` (bf16/fp16, rows contiguous): the rows are
+    the MMAs' columns, 8 per tile, so up to 8 rows cost what one does and each 8 more add one MMA per step
+    (``cfg`` as :func:`gemv`; no fused epilogues)."""
     reason = why_not(p)
     if reason is not None:
         raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
     m = x.shape[0]
-    if x.dim() != 2 or not 1 <= m <= 8 or x.shape[1] != p.in_features or x.stride(1) != 1 or x.stride(0) % 2 \
-            or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be 1..8 bf16/fp16 rows of {p.in_features} (contiguous, even row stride); "
+    if x.dim() != 2 or not 1 <= m <= MAX_ROWS or x.shape[1] != p.in_features or x.stride(1) != 1 \
+            or x.stride(0) % 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be 1..{MAX_ROWS} bf16/fp16 rows of {p.in_features} (contiguous, even row stride); "
                          f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
     if out.shape != (m, p.out_features) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
@@ -363,6 +379,6 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
-        NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, MULTI=True, num_warps=wk, launch_pdl=pdl,
+        NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, NT=column_tiles(m), num_warps=wk, launch_pdl=pdl,
     )
     return out

@@ -1673,12 +1673,12 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
          config: dict | None = None) -> torch.Tensor:
     """``out [M, N] = x @ W^T + b`` for ``x [M, K]`` (rows contiguous, bf16/fp16), M small."""
     m = x.shape[0]
-    if config is None and m <= 8:  # round 12, opt-in until timed: up to 8 rows as the tensor-core GEMV's columns
+    if config is None:  # round 12, opt-in until timed: up to 16 rows as the tensor-core GEMV's MMA columns
         from . import gluon_mma, gluon_wq4
 
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if gluon_mma.enabled() and gluon_mma.why_not(p) is None and gluon_wq4.available(index) \
-                and ops.words.data_ptr() % 16 == 0:
+        if gluon_mma.enabled() and m <= gluon_mma.MAX_ROWS and gluon_mma.why_not(p) is None \
+                and gluon_wq4.available(index) and ops.words.data_ptr() % 16 == 0:
             config = gluon_mma.gemv_config(p)
     config = config or gemm_config(p, m, _sm_count(x.device.index or 0))
     if config.get("VARIANT") == "gluon_mma":
