@@ -248,7 +248,7 @@ def test_int8_dot_is_the_integer_dot_product():
         assert got == (c + sum(q * x for q, x in zip(codes, xs))) & 0xFFFFFFFF
 
 
-def _bits16(values: torch.Tensor, bf16: bool) -> list[int]:
+def _half_bits(values: torch.Tensor, bf16: bool) -> list[int]:
     """16-bit float bits of ``values`` (exactly representable)."""
     dtype = torch.bfloat16 if bf16 else torch.float16
     return [int(v) & 0xFFFF for v in values.to(dtype).view(torch.int16)]
@@ -295,7 +295,7 @@ def test_tensor_core_fragment_order_is_the_dot_product(bf16, columns):
         x[1:] = x[0]
     words = [[sum(((int(codes[r, 8 * w + 2 * j]) << 4 | int(codes[r, 8 * w + 2 * j + 1])) << (8 * j))
                   for j in range(4)) for w in range(16)] for r in range(16)]
-    xbits = [_bits16(x[n], bf16) for n in range(8)]
+    xbits = [_half_bits(x[n], bf16) for n in range(8)]
     asm = ptx.nibbles_asm(bf16)
     neg = gluon_mma.NEG_PAIR[bf16] & 0xFFFFFFFF
     total = torch.zeros(16, 8, dtype=torch.float64)
