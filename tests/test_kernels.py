@@ -1017,11 +1017,12 @@ def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256)], ids=str)
-@pytest.mark.parametrize("rows", [2, 5, 8, 13, 16])
+@pytest.mark.parametrize("rows", [2, 5, 8, 13, 16, 17, 32, 64])
 @pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8)])
-def test_tensor_core_gemv_takes_up_to_16_rows(shape, rows, tiles, warps, dtype):
-    """2..16 rows as the MMA's columns (lane ``g`` of column tile ``nt`` loads row ``8 nt + g``): each row
-    against the fp32 reference, into a NaN-poisoned output with a row stride wider than the row; bias added."""
+def test_tensor_core_gemv_takes_up_to_64_rows(shape, rows, tiles, warps, dtype):
+    """2..64 rows as the MMA's columns (lane ``g`` of column tile ``nt`` loads row ``8 nt + g``; 1, 2, 4 or 8
+    column tiles; rounds unrolled or in a loop): each row against the fp32 reference, into a NaN-poisoned output
+    with a row stride wider than the row; bias added."""
     from holdall.kernels import triton_wq4
 
     _gluon_ready()

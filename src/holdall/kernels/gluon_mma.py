@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = gl = None
 
 CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
-MAX_ROWS = 16  # activation rows per launch: 2 tiles of MMA columns (4 spill registers: SASS)
+MAX_ROWS = 64  # activation rows per launch: up to 8 tiles of MMA columns (with the rounds in a loop: SASS, no spills)
 #: -(MAG + 8) as a 16-bit float pair, signed int32 bits: bf16 -136 (0xC308), fp16 -1032 (0xE408)
 NEG_PAIR = {True: 0xC308C308 - (1 << 32), False: 0xE408E408 - (1 << 32)}
 #: PRMT selectors that make an MMA step's B registers from two activation pairs (x[b], x[b+1]), (x[b+2], x[b+3]):
@@ -136,10 +136,12 @@ if gl is not None:
         return t0, t1, t2, t3
 
     @gluon.jit
-    def _chunk(w, xw, L5: gl.constexpr, X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr):
+    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr):
         """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 i + h`` = rows ``16 i + 8 h +
-        g``, g, c, word) and ``xw [WK, NT, 8, 4, 16]`` the thread's activation pairs (int32; column tile ``nt``
-        of lane ``g``: activation row ``8 nt + g``; pair ``j`` = inputs ``32 c + 2 j``, ``+ 1``) -> the MMAs'
+        g``, g, c, word) and the thread's activation pairs at ``xp [WK, NT, 8, 4, 4]`` (int32 pointers; column
+        tile ``nt`` of lane ``g``: activation row ``8 nt + g``; pair ``4 i + j`` = inputs ``32 c + 8 i + 2 j``,
+        ``+ 1``, loaded one word ``i`` at a time so that only 4 per column tile are live; ``MASKED``: where
+        ``x_ok``) -> the MMAs'
         ``c0..c3`` float32 ``[WK, T, NT, 8, 4]``: rows ``g`` x columns ``2 c``, ``2 c + 1``, rows ``g + 8`` x the
         same (at batch 1 every column is the same), the codes' offset already taken off: eight more MMAs per
         chunk and column tile multiply the same activations by the constant pair ``NEG_PAIR`` (``-(MAG + 8)``
@@ -148,15 +150,13 @@ if gl is not None:
         over ``[T, 1]`` x ``[1, NT]``)."""
         KW: gl.constexpr = w.shape[0]
         T: gl.constexpr = w.shape[1] // 2
-        NT: gl.constexpr = xw.shape[1]
+        NT: gl.constexpr = xp.shape[1]
         LA: gl.constexpr = gl.SliceLayout(2, L5)  # [WK, T, 8, 4]
         LB: gl.constexpr = gl.SliceLayout(1, L5)  # [WK, NT, 8, 4]
         # [WK, T, 8, 4, 4 (word), 2 (h)] -> rows g / g + 8, each [WK, T, 8, 4, 4]
         lo_rows, hi_rows = gl.split(gl.permute(gl.reshape(w, [KW, T, 2, 8, 4, 4]), [0, 1, 3, 4, 5, 2]))
         lo_w = _last4(lo_rows)
         hi_w = _last4(hi_rows)
-        # activation pairs by word: [WK, NT, 8, 4, 4 (j), 4 (w)] -> word i's 4 pairs
-        x_w = _last4(gl.permute(gl.reshape(xw, [KW, NT, 8, 4, 4, 4]), [0, 1, 2, 3, 5, 4]))
         acc0 = gl.zeros([KW, T, NT, 8, 4], gl.float32, L5)
         acc1 = gl.zeros_like(acc0)
         acc2 = gl.zeros_like(acc0)
@@ -169,7 +169,11 @@ if gl is not None:
         for i in gl.static_range(4):
             a_lo = _pairs(gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2), X_BF16)
             a_hi = _pairs(gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2), X_BF16)
-            xj = _last4(x_w[i])  # pairs 4 i + 0..3: inputs 32 c + 8 i + (0, 1), (2, 3), (4, 5), (6, 7)
+            if MASKED:
+                xq = gl.load(xp + 4 * i, mask=x_ok, other=0)
+            else:
+                xq = gl.load(xp + 4 * i)
+            xj = _last4(xq)  # pairs 4 i + 0..3: inputs 32 c + 8 i + (0, 1), (2, 3), (4, 5), (6, 7)
             for p in gl.static_range(2):
                 x01 = gl.convert_layout(xj[2 * p], LB, assert_trivial=True)
                 x23 = gl.convert_layout(xj[2 * p + 1], LB, assert_trivial=True)
@@ -183,20 +187,37 @@ if gl is not None:
         return acc0 + even, acc1 + odd, acc2 + even, acc3 + odd
 
     @gluon.jit
-    def _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it: gl.constexpr, WK: gl.constexpr,
-                        N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride, group_step):
+    def _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
+                        GROUP_W: gl.constexpr, scale_row_stride, group_step, MASKED: gl.constexpr):
         """Round ``it``'s words ``[WK, 2T, 8, 4, 4]`` and float32 scales ``[WK, 2T, 8, 4]`` (warp ``kw`` takes
-        chunk ``it WK + kw``; in a last, partial round the warps past the row read zeros)."""
+        chunk ``it WK + kw``; ``MASKED``: the last, partial round, where the warps past the row read zeros)."""
         chunk_w = it * WK + kw_w
         chunk_s = it * WK + kw_s
         s_ptrs = s_ptr + (rows_s * scale_row_stride + ((16 * chunk_s) // GROUP_W) * group_step)
-        if (it + 1) * WK > N_CHUNKS:
+        if MASKED:
             w = gl.load(w_base + 16 * chunk_w, mask=(chunk_w < N_CHUNKS) & (w_in >= 0), other=0)
             s = gl.load(s_ptrs, mask=(chunk_s < N_CHUNKS) & (rows_s >= 0), other=0.0)
         else:
             w = gl.load(w_base + 16 * chunk_w)
             s = gl.load(s_ptrs)
         return w, s.to(gl.float32)
+
+    @gluon.jit
+    def _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr,
+               X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr, MULTI: gl.constexpr):
+        """One round of chunks (one per warp) into the accumulators: the MMA sums times each row's scale."""
+        KW: gl.constexpr = w.shape[0]
+        T: gl.constexpr = w.shape[1] // 2
+        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, MASKED, L5, X_BF16, NEG_PAIR)
+        s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [KW, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
+        s_lo = gl.expand_dims(gl.convert_layout(s_lo, gl.SliceLayout(2, L5), assert_trivial=True), 2)
+        s_hi = gl.expand_dims(gl.convert_layout(s_hi, gl.SliceLayout(2, L5), assert_trivial=True), 2)
+        y_lo += lo * s_lo
+        y_hi += hi * s_hi
+        if MULTI:
+            y_lo1 += lo1 * s_lo
+            y_hi1 += hi1 * s_hi
+        return y_lo, y_lo1, y_hi, y_hi1
 
     @gluon.jit
     def _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS: gl.constexpr):
@@ -224,22 +245,22 @@ if gl is not None:
                          K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
-                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False, NT: gl.constexpr = 0):
+                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False, NT: gl.constexpr = 0,
+                         UNROLL: gl.constexpr = True):
         """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
         and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
         int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
         ``NEG_PAIR``: the 16-bit float pair ``-(MAG + 8)``, the decoded codes' offset (bf16 ``-136``: 0xC308,
         fp16 ``-1032``: 0xE408). ``NT`` > 0: ``M`` (up to ``8 NT``) rows of ``x`` (``stride_x`` int32 pairs
         apart) as ``NT`` tiles of MMA columns (lane ``g`` of tile ``nt`` loads row ``8 nt + g``), written to ``y
-        [M, N]`` (``stride_y``) with the bias only."""
+        [M, N]`` (``stride_y``) with the bias only. ``UNROLL``: the rounds over ``K`` unrolled (else a loop)."""
         COLS: gl.constexpr = NT if NT > 0 else 1  # MMA column tiles
         LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        LX: gl.constexpr = gl.BlockedLayout([1, COLS, 1, 1, 16], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([1, COLS, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LS: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
         L5: gl.constexpr = gl.BlockedLayout([1, T, COLS, 1, 1], [1, 1, 1, 8, 4], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         R: gl.constexpr = 16 * T
         N_CHUNKS: gl.constexpr = K_WORDS // 16
-        ITERS: gl.constexpr = (N_CHUNKS + WK - 1) // WK
         t = gl.program_id(0)
         # weights: tile position 8 rr + g (rr = 2 i + h), words 16 chunk + 4 c + w
         rows_w, _ = _tile_rows(8 * _iota(2 * T, LW, 5, 1) + _iota(8, LW, 5, 2), t, R, N, n_half, GLU)
@@ -248,7 +269,7 @@ if gl is not None:
         w_base = w_ptr + (rows_w * stride_wn + w_in)
         # activations: pairs 64 chunk + 16 c + j of row 8 nt + g (the last row again past M; one row at batch 1)
         kw_x = _iota(WK, LX, 5, 0)
-        x_in = 16 * _iota(4, LX, 5, 3) + _iota(16, LX, 5, 4)
+        x_in = 16 * _iota(4, LX, 5, 3) + _iota(4, LX, 5, 4)
         if NT > 0:
             x_in += gl.minimum(8 * _iota(COLS, LX, 5, 1) + _iota(8, LX, 5, 2), M - 1) * stride_x
         else:  # every lane the one row
@@ -261,40 +282,51 @@ if gl is not None:
         y_hi = gl.zeros_like(y_lo)  # rows g + 8 x columns 2 c
         y_lo1 = gl.zeros_like(y_lo)  # rows g x columns 2 c + 1 (several activation rows)
         y_hi1 = gl.zeros_like(y_lo)
+        FULL: gl.constexpr = N_CHUNKS // WK  # rounds where every warp has a chunk; then maybe one partial round
+        TAIL: gl.constexpr = N_CHUNKS % WK > 0
+        MULTI: gl.constexpr = NT > 0
         if PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
             w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
-                                               scale_row_stride, group_step)
+                                               scale_row_stride, group_step, FULL == 0)
             _wait_for_producer()
         squares = _squares_in(sq_in_ptr, n_sq, SQ_BLOCK, WK, NORM_IN)
-        for it in gl.static_range(ITERS):
-            chunk_x = it * WK + kw_x
-            if PDL and it == 0:
+        x_base = x_ptr + (64 * kw_x + x_in)
+        x_ok = x_in >= 0  # (full rounds: unmasked)
+        first: gl.constexpr = 1 if PDL and FULL > 0 else 0
+        if first:
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w_first, s_first, x_base, x_ok, False, L5,
+                                              X_BF16, NEG_PAIR, MULTI)
+        if UNROLL:  # K is a constant: every round's offsets are immediates, loads scheduled freely
+            for it in gl.static_range(first, FULL):
+                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
+                                       scale_row_stride, group_step, False)
+                y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
+                                                  False, L5, X_BF16, NEG_PAIR, MULTI)
+        else:  # a rolled loop: a small body (instruction cache) and fewer loads in flight (registers)
+            for it in range(first, FULL):
+                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
+                                       scale_row_stride, group_step, False)
+                y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
+                                                  False, L5, X_BF16, NEG_PAIR, MULTI)
+        if TAIL:  # the last round leaves some warps without a chunk: their weights and activations read as 0
+            if PDL and FULL == 0:
                 w, s = w_first, s_first
             else:
-                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
-                                       scale_row_stride, group_step)
-            if (it + 1) * WK > N_CHUNKS:  # the last round: some warps have no chunk left
-                xw = gl.load(x_ptr + (64 * chunk_x + x_in), mask=(chunk_x < N_CHUNKS) & (x_in >= 0), other=0)
-            else:
-                xw = gl.load(x_ptr + (64 * chunk_x + x_in))
-            lo, lo1, hi, hi1 = _chunk(w, xw, L5, X_BF16, NEG_PAIR)
-            s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [WK, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
-            s_lo = gl.expand_dims(gl.convert_layout(s_lo, gl.SliceLayout(2, L5), assert_trivial=True), 2)
-            s_hi = gl.expand_dims(gl.convert_layout(s_hi, gl.SliceLayout(2, L5), assert_trivial=True), 2)
-            y_lo += lo * s_lo
-            y_hi += hi * s_hi
-            if NT > 0:
-                y_lo1 += lo1 * s_lo
-                y_hi1 += hi1 * s_hi
+                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, FULL, WK, N_CHUNKS, GROUP_W,
+                                       scale_row_stride, group_step, True)
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * FULL,
+                                              FULL * WK + kw_x < N_CHUNKS, True, L5, X_BF16, NEG_PAIR, MULTI)
         if NT > 0:
             _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS)
         else:
             # the WK warps' partial sums; every lane of a quad holds the same column (batch 1): keep one
             out_lo = gl.max(gl.sum(gl.sum(y_lo, axis=0), axis=1), axis=2)  # [T, 8]: rows 16 i + g
             out_hi = gl.max(gl.sum(gl.sum(y_hi, axis=0), axis=1), axis=2)  # rows 16 i + 8 + g
-            y = gl.reshape(gl.permute(gl.join(out_lo, out_hi), [0, 2, 1]), [R])  # tile position 16 i + 8 h + g
-            YL: gl.constexpr = gl.BlockedLayout([R], [32], [WK], [0])  # every thread all R rows (the epilogue's)
-            y = gl.convert_layout(y, YL)
+            # every thread all R rows (the epilogue's layout), then interleaved: tile position 16 i + 8 h + g
+            LF: gl.constexpr = gl.BlockedLayout([T, 8], [1, 32], [1, WK], [1, 0])
+            YL: gl.constexpr = gl.BlockedLayout([R], [32], [WK], [0])
+            both = gl.join(gl.convert_layout(out_lo, LF), gl.convert_layout(out_hi, LF))  # [T, 8, 2]
+            y = gl.convert_layout(gl.reshape(gl.permute(both, [0, 2, 1]), [R]), YL, assert_trivial=True)
             rows_y, ok_y = _tile_rows(gl.arange(0, R, layout=YL), t, R, N, n_half, GLU)
             _epilogue(y, rows_y, ok_y, t, squares, eps, b_ptr, y_ptr, n_half, nw_ptr, h_ptr, sq_out_ptr, y_ptr,
                       y_ptr, K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU, False)
@@ -302,9 +334,12 @@ if gl is not None:
 
 def gemv_config(p: Plan) -> dict:
     """The launch for one row (``BLOCK_N`` = rows per program = 16 ``TILES``; ``WK`` warps along the row;
-    ``PDL``): not yet swept -- two 16-row tiles per warp and 4 warps (the SASS's 1.75 instructions per code at
-    4096 inputs; 1.55 at 4 tiles but 172 registers)."""
-    return {"VARIANT": "gluon_mma", "BLOCK_N": 32, "TILES": 2, "WK": 4, "PDL": pdl_enabled()}
+    ``UNROLL`` the rounds over the row; ``PDL``): not yet swept -- two 16-row tiles per warp and 4 warps (the
+    SASS's 1.9 instructions per code at 4096 inputs; 1.55 at 4 tiles but 172 registers), the rounds unrolled up
+    to 8 per warp (a 4096-input row: 8; an 11008-input row unrolled is 4,600 instructions, 74 KB of code)."""
+    tiles, wk = 2, 4
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": wk, "PDL": pdl_enabled(),
+            "UNROLL": p.in_features // (CHUNK_WORDS * CODES_PER_WORD) // wk <= 8}
 
 
 def enabled() -> bool:
@@ -326,6 +361,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
     tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    unroll = bool(cfg.get("UNROLL", True))
     if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
         raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4 or 8 and BLOCK_N 16 x TILES; got {cfg}")
     from .triton_wq4 import _norm_operands
@@ -347,7 +383,8 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
-        NORM_OUT=norm_out is not None, GLU=glu, NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, num_warps=wk, launch_pdl=pdl,
+        NORM_OUT=norm_out is not None, GLU=glu, NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, UNROLL=unroll, num_warps=wk,
+        launch_pdl=pdl,
     )
     return out
 
@@ -372,6 +409,9 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     if out.shape != (m, p.out_features) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
     tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    if column_tiles(m) >= 8:  # 64 rows: two row tiles' accumulators spill (SASS)
+        tiles = 1
+    unroll = bool(cfg.get("UNROLL", column_tiles(m) == 1))  # more columns: a loop keeps fewer loads in flight
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
@@ -379,6 +419,6 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
-        NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, NT=column_tiles(m), num_warps=wk, launch_pdl=pdl,
+        NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, NT=column_tiles(m), UNROLL=unroll, num_warps=wk, launch_pdl=pdl,
     )
     return out
