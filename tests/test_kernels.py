@@ -802,20 +802,24 @@ def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
 
 
 def test_gluon_gemv_programmatic_launch_config(monkeypatch):
-    """Programmatic dependent launch (round 11) is part of the Gluon configuration: on by default, with the
-    number of row tiles loaded before the wait the H200 sweep chose (float: 2 on long rows, 0 on short ones;
-    int8 activations: 1), off with ``HOLDALL_PDL=0`` (A/B runs)."""
+    """Programmatic dependent launch (round 11) is for GEMVs chained in a decode step (no kernel there writes
+    weights): launched with it, they read the number of row tiles the H200 sweep chose before they wait (float:
+    2 on long rows, 0 on short ones; int8 activations: 1). A general call launches plainly (the kernel before it
+    may have written its weights), and ``HOLDALL_PDL=0`` switches it off (A/B runs)."""
     from holdall.kernels import gluon_wq4
 
     short, long_rows = _plan(4096, SCHEMES["int4-sym"], out_f=4096), _plan(11008, SCHEMES["int4-sym"], out_f=64)
     monkeypatch.delenv("HOLDALL_PDL", raising=False)
     assert gluon_wq4.pdl_enabled()
-    configs = {(p.in_features, int8): gluon_wq4.gemv_config(p, int8) for p in (short, long_rows) for int8 in (0, 1)}
+    configs = {(p.in_features, int8): gluon_wq4.gemv_config(p, int8, chained=True)
+               for p in (short, long_rows) for int8 in (0, 1)}
     tiles = {key: (cfg["PDL"], cfg["PDL_TILES"]) for key, cfg in configs.items()}
     assert tiles == {(4096, False): (True, 0), (11008, False): (True, 2), (4096, True): (True, 1),
                      (11008, True): (True, 1)}
+    plain = [gluon_wq4.gemv_config(p, int8) for p in (short, long_rows) for int8 in (False, True)]
+    assert all(not cfg["PDL"] and cfg["PDL_TILES"] == 0 for cfg in plain)
     monkeypatch.setenv("HOLDALL_PDL", "0")
-    assert not gluon_wq4.pdl_enabled() and not gluon_wq4.gemv_config(short)["PDL"]
+    assert not gluon_wq4.pdl_enabled() and not gluon_wq4.gemv_config(short, chained=True)["PDL"]
 
 
 def _gluon_ready():

@@ -130,7 +130,8 @@ class FusedRow(NamedTuple):
 def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torch.Tensor | None = None,
                norm_in: tuple[torch.Tensor, float] | None = None,
                norm_out: torch.Tensor | None = None, int8_activations: bool = False,
-               int8_out: bool = False, dtype: torch.dtype | None = None, glu: bool = False) -> FusedRow:
+               int8_out: bool = False, dtype: torch.dtype | None = None, glu: bool = False,
+               chained: bool = False) -> FusedRow:
     """One row with the decoder's glue folded into the GEMV's epilogue; ``x [in]``, results ``[out]`` in the
     model's compute dtype (the layer's bias, if any, is added as usual).
 
@@ -149,6 +150,9 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torc
     glu: ``layer`` is a gate projection stacked over its up projection (:func:`holdall.core.linear.stack_outputs`,
         ``[gate; up]``): return ``y = silu(gate) * up`` (``[out / 2]``, rounded as ``F.silu(gate) * up`` rounds the
         two outputs), the SiLU-gated MLP's inner row without a launch of its own; no ``residual`` / ``norm_out``.
+    chained: this launch is one link of a decode step, where no kernel writes the layer's weights: the Gluon GEMV
+        may then start before the previous kernel ends and read its weights meanwhile (programmatic dependent
+        launch, round 11). Leave it off where the kernel before may have written them.
     Each saves a separate norm (or add, or activation) launch; the GEMV's loop is the same as without them (only
     the epilogues change). Only for layers :func:`norm_fusable` accepts.
     """
@@ -160,7 +164,7 @@ def fused_gemv(layer: torch.nn.Module, x: torch.Tensor | Int8Row, residual: torc
         raise ValueError(f"int8 activations multiply integer codes; this layer's {p.codebook} values are not")
     if isinstance(x, Int8Row) and not int8_activations:
         raise ValueError("an Int8Row input is int8 activations: pass int8_activations=True")
-    config = triton_wq4.default_gemv_config(ops, p, ops.words.device, int8_activations)
+    config = triton_wq4.default_gemv_config(ops, p, ops.words.device, int8_activations, chained)
     x_scales = None
     if isinstance(x, Int8Row):
         if dtype is None:

@@ -23,9 +23,9 @@ name its layout instead, so this one is written around what a thread does:
   ``NORM_IN``), and the SiLU-gated MLP's ``silu(gate) * up`` for a stacked gate/up layer (``GLU``: a thread's
   rows interleave gate row ``i`` and its up row ``i + I``).
 
-Programmatic dependent launch (round 11, ``PDL``): a decode step is a chain of kernels, each reading what the one
-before wrote, but a GEMV's weights and scales never change -- so the kernel is launched while the previous one
-still runs, loads ``PDL_TILES`` row tiles' weights into registers (``PDL_L2``: asks for the rest to come into L2),
+Programmatic dependent launch (round 11, ``PDL``; only for GEMVs chained in a decode step, ``chained=True``): a
+decode step is a chain of kernels, each reading what the one before wrote, but no kernel of it writes a GEMV's
+weights and scales -- so the kernel is launched while the previous one still runs, loads ``PDL_TILES`` row tiles' weights into registers (``PDL_L2``: asks for the rest to come into L2),
 and only then waits (``griddepcontrol.wait``) before it reads its input or the squares and before any store; it
 then lets the next kernel start (``griddepcontrol.launch_dependents``). The outputs are bit for bit those of a
 plain launch (only the loads move); what it saves is each kernel's ramp -- its first DRAM round trips happen under
@@ -432,18 +432,21 @@ if gl is not None:
                     _store_int8_words(h.to(gl.float32), t, q_out_ptr, qs_out_ptr, R)
 
 
-def gemv_config(p: Plan, int8_activations: bool = False) -> dict:
+def gemv_config(p: Plan, int8_activations: bool = False, chained: bool = False) -> dict:
     """The tiling (rows per thread ``BLOCK_N`` = rows per program, warps ``WK`` along the row) and how it is
-    launched (``PDL``: programmatic dependent launch unless ``HOLDALL_PDL=0``; ``PDL_TILES`` row tiles' weights
-    loaded before the wait), from the round-11 sweep on an H200 (``bench/gluon_sweep.py``, calls back to back;
-    BENCHMARKS.md, us):
+    launched, from the round-11 sweep on an H200 (``bench/gluon_sweep.py``, calls back to back; BENCHMARKS.md,
+    us). ``chained``: the launch is one link of a chain in which no kernel writes this layer's weights (a decode
+    step: :class:`holdall.serving.static_decode.StaticDecoder`), so it may use programmatic dependent launch
+    (``PDL``, unless ``HOLDALL_PDL=0``) and read ``PDL_TILES`` row tiles of its weights before it waits for the
+    previous kernel. A general call waits for the kernel before it as usual (that kernel may have written the
+    weights), so it launches plainly.
 
-    * float activations: long rows (>= 8192 inputs) 8 rows x 4 warps with two tiles loaded early (4096x11008:
-      10.45 against 10.84 launched plainly); shorter rows 8 x 2 with none (4096x4096 4.67 against 5.36,
-      22016x4096 15.98 against 16.79, 12288x4096 10.14 against 16 x 2 plainly, round 10's choice, 9.95). More
-      tiles early hold more registers (128 -> 152-254) and lost wherever programs are many (22016x4096 at two
-      tiles: 17.32), and 16-row tiles lost with any PDL (12288x4096: 11.9-12.9);
-    * int8 activations (``XQ8``): 8 x 2 with one tile early at every shape (4096x11008 8.06, 11008x4096 7.85,
+    * float activations: long rows (>= 8192 inputs) 8 rows x 4 warps, chained with two tiles loaded early
+      (4096x11008: 10.45 against 10.84 launched plainly); shorter rows 8 x 2, chained with none (4096x4096 4.67
+      against 5.36, 22016x4096 15.98 against 16.79, 12288x4096 10.14 against 16 x 2 plainly, round 10's choice,
+      9.95). More tiles early hold more registers (128 -> 152-254) and lost wherever programs are many
+      (22016x4096 at two tiles: 17.32), and 16-row tiles lost with any PDL (12288x4096: 11.9-12.9);
+    * int8 activations (``XQ8``): 8 x 2, chained with one tile early (4096x11008 8.06, 11008x4096 7.85,
       4096x4096 3.79, 22016x4096 13.46, 12288x4096 8.28; plainly 9.26 / 9.37 / 5.70 / 15.78 / 10.03).
     """
     if int8_activations:
@@ -452,8 +455,9 @@ def gemv_config(p: Plan, int8_activations: bool = False) -> dict:
         block_n, wk, tiles = 8, 4, 2
     else:
         block_n, wk, tiles = 8, 2, 0
-    return {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": int8_activations, "PDL": pdl_enabled(),
-            "PDL_TILES": tiles, "PDL_L2": False}
+    pdl = chained and pdl_enabled()
+    return {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": int8_activations, "PDL": pdl,
+            "PDL_TILES": tiles if pdl else 0, "PDL_L2": False}
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,

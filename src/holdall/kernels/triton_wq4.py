@@ -1321,14 +1321,17 @@ def _has_tma(device_index: int) -> bool:
     return TensorDescriptor is not None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = False, gluon: bool = False) -> dict:
+def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = False, gluon: bool = False,
+                chained: bool = False) -> dict:
     """Launch configuration for one row, from the sweeps on an H200 (bench/gpu_kernels.py --sweep;
     BENCHMARKS.md, rounds 5, 8 and 10). ``tma``: the device has Hopper's tensor memory accelerator and the words
     are 16-byte aligned. ``int8_activations``: the caller wants the int codes multiplied by int8-rounded
     activations (``XQ8``, W4A8); formats the option cannot take get their float configuration (the caller
     rounds the activations itself, :func:`holdall.kernels.dispatch.project_int8`). ``gluon``: the Gluon GEMV
     can run here (:func:`holdall.kernels.gluon_wq4.available`): it takes the layers it can
-    (:func:`holdall.kernels.gluon_wq4.why_not`: int symmetric codes, float or int8 activations), round 10.
+    (:func:`holdall.kernels.gluon_wq4.why_not`: int symmetric codes, float or int8 activations), round 10;
+    ``chained``: a link of a decode step, where no kernel writes the weights (the Gluon GEMV then launches with
+    programmatic dependent launch and reads weights before waiting, round 11).
 
     With TMA and rows of whole groups, every format takes the round-5 kernel (``VARIANT tma``). Its best tiling
     depends on the row length (us at 4096x11008 / 11008x4096 / 4096x4096, round 8):
@@ -1359,7 +1362,7 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
             if gluon_mma.enabled() and gluon_mma.why_not(p) is None:
                 return gluon_mma.gemv_config(p)
         if gluon_wq4.why_not(p, int8_activations) is None:
-            return gluon_wq4.gemv_config(p, int8_activations)
+            return gluon_wq4.gemv_config(p, int8_activations, chained)
     group_w = p.group // CODES_PER_WORD
     long_rows = p.in_features >= 8192
     if p.kind == 2:
@@ -1457,15 +1460,16 @@ def writes_int8_words(p: Plan, config: dict) -> bool:
 
 
 # --- launchers ------------------------------------------------------------------------------------------
-def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activations: bool = False) -> dict:
+def default_gemv_config(ops: Operands, p: Plan, device: torch.device, int8_activations: bool = False,
+                        chained: bool = False) -> dict:
     """:func:`gemv_config` for this device (its SM count, TMA when it has it and the words are aligned, the
-    Gluon GEMV where it runs unless ``HOLDALL_GLUON=0``)."""
+    Gluon GEMV where it runs unless ``HOLDALL_GLUON=0``; ``chained`` as there)."""
     from . import gluon_wq4
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     aligned = ops.words.data_ptr() % 16 == 0
     return gemv_config(p, _sm_count(index), _has_tma(index) and aligned, int8_activations,
-                       gluon_wq4.enabled() and gluon_wq4.available(index) and aligned)
+                       gluon_wq4.enabled() and gluon_wq4.available(index) and aligned, chained)
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,

@@ -282,43 +282,45 @@ class StaticDecoder:
         weighted row and sums of squares; the projections after them apply ``1 / rms``."""
         from ..kernels.dispatch import fused_gemv
 
+        int8 = self._int8  # the consumers round the norm-weighted row h (before 1 / rms) to int8
+        handoff = int8 and self._int8_handoff  # ... or the producers do, in their epilogues
+
+        def project(layer, row, **options):
+            # no kernel of a decode step writes weights: each GEMV may load its own before the kernel ahead ends
+            return fused_gemv(layer, row, int8_activations=int8, chained=True, **options)
+
         x = self.core.embed_tokens(ids).reshape(-1)  # [hidden]: the residual stream
         first = self.layers[0].input_layernorm
         h, squares = ops.rms_norm(x, first.weight, first.variance_epsilon), None  # layer 0's norm stands alone
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         last = len(self.layers) - 1
-        int8 = self._int8  # the consumers round the norm-weighted row h (before 1 / rms) to int8
-        handoff = int8 and self._int8_handoff  # ... or the producers do, in their epilogues
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             pre, post = layer.input_layernorm, layer.post_attention_layernorm
             norm_in = None if squares is None else (squares, pre.variance_epsilon)
             if self._qkv[i] is not None:
-                qkv = fused_gemv(self._qkv[i], h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
-                q, k, v = qkv.split([q_width, kv_width, kv_width])
+                q, k, v = project(self._qkv[i], h, norm_in=norm_in, dtype=self.dtype).y.split(
+                    [q_width, kv_width, kv_width])
             else:
-                q, k, v = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
+                q, k, v = (project(m, h, norm_in=norm_in, dtype=self.dtype).y
                            for m in (attn.q_proj, attn.k_proj, attn.v_proj))
             out = self._attend(q, k, v, self.k_cache[i, 0], self.v_cache[i, 0], positions, self._cos, self._sin,
                                getattr(attn, "scaling", None))
-            x, h, squares, h8 = fused_gemv(attn.o_proj, out, residual=x, norm_out=post.weight,
-                                           int8_activations=int8, int8_out=handoff)
+            x, h, squares, h8 = project(attn.o_proj, out, residual=x, norm_out=post.weight, int8_out=handoff)
             h = h8 if h8 is not None else h
             norm_in = (squares, post.variance_epsilon)
             if self._gate_up[i] is not None and self._glu:  # silu(gate) * up from the GEMV's epilogue
-                inner = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype,
-                                   glu=True).y
+                inner = project(self._gate_up[i], h, norm_in=norm_in, dtype=self.dtype, glu=True).y
             else:
                 if self._gate_up[i] is not None:
-                    gate, up = fused_gemv(self._gate_up[i], h, norm_in=norm_in, int8_activations=int8,
-                                          dtype=self.dtype).y.chunk(2)
+                    gate, up = project(self._gate_up[i], h, norm_in=norm_in, dtype=self.dtype).y.chunk(2)
                 else:
-                    gate, up = (fused_gemv(m, h, norm_in=norm_in, int8_activations=int8, dtype=self.dtype).y
+                    gate, up = (project(m, h, norm_in=norm_in, dtype=self.dtype).y
                                 for m in (mlp.gate_proj, mlp.up_proj))
                 inner = ops.silu_mul(gate, up)
             following = None if i == last else self.layers[i + 1].input_layernorm.weight
-            x, h, squares, h8 = fused_gemv(mlp.down_proj, inner, residual=x, norm_out=following,
-                                           int8_activations=int8, int8_out=handoff and following is not None)
+            x, h, squares, h8 = project(mlp.down_proj, inner, residual=x, norm_out=following,
+                                        int8_out=handoff and following is not None)
             h = h8 if h8 is not None else h
         final = self.core.norm
         h = ops.rms_norm(x.view(1, 1, -1), final.weight, final.variance_epsilon)
