@@ -332,13 +332,16 @@ if gl is not None:
                       y_ptr, K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU, False)
 
 
-def gemv_config(p: Plan) -> dict:
+def gemv_config(p: Plan, chained: bool = False) -> dict:
     """The launch for one row (``BLOCK_N`` = rows per program = 16 ``TILES``; ``WK`` warps along the row;
     ``UNROLL`` the rounds over the row; ``PDL``): not yet swept -- two 16-row tiles per warp and 4 warps (the
     SASS's 1.9 instructions per code at 4096 inputs; 1.55 at 4 tiles but 172 registers), the rounds unrolled up
-    to 8 per warp (a 4096-input row: 8; an 11008-input row unrolled is 4,600 instructions, 74 KB of code)."""
+    to 8 per warp (a 4096-input row: 8; an 11008-input row unrolled is 4,600 instructions, 74 KB of code).
+    ``chained``: a link of a decode step (no kernel there writes weights): programmatic dependent launch, the
+    first round's weights read before the wait (:func:`holdall.kernels.gluon_wq4.gemv_config`)."""
     tiles, wk = 2, 4
-    return {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": wk, "PDL": pdl_enabled(),
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": wk,
+            "PDL": chained and pdl_enabled(),
             "UNROLL": p.in_features // (CHUNK_WORDS * CODES_PER_WORD) // wk <= 8}
 
 

@@ -1360,7 +1360,7 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
             from . import gluon_mma
 
             if gluon_mma.enabled() and gluon_mma.why_not(p) is None:
-                return gluon_mma.gemv_config(p)
+                return gluon_mma.gemv_config(p, chained)
         if gluon_wq4.why_not(p, int8_activations) is None:
             return gluon_wq4.gemv_config(p, int8_activations, chained)
     group_w = p.group // CODES_PER_WORD
