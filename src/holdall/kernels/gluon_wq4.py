@@ -25,11 +25,12 @@ name its layout instead, so this one is written around what a thread does:
 
 Programmatic dependent launch (round 11, ``PDL``; only for GEMVs chained in a decode step, ``chained=True``): a
 decode step is a chain of kernels, each reading what the one before wrote, but no kernel of it writes a GEMV's
-weights and scales -- so the kernel is launched while the previous one still runs, loads ``PDL_TILES`` row tiles' weights into registers (``PDL_L2``: asks for the rest to come into L2),
-and only then waits (``griddepcontrol.wait``) before it reads its input or the squares and before any store; it
-then lets the next kernel start (``griddepcontrol.launch_dependents``). The outputs are bit for bit those of a
-plain launch (only the loads move); what it saves is each kernel's ramp -- its first DRAM round trips happen under
-the previous kernel's tail. Round 8 tried PDL with the wait before the first load and measured nothing.
+weights and scales -- so the kernel is launched while the previous one still runs, loads ``PDL_TILES`` row
+tiles' weights into registers (``PDL_L2``: asks for the rest to come into L2), and only then waits
+(``griddepcontrol.wait``) before it reads its input or the squares and before any store; it then lets the next
+kernel start (``griddepcontrol.launch_dependents``). The outputs are bit for bit those of a plain launch (only the
+loads move); what it saves is each kernel's ramp -- its first DRAM round trips happen under the previous kernel's
+tail. Round 8 tried PDL with the wait before the first load and measured nothing.
 
 With ``XQ8`` (W4A8) each word's activations are rounded to int8 exactly as the TMA kernel rounds them and the
 codes multiplied by DP4A, or (``XIN8``) read as the int8 words a ``Q8_OUT`` producer wrote; the elementwise
