@@ -397,7 +397,8 @@ def column_tiles(m: int) -> int:
     return 1 << max(0, (-(-m // 8) - 1).bit_length())
 
 
-def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict) -> torch.Tensor:
+def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+         cfg: dict) -> torch.Tensor:
     """``out [M, N] = x W^T + b`` for 1..``MAX_ROWS`` rows ``x [M, K]`` (bf16/fp16, rows contiguous): the rows are
     the MMAs' columns, 8 per tile, so up to 8 rows cost what one does and each 8 more add one MMA per step
     (``cfg`` as :func:`gemv`; no fused epilogues)."""
