@@ -37,7 +37,7 @@ import os
 import torch
 
 from . import ptx
-from .gluon_wq4 import pdl_enabled
+from .gluon_wq4 import pdl_enabled, programs_for
 from .packed import CODES_PER_WORD, Operands, Plan
 
 try:
@@ -369,14 +369,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4 or 8 and BLOCK_N 16 x TILES; got {cfg}")
     from .triton_wq4 import _norm_operands
 
-    n_half, tile_rows = p.out_features, 16 * tiles
-    if glu:
-        n_half, tile_rows = p.out_features // 2, 8 * tiles
-        if p.out_features % 2 or norm_out is not None:
-            raise ValueError("glu needs a stacked [gate; up] layer (even rows) and no norm_out")
-        if out.numel() != n_half:
-            raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
-    programs = -(-n_half // tile_rows)
+    n_half, programs = programs_for(p, out, 16 * tiles, glu, norm_out)
     sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, programs, norm_in, norm_out)
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(programs,)](

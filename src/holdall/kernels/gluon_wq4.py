@@ -461,6 +461,19 @@ def gemv_config(p: Plan, int8_activations: bool = False, chained: bool = False) 
             "PDL_TILES": tiles if pdl else 0, "PDL_L2": False}
 
 
+def programs_for(p: Plan, out: torch.Tensor, rows: int, glu: bool, norm_out) -> tuple[int, int]:
+    """``(n_half, programs)`` of a one-row launch whose programs own ``rows`` tile positions: with ``glu`` each
+    holds ``rows / 2`` gate rows and their up rows (``n_half`` = outputs = half the layer's rows), checked."""
+    n_half, tile_rows = p.out_features, rows
+    if glu:
+        n_half, tile_rows = p.out_features // 2, rows // 2
+        if p.out_features % 2 or norm_out is not None:
+            raise ValueError("glu needs a stacked [gate; up] layer (even rows) and no norm_out")
+        if out.numel() != n_half:
+            raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
+    return n_half, -(-n_half // tile_rows)
+
+
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
          norm_in: tuple[torch.Tensor, float] | None = None,
          norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
@@ -493,14 +506,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
             raise ValueError("int8_out needs norm_out and BLOCK_N a multiple of 8 that divides the "
                              f"{p.out_features} rows (got BLOCK_N {block_n})")
         _check_int8_out(p, q_out, qs_out)
-    n_half, tile_rows = p.out_features, block_n
-    if glu:
-        n_half, tile_rows = p.out_features // 2, block_n // 2
-        if p.out_features % 2 or norm_out is not None:
-            raise ValueError("glu needs a stacked [gate; up] layer (even rows) and no norm_out")
-        if out.numel() != n_half:
-            raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
-    tiles = -(-n_half // tile_rows)
+    n_half, tiles = programs_for(p, out, block_n, glu, norm_out)
     sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, tiles, norm_in, norm_out)
     _gemv_gluon_kernel[(tiles,)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
