@@ -42,8 +42,6 @@ MODES = {"nopdl": {"PDL": False}, "pdl-t0": {"PDL": True, "PDL_TILES": 0}, "pdl-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rows", default="4,8,16", help="rows per thread (BLOCK_N) to try")
-    parser.add_argument("--warps", default="1,2,4", help="warps along the row (WK) to try")
     parser.add_argument("--tilings", default="8x2,16x2,8x4", help="rows per thread x warps along the row")
     parser.add_argument("--mma", default="",
                         help="round 12: also the tensor-core GEMV (float activations), tilings as tiles x warps, "
@@ -85,6 +83,7 @@ def main() -> None:
             del os.environ["HOLDALL_GLUON"]
         row["triton"] = round(bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, tma) for o in ops]), 2)
         row["default"] = triton_wq4.default_gemv_config(ops[0], p, x.device, int8_activations=args.int8)
+        row["default_in_decode"] = triton_wq4.default_gemv_config(ops[0], p, x.device, args.int8, chained=True)
         for tiling, mode in itertools.product(args.tilings.split(","), args.modes.split(",")):
             block_n, wk = (int(v) for v in tiling.split("x"))
             cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": args.int8, **MODES[mode]}
