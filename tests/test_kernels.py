@@ -358,32 +358,41 @@ def test_gemv_tma_hands_int8_words_to_the_next_gemv(name, block_n):
     """``int8_out``: a producer GEMV (with ``norm_out``) writes ``h`` as the int8 words ``XQ8`` would round it to,
     bit for bit (``packed.pack_s8_words``), and a consumer reading them (``x_scales``) gives exactly what it
     gives rounding ``h`` itself -- with the norm's ``1 / rms`` applied, as in the decode step."""
-    from holdall.kernels import triton_wq4
-
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs Hopper (sm_90) or newer")
     producer = _layer(4096, 4096, {**SCHEMES, **EXTRA_SCHEMES}[name], device="cuda", bias=False, seed=3)
     consumer = _cuda_layer(11008, 4096, name)
     cfg = {"VARIANT": "tma", "BLOCK_N": block_n, "BLOCK_G": 4, "STAGES": 3, "num_warps": 4, "RPT": 2, "XVEC": True,
            "XQ8": True, "EVEN_N": True, "EVEN_G": True}
+    _check_int8_handoff(producer, consumer, cfg)
+
+
+def _check_int8_handoff(producer, consumer, cfg):
+    """The producer (``norm_out``, a residual) writes ``h`` as exactly ``pack_s8_words(quantize(h))`` and its
+    scales; the consumer reading them (``x_scales``, with ``norm_in``) gives bit for bit what it gives rounding
+    ``h`` itself. Returns the producer's operands and outputs for further checks."""
+    from holdall.kernels import triton_wq4
+
     pp, pc = dispatch.layer_plan(producer), dispatch.layer_plan(consumer)
-    x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    residual = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    weight = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    n, k = pp.out_features, pp.in_features
+    x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    weight = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
     y, h = torch.empty_like(residual), torch.empty_like(residual)
-    squares = torch.empty(4096 // block_n, device="cuda", dtype=torch.float32)
-    words = torch.full((1024,), 7, device="cuda", dtype=torch.int32)
-    scales = torch.full((512,), float("nan"), device="cuda")
+    squares = torch.empty(n // cfg["BLOCK_N"], device="cuda", dtype=torch.float32)
+    words = torch.full((n // 4,), 7, device="cuda", dtype=torch.int32)
+    scales = torch.full((n // 8,), float("nan"), device="cuda")
     triton_wq4.gemv(packed.operands(producer, pp), pp, x, residual, y, dict(cfg), norm_out=(weight, h, squares),
                     int8_out=(words, scales))
     q, want_scales = packed.quantize_activations_s8(h)
     assert torch.equal(words, packed.pack_s8_words(q)) and torch.equal(scales, want_scales)
-    own = torch.empty(11008, device="cuda", dtype=torch.bfloat16)
+    own = torch.empty(pc.out_features, device="cuda", dtype=torch.bfloat16)
     handed = torch.full_like(own, float("nan"))
     triton_wq4.gemv(packed.operands(consumer, pc), pc, h, None, own, dict(cfg), norm_in=(squares, 1e-5))
     triton_wq4.gemv(packed.operands(consumer, pc), pc, words, None, handed, dict(cfg), norm_in=(squares, 1e-5),
                     x_scales=scales)
     assert torch.equal(handed, own)
+    return x, residual, y, h, weight, words, scales
 
 
 @cuda_only
@@ -1098,24 +1107,8 @@ def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
     producer = _layer(11008, 4096, SCHEMES["int4-sym"], device="cuda", bias=False, seed=3)
     consumer = _layer(4096, 11008, SCHEMES["int4-sym"], device="cuda", bias=False, seed=4)
     cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": True}
-    pp, pc = dispatch.layer_plan(producer), dispatch.layer_plan(consumer)
-    x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    residual = torch.randn(11008, device="cuda", dtype=torch.bfloat16)
-    weight = torch.rand(11008, device="cuda", dtype=torch.bfloat16) + 0.5
-    y, h = torch.empty_like(residual), torch.empty_like(residual)
-    squares = torch.empty(11008 // block_n, device="cuda", dtype=torch.float32)
-    words = torch.full((11008 // 4,), 7, device="cuda", dtype=torch.int32)
-    scales = torch.full((11008 // 8,), float("nan"), device="cuda")
-    triton_wq4.gemv(packed.operands(producer, pp), pp, x, residual, y, dict(cfg), norm_out=(weight, h, squares),
-                    int8_out=(words, scales))
-    q, want_scales = packed.quantize_activations_s8(h)
-    assert torch.equal(words, packed.pack_s8_words(q)) and torch.equal(scales, want_scales)
-    own = torch.empty(4096, device="cuda", dtype=torch.bfloat16)
-    handed = torch.full_like(own, float("nan"))
-    triton_wq4.gemv(packed.operands(consumer, pc), pc, h, None, own, dict(cfg), norm_in=(squares, 1e-5))
-    triton_wq4.gemv(packed.operands(consumer, pc), pc, words, None, handed, dict(cfg), norm_in=(squares, 1e-5),
-                    x_scales=scales)
-    assert torch.equal(handed, own)
+    x, residual, y, h, weight, words, scales = _check_int8_handoff(producer, consumer, cfg)
+    pp = dispatch.layer_plan(producer)
     with pytest.raises(ValueError, match="multiple of 8"):
         triton_wq4.gemv(packed.operands(producer, pp), pp, x, residual, y, {**cfg, "BLOCK_N": 4},
                         norm_out=(weight, h, torch.empty(11008 // 4, device="cuda")), int8_out=(words, scales))

@@ -117,7 +117,7 @@ def why_not(p: Plan, int8_activations: bool = False) -> str | None:
 if gl is not None:
     # the elementwise pieces are the TMA kernel's own @triton.jit helpers (a Gluon kernel compiles what it calls
     # with its own semantics): one definition of the int8 rounding, the DP4A dot and the 16-bit unpacking
-    from .triton_wq4 import _codes_f32, _dot_s8, _pow2_scales, _quantize_word, _s8_bits, _unpack_pair
+    from .triton_wq4 import _codes_f32, _dot_s8, _fma_chain, _pow2_scales, _quantize_word, _s8_bits, _unpack_pair
 
     _MAGIC_F32 = gl.constexpr(ptx.MAGIC_F32)  # 1.5 * 2**23: + it rounds to an integer in the low mantissa bits
     _MAGIC_INT = gl.constexpr(ptx.MAGIC_INT)  # ... whose float bits, read as an int, are _MAGIC_INT + the integer
@@ -162,19 +162,11 @@ if gl is not None:
     def _word_dot(part, w, p0, p1, p2, p3, X_BF16: gl.constexpr):
         """``part + sum_c (128 + q_c) x_c`` over the 8 codes of each word of ``w [R, KQ]`` and its activations
         (``p0..p3 [1, KQ]``, packed pairs): 8 PRMT + 8 FMA per word and row."""
-        q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, True)
         x0, x1 = _unpack_pair(p0, X_BF16)
         x2, x3 = _unpack_pair(p1, X_BF16)
         x4, x5 = _unpack_pair(p2, X_BF16)
         x6, x7 = _unpack_pair(p3, X_BF16)
-        part = q0 * x0 + part
-        part = q1 * x1 + part
-        part = q2 * x2 + part
-        part = q3 * x3 + part
-        part = q4 * x4 + part
-        part = q5 * x5 + part
-        part = q6 * x6 + part
-        return q7 * x7 + part
+        return _fma_chain(part, _codes_f32(w, True), (x0, x1, x2, x3, x4, x5, x6, x7), 0)
 
     @gluon.jit
     def _pairs_as(t, XL: gl.constexpr):

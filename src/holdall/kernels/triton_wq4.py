@@ -591,24 +591,25 @@ def _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, xs, val_ptr, z_ptr, rows, gs, z
               KIND: tl.constexpr, PRMT: tl.constexpr, BOOK: tl.constexpr):
     """``sum_c value_c x_c`` per word of ``w`` (``[rows, BG, GW]``), the int codes' ``128 + zero`` offset taken
     off through the word's activation sum ``xs``: 8 FMAs and one more per word and row."""
+    x = (x0, x1, x2, x3, x4, x5, x6, x7)
     if KIND == 2:  # codebook values: no offset to take off
-        q0, q1, q2, q3, q4, q5, q6, q7 = _book_f32(w, val_ptr, BOOK)
-        part = q0 * x0
+        q = _book_f32(w, val_ptr, BOOK)
+        return _fma_chain(q[0] * x0, q, x, 1)
+    if KIND == 1:
+        zero = _group_zero(z_ptr, rows, gs, zero_row_stride, ok).to(tl.float32)  # [rows, BG, 1]
+        part = xs * -(128.0 + zero)
     else:
-        if KIND == 1:
-            zero = _group_zero(z_ptr, rows, gs, zero_row_stride, ok).to(tl.float32)  # [rows, BG, 1]
-            part = xs * -(128.0 + zero)
-        else:
-            part = xs * -136.0
-        q0, q1, q2, q3, q4, q5, q6, q7 = _codes_f32(w, PRMT)
-        part = q0 * x0 + part
-    part = q1 * x1 + part
-    part = q2 * x2 + part
-    part = q3 * x3 + part
-    part = q4 * x4 + part
-    part = q5 * x5 + part
-    part = q6 * x6 + part
-    return q7 * x7 + part
+        part = xs * -136.0
+    return _fma_chain(part, _codes_f32(w, PRMT), x, 0)
+
+
+@triton.jit
+def _fma_chain(part, q, x, START: tl.constexpr):
+    """``part + q[i] x[i]`` for ``i = START..7`` as one chain of FMAs, in that order (a word's 8 codes and their
+    activations; the one-row kernels, Triton's and Gluon's, sum in exactly this order)."""
+    for i in tl.static_range(START, 8):
+        part = q[i] * x[i] + part
+    return part
 
 
 _ASM_QUANT_S8 = tl.constexpr(ptx.quantize_s8_asm())

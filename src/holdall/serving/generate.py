@@ -2,8 +2,8 @@
 
 The public verb over :class:`holdall.serving.static_decode.StaticDecoder` (``holdall generate`` on the command
 line): a Llama-shaped model (llama, mistral, qwen2) decodes over a static KV cache -- one CUDA graph per token on
-a GPU, with holdall's 4-bit GEMV kernels for quantized layers (BENCHMARKS.md round 10: an int4 7B shape at ~538
-tokens/s on an H200, ~32x transformers' ``generate`` in bf16 in the same run), eagerly on a CPU. Any other
+a GPU, with holdall's 4-bit GEMV kernels for quantized layers (BENCHMARKS.md round 11: an int4 7B shape at ~553
+tokens/s on an H200, 48% of its copy bandwidth; ~690 with ``int8_activations``, 60%), eagerly on a CPU. Any other
 architecture falls back to transformers' ``generate`` (``engine="auto"``), which holdall's quantized layers also
 run under. Greedy only: sampling, batches and many adapters are the serving engine's (``holdall serve``).
 """
