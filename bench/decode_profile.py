@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpu_decode import SCHEMES, build_model, environment, log, no_pdl, triton_gemv  # noqa: E402
+from gpu_decode import SCHEMES, build_model, log, no_pdl, triton_gemv  # noqa: E402
 
 from holdall.serving.static_decode import StaticDecoder  # noqa: E402
 
@@ -66,8 +66,7 @@ def main() -> None:
                              "rounds its own input), silu-separate (SiLU x up in its own launch, as before round 9), "
                              "triton / int8-triton (round 9's Triton GEMVs instead of the Gluon ones: "
                              "HOLDALL_GLUON=0), nopdl / int8-nopdl (without programmatic dependent launch: "
-                             "HOLDALL_PDL=0), mma (the tensor-core GEMV for float activations: HOLDALL_MMA=1), "
-                             "e.g. default,nopdl,mma,triton,int8,int8-nopdl")
+                             "HOLDALL_PDL=0), e.g. default,nopdl,triton,int8,int8-nopdl")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.layers, device)
@@ -83,7 +82,7 @@ def main() -> None:
         variants = [v for v in args.variants.split(",") if v] if label.startswith("int") else ["default"]
         for variant in variants:
             switch = (triton_gemv() if variant.endswith("triton") else no_pdl() if variant.endswith("nopdl")
-                      else environment(HOLDALL_MMA="1") if variant == "mma" else None)
+                      else None)
             with switch or contextlib.nullcontext():
                 decoder = StaticDecoder(model, max_len=args.max_len, int8_activations=variant.startswith("int8"))
                 decoder._int8_handoff = variant != "int8-no-handoff"

@@ -236,10 +236,6 @@ def main() -> None:
                 plain, tps = static_decode(model, prompt, args.new_tokens, max_len)
             row = record(weights, "static-no-pdl", tps, check_against_hf(model, prompt, plain, max_len))
             row["same_tokens_as_static"] = plain == tokens  # PDL moves loads, not arithmetic: bit-identical steps
-        if weights.startswith("int4"):  # round 12's A/B: float activations on the tensor-core GEMV (opt-in)
-            with environment(HOLDALL_MMA="1"):
-                mma, tps = static_decode(model, prompt, args.new_tokens, max_len)
-            record(weights, "static-mma", tps, check_against_hf(model, prompt, mma, max_len))
         if weights.startswith("int4"):  # round 10's A/B: the same step on round 9's Triton GEMV instead of Gluon's
             with triton_gemv():
                 tokens, tps = static_decode(model, prompt, args.new_tokens, max_len)

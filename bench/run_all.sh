@@ -3,8 +3,8 @@
 #
 #   bash bench/run_all.sh [kernels] [decode] [qlora] [mma]  (default: the first three, ~10 minutes on an H200)
 #
-# mma: round 12's tensor-core GEMV (opt-in, HOLDALL_MMA=1) -- its device tests, its tilings beside the Gluon GEMV
-# and bf16, and the standard kernel table at 1-64 rows with it switched on (gpu_kernels_mma.json).
+# mma: round 12's tensor-core GEMV -- its device tests, its one-row tilings beside the Gluon GEMV and bf16
+# (gluon_sweep_mma.json), and 2..64 rows beside the v3 GEMM, bf16 and the default (gemm_rows.json).
 #
 # The bitsandbytes wheel (and any other missing package) travels in .whl/ (the device README says how); it is
 # installed into /tmp/site for this run. Results go to $OUT (default bench/results): gpu_kernels.json,
@@ -35,8 +35,7 @@ for part in "${parts[@]}"; do
     mma) python3 -m pytest -q tests/test_kernels.py -k "tensor_core" 2>&1 | tee "$OUT/mma_tests.log"
          python3 bench/gluon_sweep.py --tilings 8x2,8x4 --modes pdl-t0,pdl-t2 --mma 1x4,2x4,4x4,1x8,2x8,2x2 \
            --out "$OUT/gluon_sweep_mma.json" 2>&1 | tee "$OUT/gluon_sweep_mma.log"
-         HOLDALL_MMA=1 python3 bench/gpu_kernels.py --batches 1,4,16,64 --out "$OUT/gpu_kernels_mma.json" 2>&1 \
-           | tee "$OUT/gpu_kernels_mma.log" ;;
+         python3 bench/gemm_rows.py --out "$OUT/gemm_rows.json" 2>&1 | tee "$OUT/gemm_rows.log" ;;
     decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
     qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \
              --configs hf,holdall-graphs-offload,holdall-graphs --out "$OUT" 2>&1 | tee "$OUT/qlora_step.log" ;;

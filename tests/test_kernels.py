@@ -6,6 +6,7 @@ check the reference decode and that the registration never routes CPU tensors to
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -705,6 +706,31 @@ def test_dispatch_rules_on_cuda():
 
 
 @cuda_only
+def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
+    """Round 12: 2..8 rows of a symmetric int4 layer of short rows go to the Gluon tensor-core GEMV on a Hopper
+    (the Triton v3 GEMM with HOLDALL_GLUON=0, for 16 rows, and for asymmetric codes), same results either way."""
+    from holdall import kernels
+    from holdall.kernels import gluon_mma, gluon_wq4
+
+    assert kernels.enable()
+    if not gluon_wq4.available(torch.cuda.current_device()):
+        pytest.skip("Gluon needs a Hopper GPU and Triton >= 3.6")
+    calls = []
+    real = gluon_mma.gemm
+    monkeypatch.setattr(gluon_mma, "gemm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
+    for name, rows, gluon, expected in [("int4-sym", 4, "1", 1), ("int4-sym", 8, "1", 1), ("int4-sym", 4, "0", 0),
+                                        ("int4-sym", 16, "1", 0), ("int4-asym", 4, "1", 0)]:
+        monkeypatch.setenv("HOLDALL_GLUON", gluon)
+        calls.clear()
+        layer = _cuda_layer(264, 1024, name)
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = layer(x)
+        assert len(calls) == expected, (name, rows, gluon)
+        assert _rel(y, packed.reference_linear(layer, x)) < TOL[torch.bfloat16]
+
+
+@cuda_only
 def test_first_cuda_forward_registers_the_kernels():
     """In a fresh process nothing calls enable(): the first CUDA forward loads the plugin itself."""
     code = textwrap.dedent(
@@ -976,23 +1002,27 @@ def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2
         assert torch.equal(narrow, plain)
 
 
-def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes(monkeypatch):
+def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
     """The tensor-core GEMV (round 12) applies a scale per 128-input chunk: groups of 128, 256, ... or one per
-    row, symmetric int codes, no double quantization; it serves float activations only when ``HOLDALL_MMA=1``
-    (opt-in until timed on a GPU)."""
+    row, symmetric int codes, no double quantization. It is the default only where it was measured faster: 2..8
+    rows of rows whose rounds unroll (4096 inputs), never one row (the float Gluon GEMV's)."""
     from holdall.kernels import gluon_mma
 
-    sym = _plan(256, SCHEMES["int4-sym"])
+    def shaped(out_f, in_f, name="int4-sym"):  # a small layer's plan with a 7B layer's shape (same group layout)
+        return dataclasses.replace(_plan(256, SCHEMES[name]), out_features=out_f, in_features=in_f)
+
+    cfg = gluon_mma.gemm_config(shaped(4096, 4096), 4, 132)
+    assert cfg["VARIANT"] == "gluon_mma" and cfg["WK"] == 8 and cfg["BLOCK_N"] == 16 * cfg["TILES"] == 16
+    assert gluon_mma.gemm_config(shaped(11008, 4096), 2, 132)["WK"] == 4  # 688 tiles x 8 warps: too many
+    assert gluon_mma.gemm_config(shaped(4096, 4096), 8, 132) is not None
+    assert gluon_mma.gemm_config(shaped(4096, 4096), 9, 132) is None  # two column tiles: v3
+    assert gluon_mma.gemm_config(shaped(4096, 11008), 4, 132) is None  # long rows: v3
+    assert gluon_mma.gemm_config(shaped(4096, 4096, "int4-asym"), 4, 132) is None
     if HAS_TRITON:
         from holdall.kernels import triton_wq4
 
-        monkeypatch.delenv("HOLDALL_MMA", raising=False)
+        sym = _plan(256, SCHEMES["int4-sym"])
         assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=True)["VARIANT"] == "gluon"
-        monkeypatch.setenv("HOLDALL_MMA", "1")
-        cfg = triton_wq4.gemv_config(sym, 132, tma=True, gluon=True)
-        assert cfg["VARIANT"] == "gluon_mma" and cfg["BLOCK_N"] == 16 * cfg["TILES"]
-        assert triton_wq4.gemv_config(sym, 132, tma=True, int8_activations=True, gluon=True)["VARIANT"] == "gluon"
-        assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=False)["VARIANT"] == "tma"  # not a Hopper here
 
     assert gluon_mma.why_not(_plan(256, SCHEMES["int4-sym"])) is None
     assert gluon_mma.why_not(_plan(256, QuantScheme(granularity="channel"))) is None

@@ -1,9 +1,13 @@
-"""The one-row 4-bit GEMV on tensor cores, in Gluon (issue 6, round 12 of the kernels; NOT YET RUN ON A GPU).
+"""The 4-bit GEMV on tensor cores, in Gluon (issue 6, round 12 of the kernels): the default for 2..8 rows of
+4096-input layers (:func:`gemm_config`; 1.2x faster than the Triton ``v3`` GEMM there on an H200), not for one row
+(the float Gluon GEMV stays ~20% faster: :func:`gemv_config`) nor for more rows.
 
-Why: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4 thread-instructions
-per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking -- while its W4A8 sibling
-(int8 activations, DP4A) needs 1.7-2.4 and runs 1.2-1.4x faster. A tensor-core MMA does the multiply-adds for 8
-codes per thread-instruction instead of 1, so the decode is what is left: 7 instructions per 8 codes.
+Why it was built: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4
+thread-instructions per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking --
+while its W4A8 sibling (int8 activations, DP4A) needs 1.7-2.4 and runs 1.2-1.4x faster. A tensor-core MMA does the
+multiply-adds for 8 codes per thread-instruction instead of 1, so the decode is what is left: 7 instructions per 8
+codes (1.9-2.1 per code in the SASS). At one row that did not pay; at 2..8 rows it does, since the MMA's 8 columns
+take them at the cost of one.
 
 Swap AB: ``y^T = W x^T`` with the weight rows as the MMA's M dimension (``mma.sync.m16n8k16``, bf16/fp16 in,
 float32 accumulate) and the activation row as its N (8 columns; at batch 1 every column holds the same row, so the
@@ -32,8 +36,6 @@ Plain-torch reference: :func:`holdall.kernels.packed.reference_linear`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import ptx
@@ -48,6 +50,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
 MAX_ROWS = 64  # activation rows per launch: up to 8 tiles of MMA columns (with the rounds in a loop: SASS, no spills)
+MAX_UNROLLED_ROUNDS = 8  # chunks per warp unrolled (an 11008-input row unrolled on 4 warps: 4,600 instructions)
 #: -(MAG + 8) as a 16-bit float pair, signed int32 bits: bf16 -136 (0xC308), fp16 -1032 (0xE408)
 NEG_PAIR = {True: 0xC308C308 - (1 << 32), False: 0xE408E408 - (1 << 32)}
 #: PRMT selectors that make an MMA step's B registers from two activation pairs (x[b], x[b+1]), (x[b+2], x[b+3]):
@@ -333,22 +336,38 @@ if gl is not None:
 
 
 def gemv_config(p: Plan, chained: bool = False) -> dict:
-    """The launch for one row (``BLOCK_N`` = rows per program = 16 ``TILES``; ``WK`` warps along the row;
-    ``UNROLL`` the rounds over the row; ``PDL``): not yet swept -- two 16-row tiles per warp and 4 warps (the
-    SASS's 1.9 instructions per code at 4096 inputs; 1.55 at 4 tiles but 172 registers), the rounds unrolled up
-    to 8 per warp (a 4096-input row: 8; an 11008-input row unrolled is 4,600 instructions, 74 KB of code).
-    ``chained``: a link of a decode step (no kernel there writes weights): programmatic dependent launch, the
-    first round's weights read before the wait (:func:`holdall.kernels.gluon_wq4.gemv_config`)."""
-    tiles, wk = 2, 4
+    """A launch for one row (``BLOCK_N`` = rows per program = 16 ``TILES``; ``WK`` warps along the row;
+    ``UNROLL`` the rounds over the row; ``PDL``). Not a default: on an H200 (round 12, ``bench/gluon_sweep.py
+    --mma``) the best tiling (one tile, 8 warps) took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 / 4096x4096
+    against the float Gluon GEMV's 10.6 / 9.5 / 4.7 -- fewer instructions per code, but a row's rounds wait on
+    chains of MMAs (~30 cycles each) where the FMA kernel keeps more weight bytes in flight. It is kept for the
+    2..8-row GEMM (:func:`gemm_config`), which runs the same kernel, and for sweeps. ``chained``: a link of a
+    decode step: programmatic dependent launch (:func:`holdall.kernels.gluon_wq4.gemv_config`)."""
+    tiles, wk = 1, 8
     return {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": wk,
-            "PDL": chained and pdl_enabled(),
-            "UNROLL": p.in_features // (CHUNK_WORDS * CODES_PER_WORD) // wk <= 8}
+            "PDL": chained and pdl_enabled(), "UNROLL": _rounds(p, wk) <= MAX_UNROLLED_ROUNDS}
 
 
-def enabled() -> bool:
-    """Off until it has been run and timed on a GPU: ``HOLDALL_MMA=1`` makes it the float one-row GEMV where it
-    can take the layer."""
-    return os.environ.get("HOLDALL_MMA", "0") == "1"
+def _rounds(p: Plan, wk: int) -> int:
+    """128-input chunks per warp when ``wk`` warps split a row."""
+    return -(-p.in_features // (CHUNK_WORDS * CODES_PER_WORD) // wk)
+
+
+def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
+    """The launch for ``m`` rows where this kernel is the fastest holdall has, else None (the Triton ``v3`` GEMM).
+
+    Measured on an H200 (round 12, ``bench/gemm_rows.py``; BENCHMARKS.md): up to 8 rows (one tile of MMA columns,
+    so 2..8 rows cost what one does) of rows short enough for a warp's rounds to be unrolled (4096 inputs), it was
+    1.2x faster than ``v3`` (4 rows: 11008x4096 12.6 vs 15.7 us, 4096x4096 7.1 vs 8.6); an 11008-input row was not
+    (15.3 vs 14.9), nor were 16 rows (1.1-1.4x slower) or 64 (2-3x slower: every program re-reads all the rows'
+    activations, with no shared-memory reuse). ``WK``: 8 warps per 16 weight rows unless that passes ~24 warps per
+    SM (4096 rows: 8 warps 7.1 us, 4: 9.9; 11008 rows: 4 warps 12.6, 8: 14.6)."""
+    if m > 8 or why_not(p) is not None:
+        return None
+    wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
+    if _rounds(p, wk) > MAX_UNROLLED_ROUNDS:
+        return None
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True}
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,

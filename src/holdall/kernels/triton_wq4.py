@@ -1357,11 +1357,6 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     if gluon:
         from . import gluon_wq4  # imported where used: it builds on this module's elementwise helpers
 
-        if not int8_activations:  # round 12, opt-in until timed: the tensor-core GEMV for float activations
-            from . import gluon_mma
-
-            if gluon_mma.enabled() and gluon_mma.why_not(p) is None:
-                return gluon_mma.gemv_config(p, chained)
         if gluon_wq4.why_not(p, int8_activations) is None:
             return gluon_wq4.gemv_config(p, int8_activations, chained)
     group_w = p.group // CODES_PER_WORD
@@ -1674,25 +1669,33 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
+def _tensor_core_rows_fit(ops: Operands, x: torch.Tensor, index: int) -> bool:
+    """The Gluon tensor-core GEMV can run here: Gluon on this GPU, 16-byte aligned words, activation rows readable
+    as int32 pairs (even row stride and offset)."""
+    from . import gluon_wq4
+
+    return (gluon_wq4.enabled() and gluon_wq4.available(index) and ops.words.data_ptr() % 16 == 0
+            and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
 def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
          config: dict | None = None) -> torch.Tensor:
     """``out [M, N] = x @ W^T + b`` for ``x [M, K]`` (rows contiguous, bf16/fp16), M small."""
     m = x.shape[0]
-    if config is None:  # round 12, opt-in until timed: up to 16 rows as the tensor-core GEMV's MMA columns
-        from . import gluon_mma, gluon_wq4
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if config is None and _tensor_core_rows_fit(ops, x, index):  # round 12: 2..8 rows of short rows
+        from . import gluon_mma
 
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if gluon_mma.enabled() and m <= gluon_mma.MAX_ROWS and gluon_mma.why_not(p) is None \
-                and gluon_wq4.available(index) and ops.words.data_ptr() % 16 == 0:
-            config = gluon_mma.gemv_config(p)
-    config = config or gemm_config(p, m, _sm_count(x.device.index or 0))
+        config = gluon_mma.gemm_config(p, m, _sm_count(index))
+    config = config or gemm_config(p, m, _sm_count(index))
     if config.get("VARIANT") == "gluon_mma":
         from . import gluon_mma
 
         return gluon_mma.gemm(ops, p, x, bias, out, config)
     cfg = dict(config)
     if cfg.get("SPLIT_K") is None:  # a sweep's config may leave the split to the heuristic
-        cfg["SPLIT_K"] = gemm_config(p, m, _sm_count(x.device.index or 0))["SPLIT_K"]
+        cfg["SPLIT_K"] = gemm_config(p, m, _sm_count(index))["SPLIT_K"]
     variant = cfg.pop("VARIANT", "v1")
     if variant == "v3":
         return _gemm3(ops, p, x, bias, out, cfg)
