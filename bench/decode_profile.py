@@ -81,7 +81,8 @@ def main() -> None:
             quantize(model, QuantConfig.for_method(spec.pop("method"), **spec), progress=False)
         variants = [v for v in args.variants.split(",") if v] if label.startswith("int") else ["default"]
         for variant in variants:
-            switch = triton_gemv() if variant.endswith("triton") else no_pdl() if variant.endswith("nopdl") else None
+            switch = (triton_gemv() if variant.endswith("triton") else no_pdl() if variant.endswith("nopdl")
+                      else None)
             with switch or contextlib.nullcontext():
                 decoder = StaticDecoder(model, max_len=args.max_len, int8_activations=variant.startswith("int8"))
                 decoder._int8_handoff = variant != "int8-no-handoff"

@@ -43,6 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tilings", default="8x2,16x2,8x4", help="rows per thread x warps along the row")
+    parser.add_argument("--mma", default="",
+                        help="round 12: also the tensor-core GEMV (float activations), tilings as tiles x warps, "
+                             "e.g. 1x4,2x4,4x4,1x8,2x8; each with its rounds unrolled (u) and in a loop (l)")
     parser.add_argument("--modes", default="nopdl,pdl-t0,pdl-t1,pdl-t2,pdl-t0-l2,pdl-t1-l2",
                         help="launch modes (see above)")
     parser.add_argument("--int8", action="store_true",
@@ -89,6 +92,17 @@ def main() -> None:
             error = float((y.float() - want).abs().max() / want.abs().max())
             us = bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, cfg) for o in ops])
             row[f"g{tiling}-{mode}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
+        if args.mma and not args.int8:
+            from holdall.kernels import gluon_mma
+
+            for tiling, unroll in itertools.product(args.mma.split(","), (True, False)):
+                tiles, warps = (int(v) for v in tiling.split("x"))
+                cfg = {"BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "PDL": True, "UNROLL": unroll}
+                y.fill_(float("nan"))
+                gluon_mma.gemv(ops[0], p, x, None, y, cfg)
+                error = float((y.float() - want).abs().max() / want.abs().max())
+                us = bench_graph([lambda o=o: gluon_mma.gemv(o, p, x, None, y, cfg) for o in ops])
+                row[f"mma{tiling}{'u' if unroll else 'l'}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
         print(json.dumps(row), flush=True)
         rows_out.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)

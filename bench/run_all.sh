@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Issue 6's GPU benchmarks, HF stack and holdall side by side, in one command on the device machine:
 #
-#   bash bench/run_all.sh [kernels] [decode] [qlora]        (default: all three, ~10 minutes on an H200)
+#   bash bench/run_all.sh [kernels] [decode] [qlora] [mma]  (default: the first three, ~10 minutes on an H200)
+#
+# mma: round 12's tensor-core GEMV -- its device tests, its one-row tilings beside the Gluon GEMV and bf16
+# (gluon_sweep_mma.json), and 2..64 rows beside the v3 GEMM, bf16 and the default (gemm_rows.json).
 #
 # The bitsandbytes wheel (and any other missing package) travels in .whl/ (the device README says how); it is
 # installed into /tmp/site for this run. Results go to $OUT (default bench/results): gpu_kernels.json,
@@ -12,7 +15,7 @@ OUT=${OUT:-bench/results}
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(kernels decode qlora)
 for part in "${parts[@]}"; do
-  case "$part" in kernels|decode|qlora) ;; *) echo "unknown part '$part': choose from kernels, decode, qlora" >&2; exit 2 ;; esac
+  case "$part" in kernels|decode|qlora|mma) ;; *) echo "unknown part '$part': choose from kernels, decode, qlora, mma" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,6 +32,10 @@ for part in "${parts[@]}"; do
     kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log"
              python3 bench/gluon_sweep.py --out "$OUT/gluon_sweep.json" 2>&1 | tee "$OUT/gluon_sweep.log"
              python3 bench/gluon_sweep.py --int8 --out "$OUT/gluon_sweep_int8.json" 2>&1 | tee "$OUT/gluon_sweep_int8.log" ;;
+    mma) python3 -m pytest -q tests/test_kernels.py -k "tensor_core" 2>&1 | tee "$OUT/mma_tests.log"
+         python3 bench/gluon_sweep.py --tilings 8x2,8x4 --modes pdl-t0,pdl-t2 --mma 1x4,2x4,4x4,1x8,2x8,2x2 \
+           --out "$OUT/gluon_sweep_mma.json" 2>&1 | tee "$OUT/gluon_sweep_mma.log"
+         python3 bench/gemm_rows.py --out "$OUT/gemm_rows.json" 2>&1 | tee "$OUT/gemm_rows.log" ;;
     decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
     qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \
              --configs hf,holdall-graphs-offload,holdall-graphs --out "$OUT" 2>&1 | tee "$OUT/qlora_step.log" ;;

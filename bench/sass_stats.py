@@ -65,6 +65,15 @@ BASE["gemm2"] = BASE["gemm3"]
 #: (no loop), so the rate printed is the whole kernel's instructions per code
 BASE["gemv_gluon"] = {"K_WORDS": 1376, "GROUP_W": 16, "R": 8, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
                       "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False, "group_step": 1}
+KERNELS["gemv_mma"] = ("_gemv_mma_kernel", {
+    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
+    "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16", "sq_out_ptr": "*fp32", "N": "i32",
+    "n_half": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32", "M": "i32",
+    "stride_x": "i32", "stride_y": "i32"})
+#: the tensor-core GEMV (round 12) for Llama-2-7B's down_proj: 11008 inputs, 2 tiles x 4 warps
+BASE["gemv_mma"] = {"K_WORDS": 1376, "GROUP_W": 16, "T": 2, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
+                    "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False,
+                    "NEG_PAIR": 0xC308C308 - (1 << 32), "group_step": 1, "NT": 0}
 NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
                       "N", "n_sq", "eps", "w_src"}
 OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
@@ -125,7 +134,7 @@ def main() -> None:
                         help="a constexpr (ints; 0/1 for switches), or num_warps / num_stages")
     parser.add_argument("--dump", type=Path, help="also write the kernel's TTGIR (its layouts) and SASS here")
     args = parser.parse_args()
-    from holdall.kernels import gluon_wq4, triton_wq4
+    from holdall.kernels import gluon_mma, gluon_wq4, triton_wq4
 
     name, signature = KERNELS[args.kernel]
     constexprs = dict(BASE[args.kernel])
@@ -134,12 +143,12 @@ def main() -> None:
         constexprs[key] = int(value)
     num_warps, num_stages = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3)
     box = f"{constexprs.get('BLOCK_N')}"  # GLU: each gate row beside its up row, [BLOCK_N / 2, 2, ...]
-    if constexprs.get("GLU"):
+    if constexprs.get("GLU") and "BLOCK_N" in constexprs:
         box = f"{constexprs['BLOCK_N'] // 2}, 2"
     signature = {k: v.format(**constexprs, BOX_N=box) for k, v in signature.items()}
-    if args.kernel == "gemv_gluon":
+    if args.kernel in ("gemv_gluon", "gemv_mma"):
         num_warps = constexprs["WK"]
-    module = gluon_wq4 if args.kernel == "gemv_gluon" else triton_wq4
+    module = {"gemv_gluon": gluon_wq4, "gemv_mma": gluon_mma}.get(args.kernel, triton_wq4)
     kernel = compile_sm90(getattr(module, name), signature, constexprs, num_warps, num_stages)
     sass, usage = sass_of(kernel)
     if args.dump:
@@ -154,8 +163,9 @@ def main() -> None:
           f"{spills} spill stores, {kernel.metadata.shared} B shared memory, {len(ops)} instructions")
     per_iteration = (constexprs["BLOCK_N"] * constexprs["BLOCK_G"] * constexprs["GROUP_W"] * 8
                      if args.kernel == "gemv_tma" else 0)  # 4-bit codes one loop iteration consumes
-    if args.kernel == "gemv_gluon":
-        codes = constexprs["R"] * constexprs["K_WORDS"] * 8  # one program's codes
+    if args.kernel in ("gemv_gluon", "gemv_mma"):
+        rows = constexprs["R"] if args.kernel == "gemv_gluon" else 16 * constexprs["T"]
+        codes = rows * constexprs["K_WORDS"] * 8  # one program's codes
         print(f"  whole kernel: {len(ops) * num_warps * 32 / codes:.2f} instructions per code; "
               f"{Counter(ops).most_common(16)}")
     for label, body in loops(sass).items():

@@ -6,6 +6,7 @@ check the reference decode and that the registration never routes CPU tensors to
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -705,6 +706,31 @@ def test_dispatch_rules_on_cuda():
 
 
 @cuda_only
+def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
+    """Round 12: 2..8 rows of a symmetric int4 layer of short rows go to the Gluon tensor-core GEMV on a Hopper
+    (the Triton v3 GEMM with HOLDALL_GLUON=0, for 16 rows, and for asymmetric codes), same results either way."""
+    from holdall import kernels
+    from holdall.kernels import gluon_mma, gluon_wq4
+
+    assert kernels.enable()
+    if not gluon_wq4.available(torch.cuda.current_device()):
+        pytest.skip("Gluon needs a Hopper GPU and Triton >= 3.6")
+    calls = []
+    real = gluon_mma.gemm
+    monkeypatch.setattr(gluon_mma, "gemm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
+    for name, rows, gluon, expected in [("int4-sym", 4, "1", 1), ("int4-sym", 8, "1", 1), ("int4-sym", 4, "0", 0),
+                                        ("int4-sym", 16, "1", 0), ("int4-asym", 4, "1", 0)]:
+        monkeypatch.setenv("HOLDALL_GLUON", gluon)
+        calls.clear()
+        layer = _cuda_layer(264, 1024, name)
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = layer(x)
+        assert len(calls) == expected, (name, rows, gluon)
+        assert _rel(y, packed.reference_linear(layer, x)) < TOL[torch.bfloat16]
+
+
+@cuda_only
 def test_first_cuda_forward_registers_the_kernels():
     """In a fresh process nothing calls enable(): the first CUDA forward loads the plugin itself."""
     code = textwrap.dedent(
@@ -870,15 +896,30 @@ def test_gluon_gemv_epilogues(shape, block_n, wk, dtype):
     of the stored row, a residual folded into the bias), ``norm_in`` (the producer's partials -> ``1 / rms``),
     and ``glu`` (``silu(gate) * up`` of a stacked layer, rounded as torch rounds it, within one output step of
     ``F.silu`` on the same kernel's two rows), against the reference."""
+    _gluon_ready()
+    _check_epilogues(shape, dtype, {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk})
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(22016, 4096), (144, 512), (40, 11008)], ids=str)
+@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8), (4, 2)])
+def test_tensor_core_gemv_epilogues(shape, tiles, warps, dtype):
+    """The same epilogues on the tensor-core GEMV (round 12), with programmatic dependent launch."""
+    _gluon_ready()
+    _check_epilogues(shape, dtype, {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps,
+                                    "PDL": True})
+
+
+def _check_epilogues(shape, dtype, cfg):
     import torch.nn.functional as F
 
     from holdall.kernels import triton_wq4
 
-    _gluon_ready()
+    block_n = cfg["BLOCK_N"]
     layer = _layer(*shape, SCHEMES["int4-sym"], device="cuda", seed=3)
     p = dispatch.layer_plan(layer)
     ops = packed.operands(layer, p)
-    cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk}
     gen = torch.Generator(device="cpu").manual_seed(5)
     x = torch.randn(p.in_features, generator=gen).to("cuda", dtype)
     residual = (torch.randn(p.out_features, generator=gen) * 4).to("cuda", dtype)
@@ -959,6 +1000,84 @@ def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(narrow, plain)
+
+
+def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
+    """The tensor-core GEMV (round 12) applies a scale per 128-input chunk: groups of 128, 256, ... or one per
+    row, symmetric int codes, no double quantization. It is the default only where it was measured faster: 2..8
+    rows of rows whose rounds unroll (4096 inputs), never one row (the float Gluon GEMV's)."""
+    from holdall.kernels import gluon_mma
+
+    def shaped(out_f, in_f, name="int4-sym"):  # a small layer's plan with a 7B layer's shape (same group layout)
+        return dataclasses.replace(_plan(256, SCHEMES[name]), out_features=out_f, in_features=in_f)
+
+    cfg = gluon_mma.gemm_config(shaped(4096, 4096), 4, 132)
+    assert cfg["VARIANT"] == "gluon_mma" and cfg["WK"] == 8 and cfg["BLOCK_N"] == 16 * cfg["TILES"] == 16
+    assert gluon_mma.gemm_config(shaped(11008, 4096), 2, 132)["WK"] == 4  # 688 tiles x 8 warps: too many
+    assert gluon_mma.gemm_config(shaped(4096, 4096), 8, 132) is not None
+    assert gluon_mma.gemm_config(shaped(4096, 4096), 9, 132) is None  # two column tiles: v3
+    assert gluon_mma.gemm_config(shaped(4096, 11008), 4, 132) is None  # long rows: v3
+    assert gluon_mma.gemm_config(shaped(4096, 4096, "int4-asym"), 4, 132) is None
+    if HAS_TRITON:
+        from holdall.kernels import triton_wq4
+
+        sym = _plan(256, SCHEMES["int4-sym"])
+        assert triton_wq4.gemv_config(sym, 132, tma=True, gluon=True)["VARIANT"] == "gluon"
+
+    assert gluon_mma.why_not(_plan(256, SCHEMES["int4-sym"])) is None
+    assert gluon_mma.why_not(_plan(256, QuantScheme(granularity="channel"))) is None
+    assert "split a 128-input chunk" in gluon_mma.why_not(_plan(256, {**SCHEMES, **EXTRA_SCHEMES}["int4-g32-bf16"]))
+    assert "whole number" in gluon_mma.why_not(_plan(576, QuantScheme(granularity="channel")))
+    assert "symmetric" in gluon_mma.why_not(_plan(256, SCHEMES["int4-asym"]))
+    assert "double-quantized" in gluon_mma.why_not(_plan(256, QuantScheme(double_quant=True)))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym"])
+@pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256), (40, 1152)], ids=str)
+@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8), (4, 4), (4, 2), (1, 1)])
+def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
+    """The tensor-core GEMV against the fp32 reference into a NaN-poisoned output: chunks that fill every warp's
+    share and ones that leave the last round partial (11008 inputs = 86 chunks; 1152 = 9), rows that leave a
+    partial 16-row tile (72, 40), per-channel scales, bias, bf16 and fp16."""
+    from holdall.kernels import gluon_mma
+
+    _gluon_ready()
+    scheme = {"int4-ch-sym": QuantScheme(granularity="channel")}.get(name) or SCHEMES[name]
+    layer = _layer(*shape, scheme, device="cuda", seed=sum(shape) + 7)
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(p.in_features, device="cuda", dtype=dtype)
+    out = torch.full((p.out_features,), float("nan"), device="cuda", dtype=dtype)
+    cfg = {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "PDL": False}
+    gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, cfg)
+    assert _rel(out, packed.reference_linear(layer, x[None])[0]) < TOL[dtype]
+    again = torch.full_like(out, float("nan"))  # launched with programmatic dependent launch: the same numbers
+    gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), again, {**cfg, "PDL": True})
+    assert torch.equal(again, out)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256)], ids=str)
+@pytest.mark.parametrize("rows", [2, 5, 8, 13, 16, 17, 32, 64])
+@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8)])
+def test_tensor_core_gemv_takes_up_to_64_rows(shape, rows, tiles, warps, dtype):
+    """2..64 rows as the MMA's columns (lane ``g`` of column tile ``nt`` loads row ``8 nt + g``; 1, 2, 4 or 8
+    column tiles; rounds unrolled or in a loop): each row against the fp32 reference, into a NaN-poisoned output
+    with a row stride wider than the row; bias added."""
+    from holdall.kernels import triton_wq4
+
+    _gluon_ready()
+    layer = _layer(*shape, SCHEMES["int4-sym"], device="cuda", seed=sum(shape) + rows)
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(rows, p.in_features + 64, device="cuda", dtype=dtype)[:, :p.in_features]
+    out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
+    cfg = {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "PDL": True}
+    triton_wq4.gemm(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, cfg)
+    want = packed.reference_linear(layer, x)
+    for r in range(rows):
+        assert _rel(out[r], want[r]) < TOL[dtype]
 
 
 @cuda_only

@@ -246,3 +246,71 @@ def test_int8_dot_is_the_integer_dot_product():
         even = sum((xs[2 * i] & 0xFF) << (8 * i) for i in range(4))
         (got,) = _run(asm, word, outputs=1, inputs=(odd, even, c))
         assert got == (c + sum(q * x for q, x in zip(codes, xs))) & 0xFFFFFFFF
+
+
+def _half_bits(values: torch.Tensor, bf16: bool) -> list[int]:
+    """16-bit float bits of ``values`` (exactly representable)."""
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    return [int(v) & 0xFFFF for v in values.to(dtype).view(torch.int16)]
+
+
+def _as_float(bits: int, bf16: bool) -> float:
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    return float(torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(dtype).float())
+
+
+def _mma_16x8x16(a_regs: list[list[int]], b_regs: list[list[int]], bf16: bool) -> torch.Tensor:
+    """``mma.sync.m16n8k16.row.col`` from the 32 lanes' registers (PTX ISA fragment layout: lane ``4 g + c``
+    holds A rows ``g`` / ``g + 8`` at k ``2 c, 2 c + 1`` (``a0``, ``a1``) and ``2 c + 8, 2 c + 9`` (``a2``,
+    ``a3``), B column ``g`` at k ``2 c, 2 c + 1`` (``b0``) and ``2 c + 8, 2 c + 9`` (``b1``), low half first),
+    in float64: ``[16, 8]``."""
+    a, b = torch.zeros(16, 16, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        g, c = divmod(lane, 4)
+        for reg, (row, k) in enumerate([(g, 2 * c), (g + 8, 2 * c), (g, 2 * c + 8), (g + 8, 2 * c + 8)]):
+            a[row, k] = _as_float(a_regs[lane][reg] & 0xFFFF, bf16)
+            a[row, k + 1] = _as_float(a_regs[lane][reg] >> 16 & 0xFFFF, bf16)
+        for reg, k in enumerate([2 * c, 2 * c + 8]):
+            b[k, g] = _as_float(b_regs[lane][reg] & 0xFFFF, bf16)
+            b[k + 1, g] = _as_float(b_regs[lane][reg] >> 16 & 0xFFFF, bf16)
+    return a @ b
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("columns", [1, 8])
+def test_tensor_core_fragment_order_is_the_dot_product(bf16, columns):
+    """The tensor-core GEMV's plan for one 16-row tile and one 128-input chunk, run lane by lane on the PTX it
+    emits (``nibbles_asm`` through the interpreter, the B registers by PRMT with ``B0_SEL`` / ``B1_SEL``) and a
+    model of ``mma.m16n8k16``'s fragment layout: thread ``(g, c)`` feeds word ``4 c + i`` of rows ``g`` and ``g +
+    8`` to steps ``(i, p)`` in the order the decode leaves the codes, and its activations in the same order, so
+    the 8 steps plus 8 offset MMAs (A = ``NEG_PAIR``) give ``sum (q - 8) x`` exactly (float64 on exact 16-bit
+    inputs) for every row and column; ``columns`` 8: lane ``g`` feeds activation row ``g`` (several rows per
+    launch)."""
+    from holdall.kernels import gluon_mma
+
+    gen = torch.Generator().manual_seed(3 + columns)
+    codes = torch.randint(0, 16, (16, 128), generator=gen)  # stored q + 8
+    x = torch.randn(8, 128, generator=gen).to(torch.bfloat16 if bf16 else torch.float16).double()
+    if columns == 1:
+        x[1:] = x[0]
+    words = [[sum(((int(codes[r, 8 * w + 2 * j]) << 4 | int(codes[r, 8 * w + 2 * j + 1])) << (8 * j))
+                  for j in range(4)) for w in range(16)] for r in range(16)]
+    xbits = [_half_bits(x[n], bf16) for n in range(8)]
+    asm = ptx.nibbles_asm(bf16)
+    neg = gluon_mma.NEG_PAIR[bf16] & 0xFFFFFFFF
+    total = torch.zeros(16, 8, dtype=torch.float64)
+    for i in range(4):  # word i of each thread's four
+        pairs = {(r, c): _run(asm, words[r][4 * c + i]) for r in range(16) for c in range(4)}
+        for p in range(2):
+            a_regs, b_regs, neg_regs = [], [], []
+            for lane in range(32):
+                g, c = divmod(lane, 4)
+                a_regs.append([pairs[g, c][p], pairs[g + 8, c][p], pairs[g, c][p + 2], pairs[g + 8, c][p + 2]])
+                base = 32 * c + 8 * i + 4 * p  # the thread's activation pairs (x[b], x[b+1]), (x[b+2], x[b+3])
+                x01 = xbits[g][base] | xbits[g][base + 1] << 16
+                x23 = xbits[g][base + 2] | xbits[g][base + 3] << 16
+                b_regs.append([_prmt(x01, x23, gluon_mma.B0_SEL), _prmt(x01, x23, gluon_mma.B1_SEL)])
+                neg_regs.append([neg] * 4)
+            total += _mma_16x8x16(a_regs, b_regs, bf16) + _mma_16x8x16(neg_regs, b_regs, bf16)
+    want = (codes.double() - 8) @ x.T  # [16 rows, 8 columns]
+    assert torch.equal(total, want)

@@ -322,15 +322,7 @@ if gl is not None:
         KQ: gl.constexpr = 32 * WK  # quads (4-word thread tiles) per tile
         KW: gl.constexpr = 4 * KQ  # words per tile
         t = gl.program_id(0)
-        # rows of the tile, clamped into the matrix for the loads (the stores are masked)
-        ri = gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))
-        if GLU:
-            rows = t * (R // 2) + ri // 2 + (ri % 2) * n_half
-            ok = t * (R // 2) + ri // 2 < n_half
-        else:
-            rows = t * R + ri
-            ok = rows < N
-        rows = gl.where(ok, rows, 0)
+        rows, ok = _tile_rows(gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW))), t, R, N, n_half, GLU)
         rw = gl.expand_dims(gl.expand_dims(rows, 1), 2)
         qw = gl.expand_dims(gl.expand_dims(gl.arange(0, KQ, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW))), 0), 2)
         jw = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0), 1)
@@ -362,10 +354,7 @@ if gl is not None:
                     else:  # the last tile's quads past the row end would prefetch the next row: clamp them
                         _prefetch_l2(row_starts + gl.minimum(it * KW + 4 * kq2, K_WORDS - 4) - 4 * kq2)
             _wait_for_producer()  # x, the squares and every store come after it
-        squares = 0.0
-        if NORM_IN:  # the producer's partial sums of squares, in a fixed order
-            rs = gl.arange(0, SQ_BLOCK, layout=gl.BlockedLayout([1], [32], [WK], [0]))
-            squares = gl.sum(gl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0), axis=0)
+        squares = _squares_in(sq_in_ptr, n_sq, SQ_BLOCK, WK, NORM_IN)
         acc = gl.zeros([R, KQ], gl.float32, LA)
         for it in gl.static_range(N_TILES):
             if it < PRE:
@@ -378,8 +367,41 @@ if gl is not None:
             acc = _tile(acc, w, s, xq, xsq, kx, it * KW, K_WORDS, X_BF16, it >= N_FULL, XQ8, XIN8)
         y = gl.sum(acc, axis=1)  # [R]: every thread ends up with the tile's R sums
         YL: gl.constexpr = y.type.layout
-        rows_y = gl.convert_layout(rows, YL)
-        ok_y = gl.convert_layout(ok, YL)
+        _epilogue(y, gl.convert_layout(rows, YL), gl.convert_layout(ok, YL), t, squares, eps, b_ptr, y_ptr, n_half,
+                  nw_ptr, h_ptr, sq_out_ptr, q_out_ptr, qs_out_ptr, K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU,
+                  Q8_OUT)
+
+    @gluon.jit
+    def _tile_rows(ri, t, R: gl.constexpr, N, n_half, GLU: gl.constexpr):
+        """Program ``t``'s weight rows for tile positions ``ri`` (``0..R``) and where they exist; the rows are
+        clamped into the matrix for the loads (the stores are masked). ``GLU``: position ``2 i + h`` is gate row
+        ``t R / 2 + i`` (``h = 0``) or its up row ``n_half`` further on."""
+        if GLU:
+            rows = t * (R // 2) + ri // 2 + (ri % 2) * n_half
+            ok = t * (R // 2) + ri // 2 < n_half
+        else:
+            rows = t * R + ri
+            ok = rows < N
+        return gl.where(ok, rows, 0), ok
+
+    @gluon.jit
+    def _squares_in(sq_in_ptr, n_sq, SQ_BLOCK: gl.constexpr, WK: gl.constexpr, NORM_IN: gl.constexpr):
+        """The producer's partial sums of squares, summed in a fixed order (0.0 without ``NORM_IN``)."""
+        squares = 0.0
+        if NORM_IN:
+            rs = gl.arange(0, SQ_BLOCK, layout=gl.BlockedLayout([1], [32], [WK], [0]))
+            squares = gl.sum(gl.load(sq_in_ptr + rs, mask=rs < n_sq, other=0.0), axis=0)
+        return squares
+
+    @gluon.jit
+    def _epilogue(y, rows_y, ok_y, t, squares, eps, b_ptr, y_ptr, n_half, nw_ptr, h_ptr, sq_out_ptr, q_out_ptr,
+                  qs_out_ptr, K_WORDS: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
+                  NORM_OUT: gl.constexpr, GLU: gl.constexpr, Q8_OUT: gl.constexpr):
+        """Program ``t``'s float32 row sums ``y [R]`` (weight rows ``rows_y``, ``ok_y`` where they exist) to the
+        outputs: ``NORM_IN``'s ``1 / rms``, the bias (and residual), then either ``silu(gate) * up`` of the
+        interleaved gate/up rows (``GLU``) or the row itself and ``NORM_OUT``'s pieces (``h = y * w``, the
+        tile's sum of squares, and with ``Q8_OUT`` ``h`` as int8 words)."""
+        R: gl.constexpr = y.shape[0]
         if NORM_IN:
             y = y * gl.rsqrt(squares / (K_WORDS * 8) + eps)
         if HAS_BIAS:
@@ -431,6 +453,19 @@ def gemv_config(p: Plan, int8_activations: bool = False, chained: bool = False) 
             "PDL_TILES": tiles if pdl else 0, "PDL_L2": False}
 
 
+def programs_for(p: Plan, out: torch.Tensor, rows: int, glu: bool, norm_out) -> tuple[int, int]:
+    """``(n_half, programs)`` of a one-row launch whose programs own ``rows`` tile positions: with ``glu`` each
+    holds ``rows / 2`` gate rows and their up rows (``n_half`` = outputs = half the layer's rows), checked."""
+    n_half, tile_rows = p.out_features, rows
+    if glu:
+        n_half, tile_rows = p.out_features // 2, rows // 2
+        if p.out_features % 2 or norm_out is not None:
+            raise ValueError("glu needs a stacked [gate; up] layer (even rows) and no norm_out")
+        if out.numel() != n_half:
+            raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
+    return n_half, -(-n_half // tile_rows)
+
+
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
          norm_in: tuple[torch.Tensor, float] | None = None,
          norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
@@ -463,14 +498,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
             raise ValueError("int8_out needs norm_out and BLOCK_N a multiple of 8 that divides the "
                              f"{p.out_features} rows (got BLOCK_N {block_n})")
         _check_int8_out(p, q_out, qs_out)
-    n_half, tile_rows = p.out_features, block_n
-    if glu:
-        n_half, tile_rows = p.out_features // 2, block_n // 2
-        if p.out_features % 2 or norm_out is not None:
-            raise ValueError("glu needs a stacked [gate; up] layer (even rows) and no norm_out")
-        if out.numel() != n_half:
-            raise ValueError(f"glu writes silu(gate) * up: out needs {n_half} elements, got {out.numel()}")
-    tiles = -(-n_half // tile_rows)
+    n_half, tiles = programs_for(p, out, block_n, glu, norm_out)
     sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, tiles, norm_in, norm_out)
     _gemv_gluon_kernel[(tiles,)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,

@@ -1493,6 +1493,12 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     cfg = dict(config if config is not None else default_gemv_config(ops, p, x.device))
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
+    if variant == "gluon_mma":  # round 12: tensor cores, float activations (int symmetric codes)
+        from . import gluon_mma
+
+        if x_scales is not None or int8_out is not None:
+            raise ValueError("the tensor-core GEMV takes float activations: no int8 words in or out")
+        return gluon_mma.gemv(ops, p, x, bias, out, {**cfg, "BLOCK_N": block_n}, norm_in, norm_out, glu)
     if variant == "gluon":  # round 10: explicit layouts (int symmetric codes)
         from . import gluon_wq4
 
@@ -1663,14 +1669,33 @@ def _gemv_tma(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
+def _tensor_core_rows_fit(ops: Operands, x: torch.Tensor, index: int) -> bool:
+    """The Gluon tensor-core GEMV can run here: Gluon on this GPU, 16-byte aligned words, activation rows readable
+    as int32 pairs (even row stride and offset)."""
+    from . import gluon_wq4
+
+    return (gluon_wq4.enabled() and gluon_wq4.available(index) and ops.words.data_ptr() % 16 == 0
+            and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
 def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
          config: dict | None = None) -> torch.Tensor:
     """``out [M, N] = x @ W^T + b`` for ``x [M, K]`` (rows contiguous, bf16/fp16), M small."""
     m = x.shape[0]
-    config = config or gemm_config(p, m, _sm_count(x.device.index or 0))
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if config is None and _tensor_core_rows_fit(ops, x, index):  # round 12: 2..8 rows of short rows
+        from . import gluon_mma
+
+        config = gluon_mma.gemm_config(p, m, _sm_count(index))
+    config = config or gemm_config(p, m, _sm_count(index))
+    if config.get("VARIANT") == "gluon_mma":
+        from . import gluon_mma
+
+        return gluon_mma.gemm(ops, p, x, bias, out, config)
     cfg = dict(config)
     if cfg.get("SPLIT_K") is None:  # a sweep's config may leave the split to the heuristic
-        cfg["SPLIT_K"] = gemm_config(p, m, _sm_count(x.device.index or 0))["SPLIT_K"]
+        cfg["SPLIT_K"] = gemm_config(p, m, _sm_count(index))["SPLIT_K"]
     variant = cfg.pop("VARIANT", "v1")
     if variant == "v3":
         return _gemm3(ops, p, x, bias, out, cfg)

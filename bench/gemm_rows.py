@@ -1,0 +1,90 @@
+"""2..64 rows on one GPU: the Triton ``v3`` GEMM vs the Gluon tensor-core GEMV's tilings vs bf16 cuBLAS (issue 6,
+round 12), and what the dispatch now picks by itself.
+
+    PYTHONPATH=src python3 bench/gemm_rows.py --out $OUT/gemm_rows.json [--rows 2,4,8,16,64] [--mma 1x4,1x8]
+
+For each weight shape ``[out, in]`` (int4 g128 symmetric, RTN) and row count it graph-times (``gpu_kernels.py``'s
+harness: copies of the weight beyond the L2, median of rounds) ``F.linear`` on bf16 weights, the ``v3`` GEMM with
+its heuristic's config (``triton_wq4.gemm_config``), every tensor-core tiling ``TILES x WK`` (16-row MMA tiles per
+warp x warps splitting a row) with its rounds unrolled (``u``) and in a loop (``l``), and ``triton_wq4.gemm`` with
+no config (the default). Each kernel's output is checked against the float32 reference first (max error relative
+to the largest output). Prints one JSON line per cell with the speed-ups over bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gpu_kernels import bench_graph, copies_for  # noqa: E402
+from holdall.core.linear import QuantLinear  # noqa: E402
+from holdall.core.scheme import QuantScheme  # noqa: E402
+from holdall.kernels import packed  # noqa: E402
+
+SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # [out, in]
+
+
+def checked(run, y: torch.Tensor, want: torch.Tensor) -> float:
+    """Run once into a NaN-filled output; the max error relative to the reference's largest value."""
+    y.fill_(float("nan"))
+    run()
+    return round(float((y.float() - want).abs().max() / want.abs().max()), 5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", default="2,4,8,16,64")
+    parser.add_argument("--mma", default="1x4,1x8,2x4", help="tensor-core tilings, TILES x WK")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gemm_rows.py times CUDA kernels: run it on the device machine")
+    from holdall.kernels import gluon_mma, triton_wq4
+
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cells = []
+    for out_f, in_f in SHAPES:
+        linear = torch.nn.Linear(in_f, out_f, bias=False)
+        linear.weight.data.normal_(0, 0.02)
+        layers = [QuantLinear.from_linear(linear, QuantScheme()).cuda()]
+        p = packed.plan(layers[0])
+        nbytes = sum(t.numel() * t.element_size() for t in layers[0].buffers())
+        layers += [QuantLinear.from_linear(linear, QuantScheme()).cuda() for _ in range(copies_for(nbytes) - 1)]
+        ops = [packed.operands(layer, p) for layer in layers]
+        weight = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+        copies = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * 2) - 1)]
+        for m in (int(v) for v in args.rows.split(",")):
+            x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+            want = packed.reference_linear(layers[0], x.float())
+            y = torch.empty(m, out_f, device="cuda", dtype=torch.bfloat16)
+            cell = {"shape": f"{out_f}x{in_f}", "rows": m,
+                    "bf16": round(bench_graph([lambda w=w: F.linear(x, w) for w in copies]), 2)}
+            configs = {"v3": triton_wq4.gemm_config(p, m, sms), "default": None}
+            for tiling, unroll in itertools.product(args.mma.split(","), (True, False)):
+                tiles, warps = (int(v) for v in tiling.split("x"))
+                if gluon_mma.column_tiles(m) < 8 or tiles == 1:  # 64 rows: one tile (more spill)
+                    configs[f"mma{tiling}{'u' if unroll else 'l'}"] = {
+                        "VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "UNROLL": unroll}
+            for name, cfg in configs.items():
+                error = checked(lambda: triton_wq4.gemm(ops[0], p, x, None, y, cfg), y, want)
+                us = bench_graph([lambda o=o, c=cfg: triton_wq4.gemm(o, p, x, None, y, c) for o in ops])
+                cell[name] = {"us": round(us, 2), "vs_bf16": round(cell["bf16"] / us, 2), "max_rel_error": error}
+            cell["default_picks"] = (gluon_mma.gemm_config(p, m, sms) or configs["v3"])["VARIANT"]
+            print(json.dumps(cell), flush=True)
+            cells.append(cell)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "cells": cells}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,440 @@
+"""The 4-bit GEMV on tensor cores, in Gluon (issue 6, round 12 of the kernels): the default for 2..8 rows of
+4096-input layers (:func:`gemm_config`; 1.2x faster than the Triton ``v3`` GEMM there on an H200), not for one row
+(the float Gluon GEMV stays ~20% faster: :func:`gemv_config`) nor for more rows.
+
+Why it was built: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4
+thread-instructions per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking --
+while its W4A8 sibling (int8 activations, DP4A) needs 1.7-2.4 and runs 1.2-1.4x faster. A tensor-core MMA does the
+multiply-adds for 8 codes per thread-instruction instead of 1, so the decode is what is left: 7 instructions per 8
+codes (1.9-2.1 per code in the SASS). At one row that did not pay; at 2..8 rows it does, since the MMA's 8 columns
+take them at the cost of one.
+
+Swap AB: ``y^T = W x^T`` with the weight rows as the MMA's M dimension (``mma.sync.m16n8k16``, bf16/fp16 in,
+float32 accumulate) and the activation row as its N (8 columns; at batch 1 every column holds the same row, so the
+quad's lanes load the same activations and no masking is needed). Each warp owns ``16 T`` weight rows; thread
+``(g, c)`` of the warp (lane ``4 g + c``) holds rows ``g`` and ``g + 8`` of each 16-row tile and the 4 consecutive
+words ``4 c .. 4 c + 3`` of every 16-word (128-code) chunk: one 16-byte load per row and chunk, 64 contiguous
+bytes per row across the quad. One PRMT turns two codes into the bf16 pair ``(128 + q, 128 + q')``
+(:func:`holdall.kernels.ptx.nibbles_asm`), and a word's four pairs are exactly two MMA steps' A registers of its
+row -- because the order of the inputs inside a chunk does not change a dot product, the chunk's 128 inputs are
+fed to the MMA in the order the registers already hold them, and the activations are fed in the same order:
+
+* code ``phi`` of a chunk (thread ``c``, word ``w``, pair register ``r``, half ``e``): ``phi = 32 c + 8 w + 2 e +
+  4 (r & 1) + (r >> 1)`` (``nibbles_asm``: ``$0 = (0, 2)``, ``$1 = (4, 6)``, ``$2 = (1, 3)``, ``$3 = (5, 7)``);
+* MMA step ``(w, p)`` (8 per chunk) takes ``a0, a1 = pair r = p`` of rows ``g``, ``g + 8`` and ``a2, a3 = pair
+  r = p + 2``; the matching B registers are ``b0 = (x[b], x[b + 2])`` and ``b1 = (x[b + 1], x[b + 3])`` with ``b =
+  32 c + 8 w + 4 p`` -- two PRMTs of the thread's own 16 activation words, shared by its ``T`` tiles.
+
+The MMA sums ``(128 + q) x`` over the chunk into a fresh accumulator; the chunk's group scale and the offset
+``-136 * sum(x)`` (symmetric codes store ``q + 8``) are applied once per chunk and row: 2 FMAs. Groups must be
+whole chunks (128, 256, ... codes, or one scale per row). ``WK`` warps split a row's chunks; their partial sums
+meet in shared memory at the end. The MMA itself is inline PTX on per-thread registers (every lane runs it in the
+same order, as ``mma.sync`` needs), so no operand layout has to be negotiated with the compiler.
+
+Plain-torch reference: :func:`holdall.kernels.packed.reference_linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ptx
+from .gluon_wq4 import pdl_enabled, programs_for
+from .packed import CODES_PER_WORD, Operands, Plan
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = gl = None
+
+CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
+MAX_ROWS = 64  # activation rows per launch: up to 8 tiles of MMA columns (with the rounds in a loop: SASS, no spills)
+MAX_UNROLLED_ROUNDS = 8  # chunks per warp unrolled (an 11008-input row unrolled on 4 warps: 4,600 instructions)
+#: -(MAG + 8) as a 16-bit float pair, signed int32 bits: bf16 -136 (0xC308), fp16 -1032 (0xE408)
+NEG_PAIR = {True: 0xC308C308 - (1 << 32), False: 0xE408E408 - (1 << 32)}
+#: PRMT selectors that make an MMA step's B registers from two activation pairs (x[b], x[b+1]), (x[b+2], x[b+3]):
+#: b0 = (x[b], x[b+2]) (both low halves), b1 = (x[b+1], x[b+3]) (both high halves)
+B0_SEL, B1_SEL = 0x5410, 0x7632
+
+
+def why_not(p: Plan) -> str | None:
+    """Why this kernel cannot take a layer of plan ``p`` (None when it can)."""
+    if p.kind != 0:
+        return "it decodes symmetric int codes only"
+    if p.double_quant:
+        return "double-quantized scales are decoded by the Triton kernels"
+    if p.in_features % (CHUNK_WORDS * CODES_PER_WORD):
+        return f"in_features {p.in_features} is not a whole number of 128-input chunks"
+    if p.group % (CHUNK_WORDS * CODES_PER_WORD) and p.group != p.in_features:
+        return f"groups of {p.group} split a 128-input chunk (the scale is applied per chunk)"
+    return None
+
+
+if gl is not None:
+    from .gluon_wq4 import _epilogue, _squares_in, _tile_rows, _wait_for_producer
+
+    _B0_SEL = gl.constexpr(B0_SEL)
+    _B1_SEL = gl.constexpr(B1_SEL)
+    _NIB_BF16 = gl.constexpr(ptx.nibbles_asm(True))
+    _NIB_F16 = gl.constexpr(ptx.nibbles_asm(False))
+    _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, "
+                             "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+    _MMA_F16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, "
+                            "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+
+    @gluon.jit
+    def _pairs(w, X_BF16: gl.constexpr):
+        """A word's 8 codes as four 16-bit float pairs ``MAG + q`` (``$0 = (0, 2)``, ``$1 = (4, 6)``,
+        ``$2 = (1, 3)``, ``$3 = (5, 7)``), int32 bits."""
+        if X_BF16:
+            return gl.inline_asm_elementwise(_NIB_BF16, "=r,=r,=r,=r,r", [w], (gl.int32,) * 4, True, 1)
+        else:
+            return gl.inline_asm_elementwise(_NIB_F16, "=r,=r,=r,=r,r", [w], (gl.int32,) * 4, True, 1)
+
+    @gluon.jit
+    def _mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, X_BF16: gl.constexpr):
+        """One ``m16n8k16`` MMA per element position (every lane of a warp runs them in the same order)."""
+        if X_BF16:
+            return gl.inline_asm_elementwise(_MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                             [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], (gl.float32,) * 4, True, 1)
+        else:
+            return gl.inline_asm_elementwise(_MMA_F16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                             [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], (gl.float32,) * 4, True, 1)
+
+    @gluon.jit
+    def _prmt(a, b, SEL: gl.constexpr):
+        """``prmt.b32`` of two int32 tensors (``0x5410``: both low halves, ``0x7632``: both high halves)."""
+        return gl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SEL};", "=r,r,r", [a, b], gl.int32, True, 1)
+
+    @gluon.jit
+    def _split2(t):
+        """``t [..., 2]`` -> its two ``[...]`` halves."""
+        return gl.split(t)
+
+    @gluon.constexpr_function
+    def _slice_for(layout, rank, dim):
+        """The 1-D layout of dimension ``dim`` of a rank-``rank`` ``layout`` (the others sliced away, highest
+        first, so that ``expand_dims`` in increasing order rebuilds it)."""
+        for d in reversed(range(rank)):
+            if d != dim:
+                layout = gl.SliceLayout(d, layout)
+        return layout
+
+    @gluon.jit
+    def _iota(n: gl.constexpr, layout: gl.constexpr, RANK: gl.constexpr, DIM: gl.constexpr):
+        """``arange(n)`` along dimension ``DIM`` of a rank-``RANK`` tensor in ``layout`` (size 1 elsewhere)."""
+        t = gl.arange(0, n, layout=_slice_for(layout, RANK, DIM))
+        for d in gl.static_range(RANK):
+            if d != DIM:
+                t = gl.expand_dims(t, d)
+        return t
+
+    @gluon.jit
+    def _last4(t):
+        """``t [..., 4]`` -> its four ``[...]`` slices."""
+        a, b = gl.split(gl.reshape(t, t.shape[:-1] + [2, 2]))
+        t0, t2 = gl.split(a)
+        t1, t3 = gl.split(b)
+        return t0, t1, t2, t3
+
+    @gluon.jit
+    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr):
+        """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 i + h`` = rows ``16 i + 8 h +
+        g``, g, c, word) and the thread's activation pairs at ``xp [WK, NT, 8, 4, 4]`` (int32 pointers; column
+        tile ``nt`` of lane ``g``: activation row ``8 nt + g``; pair ``4 i + j`` = inputs ``32 c + 8 i + 2 j``,
+        ``+ 1``, loaded one word ``i`` at a time so that only 4 per column tile are live; ``MASKED``: where
+        ``x_ok``) -> the MMAs'
+        ``c0..c3`` float32 ``[WK, T, NT, 8, 4]``: rows ``g`` x columns ``2 c``, ``2 c + 1``, rows ``g + 8`` x the
+        same (at batch 1 every column is the same), the codes' offset already taken off: eight more MMAs per
+        chunk and column tile multiply the same activations by the constant pair ``NEG_PAIR`` (``-(MAG + 8)``
+        twice), which costs less than summing them (one MMA per 64 codes against ~60 instructions). The A
+        registers of a step serve every column tile and the B registers every row tile (the MMA is elementwise
+        over ``[T, 1]`` x ``[1, NT]``)."""
+        KW: gl.constexpr = w.shape[0]
+        T: gl.constexpr = w.shape[1] // 2
+        NT: gl.constexpr = xp.shape[1]
+        LA: gl.constexpr = gl.SliceLayout(2, L5)  # [WK, T, 8, 4]
+        LB: gl.constexpr = gl.SliceLayout(1, L5)  # [WK, NT, 8, 4]
+        # [WK, T, 8, 4, 4 (word), 2 (h)] -> rows g / g + 8, each [WK, T, 8, 4, 4]
+        lo_rows, hi_rows = gl.split(gl.permute(gl.reshape(w, [KW, T, 2, 8, 4, 4]), [0, 1, 3, 4, 5, 2]))
+        lo_w = _last4(lo_rows)
+        hi_w = _last4(hi_rows)
+        acc0 = gl.zeros([KW, T, NT, 8, 4], gl.float32, L5)
+        acc1 = gl.zeros_like(acc0)
+        acc2 = gl.zeros_like(acc0)
+        acc3 = gl.zeros_like(acc0)
+        off0 = gl.zeros([KW, NT, 8, 4], gl.float32, LB)  # -(MAG + 8) * sum(x) of the chunk, from the MMA too
+        off1 = gl.zeros_like(off0)
+        off2 = gl.zeros_like(off0)
+        off3 = gl.zeros_like(off0)
+        neg = gl.full([KW, NT, 8, 4], NEG_PAIR, gl.int32, LB)
+        for i in gl.static_range(4):
+            a_lo = _pairs(gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2), X_BF16)
+            a_hi = _pairs(gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2), X_BF16)
+            if MASKED:
+                xq = gl.load(xp + 4 * i, mask=x_ok, other=0)
+            else:
+                xq = gl.load(xp + 4 * i)
+            xj = _last4(xq)  # pairs 4 i + 0..3: inputs 32 c + 8 i + (0, 1), (2, 3), (4, 5), (6, 7)
+            for p in gl.static_range(2):
+                x01 = gl.convert_layout(xj[2 * p], LB, assert_trivial=True)
+                x23 = gl.convert_layout(xj[2 * p + 1], LB, assert_trivial=True)
+                b0 = _prmt(x01, x23, _B0_SEL)
+                b1 = _prmt(x01, x23, _B1_SEL)
+                off0, off1, off2, off3 = _mma(off0, off1, off2, off3, neg, neg, neg, neg, b0, b1, X_BF16)
+                acc0, acc1, acc2, acc3 = _mma(acc0, acc1, acc2, acc3, a_lo[p], a_hi[p], a_lo[p + 2], a_hi[p + 2],
+                                              gl.expand_dims(b0, 1), gl.expand_dims(b1, 1), X_BF16)
+        even = gl.expand_dims(off0, 1)  # columns 2 c
+        odd = gl.expand_dims(off1, 1)  # columns 2 c + 1
+        return acc0 + even, acc1 + odd, acc2 + even, acc3 + odd
+
+    @gluon.jit
+    def _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
+                        GROUP_W: gl.constexpr, scale_row_stride, group_step, MASKED: gl.constexpr):
+        """Round ``it``'s words ``[WK, 2T, 8, 4, 4]`` and float32 scales ``[WK, 2T, 8, 4]`` (warp ``kw`` takes
+        chunk ``it WK + kw``; ``MASKED``: the last, partial round, where the warps past the row read zeros)."""
+        chunk_w = it * WK + kw_w
+        chunk_s = it * WK + kw_s
+        s_ptrs = s_ptr + (rows_s * scale_row_stride + ((16 * chunk_s) // GROUP_W) * group_step)
+        if MASKED:
+            w = gl.load(w_base + 16 * chunk_w, mask=(chunk_w < N_CHUNKS) & (w_in >= 0), other=0)
+            s = gl.load(s_ptrs, mask=(chunk_s < N_CHUNKS) & (rows_s >= 0), other=0.0)
+        else:
+            w = gl.load(w_base + 16 * chunk_w)
+            s = gl.load(s_ptrs)
+        return w, s.to(gl.float32)
+
+    @gluon.jit
+    def _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr,
+               X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr, MULTI: gl.constexpr):
+        """One round of chunks (one per warp) into the accumulators: the MMA sums times each row's scale."""
+        KW: gl.constexpr = w.shape[0]
+        T: gl.constexpr = w.shape[1] // 2
+        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, MASKED, L5, X_BF16, NEG_PAIR)
+        s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [KW, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
+        s_lo = gl.expand_dims(gl.convert_layout(s_lo, gl.SliceLayout(2, L5), assert_trivial=True), 2)
+        s_hi = gl.expand_dims(gl.convert_layout(s_hi, gl.SliceLayout(2, L5), assert_trivial=True), 2)
+        y_lo += lo * s_lo
+        y_hi += hi * s_hi
+        if MULTI:
+            y_lo1 += lo1 * s_lo
+            y_hi1 += hi1 * s_hi
+        return y_lo, y_lo1, y_hi, y_hi1
+
+    @gluon.jit
+    def _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS: gl.constexpr):
+        """Several activation rows' outputs: the warps' partial sums of rows ``g`` / ``g + 8`` x columns
+        ``8 nt + 2 c`` / ``+ 1`` (``[WK, T, NT, 8, 4]`` each) plus the bias, stored to ``y [M, N]``."""
+        T: gl.constexpr = y_lo.shape[1]
+        NT: gl.constexpr = y_lo.shape[2]
+        lo = gl.sum(y_lo, axis=0)  # [T, NT, 8, 4]
+        LO: gl.constexpr = lo.type.layout
+        quad = _iota(4, LO, 4, 3)
+        rows = t * (16 * T) + 16 * _iota(T, LO, 4, 0) + _iota(8, LO, 4, 2) + 0 * quad + 0 * _iota(NT, LO, 4, 1)
+        cols = 8 * _iota(NT, LO, 4, 1) + 2 * quad
+        dt: gl.constexpr = y_ptr.dtype.element_ty
+        for h in gl.static_range(2):  # rows g, g + 8
+            r = rows + 8 * h
+            bias = gl.load(b_ptr + r, mask=r < N, other=0.0).to(gl.float32) if HAS_BIAS else 0.0
+            for e in gl.static_range(2):  # columns 2 c, 2 c + 1
+                part = gl.sum((y_lo, y_lo1, y_hi, y_hi1)[2 * h + e], axis=0)
+                col = cols + e
+                gl.store(y_ptr + col * stride_y + r, (part + bias).to(dt), mask=(r < N) & (col < M))
+
+    @gluon.jit
+    def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, N,
+                         n_half, stride_wn, scale_row_stride, group_step, M, stride_x, stride_y,
+                         K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
+                         X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
+                         SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
+                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False, NT: gl.constexpr = 0,
+                         UNROLL: gl.constexpr = True):
+        """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
+        and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
+        int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
+        ``NEG_PAIR``: the 16-bit float pair ``-(MAG + 8)``, the decoded codes' offset (bf16 ``-136``: 0xC308,
+        fp16 ``-1032``: 0xE408). ``NT`` > 0: ``M`` (up to ``8 NT``) rows of ``x`` (``stride_x`` int32 pairs
+        apart) as ``NT`` tiles of MMA columns (lane ``g`` of tile ``nt`` loads row ``8 nt + g``), written to ``y
+        [M, N]`` (``stride_y``) with the bias only. ``UNROLL``: the rounds over ``K`` unrolled (else a loop)."""
+        COLS: gl.constexpr = NT if NT > 0 else 1  # MMA column tiles
+        LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([1, COLS, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        LS: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1], [1, 1, 8, 4], [WK, 1, 1, 1], [3, 2, 1, 0])
+        L5: gl.constexpr = gl.BlockedLayout([1, T, COLS, 1, 1], [1, 1, 1, 8, 4], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        R: gl.constexpr = 16 * T
+        N_CHUNKS: gl.constexpr = K_WORDS // 16
+        t = gl.program_id(0)
+        # weights: tile position 8 rr + g (rr = 2 i + h), words 16 chunk + 4 c + w
+        rows_w, _ = _tile_rows(8 * _iota(2 * T, LW, 5, 1) + _iota(8, LW, 5, 2), t, R, N, n_half, GLU)
+        kw_w = _iota(WK, LW, 5, 0)
+        w_in = 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)  # word within the chunk
+        w_base = w_ptr + (rows_w * stride_wn + w_in)
+        # activations: pairs 64 chunk + 16 c + j of row 8 nt + g (the last row again past M; one row at batch 1)
+        kw_x = _iota(WK, LX, 5, 0)
+        x_in = 16 * _iota(4, LX, 5, 3) + _iota(4, LX, 5, 4)
+        if NT > 0:
+            x_in += gl.minimum(8 * _iota(COLS, LX, 5, 1) + _iota(8, LX, 5, 2), M - 1) * stride_x
+        else:  # every lane the one row
+            x_in += 0 * _iota(8, LX, 5, 2)
+        # scales of the same rows, one per chunk (the quad's four lanes load the same one)
+        rows_s, _ = _tile_rows(8 * _iota(2 * T, LS, 4, 1) + _iota(8, LS, 4, 2), t, R, N, n_half, GLU)
+        rows_s = rows_s + 0 * _iota(4, LS, 4, 3)
+        kw_s = _iota(WK, LS, 4, 0)
+        y_lo = gl.zeros([WK, T, COLS, 8, 4], gl.float32, L5)  # rows g x columns 2 c
+        y_hi = gl.zeros_like(y_lo)  # rows g + 8 x columns 2 c
+        y_lo1 = gl.zeros_like(y_lo)  # rows g x columns 2 c + 1 (several activation rows)
+        y_hi1 = gl.zeros_like(y_lo)
+        FULL: gl.constexpr = N_CHUNKS // WK  # rounds where every warp has a chunk; then maybe one partial round
+        TAIL: gl.constexpr = N_CHUNKS % WK > 0
+        MULTI: gl.constexpr = NT > 0
+        if PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
+            w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
+                                               scale_row_stride, group_step, FULL == 0)
+            _wait_for_producer()
+        squares = _squares_in(sq_in_ptr, n_sq, SQ_BLOCK, WK, NORM_IN)
+        x_base = x_ptr + (64 * kw_x + x_in)
+        x_ok = x_in >= 0  # (full rounds: unmasked)
+        first: gl.constexpr = 1 if PDL and FULL > 0 else 0
+        if first:
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w_first, s_first, x_base, x_ok, False, L5,
+                                              X_BF16, NEG_PAIR, MULTI)
+        if UNROLL:  # K is a constant: every round's offsets are immediates, loads scheduled freely
+            for it in gl.static_range(first, FULL):
+                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
+                                       scale_row_stride, group_step, False)
+                y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
+                                                  False, L5, X_BF16, NEG_PAIR, MULTI)
+        else:  # a rolled loop: a small body (instruction cache) and fewer loads in flight (registers)
+            for it in range(first, FULL):
+                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
+                                       scale_row_stride, group_step, False)
+                y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
+                                                  False, L5, X_BF16, NEG_PAIR, MULTI)
+        if TAIL:  # the last round leaves some warps without a chunk: their weights and activations read as 0
+            if PDL and FULL == 0:
+                w, s = w_first, s_first
+            else:
+                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, FULL, WK, N_CHUNKS, GROUP_W,
+                                       scale_row_stride, group_step, True)
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * FULL,
+                                              FULL * WK + kw_x < N_CHUNKS, True, L5, X_BF16, NEG_PAIR, MULTI)
+        if NT > 0:
+            _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS)
+        else:
+            # the WK warps' partial sums; every lane of a quad holds the same column (batch 1): keep one
+            out_lo = gl.max(gl.sum(gl.sum(y_lo, axis=0), axis=1), axis=2)  # [T, 8]: rows 16 i + g
+            out_hi = gl.max(gl.sum(gl.sum(y_hi, axis=0), axis=1), axis=2)  # rows 16 i + 8 + g
+            # every thread all R rows (the epilogue's layout), then interleaved: tile position 16 i + 8 h + g
+            LF: gl.constexpr = gl.BlockedLayout([T, 8], [1, 32], [1, WK], [1, 0])
+            YL: gl.constexpr = gl.BlockedLayout([R], [32], [WK], [0])
+            both = gl.join(gl.convert_layout(out_lo, LF), gl.convert_layout(out_hi, LF))  # [T, 8, 2]
+            y = gl.convert_layout(gl.reshape(gl.permute(both, [0, 2, 1]), [R]), YL, assert_trivial=True)
+            rows_y, ok_y = _tile_rows(gl.arange(0, R, layout=YL), t, R, N, n_half, GLU)
+            _epilogue(y, rows_y, ok_y, t, squares, eps, b_ptr, y_ptr, n_half, nw_ptr, h_ptr, sq_out_ptr, y_ptr,
+                      y_ptr, K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU, False)
+
+
+def gemv_config(p: Plan, chained: bool = False) -> dict:
+    """A launch for one row (``BLOCK_N`` = rows per program = 16 ``TILES``; ``WK`` warps along the row;
+    ``UNROLL`` the rounds over the row; ``PDL``). Not a default: on an H200 (round 12, ``bench/gluon_sweep.py
+    --mma``) the best tiling (one tile, 8 warps) took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 / 4096x4096
+    against the float Gluon GEMV's 10.6 / 9.5 / 4.7 -- fewer instructions per code, but a row's rounds wait on
+    chains of MMAs (~30 cycles each) where the FMA kernel keeps more weight bytes in flight. It is kept for the
+    2..8-row GEMM (:func:`gemm_config`), which runs the same kernel, and for sweeps. ``chained``: a link of a
+    decode step: programmatic dependent launch (:func:`holdall.kernels.gluon_wq4.gemv_config`)."""
+    tiles, wk = 1, 8
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": wk,
+            "PDL": chained and pdl_enabled(), "UNROLL": _rounds(p, wk) <= MAX_UNROLLED_ROUNDS}
+
+
+def _rounds(p: Plan, wk: int) -> int:
+    """128-input chunks per warp when ``wk`` warps split a row."""
+    return -(-p.in_features // (CHUNK_WORDS * CODES_PER_WORD) // wk)
+
+
+def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
+    """The launch for ``m`` rows where this kernel is the fastest holdall has, else None (the Triton ``v3`` GEMM).
+
+    Measured on an H200 (round 12, ``bench/gemm_rows.py``; BENCHMARKS.md): up to 8 rows (one tile of MMA columns,
+    so 2..8 rows cost what one does) of rows short enough for a warp's rounds to be unrolled (4096 inputs), it was
+    1.2x faster than ``v3`` (4 rows: 11008x4096 12.6 vs 15.7 us, 4096x4096 7.1 vs 8.6); an 11008-input row was not
+    (15.3 vs 14.9), nor were 16 rows (1.1-1.4x slower) or 64 (2-3x slower: every program re-reads all the rows'
+    activations, with no shared-memory reuse). ``WK``: 8 warps per 16 weight rows unless that passes ~24 warps per
+    SM (4096 rows: 8 warps 7.1 us, 4: 9.9; 11008 rows: 4 warps 12.6, 8: 14.6)."""
+    if m > 8 or why_not(p) is not None:
+        return None
+    wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
+    if _rounds(p, wk) > MAX_UNROLLED_ROUNDS:
+        return None
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True}
+
+
+def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
+         norm_in: tuple[torch.Tensor, float] | None = None,
+         norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
+         ) -> torch.Tensor:
+    """Launch :func:`_gemv_mma_kernel` for one contiguous bf16/fp16 row ``x [K]`` (``cfg``: ``TILES`` 16-row MMA
+    tiles per warp, ``WK`` warps splitting the row, ``PDL``; ``BLOCK_N`` must be 16 ``TILES``; the other
+    arguments as :func:`holdall.kernels.triton_wq4.gemv`, which calls this for ``VARIANT "gluon_mma"``)."""
+    reason = why_not(p)
+    if reason is not None:
+        raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
+        raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
+    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    unroll = bool(cfg.get("UNROLL", True))
+    if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
+        raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4 or 8 and BLOCK_N 16 x TILES; got {cfg}")
+    from .triton_wq4 import _norm_operands
+
+    n_half, programs = programs_for(p, out, 16 * tiles, glu, norm_out)
+    sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, programs, norm_in, norm_out)
+    bf16 = x.dtype == torch.bfloat16
+    _gemv_mma_kernel[(programs,)](
+        x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
+        sq_in, sq_in.numel(), float(eps), weight, h, sq_out, p.out_features, n_half, ops.words.stride(0),
+        p.scale_row_stride, p.group_step, 1, 0, 0,
+        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
+        X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
+        SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
+        NORM_OUT=norm_out is not None, GLU=glu, NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, UNROLL=unroll, num_warps=wk,
+        launch_pdl=pdl,
+    )
+    return out
+
+
+def column_tiles(m: int) -> int:
+    """MMA column tiles for ``m`` activation rows: 8 rows each, a power of two."""
+    return 1 << max(0, (-(-m // 8) - 1).bit_length())
+
+
+def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+         cfg: dict) -> torch.Tensor:
+    """``out [M, N] = x W^T + b`` for 1..``MAX_ROWS`` rows ``x [M, K]`` (bf16/fp16, rows contiguous): the rows are
+    the MMAs' columns, 8 per tile, so up to 8 rows cost what one does and each 8 more add one MMA per step
+    (``cfg`` as :func:`gemv`; no fused epilogues)."""
+    reason = why_not(p)
+    if reason is not None:
+        raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
+    m = x.shape[0]
+    if x.dim() != 2 or not 1 <= m <= MAX_ROWS or x.shape[1] != p.in_features or x.stride(1) != 1 \
+            or x.stride(0) % 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be 1..{MAX_ROWS} bf16/fp16 rows of {p.in_features} (contiguous, even row stride); "
+                         f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    if out.shape != (m, p.out_features) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
+    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    if column_tiles(m) >= 8:  # 64 rows: two row tiles' accumulators spill (SASS)
+        tiles = 1
+    unroll = bool(cfg.get("UNROLL", column_tiles(m) == 1))  # more columns: a loop keeps fewer loads in flight
+    bf16 = x.dtype == torch.bfloat16
+    _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
+        x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
+        ops.scale, 0, 0.0, ops.scale, ops.scale, ops.scale, p.out_features, p.out_features, ops.words.stride(0),
+        p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
+        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
+        X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
+        NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, NT=column_tiles(m), UNROLL=unroll, num_warps=wk, launch_pdl=pdl,
+    )
+    return out
