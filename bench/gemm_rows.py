@@ -25,9 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpu_kernels import bench_graph, copies_for  # noqa: E402
-from holdall.core.linear import QuantLinear  # noqa: E402
-from holdall.core.scheme import QuantScheme  # noqa: E402
+from gpu_kernels import bench_graph, bf16_copies, int4_copies  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # [out, in]
@@ -54,15 +52,8 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cells = []
     for out_f, in_f in SHAPES:
-        linear = torch.nn.Linear(in_f, out_f, bias=False)
-        linear.weight.data.normal_(0, 0.02)
-        layers = [QuantLinear.from_linear(linear, QuantScheme()).cuda()]
-        p = packed.plan(layers[0])
-        nbytes = sum(t.numel() * t.element_size() for t in layers[0].buffers())
-        layers += [QuantLinear.from_linear(linear, QuantScheme()).cuda() for _ in range(copies_for(nbytes) - 1)]
-        ops = [packed.operands(layer, p) for layer in layers]
-        weight = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
-        copies = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * 2) - 1)]
+        layers, p, ops, _ = int4_copies(out_f, in_f)
+        copies = bf16_copies(out_f, in_f)
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
             want = packed.reference_linear(layers[0], x.float())

@@ -28,9 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import bench_graph, copies_for, copy_bandwidth  # noqa: E402
-from holdall.core.linear import QuantLinear  # noqa: E402
-from holdall.core.scheme import QuantScheme  # noqa: E402
+from gpu_kernels import bench_graph, bf16_copies, copy_bandwidth, int4_copies  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (22016, 4096), (12288, 4096)]  # [out, in]
@@ -61,20 +59,13 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     rows_out = []
     for out_f, in_f in SHAPES:
-        linear = torch.nn.Linear(in_f, out_f, bias=False)
-        linear.weight.data.normal_(0, 0.02)
-        layers = [QuantLinear.from_linear(linear, QuantScheme()).cuda()]
-        p = packed.plan(layers[0])
-        nbytes = sum(t.numel() * t.element_size() for t in layers[0].buffers())
-        layers += [QuantLinear.from_linear(linear, QuantScheme()).cuda() for _ in range(copies_for(nbytes) - 1)]
-        ops = [packed.operands(layer, p) for layer in layers]
+        layers, p, ops, nbytes = int4_copies(out_f, in_f)
         x = torch.randn(in_f, device="cuda", dtype=torch.bfloat16)
         xr = packed.round_activations_s8(x.float()) if args.int8 else x.float()
         want = packed.reference_linear(layers[0], xr[None])[0]
         y = torch.empty(out_f, device="cuda", dtype=torch.bfloat16)
         row = {"shape": f"{out_f}x{in_f}", "weight_MB": round(nbytes / 1e6, 2)}
-        weight = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
-        copies = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * 2) - 1)]
+        copies = bf16_copies(out_f, in_f)
         row["bf16"] = round(bench_graph([lambda w=w: F.linear(x, w) for w in copies]), 2)
         os.environ["HOLDALL_GLUON"] = "0"
         try:

@@ -67,6 +67,24 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(16, -(-3 * L2_BYTES // nbytes)))
 
 
+def int4_copies(out_f: int, in_f: int) -> tuple[list[QuantLinear], packed.Plan, list, int]:
+    """One random ``[out_f, in_f]`` layer quantized int4 g128 sym (RTN) on the GPU, as enough copies for
+    :func:`bench_graph`: ``(layers, plan, operands per copy, bytes per copy)``."""
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    linear.weight.data.normal_(0, 0.02)
+    layers = [QuantLinear.from_linear(linear, QuantScheme()).cuda()]
+    p = packed.plan(layers[0])
+    nbytes = sum(t.numel() * t.element_size() for t in layers[0].buffers())
+    layers += [QuantLinear.from_linear(linear, QuantScheme()).cuda() for _ in range(copies_for(nbytes) - 1)]
+    return layers, p, [packed.operands(layer, p) for layer in layers], nbytes
+
+
+def bf16_copies(out_f: int, in_f: int) -> list[torch.Tensor]:
+    """A random bf16 ``[out_f, in_f]`` weight on the GPU, as enough copies for :func:`bench_graph`."""
+    weight = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+    return [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * 2) - 1)]
+
+
 def bench_graph(fns, replays: int = 20, rounds: int = 5) -> float:
     """GPU microseconds per call: ``fns`` (one per weight copy) captured once into a CUDA graph, replayed;
     median over ``rounds`` of the mean per call. No launch overhead (as decoding with graphs runs), and since
