@@ -72,8 +72,7 @@ KERNELS["gemv_mma"] = ("_gemv_mma_kernel", {
     "stride_x": "i32", "stride_y": "i32"})
 #: the tensor-core GEMV (round 12) for Llama-2-7B's down_proj: 11008 inputs, 2 tiles x 4 warps
 BASE["gemv_mma"] = {"K_WORDS": 1376, "GROUP_W": 16, "T": 2, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
-                    "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False,
-                    "NEG_PAIR": 0xC308C308 - (1 << 32), "group_step": 1, "NT": 0}
+                    "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False, "group_step": 1, "NT": 0}
 NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
                       "N", "n_sq", "eps", "w_src"}
 OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")

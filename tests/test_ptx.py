@@ -134,6 +134,19 @@ def test_nibbles_are_exact_magic_plus_code(bf16):
 
 
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+def test_centered_nibbles_are_the_exact_symmetric_codes(bf16):
+    """The tensor-core GEMV's decode: stored nibble ``n`` becomes the 16-bit float ``n - 8``, in
+    ``nibbles_asm``'s pair layout."""
+    asm = ptx.centered_nibbles_asm(bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    want = [int(torch.tensor(n - 8.0, dtype=dtype).view(torch.int16)) & 0xFFFF for n in range(16)]
+    for four in _words():
+        hi, lo = _halves(_run(asm, sum(b << (8 * i) for i, b in enumerate(four))))
+        assert hi == [want[b >> 4] for b in four]
+        assert lo == [want[b & 0xF] for b in four]
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["nf4", "fp4"])
 def test_register_table_is_the_codebook(name, bf16):
     asm = ptx.table_asm(name, bf16)
@@ -280,12 +293,11 @@ def _mma_16x8x16(a_regs: list[list[int]], b_regs: list[list[int]], bf16: bool) -
 @pytest.mark.parametrize("columns", [1, 8])
 def test_tensor_core_fragment_order_is_the_dot_product(bf16, columns):
     """The tensor-core GEMV's plan for one 16-row tile and one 128-input chunk, run lane by lane on the PTX it
-    emits (``nibbles_asm`` through the interpreter, the B registers by PRMT with ``B0_SEL`` / ``B1_SEL``) and a
-    model of ``mma.m16n8k16``'s fragment layout: thread ``(g, c)`` feeds word ``4 c + i`` of rows ``g`` and ``g +
-    8`` to steps ``(i, p)`` in the order the decode leaves the codes, and its activations in the same order, so
-    the 8 steps plus 8 offset MMAs (A = ``NEG_PAIR``) give ``sum (q - 8) x`` exactly (float64 on exact 16-bit
-    inputs) for every row and column; ``columns`` 8: lane ``g`` feeds activation row ``g`` (several rows per
-    launch)."""
+    emits (``centered_nibbles_asm`` through the interpreter, the B registers by PRMT with ``B0_SEL`` /
+    ``B1_SEL``) and a model of ``mma.m16n8k16``'s fragment layout: thread ``(g, c)`` feeds word ``4 c + i`` of rows
+    ``g`` and ``g + 8`` to steps ``(i, p)`` in the order the decode leaves the codes, and its activations in the
+    same order, so the 8 steps give ``sum (n - 8) x`` exactly (float64 on exact 16-bit inputs) for every row and
+    column; ``columns`` 8: lane ``g`` feeds activation row ``g`` (several rows per launch)."""
     from holdall.kernels import gluon_mma
 
     gen = torch.Generator().manual_seed(3 + columns)
@@ -296,13 +308,12 @@ def test_tensor_core_fragment_order_is_the_dot_product(bf16, columns):
     words = [[sum(((int(codes[r, 8 * w + 2 * j]) << 4 | int(codes[r, 8 * w + 2 * j + 1])) << (8 * j))
                   for j in range(4)) for w in range(16)] for r in range(16)]
     xbits = [_half_bits(x[n], bf16) for n in range(8)]
-    asm = ptx.nibbles_asm(bf16)
-    neg = gluon_mma.NEG_PAIR[bf16] & 0xFFFFFFFF
+    asm = ptx.centered_nibbles_asm(bf16)
     total = torch.zeros(16, 8, dtype=torch.float64)
     for i in range(4):  # word i of each thread's four
         pairs = {(r, c): _run(asm, words[r][4 * c + i]) for r in range(16) for c in range(4)}
         for p in range(2):
-            a_regs, b_regs, neg_regs = [], [], []
+            a_regs, b_regs = [], []
             for lane in range(32):
                 g, c = divmod(lane, 4)
                 a_regs.append([pairs[g, c][p], pairs[g + 8, c][p], pairs[g, c][p + 2], pairs[g + 8, c][p + 2]])
@@ -310,7 +321,6 @@ def test_tensor_core_fragment_order_is_the_dot_product(bf16, columns):
                 x01 = xbits[g][base] | xbits[g][base + 1] << 16
                 x23 = xbits[g][base + 2] | xbits[g][base + 3] << 16
                 b_regs.append([_prmt(x01, x23, gluon_mma.B0_SEL), _prmt(x01, x23, gluon_mma.B1_SEL)])
-                neg_regs.append([neg] * 4)
-            total += _mma_16x8x16(a_regs, b_regs, bf16) + _mma_16x8x16(neg_regs, b_regs, bf16)
+            total += _mma_16x8x16(a_regs, b_regs, bf16)
     want = (codes.double() - 8) @ x.T  # [16 rows, 8 columns]
     assert torch.equal(total, want)

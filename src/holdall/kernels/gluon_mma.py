@@ -5,17 +5,19 @@
 Why it was built: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4
 thread-instructions per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking --
 while its W4A8 sibling (int8 activations, DP4A) needs 1.7-2.4 and runs 1.2-1.4x faster. A tensor-core MMA does the
-multiply-adds for 8 codes per thread-instruction instead of 1, so the decode is what is left: 7 instructions per 8
-codes (1.9-2.1 per code in the SASS). At one row that did not pay; at 2..8 rows it does, since the MMA's 8 columns
-take them at the cost of one.
+multiply-adds for 8 codes per thread-instruction instead of 1, so the decode is what is left: 11 instructions per 8
+codes (2.5 per code in the SASS at 1 tile x 8 warps). At one row that did not pay (the kernel is bound by the weight
+bytes each SM keeps in flight, not by instructions or MMAs); at 2..8 rows it does, since the MMA's 8 columns take
+them at the cost of one.
 
 Swap AB: ``y^T = W x^T`` with the weight rows as the MMA's M dimension (``mma.sync.m16n8k16``, bf16/fp16 in,
 float32 accumulate) and the activation row as its N (8 columns; at batch 1 every column holds the same row, so the
 quad's lanes load the same activations and no masking is needed). Each warp owns ``16 T`` weight rows; thread
 ``(g, c)`` of the warp (lane ``4 g + c``) holds rows ``g`` and ``g + 8`` of each 16-row tile and the 4 consecutive
 words ``4 c .. 4 c + 3`` of every 16-word (128-code) chunk: one 16-byte load per row and chunk, 64 contiguous
-bytes per row across the quad. One PRMT turns two codes into the bf16 pair ``(128 + q, 128 + q')``
-(:func:`holdall.kernels.ptx.nibbles_asm`), and a word's four pairs are exactly two MMA steps' A registers of its
+bytes per row across the quad. One PRMT turns two stored codes ``n`` into the bf16 pair ``(128 + n, 128 + n')``
+and one packed FMA centres it, ``(n - 8, n' - 8)`` exactly (:func:`holdall.kernels.ptx.centered_nibbles_asm`),
+and a word's four pairs are exactly two MMA steps' A registers of its
 row -- because the order of the inputs inside a chunk does not change a dot product, the chunk's 128 inputs are
 fed to the MMA in the order the registers already hold them, and the activations are fed in the same order:
 
@@ -25,8 +27,8 @@ fed to the MMA in the order the registers already hold them, and the activations
   r = p + 2``; the matching B registers are ``b0 = (x[b], x[b + 2])`` and ``b1 = (x[b + 1], x[b + 3])`` with ``b =
   32 c + 8 w + 4 p`` -- two PRMTs of the thread's own 16 activation words, shared by its ``T`` tiles.
 
-The MMA sums ``(128 + q) x`` over the chunk into a fresh accumulator; the chunk's group scale and the offset
-``-136 * sum(x)`` (symmetric codes store ``q + 8``) are applied once per chunk and row: 2 FMAs. Groups must be
+The MMA sums ``(n - 8) x`` over the chunk into a fresh float32 accumulator; the chunk's group scale is applied
+once per chunk and row (one FMA). Groups must be
 whole chunks (128, 256, ... codes, or one scale per row). ``WK`` warps split a row's chunks; their partial sums
 meet in shared memory at the end. The MMA itself is inline PTX on per-thread registers (every lane runs it in the
 same order, as ``mma.sync`` needs), so no operand layout has to be negotiated with the compiler.
@@ -51,8 +53,6 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
 MAX_ROWS = 64  # activation rows per launch: up to 8 tiles of MMA columns (with the rounds in a loop: SASS, no spills)
 MAX_UNROLLED_ROUNDS = 8  # chunks per warp unrolled (an 11008-input row unrolled on 4 warps: 4,600 instructions)
-#: -(MAG + 8) as a 16-bit float pair, signed int32 bits: bf16 -136 (0xC308), fp16 -1032 (0xE408)
-NEG_PAIR = {True: 0xC308C308 - (1 << 32), False: 0xE408E408 - (1 << 32)}
 #: PRMT selectors that make an MMA step's B registers from two activation pairs (x[b], x[b+1]), (x[b+2], x[b+3]):
 #: b0 = (x[b], x[b+2]) (both low halves), b1 = (x[b+1], x[b+3]) (both high halves)
 B0_SEL, B1_SEL = 0x5410, 0x7632
@@ -76,8 +76,8 @@ if gl is not None:
 
     _B0_SEL = gl.constexpr(B0_SEL)
     _B1_SEL = gl.constexpr(B1_SEL)
-    _NIB_BF16 = gl.constexpr(ptx.nibbles_asm(True))
-    _NIB_F16 = gl.constexpr(ptx.nibbles_asm(False))
+    _NIB_BF16 = gl.constexpr(ptx.centered_nibbles_asm(True))
+    _NIB_F16 = gl.constexpr(ptx.centered_nibbles_asm(False))
     _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, "
                              "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
     _MMA_F16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, "
@@ -85,8 +85,8 @@ if gl is not None:
 
     @gluon.jit
     def _pairs(w, X_BF16: gl.constexpr):
-        """A word's 8 codes as four 16-bit float pairs ``MAG + q`` (``$0 = (0, 2)``, ``$1 = (4, 6)``,
-        ``$2 = (1, 3)``, ``$3 = (5, 7)``), int32 bits."""
+        """A word's 8 symmetric codes as four 16-bit float pairs ``n - 8`` (``$0 = (0, 2)``, ``$1 = (4, 6)``,
+        ``$2 = (1, 3)``, ``$3 = (5, 7)``), int32 bits (:func:`holdall.kernels.ptx.centered_nibbles_asm`)."""
         if X_BF16:
             return gl.inline_asm_elementwise(_NIB_BF16, "=r,=r,=r,=r,r", [w], (gl.int32,) * 4, True, 1)
         else:
@@ -139,16 +139,16 @@ if gl is not None:
         return t0, t1, t2, t3
 
     @gluon.jit
-    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr):
+    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr):
         """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 i + h`` = rows ``16 i + 8 h +
         g``, g, c, word) and the thread's activation pairs at ``xp [WK, NT, 8, 4, 4]`` (int32 pointers; column
         tile ``nt`` of lane ``g``: activation row ``8 nt + g``; pair ``4 i + j`` = inputs ``32 c + 8 i + 2 j``,
         ``+ 1``, loaded one word ``i`` at a time so that only 4 per column tile are live; ``MASKED``: where
         ``x_ok``) -> the MMAs'
         ``c0..c3`` float32 ``[WK, T, NT, 8, 4]``: rows ``g`` x columns ``2 c``, ``2 c + 1``, rows ``g + 8`` x the
-        same (at batch 1 every column is the same), the codes' offset already taken off: eight more MMAs per
-        chunk and column tile multiply the same activations by the constant pair ``NEG_PAIR`` (``-(MAG + 8)``
-        twice), which costs less than summing them (one MMA per 64 codes against ~60 instructions). The A
+        same (at batch 1 every column is the same). The codes enter already centred (``n - 8``, one packed FMA
+        per pair in the decode): round 12's first version took the offset off with 8 more MMAs per chunk
+        (``-(MAG + 8)`` times the activations), which doubled the tensor-pipe time that bounds the kernel. The A
         registers of a step serve every column tile and the B registers every row tile (the MMA is elementwise
         over ``[T, 1]`` x ``[1, NT]``)."""
         KW: gl.constexpr = w.shape[0]
@@ -164,11 +164,6 @@ if gl is not None:
         acc1 = gl.zeros_like(acc0)
         acc2 = gl.zeros_like(acc0)
         acc3 = gl.zeros_like(acc0)
-        off0 = gl.zeros([KW, NT, 8, 4], gl.float32, LB)  # -(MAG + 8) * sum(x) of the chunk, from the MMA too
-        off1 = gl.zeros_like(off0)
-        off2 = gl.zeros_like(off0)
-        off3 = gl.zeros_like(off0)
-        neg = gl.full([KW, NT, 8, 4], NEG_PAIR, gl.int32, LB)
         for i in gl.static_range(4):
             a_lo = _pairs(gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2), X_BF16)
             a_hi = _pairs(gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2), X_BF16)
@@ -182,12 +177,9 @@ if gl is not None:
                 x23 = gl.convert_layout(xj[2 * p + 1], LB, assert_trivial=True)
                 b0 = _prmt(x01, x23, _B0_SEL)
                 b1 = _prmt(x01, x23, _B1_SEL)
-                off0, off1, off2, off3 = _mma(off0, off1, off2, off3, neg, neg, neg, neg, b0, b1, X_BF16)
                 acc0, acc1, acc2, acc3 = _mma(acc0, acc1, acc2, acc3, a_lo[p], a_hi[p], a_lo[p + 2], a_hi[p + 2],
                                               gl.expand_dims(b0, 1), gl.expand_dims(b1, 1), X_BF16)
-        even = gl.expand_dims(off0, 1)  # columns 2 c
-        odd = gl.expand_dims(off1, 1)  # columns 2 c + 1
-        return acc0 + even, acc1 + odd, acc2 + even, acc3 + odd
+        return acc0, acc1, acc2, acc3
 
     @gluon.jit
     def _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
@@ -207,11 +199,11 @@ if gl is not None:
 
     @gluon.jit
     def _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr,
-               X_BF16: gl.constexpr, NEG_PAIR: gl.constexpr, MULTI: gl.constexpr):
+               X_BF16: gl.constexpr, MULTI: gl.constexpr):
         """One round of chunks (one per warp) into the accumulators: the MMA sums times each row's scale."""
         KW: gl.constexpr = w.shape[0]
         T: gl.constexpr = w.shape[1] // 2
-        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, MASKED, L5, X_BF16, NEG_PAIR)
+        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, MASKED, L5, X_BF16)
         s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [KW, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
         s_lo = gl.expand_dims(gl.convert_layout(s_lo, gl.SliceLayout(2, L5), assert_trivial=True), 2)
         s_hi = gl.expand_dims(gl.convert_layout(s_hi, gl.SliceLayout(2, L5), assert_trivial=True), 2)
@@ -248,13 +240,12 @@ if gl is not None:
                          K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
-                         NEG_PAIR: gl.constexpr, PDL: gl.constexpr = False, NT: gl.constexpr = 0,
+                         PDL: gl.constexpr = False, NT: gl.constexpr = 0,
                          UNROLL: gl.constexpr = True):
         """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
         and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
         int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
-        ``NEG_PAIR``: the 16-bit float pair ``-(MAG + 8)``, the decoded codes' offset (bf16 ``-136``: 0xC308,
-        fp16 ``-1032``: 0xE408). ``NT`` > 0: ``M`` (up to ``8 NT``) rows of ``x`` (``stride_x`` int32 pairs
+        ``NT`` > 0: ``M`` (up to ``8 NT``) rows of ``x`` (``stride_x`` int32 pairs
         apart) as ``NT`` tiles of MMA columns (lane ``g`` of tile ``nt`` loads row ``8 nt + g``), written to ``y
         [M, N]`` (``stride_y``) with the bias only. ``UNROLL``: the rounds over ``K`` unrolled (else a loop)."""
         COLS: gl.constexpr = NT if NT > 0 else 1  # MMA column tiles
@@ -298,19 +289,19 @@ if gl is not None:
         first: gl.constexpr = 1 if PDL and FULL > 0 else 0
         if first:
             y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w_first, s_first, x_base, x_ok, False, L5,
-                                              X_BF16, NEG_PAIR, MULTI)
+                                              X_BF16, MULTI)
         if UNROLL:  # K is a constant: every round's offsets are immediates, loads scheduled freely
             for it in gl.static_range(first, FULL):
                 w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, False)
                 y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
-                                                  False, L5, X_BF16, NEG_PAIR, MULTI)
+                                                  False, L5, X_BF16, MULTI)
         else:  # a rolled loop: a small body (instruction cache) and fewer loads in flight (registers)
             for it in range(first, FULL):
                 w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, False)
                 y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
-                                                  False, L5, X_BF16, NEG_PAIR, MULTI)
+                                                  False, L5, X_BF16, MULTI)
         if TAIL:  # the last round leaves some warps without a chunk: their weights and activations read as 0
             if PDL and FULL == 0:
                 w, s = w_first, s_first
@@ -318,7 +309,7 @@ if gl is not None:
                 w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, FULL, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, True)
             y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * FULL,
-                                              FULL * WK + kw_x < N_CHUNKS, True, L5, X_BF16, NEG_PAIR, MULTI)
+                                              FULL * WK + kw_x < N_CHUNKS, True, L5, X_BF16, MULTI)
         if NT > 0:
             _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS)
         else:
@@ -339,8 +330,8 @@ def gemv_config(p: Plan, chained: bool = False) -> dict:
     """A launch for one row (``BLOCK_N`` = rows per program = 16 ``TILES``; ``WK`` warps along the row;
     ``UNROLL`` the rounds over the row; ``PDL``). Not a default: on an H200 (round 12, ``bench/gluon_sweep.py
     --mma``) the best tiling (one tile, 8 warps) took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 / 4096x4096
-    against the float Gluon GEMV's 10.6 / 9.5 / 4.7 -- fewer instructions per code, but a row's rounds wait on
-    chains of MMAs (~30 cycles each) where the FMA kernel keeps more weight bytes in flight. It is kept for the
+    against the float Gluon GEMV's 10.6 / 9.5 / 4.7 -- fewer instructions per code, but fewer weight bytes in
+    flight per SM (halving its MMAs, by centring the codes in the decode, moved it by -5% to +3%). It is kept for the
     2..8-row GEMM (:func:`gemm_config`), which runs the same kernel, and for sweeps. ``chained``: a link of a
     decode step: programmatic dependent launch (:func:`holdall.kernels.gluon_wq4.gemv_config`)."""
     tiles, wk = 1, 8
@@ -358,10 +349,11 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
 
     Measured on an H200 (round 12, ``bench/gemm_rows.py``; BENCHMARKS.md): up to 8 rows (one tile of MMA columns,
     so 2..8 rows cost what one does) of rows short enough for a warp's rounds to be unrolled (4096 inputs), it was
-    1.2x faster than ``v3`` (4 rows: 11008x4096 12.6 vs 15.7 us, 4096x4096 7.1 vs 8.6); an 11008-input row was not
-    (15.3 vs 14.9), nor were 16 rows (1.1-1.4x slower) or 64 (2-3x slower: every program re-reads all the rows'
-    activations, with no shared-memory reuse). ``WK``: 8 warps per 16 weight rows unless that passes ~24 warps per
-    SM (4096 rows: 8 warps 7.1 us, 4: 9.9; 11008 rows: 4 warps 12.6, 8: 14.6)."""
+    1.2-1.3x faster than ``v3`` (4 rows: 11008x4096 12.4 vs 15.7 us, 4096x4096 6.7 vs 8.6); on 11008-input rows
+    the first version tied with v3 at 2..8 rows (the centred decode: 13.8 vs 15.2 us at 4 rows, 2 and 8 rows not
+    yet timed, so they keep v3); 16 rows were 1.1-1.4x slower and 64 rows 2-3x (every program re-reads all the
+    rows' activations, with no shared-memory reuse). ``WK``: 8 warps per 16 weight rows unless that passes ~24
+    warps per SM (4096 rows: 8 warps 6.7 us, 4: 9.5; 11008 rows: 4 warps 12.3, 8: 15.0)."""
     if m > 8 or why_not(p) is not None:
         return None
     wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
@@ -398,7 +390,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
-        NORM_OUT=norm_out is not None, GLU=glu, NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, UNROLL=unroll, num_warps=wk,
+        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, num_warps=wk,
         launch_pdl=pdl,
     )
     return out
@@ -435,6 +427,6 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
-        NEG_PAIR=NEG_PAIR[bf16], PDL=pdl, NT=column_tiles(m), UNROLL=unroll, num_warps=wk, launch_pdl=pdl,
+        PDL=pdl, NT=column_tiles(m), UNROLL=unroll, num_warps=wk, launch_pdl=pdl,
     )
     return out

@@ -34,6 +34,24 @@ def nibbles_asm(bf16: bool) -> str:
             "shr.u32 t, $4, 4; and.b32 t, t, 0x0F0F0F0F; prmt.b32 $0, t, m, 0x4140; prmt.b32 $1, t, m, 0x4342;}")
 
 
+#: 16-bit float bits of 1.0 and of ``-(MAG + 8)`` (bf16 ``-136``, fp16 ``-1032``): ``(MAG + n) - (MAG + 8)`` is the
+#: symmetric code ``q = n - 8`` of a stored nibble ``n``, exactly.
+ONE_BITS = {True: 0x3F80, False: 0x3C00}
+NEG_MAG8_BITS = {True: 0xC308, False: 0xE408}
+
+
+def centered_nibbles_asm(bf16: bool) -> str:
+    """Symmetric int codes as the exact 16-bit floats ``q = n - 8`` (``n`` the stored nibble), laid out as
+    :func:`nibbles_asm`'s pairs: its 7 instructions per 8 codes, then one packed ``fma`` per pair (``x 1 -
+    (MAG + 8)``, exact: small integers) -- 11 per 8 codes, ready to be an MMA's operand with no offset left to
+    take off."""
+    kind = "bf16x2" if bf16 else "f16x2"
+    one, neg = (bits * 0x00010001 for bits in (ONE_BITS[bf16], NEG_MAG8_BITS[bf16]))
+    body = nibbles_asm(bf16)[1:-1]  # without its braces: one scope for all the registers
+    centre = "".join(f"fma.rn.{kind} ${k}, ${k}, o, n;" for k in range(4))
+    return ("{.reg .b32 o, n;" + body + f"mov.b32 o, 0x{one:08X}; mov.b32 n, 0x{neg:08X};" + centre + "}")
+
+
 def nibbles_f32_asm() -> str:
     """The 8 int codes of a word as the exact float32 ``128 + q``, one PRMT per code: ``$c`` = input ``8w + c``
     (code ``2j`` is byte ``j``'s high nibble, ``2j + 1`` its low nibble). One AND, or a shift and an AND,
