@@ -1055,6 +1055,25 @@ def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
     again = torch.full_like(out, float("nan"))  # launched with programmatic dependent launch: the same numbers
     gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), again, {**cfg, "PDL": True})
     assert torch.equal(again, out)
+    for ahead in (1, 2, 3):  # loads issued 1-3 rounds ahead (the partial round too; PDL: before the wait)
+        for pdl in (False, True):
+            again.fill_(float("nan"))
+            gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), again,
+                           {**cfg, "PDL": pdl, "AHEAD": ahead, "UNROLL": True})
+            assert torch.equal(again, out), (ahead, pdl)
+
+
+def test_tensor_core_launch_options_are_checked():
+    """Loads run ahead only in the unrolled rounds, 0-3 of them; tilings as the kernel's layouts allow."""
+    from holdall.kernels import gluon_mma
+
+    assert gluon_mma._launch_options({"TILES": 1, "WK": 8, "AHEAD": 3}, unroll=True) == (1, 8, False, True, 3)
+    with pytest.raises(ValueError, match="needs UNROLL"):
+        gluon_mma._launch_options({"TILES": 1, "WK": 8, "AHEAD": 2, "UNROLL": False}, unroll=True)
+    with pytest.raises(ValueError, match="0-3"):
+        gluon_mma._launch_options({"TILES": 1, "WK": 8, "AHEAD": 4}, unroll=True)
+    with pytest.raises(ValueError, match="BLOCK_N 16 x TILES"):
+        gluon_mma._launch_options({"TILES": 3, "WK": 8}, unroll=True)
 
 
 @cuda_only
@@ -1078,6 +1097,11 @@ def test_tensor_core_gemv_takes_up_to_64_rows(shape, rows, tiles, warps, dtype):
     want = packed.reference_linear(layer, x)
     for r in range(rows):
         assert _rel(out[r], want[r]) < TOL[dtype]
+    if rows <= 8:  # one column tile, rounds unrolled: with the loads 3 rounds ahead, the same numbers
+        again = torch.full_like(out, float("nan"))
+        triton_wq4.gemm(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), again,
+                        {**cfg, "AHEAD": 3, "UNROLL": True})
+        assert torch.equal(again, out)
 
 
 @cuda_only

@@ -215,6 +215,62 @@ if gl is not None:
         return y_lo, y_lo1, y_hi, y_hi1
 
     @gluon.jit
+    def _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it: gl.constexpr, WK: gl.constexpr,
+                    N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride, group_step, FULL: gl.constexpr):
+        """Round ``it``'s words and scales (the round after the full ones masked), as one tuple."""
+        w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+                               group_step, it >= FULL)
+        return (w, s)
+
+    @gluon.jit
+    def _load_first_rounds(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
+                           GROUP_W: gl.constexpr, scale_row_stride, group_step, FULL: gl.constexpr,
+                           TAIL: gl.constexpr, RING: gl.constexpr):
+        """The first ``RING`` (1-3) rounds' words and scales, oldest first (rounds past the row: never read)."""
+        ROUNDS: gl.constexpr = FULL + (1 if TAIL else 0)
+        r0 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+                         group_step, FULL)
+        r1 = r0
+        r2 = r0
+        if RING > 1 and ROUNDS > 1:
+            r1 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 1, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+                             group_step, FULL)
+        if RING > 2 and ROUNDS > 2:
+            r2 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 2, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+                             group_step, FULL)
+        return (r0, r1, r2)
+
+    @gluon.jit
+    def _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, s_ptr, rows_s, kw_w, kw_s, w_in, x_base, x_in, kw_x,
+                      WK: gl.constexpr, N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride,
+                      group_step, FULL: gl.constexpr, TAIL: gl.constexpr, RING: gl.constexpr, L5: gl.constexpr,
+                      X_BF16: gl.constexpr, MULTI: gl.constexpr):
+        """Every round (the partial last one too), each one's loads issued ``len(ring)`` rounds before its MMAs:
+        ``ring`` holds the next ``RING`` rounds' ``(words, scales)`` (three slots, oldest first); each round
+        consumed frees a slot for the round ``RING`` further on. Why: at one 16-row tile per warp a round is 1 KB of a
+        warp's weights, and loading it just before its MMAs keeps too few bytes in flight per SM (round 12:
+        the FMA GEMV, 4 KB per warp per tile, was faster despite more instructions)."""
+        ROUNDS: gl.constexpr = FULL + (1 if TAIL else 0)
+        r0, r1, r2 = ring
+        for it in gl.static_range(ROUNDS):
+            w, s = r0
+            r0 = r1
+            r1 = r2
+            if it + RING < ROUNDS:  # refill the slot just freed: RING rounds ahead
+                nxt = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it + RING, WK, N_CHUNKS, GROUP_W,
+                                  scale_row_stride, group_step, FULL)
+                if RING == 1:
+                    r0 = nxt
+                elif RING == 2:
+                    r1 = nxt
+                else:
+                    r2 = nxt
+            x_ok = (it * WK + kw_x < N_CHUNKS) & (x_in >= 0)
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
+                                              it >= FULL, L5, X_BF16, MULTI)
+        return y_lo, y_lo1, y_hi, y_hi1
+
+    @gluon.jit
     def _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS: gl.constexpr):
         """Several activation rows' outputs: the warps' partial sums of rows ``g`` / ``g + 8`` x columns
         ``8 nt + 2 c`` / ``+ 1`` (``[WK, T, NT, 8, 4]`` each) plus the bias, stored to ``y [M, N]``."""
@@ -241,13 +297,15 @@ if gl is not None:
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
                          PDL: gl.constexpr = False, NT: gl.constexpr = 0,
-                         UNROLL: gl.constexpr = True):
+                         UNROLL: gl.constexpr = True, AHEAD: gl.constexpr = 0):
         """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
         and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
         int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
         ``NT`` > 0: ``M`` (up to ``8 NT``) rows of ``x`` (``stride_x`` int32 pairs
         apart) as ``NT`` tiles of MMA columns (lane ``g`` of tile ``nt`` loads row ``8 nt + g``), written to ``y
-        [M, N]`` (``stride_y``) with the bias only. ``UNROLL``: the rounds over ``K`` unrolled (else a loop)."""
+        [M, N]`` (``stride_y``) with the bias only. ``UNROLL``: the rounds over ``K`` unrolled (else a loop);
+        ``AHEAD`` (1-3, with ``UNROLL``): each round's words and scales loaded that many rounds before its MMAs
+        (:func:`_rounds_ahead`; with ``PDL`` the first ``AHEAD`` before the wait)."""
         COLS: gl.constexpr = NT if NT > 0 else 1  # MMA column tiles
         LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LX: gl.constexpr = gl.BlockedLayout([1, COLS, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
@@ -279,18 +337,29 @@ if gl is not None:
         FULL: gl.constexpr = N_CHUNKS // WK  # rounds where every warp has a chunk; then maybe one partial round
         TAIL: gl.constexpr = N_CHUNKS % WK > 0
         MULTI: gl.constexpr = NT > 0
-        if PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
+        RING: gl.constexpr = AHEAD if UNROLL else 0
+        if RING > 0:  # rounds 0 .. RING - 1 in flight first (before the producer's wait: weights never change)
+            ring = _load_first_rounds(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, WK, N_CHUNKS, GROUP_W,
+                                      scale_row_stride, group_step, FULL, TAIL, RING)
+            if PDL:
+                _wait_for_producer()
+        elif PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
             w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
                                                scale_row_stride, group_step, FULL == 0)
             _wait_for_producer()
         squares = _squares_in(sq_in_ptr, n_sq, SQ_BLOCK, WK, NORM_IN)
         x_base = x_ptr + (64 * kw_x + x_in)
         x_ok = x_in >= 0  # (full rounds: unmasked)
-        first: gl.constexpr = 1 if PDL and FULL > 0 else 0
+        first: gl.constexpr = 1 if PDL and FULL > 0 and RING == 0 else 0
         if first:
             y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w_first, s_first, x_base, x_ok, False, L5,
                                               X_BF16, MULTI)
-        if UNROLL:  # K is a constant: every round's offsets are immediates, loads scheduled freely
+        if RING > 0:
+            y_lo, y_lo1, y_hi, y_hi1 = _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, s_ptr, rows_s, kw_w,
+                                                     kw_s, w_in, x_base, x_in, kw_x, WK, N_CHUNKS, GROUP_W,
+                                                     scale_row_stride, group_step, FULL, TAIL, RING, L5, X_BF16,
+                                                     MULTI)
+        elif UNROLL:  # K is a constant: every round's offsets are immediates, loads scheduled freely
             for it in gl.static_range(first, FULL):
                 w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, False)
@@ -302,7 +371,8 @@ if gl is not None:
                                        scale_row_stride, group_step, False)
                 y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
                                                   False, L5, X_BF16, MULTI)
-        if TAIL:  # the last round leaves some warps without a chunk: their weights and activations read as 0
+        if TAIL and RING == 0:  # the last round leaves some warps without a chunk: their weights and activations
+            # read as 0
             if PDL and FULL == 0:
                 w, s = w_first, s_first
             else:
@@ -362,6 +432,17 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True}
 
 
+def _launch_options(cfg: dict, unroll: bool) -> tuple[int, int, bool, bool, int]:
+    """``(TILES, WK, PDL, UNROLL, AHEAD)`` of a launch config, checked (``unroll``: the default)."""
+    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    unroll, ahead = bool(cfg.get("UNROLL", unroll)), int(cfg.get("AHEAD", 0))
+    if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
+        raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4 or 8 and BLOCK_N 16 x TILES; got {cfg}")
+    if ahead not in (0, 1, 2, 3) or (ahead and not unroll):
+        raise ValueError(f"AHEAD (rounds loaded ahead) must be 0-3, and needs UNROLL; got {cfg}")
+    return tiles, wk, pdl, unroll, ahead
+
+
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
          norm_in: tuple[torch.Tensor, float] | None = None,
          norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, glu: bool = False,
@@ -374,10 +455,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
     if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
-    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
-    unroll = bool(cfg.get("UNROLL", True))
-    if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
-        raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4 or 8 and BLOCK_N 16 x TILES; got {cfg}")
+    tiles, wk, pdl, unroll, ahead = _launch_options(cfg, unroll=True)
     from .triton_wq4 import _norm_operands
 
     n_half, programs = programs_for(p, out, 16 * tiles, glu, norm_out)
@@ -390,7 +468,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
-        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, num_warps=wk,
+        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, AHEAD=ahead, num_warps=wk,
         launch_pdl=pdl,
     )
     return out
@@ -416,10 +494,10 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
                          f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
     if out.shape != (m, p.out_features) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
-    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    # more columns: a loop keeps fewer loads in flight
+    tiles, wk, pdl, unroll, ahead = _launch_options(cfg, unroll=column_tiles(m) == 1)
     if column_tiles(m) >= 8:  # 64 rows: two row tiles' accumulators spill (SASS)
         tiles = 1
-    unroll = bool(cfg.get("UNROLL", column_tiles(m) == 1))  # more columns: a loop keeps fewer loads in flight
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
@@ -427,6 +505,6 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
-        PDL=pdl, NT=column_tiles(m), UNROLL=unroll, num_warps=wk, launch_pdl=pdl,
+        PDL=pdl, NT=column_tiles(m), UNROLL=unroll, AHEAD=ahead, num_warps=wk, launch_pdl=pdl,
     )
     return out
