@@ -1,6 +1,8 @@
 """The 4-bit GEMV on tensor cores, in Gluon (issue 6, round 12 of the kernels): the default for 2..8 rows of
 4096-input layers (:func:`gemm_config`; 1.2x faster than the Triton ``v3`` GEMM there on an H200), not for one row
-(the float Gluon GEMV stays ~20% faster: :func:`gemv_config`) nor for more rows.
+(on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 /
+4096x4096 against the float Gluon GEMV's 10.6 / 9.5 / 4.7) nor for more rows; :func:`gemv` still takes one row
+with every epilogue, for sweeps (``bench/gluon_sweep.py --mma``).
 
 Why it was built: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4
 thread-instructions per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking --
@@ -41,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from . import ptx
-from .gluon_wq4 import pdl_enabled, programs_for
+from .gluon_wq4 import programs_for
 from .packed import CODES_PER_WORD, Operands, Plan
 
 try:
@@ -148,7 +150,7 @@ if gl is not None:
         ``c0..c3`` float32 ``[WK, T, NT, 8, 4]``: rows ``g`` x columns ``2 c``, ``2 c + 1``, rows ``g + 8`` x the
         same (at batch 1 every column is the same). The codes enter already centred (``n - 8``, one packed FMA
         per pair in the decode): round 12's first version took the offset off with 8 more MMAs per chunk
-        (``-(MAG + 8)`` times the activations), which doubled the tensor-pipe time that bounds the kernel. The A
+        (``-(MAG + 8)`` times the activations), as many as the dot itself. The A
         registers of a step serve every column tile and the B registers every row tile (the MMA is elementwise
         over ``[T, 1]`` x ``[1, NT]``)."""
         KW: gl.constexpr = w.shape[0]
@@ -394,19 +396,6 @@ if gl is not None:
             rows_y, ok_y = _tile_rows(gl.arange(0, R, layout=YL), t, R, N, n_half, GLU)
             _epilogue(y, rows_y, ok_y, t, squares, eps, b_ptr, y_ptr, n_half, nw_ptr, h_ptr, sq_out_ptr, y_ptr,
                       y_ptr, K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU, False)
-
-
-def gemv_config(p: Plan, chained: bool = False) -> dict:
-    """A launch for one row (``BLOCK_N`` = rows per program = 16 ``TILES``; ``WK`` warps along the row;
-    ``UNROLL`` the rounds over the row; ``PDL``). Not a default: on an H200 (round 12, ``bench/gluon_sweep.py
-    --mma``) the best tiling (one tile, 8 warps) took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 / 4096x4096
-    against the float Gluon GEMV's 10.6 / 9.5 / 4.7 -- fewer instructions per code, but fewer weight bytes in
-    flight per SM (halving its MMAs, by centring the codes in the decode, moved it by -5% to +3%). It is kept for the
-    2..8-row GEMM (:func:`gemm_config`), which runs the same kernel, and for sweeps. ``chained``: a link of a
-    decode step: programmatic dependent launch (:func:`holdall.kernels.gluon_wq4.gemv_config`)."""
-    tiles, wk = 1, 8
-    return {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": wk,
-            "PDL": chained and pdl_enabled(), "UNROLL": _rounds(p, wk) <= MAX_UNROLLED_ROUNDS}
 
 
 def _rounds(p: Plan, wk: int) -> int:
