@@ -425,8 +425,9 @@ def _launch_options(cfg: dict, unroll: bool) -> tuple[int, int, bool, bool, int]
     """``(TILES, WK, PDL, UNROLL, AHEAD)`` of a launch config, checked (``unroll``: the default)."""
     tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
     unroll, ahead = bool(cfg.get("UNROLL", unroll)), int(cfg.get("AHEAD", 0))
-    if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
-        raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4 or 8 and BLOCK_N 16 x TILES; got {cfg}")
+    # WK 16 (512 threads): twice the warps per 16 rows, so twice the weight bytes in flight per tile of rows
+    if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8, 16) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
+        raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4, 8 or 16 and BLOCK_N 16 x TILES; got {cfg}")
     if ahead not in (0, 1, 2, 3) or (ahead and not unroll):
         raise ValueError(f"AHEAD (rounds loaded ahead) must be 0-3, and needs UNROLL; got {cfg}")
     return tiles, wk, pdl, unroll, ahead
@@ -487,6 +488,8 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     tiles, wk, pdl, unroll, ahead = _launch_options(cfg, unroll=column_tiles(m) == 1)
     if column_tiles(m) >= 8:  # 64 rows: two row tiles' accumulators spill (SASS)
         tiles = 1
+    if wk == 16 and column_tiles(m) > 4:  # SASS: 174 registers x 512 threads, more than an SM's 65,536
+        raise ValueError(f"WK 16 takes up to 32 rows (got {m}): use WK 8 or fewer")
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
