@@ -1076,6 +1076,8 @@ def test_tensor_core_launch_options_are_checked():
         gluon_mma._launch_options({"TILES": 3, "WK": 8}, unroll=True)
     with pytest.raises(ValueError, match="WK 1, 2, 4, 8 or 16"):
         gluon_mma._launch_options({"TILES": 1, "WK": 32}, unroll=True)
+    with pytest.raises(ValueError, match="WK 16 takes one 16-row tile"):
+        gluon_mma._launch_options({"TILES": 2, "WK": 16, "BLOCK_N": 32}, unroll=True)
 
 
 @cuda_only

@@ -428,6 +428,8 @@ def _launch_options(cfg: dict, unroll: bool) -> tuple[int, int, bool, bool, int]
     # WK 16 (512 threads): twice the warps per 16 rows, so twice the weight bytes in flight per tile of rows
     if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8, 16) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
         raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4, 8 or 16 and BLOCK_N 16 x TILES; got {cfg}")
+    if wk == 16 and tiles > 1:  # SASS: two tiles take ~166 registers, x 512 threads more than an SM has
+        raise ValueError(f"WK 16 takes one 16-row tile per warp (TILES 1); got {cfg}")
     if ahead not in (0, 1, 2, 3) or (ahead and not unroll):
         raise ValueError(f"AHEAD (rounds loaded ahead) must be 0-3, and needs UNROLL; got {cfg}")
     return tiles, wk, pdl, unroll, ahead
