@@ -710,11 +710,10 @@ def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
     """Round 12: 2..8 rows of a symmetric int4 layer of short rows go to the Gluon tensor-core GEMV on a Hopper
     (the Triton v3 GEMM with HOLDALL_GLUON=0, for 16 rows, and for asymmetric codes), same results either way."""
     from holdall import kernels
-    from holdall.kernels import gluon_mma, gluon_wq4
+    from holdall.kernels import gluon_mma
 
     assert kernels.enable()
-    if not gluon_wq4.available(torch.cuda.current_device()):
-        pytest.skip("Gluon needs a Hopper GPU and Triton >= 3.6")
+    _gluon_ready()
     calls = []
     real = gluon_mma.gemm
     monkeypatch.setattr(gluon_mma, "gemm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
