@@ -66,8 +66,12 @@ def main() -> None:
                         and not (cfg.get("AHEAD") and gluon_mma.column_tiles(m) > 1):  # spills; loops only
                     configs[name] = cfg
             for name, cfg in configs.items():
-                error = checked(lambda: triton_wq4.gemm(ops[0], p, x, None, y, cfg), y, want)
-                us = bench_graph([lambda o=o, c=cfg: triton_wq4.gemm(o, p, x, None, y, c) for o in ops])
+                try:
+                    error = checked(lambda: triton_wq4.gemm(ops[0], p, x, None, y, cfg), y, want)
+                    us = bench_graph([lambda o=o, c=cfg: triton_wq4.gemm(o, p, x, None, y, c) for o in ops])
+                except Exception as exc:  # one config failing to compile or launch must not end the sweep
+                    cell[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    continue
                 cell[name] = {"us": round(us, 2), "vs_bf16": round(cell["bf16"] / us, 2), "max_rel_error": error}
             cell["default_picks"] = (gluon_mma.gemm_config(p, m, sms) or configs["v3"])["VARIANT"]
             print(json.dumps(cell), flush=True)

@@ -34,7 +34,7 @@ for part in "${parts[@]}"; do
              python3 bench/gluon_sweep.py --out "$OUT/gluon_sweep.json" 2>&1 | tee "$OUT/gluon_sweep.log"
              python3 bench/gluon_sweep.py --int8 --out "$OUT/gluon_sweep_int8.json" 2>&1 | tee "$OUT/gluon_sweep_int8.log" ;;
     mma) python3 -m pytest -q -n 12 -p xdist tests/test_kernels.py -k "tensor_core or a_few_rows" 2>&1 \
-           | tee "$OUT/mma_tests.log"
+           | tee "$OUT/mma_tests.log" || echo "mma tests FAILED (see mma_tests.log); the sweeps still run"
          python3 bench/gluon_sweep.py --tilings 8x2,8x4 --modes pdl-t0,pdl-t2 --mma 1x4,1x8,1x16,1x8a2,1x8a3,1x16a2 \
            --out "$OUT/gluon_sweep_mma.json" 2>&1 | tee "$OUT/gluon_sweep_mma.log"
          python3 bench/gemm_rows.py --rows 2,4,8,16,32,64 --mma 1x8,1x16,1x8a3,xs8s1,xs8s2,xs8s4,xs8s2f,xs8s4f,xs4s4f \
