@@ -89,14 +89,12 @@ def mma_tilings(spec: str) -> dict[str, dict]:
     """The tensor-core GEMV's launch configs named in ``spec``: ``TxW`` (16-row tiles per warp x warps along the
     row) gives two, its rounds unrolled (``mmaTxWu``) and in a loop (``mmaTxWl``); ``TxWaN`` one, unrolled with
     each round's loads issued ``N`` rounds ahead (``mmaTxWaN``, ``AHEAD``); ``xsWsS`` the 2..64-row variant
-    with the activations in shared memory, ``W`` warps of 16 rows per program and ``S`` splits of the row
-    (``xsWsSf``: the scale folded into the decoded weights)."""
+    with the activations in shared memory, ``W`` warps of 16 rows per program and ``S`` splits of the row."""
     configs = {}
     for tiling in filter(None, spec.split(",")):
-        if tiling.startswith("xs"):  # xsWsS, xsWsSf (the scale folded into the weights)
-            warps, _, split = tiling[2:].rstrip("f").partition("s")
-            configs[f"mma{tiling}"] = {"VARIANT": "gluon_mma", "XS": True, "W": int(warps), "SPLIT": int(split or 1),
-                                       "FOLD": tiling.endswith("f")}
+        if tiling.startswith("xs"):
+            warps, _, split = tiling[2:].partition("s")
+            configs[f"mma{tiling}"] = {"VARIANT": "gluon_mma", "XS": True, "W": int(warps), "SPLIT": int(split or 1)}
             continue
         shape, _, ahead = tiling.partition("a")
         tiles, warps = (int(v) for v in shape.split("x"))

@@ -37,7 +37,7 @@ for part in "${parts[@]}"; do
            | tee "$OUT/mma_tests.log" || echo "mma tests FAILED (see mma_tests.log); the sweeps still run"
          python3 bench/gluon_sweep.py --tilings 8x2,8x4 --modes pdl-t0,pdl-t2 --mma 1x4,1x8,1x16,1x8a2,1x8a3,1x16a2 \
            --out "$OUT/gluon_sweep_mma.json" 2>&1 | tee "$OUT/gluon_sweep_mma.log"
-         python3 bench/gemm_rows.py --rows 2,4,8,16,32,64 --mma 1x8,1x16,1x8a3,xs8s1,xs8s2,xs8s4,xs8s2f,xs8s4f,xs4s4f \
+         python3 bench/gemm_rows.py --rows 2,4,8,16,32,64 --mma 1x4,1x8,1x16,1x8a3,1x16a2,xs8s1,xs8s2,xs8s4,xs4s4 \
            --out "$OUT/gemm_rows.json" 2>&1 | tee "$OUT/gemm_rows.log" ;;
     decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
     qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \

@@ -141,8 +141,7 @@ if gl is not None:
         return t0, t1, t2, t3
 
     @gluon.jit
-    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr, XL: gl.constexpr = None,
-               acc=None, s_lo=None, s_hi=None):
+    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr, XL: gl.constexpr = None):
         """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 i + h`` = rows ``16 i + 8 h +
         g``, g, c, word) and the thread's activation pairs at ``xp [WK, NT, 8, 4, 4]`` (int32 pointers; column
         tile ``nt`` of lane ``g``: activation row ``8 nt + g``; pair ``4 i + j`` = inputs ``32 c + 8 i + 2 j``,
@@ -153,8 +152,7 @@ if gl is not None:
         per pair in the decode): round 12's first version took the offset off with 8 more MMAs per chunk
         (``-(MAG + 8)`` times the activations), as many as the dot itself. The A
         registers of a step serve every column tile and the B registers every row tile (the MMA is elementwise
-        over ``[T, 1]`` x ``[1, NT]``). ``acc``: accumulate into these instead of fresh zeros, the decoded pairs
-        of rows ``g`` / ``g + 8`` multiplied by the scale pairs ``s_lo`` / ``s_hi`` first (:func:`_round_folded`)."""
+        over ``[T, 1]`` x ``[1, NT]``)."""
         KW: gl.constexpr = w.shape[0]
         T: gl.constexpr = w.shape[1] // 2
         NT: gl.constexpr = xp.shape[1 if XL is None else 2]
@@ -164,21 +162,13 @@ if gl is not None:
         lo_rows, hi_rows = gl.split(gl.permute(gl.reshape(w, [KW, T, 2, 8, 4, 4]), [0, 1, 3, 4, 5, 2]))
         lo_w = _last4(lo_rows)
         hi_w = _last4(hi_rows)
-        if acc is None:
-            acc0 = gl.zeros([KW, T, NT, 8, 4], gl.float32, L5)
-            acc1 = gl.zeros_like(acc0)
-            acc2 = gl.zeros_like(acc0)
-            acc3 = gl.zeros_like(acc0)
-        else:
-            acc0, acc1, acc2, acc3 = acc
+        acc0 = gl.zeros([KW, T, NT, 8, 4], gl.float32, L5)
+        acc1 = gl.zeros_like(acc0)
+        acc2 = gl.zeros_like(acc0)
+        acc3 = gl.zeros_like(acc0)
         for i in gl.static_range(4):
             a_lo = _pairs(gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2), X_BF16)
             a_hi = _pairs(gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2), X_BF16)
-            if acc is not None:  # the scale folded into the weights (rounded to 16 bits once, as v3's FOLD16)
-                a_lo = (_scaled(a_lo[0], s_lo, X_BF16), _scaled(a_lo[1], s_lo, X_BF16),
-                        _scaled(a_lo[2], s_lo, X_BF16), _scaled(a_lo[3], s_lo, X_BF16))
-                a_hi = (_scaled(a_hi[0], s_hi, X_BF16), _scaled(a_hi[1], s_hi, X_BF16),
-                        _scaled(a_hi[2], s_hi, X_BF16), _scaled(a_hi[3], s_hi, X_BF16))
             if XL is not None:  # xp: the chunk in shared memory, [word i, 1, NT, 8, 4, 4] (every warp the same)
                 xq = xp.index(i).load(XL)
             elif MASKED:
@@ -228,39 +218,6 @@ if gl is not None:
             y_lo1 += lo1 * s_lo
             y_hi1 += hi1 * s_hi
         return y_lo, y_lo1, y_hi, y_hi1
-
-    @gluon.jit
-    def _scaled(a, sp, X_BF16: gl.constexpr):
-        """Packed 16-bit pairs ``a`` times the pair ``sp`` (int32 bits), rounded once."""
-        if X_BF16:
-            return gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, sp], gl.int32, True, 1)
-        else:
-            return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, sp], gl.int32, True, 1)
-
-    @gluon.jit
-    def _scale_pairs(s, X_BF16: gl.constexpr):
-        """Float32 scales as 16-bit float pairs ``(s, s)`` in the activations' type, int32 bits."""
-        if X_BF16:
-            h = s.to(gl.bfloat16).to(gl.int16, bitcast=True)
-        else:
-            h = s.to(gl.float16).to(gl.int16, bitcast=True)
-        b = h.to(gl.int32) & 0xFFFF
-        return b | (b << 16)
-
-    @gluon.jit
-    def _round_folded(y_lo, y_lo1, y_hi, y_hi1, w, s, xs, L5: gl.constexpr, X_BF16: gl.constexpr,
-                      XL: gl.constexpr):
-        """:func:`_round` for activations in shared memory with the scale folded into the decoded weights: the
-        MMAs accumulate straight into ``y`` (no per-chunk accumulators: 32 fewer registers at 64 rows, and no
-        FMA per chunk), the scaled weight rounded to 16 bits as the Triton v3 GEMM's ``FOLD16`` does."""
-        KW: gl.constexpr = w.shape[0]
-        T: gl.constexpr = w.shape[1] // 2
-        s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [KW, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
-        s_lo = _scale_pairs(gl.expand_dims(gl.convert_layout(s_lo, gl.SliceLayout(2, L5), assert_trivial=True), 2),
-                            X_BF16)
-        s_hi = _scale_pairs(gl.expand_dims(gl.convert_layout(s_hi, gl.SliceLayout(2, L5), assert_trivial=True), 2),
-                            X_BF16)
-        return _chunk(w, xs, None, False, L5, X_BF16, XL, (y_lo, y_lo1, y_hi, y_hi1), s_lo, s_hi)
 
     @gluon.jit
     def _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it: gl.constexpr, WK: gl.constexpr,
@@ -353,7 +310,7 @@ if gl is not None:
     def _gemm_mma_xs_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, M, stride_wn, scale_row_stride, group_step,
                             stride_x, stride_y, K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, W: gl.constexpr,
                             NT: gl.constexpr, CPS: gl.constexpr, SPLIT: gl.constexpr, X_BF16: gl.constexpr,
-                            HAS_BIAS: gl.constexpr, FOLD: gl.constexpr = False):
+                            HAS_BIAS: gl.constexpr):
         """``M`` rows (``NT`` tiles of 8 MMA columns) with each chunk's activations staged in shared memory:
         the ``W`` warps of program ``(t, k)`` own one 16-row tile each (rows ``16 (W t + kw) ..``) and all take
         the same chunk, so its ``M x 128`` activations come from global memory once per program and every warp
@@ -361,8 +318,7 @@ if gl is not None:
         every row's activations for its chunk: at 64 rows 2-3x slower than the Triton v3 GEMM). Program
         ``(t, k)`` takes chunks ``k CPS .. k CPS + CPS``: with ``SPLIT`` > 1 it writes float32 partials
         ``y [SPLIT, M, N]`` (no bias), summed after; else ``y [M, N]`` (``stride_y``) with the bias. The next
-        chunk's activations, words and scales are loaded before the current one's MMAs. ``FOLD``: the scale
-        multiplied into the decoded weights (:func:`_round_folded`)."""
+        chunk's activations, words and scales are loaded before the current one's MMAs."""
         N_CHUNKS: gl.constexpr = K_WORDS // 16
         R: gl.constexpr = 16 * W
         LW: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
@@ -404,11 +360,8 @@ if gl is not None:
             xg = _chunk_activations(x_base, pair_x, nxt, K_WORDS, True)
             w_next, s_next = _weights_scales(w_base, s_ptr, rows_s, no_warp_w, no_warp_s, w_in, nxt, 1, N_CHUNKS,
                                              GROUP_W, scale_row_stride, group_step, True)
-            if FOLD:
-                y_lo, y_lo1, y_hi, y_hi1 = _round_folded(y_lo, y_lo1, y_hi, y_hi1, w, s, xs, L5, X_BF16, LX)
-            else:
-                y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xs, None, False, L5, X_BF16,
-                                                  True, XL=LX)
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xs, None, False, L5, X_BF16, True,
+                                              XL=LX)
             w, s = w_next, s_next
         rows = t * R + 16 * _iota(W, L5, 5, 0) + _iota(8, L5, 5, 3)
         cols = 8 * _iota(NT, L5, 5, 2) + 2 * _iota(4, L5, 5, 4)
@@ -642,7 +595,7 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
 def _gemm_xs(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
              cfg: dict) -> torch.Tensor:
     """Launch :func:`_gemm_mma_xs_kernel` (``cfg``: ``W`` warps of 16 rows per program, 4 or 8; ``SPLIT`` programs
-    along the row, their float32 partials summed in order by a second launch; ``FOLD``)."""
+    along the row, their float32 partials summed in order by a second launch)."""
     m = x.shape[0]
     warps, split = int(cfg.get("W", 8)), int(cfg.get("SPLIT", 1))
     n_chunks = p.in_features // (CHUNK_WORDS * CODES_PER_WORD)
@@ -656,7 +609,7 @@ def _gemm_xs(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None,
         p.out_features, m, ops.words.stride(0), p.scale_row_stride, p.group_step, x.stride(0) // 2, out.stride(0),
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, W=warps,
         NT=column_tiles(m), CPS=per_split, SPLIT=split, X_BF16=x.dtype == torch.bfloat16,
-        HAS_BIAS=bias is not None, FOLD=bool(cfg.get("FOLD", False)), num_warps=warps,
+        HAS_BIAS=bias is not None, num_warps=warps,
     )
     if split > 1:  # in a fixed order (deterministic), plus the bias
         total = target.sum(0)
