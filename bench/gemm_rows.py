@@ -1,13 +1,13 @@
 """2..64 rows on one GPU: the Triton ``v3`` GEMM vs the Gluon tensor-core GEMV's tilings vs bf16 cuBLAS (issue 6,
 round 12), and what the dispatch now picks by itself.
 
-    PYTHONPATH=src python3 bench/gemm_rows.py --out $OUT/gemm_rows.json [--rows 2,4,8,16,32,64] [--mma 1x4,xs8s4]
+    PYTHONPATH=src python3 bench/gemm_rows.py --out $OUT/gemm_rows.json [--rows 2,4,8,16,64] [--mma 1x4,1x8]
 
 For each weight shape ``[out, in]`` (int4 g128 symmetric, RTN) and row count it graph-times (``gpu_kernels.py``'s
 harness: copies of the weight beyond the L2, median of rounds) ``F.linear`` on bf16 weights, the ``v3`` GEMM with
-its heuristic's config (``triton_wq4.gemm_config``), every tensor-core config named in ``--mma``
-(``gpu_kernels.mma_tilings``: ``TxW`` tilings unrolled and in a loop, ``TxWaN`` loads ahead, ``xsWsS`` the
-activations in shared memory), and ``triton_wq4.gemm`` with no config (the default). Each kernel's output is checked against the float32 reference first (max error relative
+its heuristic's config (``triton_wq4.gemm_config``), every tensor-core tiling ``TILES x WK`` (16-row MMA tiles per
+warp x warps splitting a row) with its rounds unrolled (``u``) and in a loop (``l``), and ``triton_wq4.gemm`` with
+no config (the default). Each kernel's output is checked against the float32 reference first (max error relative
 to the largest output). Prints one JSON line per cell with the speed-ups over bf16.
 """
 
@@ -40,7 +40,7 @@ def checked(run, y: torch.Tensor, want: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rows", default="2,4,8,16,32,64")
+    parser.add_argument("--rows", default="2,4,8,16,64")
     parser.add_argument("--mma", default="1x4,1x8,2x4",
                         help="tensor-core tilings, TILES x WK (1x8a3: loads 3 rounds ahead; gpu_kernels.mma_tilings)")
     args = parser.parse_args()
@@ -62,7 +62,7 @@ def main() -> None:
                     "bf16": round(bench_graph([lambda w=w: F.linear(x, w) for w in copies]), 2)}
             configs = {"v3": triton_wq4.gemm_config(p, m, sms), "default": None}
             for name, cfg in mma_tilings(args.mma).items():
-                if cfg.get("XS") or (gluon_mma.column_tiles(m) < 8 or cfg["TILES"] == 1) \
+                if (gluon_mma.column_tiles(m) < 8 or cfg["TILES"] == 1) \
                         and not (cfg.get("AHEAD") and gluon_mma.column_tiles(m) > 1):  # spills; loops only
                     configs[name] = cfg
             for name, cfg in configs.items():

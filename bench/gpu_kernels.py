@@ -88,14 +88,9 @@ def bf16_copies(out_f: int, in_f: int) -> list[torch.Tensor]:
 def mma_tilings(spec: str) -> dict[str, dict]:
     """The tensor-core GEMV's launch configs named in ``spec``: ``TxW`` (16-row tiles per warp x warps along the
     row) gives two, its rounds unrolled (``mmaTxWu``) and in a loop (``mmaTxWl``); ``TxWaN`` one, unrolled with
-    each round's loads issued ``N`` rounds ahead (``mmaTxWaN``, ``AHEAD``); ``xsWsS`` the 2..64-row variant
-    with the activations in shared memory, ``W`` warps of 16 rows per program and ``S`` splits of the row."""
+    each round's loads issued ``N`` rounds ahead (``mmaTxWaN``, ``AHEAD``)."""
     configs = {}
     for tiling in filter(None, spec.split(",")):
-        if tiling.startswith("xs"):
-            warps, _, split = tiling[2:].partition("s")
-            configs[f"mma{tiling}"] = {"VARIANT": "gluon_mma", "XS": True, "W": int(warps), "SPLIT": int(split or 1)}
-            continue
         shape, _, ahead = tiling.partition("a")
         tiles, warps = (int(v) for v in shape.split("x"))
         base = {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps}

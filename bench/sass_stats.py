@@ -73,13 +73,6 @@ KERNELS["gemv_mma"] = ("_gemv_mma_kernel", {
 #: the tensor-core GEMV (round 12) for Llama-2-7B's down_proj: 11008 inputs, 2 tiles x 4 warps
 BASE["gemv_mma"] = {"K_WORDS": 1376, "GROUP_W": 16, "T": 2, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
                     "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False, "group_step": 1, "NT": 0}
-KERNELS["gemm_mma_xs"] = ("_gemm_mma_xs_kernel", {
-    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*fp32", "N": "i32", "M": "i32",
-    "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32", "stride_x": "i32", "stride_y": "i32"})
-#: the tensor-core GEMM with activations in shared memory (round 13) for 64 rows of Llama-2-7B's down_proj:
-#: 8 warps of 16 rows per program, 4 splits of 22 chunks (float32 partials)
-BASE["gemm_mma_xs"] = {"K_WORDS": 1376, "GROUP_W": 16, "W": 8, "NT": 8, "CPS": 22, "SPLIT": 4, "X_BF16": True,
-                       "HAS_BIAS": False, "group_step": 1}
 NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
                       "N", "n_sq", "eps", "w_src"}
 OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
@@ -154,9 +147,7 @@ def main() -> None:
     signature = {k: v.format(**constexprs, BOX_N=box) for k, v in signature.items()}
     if args.kernel in ("gemv_gluon", "gemv_mma"):
         num_warps = constexprs["WK"]
-    if args.kernel == "gemm_mma_xs":
-        num_warps = constexprs["W"]
-    module = {"gemv_gluon": gluon_wq4, "gemv_mma": gluon_mma, "gemm_mma_xs": gluon_mma}.get(args.kernel, triton_wq4)
+    module = {"gemv_gluon": gluon_wq4, "gemv_mma": gluon_mma}.get(args.kernel, triton_wq4)
     kernel = compile_sm90(getattr(module, name), signature, constexprs, num_warps, num_stages)
     sass, usage = sass_of(kernel)
     if args.dump:

@@ -1112,30 +1112,6 @@ def test_tensor_core_gemv_takes_up_to_64_rows(shape, rows, tiles, warps, dtype):
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256)], ids=str)
-@pytest.mark.parametrize("rows", [2, 9, 17, 32, 64])
-@pytest.mark.parametrize("warps,split", [(8, 1), (8, 4), (4, 3)])
-def test_tensor_core_gemm_with_activations_in_shared_memory(shape, rows, warps, split, dtype):
-    """Round 13's 2..64-row variant (``XS``): every warp of a program on its own 16 rows of the same chunk, the
-    chunk's activations staged in shared memory; split along the row (float32 partials summed after, the last
-    split shorter: 86 chunks in 4 or 3), rows past the layer (72 = 16 x 4.5), bias; each row against the fp32
-    reference into a NaN-poisoned output with a row stride wider than the row."""
-    from holdall.kernels import triton_wq4
-
-    _gluon_ready()
-    layer = _layer(*shape, SCHEMES["int4-sym"], device="cuda", seed=sum(shape) + rows + 1)
-    p = dispatch.layer_plan(layer)
-    x = torch.randn(rows, p.in_features + 64, device="cuda", dtype=dtype)[:, :p.in_features]
-    out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
-    cfg = {"VARIANT": "gluon_mma", "XS": True, "W": warps, "SPLIT": split}
-    triton_wq4.gemm(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, cfg)
-    want = packed.reference_linear(layer, x)
-    for r in range(rows):
-        assert _rel(out[r], want[r]) < TOL[dtype]
-
-
-@cuda_only
 def test_gluon_gemv_refuses_what_it_cannot_compute():
     from holdall.kernels import triton_wq4
 

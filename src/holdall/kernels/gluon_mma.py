@@ -141,7 +141,7 @@ if gl is not None:
         return t0, t1, t2, t3
 
     @gluon.jit
-    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr, XL: gl.constexpr = None):
+    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr):
         """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 i + h`` = rows ``16 i + 8 h +
         g``, g, c, word) and the thread's activation pairs at ``xp [WK, NT, 8, 4, 4]`` (int32 pointers; column
         tile ``nt`` of lane ``g``: activation row ``8 nt + g``; pair ``4 i + j`` = inputs ``32 c + 8 i + 2 j``,
@@ -155,7 +155,7 @@ if gl is not None:
         over ``[T, 1]`` x ``[1, NT]``)."""
         KW: gl.constexpr = w.shape[0]
         T: gl.constexpr = w.shape[1] // 2
-        NT: gl.constexpr = xp.shape[1 if XL is None else 2]
+        NT: gl.constexpr = xp.shape[1]
         LA: gl.constexpr = gl.SliceLayout(2, L5)  # [WK, T, 8, 4]
         LB: gl.constexpr = gl.SliceLayout(1, L5)  # [WK, NT, 8, 4]
         # [WK, T, 8, 4, 4 (word), 2 (h)] -> rows g / g + 8, each [WK, T, 8, 4, 4]
@@ -169,9 +169,7 @@ if gl is not None:
         for i in gl.static_range(4):
             a_lo = _pairs(gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2), X_BF16)
             a_hi = _pairs(gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2), X_BF16)
-            if XL is not None:  # xp: the chunk in shared memory, [word i, 1, NT, 8, 4, 4] (every warp the same)
-                xq = xp.index(i).load(XL)
-            elif MASKED:
+            if MASKED:
                 xq = gl.load(xp + 4 * i, mask=x_ok, other=0)
             else:
                 xq = gl.load(xp + 4 * i)
@@ -203,12 +201,11 @@ if gl is not None:
 
     @gluon.jit
     def _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr,
-               X_BF16: gl.constexpr, MULTI: gl.constexpr, XL: gl.constexpr = None):
-        """One round of chunks (one per warp) into the accumulators: the MMA sums times each row's scale
-        (``XL``: the activations from shared memory, :func:`_chunk`)."""
+               X_BF16: gl.constexpr, MULTI: gl.constexpr):
+        """One round of chunks (one per warp) into the accumulators: the MMA sums times each row's scale."""
         KW: gl.constexpr = w.shape[0]
         T: gl.constexpr = w.shape[1] // 2
-        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, MASKED, L5, X_BF16, XL)
+        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, MASKED, L5, X_BF16)
         s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [KW, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
         s_lo = gl.expand_dims(gl.convert_layout(s_lo, gl.SliceLayout(2, L5), assert_trivial=True), 2)
         s_hi = gl.expand_dims(gl.convert_layout(s_hi, gl.SliceLayout(2, L5), assert_trivial=True), 2)
@@ -294,89 +291,6 @@ if gl is not None:
                 part = gl.sum((y_lo, y_lo1, y_hi, y_hi1)[2 * h + e], axis=0)
                 col = cols + e
                 gl.store(y_ptr + col * stride_y + r, (part + bias).to(dt), mask=(r < N) & (col < M))
-
-    @gluon.jit
-    def _chunk_activations(x_base, pair_x, chunk, K_WORDS: gl.constexpr, MASKED: gl.constexpr):
-        """Chunk ``chunk``'s activation pairs of every row, one tensor per word position ``i`` (pairs ``16 c +
-        4 i + j``); ``MASKED``: zeros past the row."""
-        p = x_base + 64 * chunk
-        if MASKED:
-            ok = 64 * chunk + pair_x < 4 * K_WORDS
-            return (gl.load(p, mask=ok, other=0), gl.load(p + 4, mask=ok, other=0), gl.load(p + 8, mask=ok, other=0),
-                    gl.load(p + 12, mask=ok, other=0))
-        return gl.load(p), gl.load(p + 4), gl.load(p + 8), gl.load(p + 12)
-
-    @gluon.jit
-    def _gemm_mma_xs_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, M, stride_wn, scale_row_stride, group_step,
-                            stride_x, stride_y, K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, W: gl.constexpr,
-                            NT: gl.constexpr, CPS: gl.constexpr, SPLIT: gl.constexpr, X_BF16: gl.constexpr,
-                            HAS_BIAS: gl.constexpr):
-        """``M`` rows (``NT`` tiles of 8 MMA columns) with each chunk's activations staged in shared memory:
-        the ``W`` warps of program ``(t, k)`` own one 16-row tile each (rows ``16 (W t + kw) ..``) and all take
-        the same chunk, so its ``M x 128`` activations come from global memory once per program and every warp
-        reads them from shared memory (:func:`_gemv_mma_kernel`'s warps split the row instead, and each re-reads
-        every row's activations for its chunk: at 64 rows 2-3x slower than the Triton v3 GEMM). Program
-        ``(t, k)`` takes chunks ``k CPS .. k CPS + CPS``: with ``SPLIT`` > 1 it writes float32 partials
-        ``y [SPLIT, M, N]`` (no bias), summed after; else ``y [M, N]`` (``stride_y``) with the bias. The next
-        chunk's activations, words and scales are loaded before the current one's MMAs."""
-        N_CHUNKS: gl.constexpr = K_WORDS // 16
-        R: gl.constexpr = 16 * W
-        LW: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        LX: gl.constexpr = gl.BlockedLayout([1, NT, 1, 1, 4], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        LS: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1], [1, 1, 8, 4], [W, 1, 1, 1], [3, 2, 1, 0])
-        L5: gl.constexpr = gl.BlockedLayout([1, 1, NT, 1, 1], [1, 1, 1, 8, 4], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        # word i's activations of a chunk as loaded: [1, column tile, g, c, pair j] = pair 16 c + 4 i + j of row
-        # 8 nt + g, 16 bytes per thread, a warp per column tile; stored as they are in slice i of the shared
-        # buffer (each slice contiguous: conflict-free reads)
-        LG: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 8, 4, 1], [1, W, 1, 1, 1], [4, 3, 2, 1, 0])
-        XS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])  # of one word's slice (unswizzled)
-        t = gl.program_id(0)
-        first = gl.program_id(1) * CPS
-        count = gl.minimum(N_CHUNKS - first, CPS)
-        rows_w = gl.minimum(t * R + 16 * _iota(W, LW, 5, 0) + 8 * _iota(2, LW, 5, 1) + _iota(8, LW, 5, 2), N - 1)
-        w_in = 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)  # word within the chunk
-        w_base = w_ptr + (rows_w * stride_wn + w_in)
-        rows_s = t * R + 16 * _iota(W, LS, 4, 0) + 8 * _iota(2, LS, 4, 1) + _iota(8, LS, 4, 2)
-        rows_s = gl.minimum(rows_s, N - 1) + 0 * _iota(4, LS, 4, 3)
-        no_warp_w = 0 * _iota(W, LW, 5, 0)  # every warp the same chunk (_weights_scales splits by warp)
-        no_warp_s = 0 * _iota(W, LS, 4, 0)
-        row_x = gl.minimum(8 * _iota(NT, LG, 5, 1) + _iota(8, LG, 5, 2), M - 1)
-        pair_x = 16 * _iota(4, LG, 5, 3) + _iota(4, LG, 5, 4)  # + 4 i for word i
-        x_base = x_ptr + (row_x * stride_x + pair_x)
-        xs = gl.allocate_shared_memory(gl.int32, [4, 1, NT, 8, 4, 4], XS)
-        y_lo = gl.zeros([W, 1, NT, 8, 4], gl.float32, L5)  # rows g x columns 2 c
-        y_hi = gl.zeros_like(y_lo)  # rows g + 8
-        y_lo1 = gl.zeros_like(y_lo)  # columns 2 c + 1
-        y_hi1 = gl.zeros_like(y_lo)
-        xg = _chunk_activations(x_base, pair_x, first, K_WORDS, False)
-        w, s = _weights_scales(w_base, s_ptr, rows_s, no_warp_w, no_warp_s, w_in, first, 1, N_CHUNKS, GROUP_W,
-                               scale_row_stride, group_step, False)
-        for it in range(count):
-            gl.thread_barrier()  # every warp is done with the previous chunk
-            for i in gl.static_range(4):
-                xs.index(i).store(xg[i])
-            gl.thread_barrier()
-            nxt = first + it + 1  # prefetched (past the row: masked; past this split: read, never used)
-            xg = _chunk_activations(x_base, pair_x, nxt, K_WORDS, True)
-            w_next, s_next = _weights_scales(w_base, s_ptr, rows_s, no_warp_w, no_warp_s, w_in, nxt, 1, N_CHUNKS,
-                                             GROUP_W, scale_row_stride, group_step, True)
-            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xs, None, False, L5, X_BF16, True,
-                                              XL=LX)
-            w, s = w_next, s_next
-        rows = t * R + 16 * _iota(W, L5, 5, 0) + _iota(8, L5, 5, 3)
-        cols = 8 * _iota(NT, L5, 5, 2) + 2 * _iota(4, L5, 5, 4)
-        for h in gl.static_range(2):  # rows g, g + 8
-            r = rows + 8 * h
-            for e in gl.static_range(2):  # columns 2 c, 2 c + 1
-                part = (y_lo, y_lo1, y_hi, y_hi1)[2 * h + e]
-                col = cols + e
-                ok = (r < N) & (col < M)
-                if SPLIT > 1:
-                    gl.store(y_ptr + (gl.program_id(1) * M + col) * N + r, part, mask=ok)
-                else:
-                    if HAS_BIAS:
-                        part += gl.load(b_ptr + r, mask=r < N, other=0.0).to(gl.float32)
-                    gl.store(y_ptr + col * stride_y + r, part.to(y_ptr.dtype.element_ty), mask=ok)
 
     @gluon.jit
     def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, N,
@@ -572,8 +486,6 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
                          f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
     if out.shape != (m, p.out_features) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
-    if cfg.get("XS"):
-        return _gemm_xs(ops, p, x, bias, out, cfg)
     # more columns: a loop keeps fewer loads in flight
     tiles, wk, pdl, unroll, ahead = _launch_options(cfg, unroll=column_tiles(m) == 1)
     if column_tiles(m) >= 8:  # 64 rows: two row tiles' accumulators spill (SASS)
@@ -590,31 +502,3 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         PDL=pdl, NT=column_tiles(m), UNROLL=unroll, AHEAD=ahead, num_warps=wk, launch_pdl=pdl,
     )
     return out
-
-
-def _gemm_xs(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-             cfg: dict) -> torch.Tensor:
-    """Launch :func:`_gemm_mma_xs_kernel` (``cfg``: ``W`` warps of 16 rows per program, 4 or 8; ``SPLIT`` programs
-    along the row, their float32 partials summed in order by a second launch)."""
-    m = x.shape[0]
-    warps, split = int(cfg.get("W", 8)), int(cfg.get("SPLIT", 1))
-    n_chunks = p.in_features // (CHUNK_WORDS * CODES_PER_WORD)
-    if warps not in (4, 8) or not 1 <= split <= n_chunks:
-        raise ValueError(f"W must be 4 or 8 and SPLIT 1..{n_chunks} (chunks of 128 inputs); got {cfg}")
-    per_split = -(-n_chunks // split)
-    split = -(-n_chunks // per_split)  # no empty split
-    target = out if split == 1 else torch.empty(split, m, p.out_features, device=out.device, dtype=torch.float32)
-    _gemm_mma_xs_kernel[(-(-p.out_features // (16 * warps)), split)](
-        x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, target,
-        p.out_features, m, ops.words.stride(0), p.scale_row_stride, p.group_step, x.stride(0) // 2, out.stride(0),
-        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, W=warps,
-        NT=column_tiles(m), CPS=per_split, SPLIT=split, X_BF16=x.dtype == torch.bfloat16,
-        HAS_BIAS=bias is not None, num_warps=warps,
-    )
-    if split > 1:  # in a fixed order (deterministic), plus the bias
-        total = target.sum(0)
-        if bias is not None:
-            total += bias.float()
-        out.copy_(total)
-    return out
-
