@@ -1004,7 +1004,7 @@ def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2
 def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
     """The tensor-core GEMV (round 12) applies a scale per 128-input chunk: groups of 128, 256, ... or one per
     row, symmetric int codes, no double quantization. It is the default only where it was measured faster: 2..8
-    rows of rows whose rounds unroll (4096 inputs), never one row (the float Gluon GEMV's)."""
+    rows whose rounds unroll (up to 11008 inputs), never one row (the float Gluon GEMV's)."""
     from holdall.kernels import gluon_mma
 
     def shaped(out_f, in_f, name="int4-sym"):  # a small layer's plan with a 7B layer's shape (same group layout)
@@ -1015,7 +1015,9 @@ def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
     assert gluon_mma.gemm_config(shaped(11008, 4096), 2, 132)["WK"] == 4  # 688 tiles x 8 warps: too many
     assert gluon_mma.gemm_config(shaped(4096, 4096), 8, 132) is not None
     assert gluon_mma.gemm_config(shaped(4096, 4096), 9, 132) is None  # two column tiles: v3
-    assert gluon_mma.gemm_config(shaped(4096, 11008), 4, 132) is None  # long rows: v3
+    long_rows = gluon_mma.gemm_config(shaped(4096, 11008), 4, 132)  # 11 rounds per warp: loads 3 rounds ahead
+    assert (long_rows["WK"], long_rows["AHEAD"], cfg["AHEAD"]) == (8, 3, 0)
+    assert gluon_mma.gemm_config(shaped(4096, 14336), 4, 132) is None  # 14 rounds: v3
     assert gluon_mma.gemm_config(shaped(4096, 4096, "int4-asym"), 4, 132) is None
     if HAS_TRITON:
         from holdall.kernels import triton_wq4

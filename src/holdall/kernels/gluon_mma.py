@@ -54,7 +54,8 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
 MAX_ROWS = 64  # activation rows per launch: up to 8 tiles of MMA columns (with the rounds in a loop: SASS, no spills)
-MAX_UNROLLED_ROUNDS = 8  # chunks per warp unrolled (an 11008-input row unrolled on 4 warps: 4,600 instructions)
+MAX_UNROLLED_ROUNDS = 11  # chunks per warp the small-batch default unrolls (11008 inputs on 8 warps; 14336: v3)
+SHORT_ROW_ROUNDS = 4  # up to this many rounds per warp (4096 inputs on 8 warps) the loads are not run ahead
 #: PRMT selectors that make an MMA step's B registers from two activation pairs (x[b], x[b+1]), (x[b+2], x[b+3]):
 #: b0 = (x[b], x[b+2]) (both low halves), b1 = (x[b+1], x[b+3]) (both high halves)
 B0_SEL, B1_SEL = 0x5410, 0x7632
@@ -406,19 +407,23 @@ def _rounds(p: Plan, wk: int) -> int:
 def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     """The launch for ``m`` rows where this kernel is the fastest holdall has, else None (the Triton ``v3`` GEMM).
 
-    Measured on an H200 (round 12, ``bench/gemm_rows.py``; BENCHMARKS.md): up to 8 rows (one tile of MMA columns,
-    so 2..8 rows cost what one does) of rows short enough for a warp's rounds to be unrolled (4096 inputs), it was
-    1.2-1.3x faster than ``v3`` (4 rows: 11008x4096 12.4 vs 15.7 us, 4096x4096 6.7 vs 8.6); on 11008-input rows
-    the first version tied with v3 at 2..8 rows (the centred decode: 13.8 vs 15.2 us at 4 rows, 2 and 8 rows not
-    yet timed, so they keep v3); 16 rows were 1.1-1.4x slower and 64 rows 2-3x (every program re-reads all the
-    rows' activations, with no shared-memory reuse). ``WK``: 8 warps per 16 weight rows unless that passes ~24
-    warps per SM (4096 rows: 8 warps 6.7 us, 4: 9.5; 11008 rows: 4 warps 12.3, 8: 15.0)."""
+    Measured on an H200 (``bench/gemm_rows.py``; BENCHMARKS.md rounds 12-13): up to 8 rows (one tile of MMA
+    columns, so 2..8 rows cost what one does) it is 1.2-1.3x faster than ``v3`` on 4096-input rows (4 rows:
+    11008x4096 12.4 vs 15.7 us, 4096x4096 6.7 vs 8.6) and 1.09-1.15x on 11008-input rows with each round's loads
+    issued 3 rounds ahead (4096x11008, 2 / 8 rows: 13.1 / 13.8 vs 15.0 / 15.0 us; unrolled without it 13.6 / 14.3;
+    on 4096-input rows AHEAD ties or loses, so they keep it off); 16 rows were 1.1-1.4x slower and 64 rows 2-3x
+    (every program re-reads all the rows' activations; staging them in shared memory, round 13's XS, was slower
+    still). ``WK``: 8 warps per 16 weight rows unless that passes ~24 warps per SM (4096 rows: 8 warps 6.7 us, 4:
+    9.5; 11008 rows: 4 warps 12.3, 8: 15.0)."""
     if m > 8 or why_not(p) is not None:
         return None
     wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
-    if _rounds(p, wk) > MAX_UNROLLED_ROUNDS:
+    rounds = _rounds(p, wk)
+    if rounds > MAX_UNROLLED_ROUNDS:
         return None
-    return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True}
+    ahead = 3 if rounds > SHORT_ROW_ROUNDS else 0
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True,
+            "AHEAD": ahead}
 
 
 def _launch_options(cfg: dict, unroll: bool) -> tuple[int, int, bool, bool, int]:
