@@ -1,8 +1,8 @@
-"""The 4-bit GEMV on tensor cores, in Gluon (issue 6, round 12 of the kernels): the default for 2..8 rows of
-4096-input layers (:func:`gemm_config`; 1.2x faster than the Triton ``v3`` GEMM there on an H200), not for one row
-(on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 /
-4096x4096 against the float Gluon GEMV's 10.6 / 9.5 / 4.7) nor for more rows; :func:`gemv` still takes one row
-with every epilogue, for sweeps (``bench/gluon_sweep.py --mma``).
+"""The 4-bit GEMV on tensor cores, in Gluon (issue 6, rounds 12-13 of the kernels): the default for 2..8 rows of
+layers with up to 11008 inputs (:func:`gemm_config`; 1.1-1.4x faster than the Triton ``v3`` GEMM there on an
+H200), not for one row (on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 /
+11008x4096 / 4096x4096 against the float Gluon GEMV's 10.6 / 9.5 / 4.7) nor for more rows; :func:`gemv` still
+takes one row with every epilogue, for sweeps (``bench/gluon_sweep.py --mma``).
 
 Why it was built: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4
 thread-instructions per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking --
