@@ -14,7 +14,6 @@ to the largest output). Prints one JSON line per cell with the speed-ups over bf
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpu_kernels import bench_graph, bf16_copies, int4_copies  # noqa: E402
+from gpu_kernels import bench_graph, bf16_copies, int4_copies, mma_tilings  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # [out, in]
@@ -42,7 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="2,4,8,16,64")
-    parser.add_argument("--mma", default="1x4,1x8,2x4", help="tensor-core tilings, TILES x WK")
+    parser.add_argument("--mma", default="1x4,1x8,2x4",
+                        help="tensor-core tilings, TILES x WK (1x8a3: loads 3 rounds ahead; gpu_kernels.mma_tilings)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemm_rows.py times CUDA kernels: run it on the device machine")
@@ -61,14 +61,17 @@ def main() -> None:
             cell = {"shape": f"{out_f}x{in_f}", "rows": m,
                     "bf16": round(bench_graph([lambda w=w: F.linear(x, w) for w in copies]), 2)}
             configs = {"v3": triton_wq4.gemm_config(p, m, sms), "default": None}
-            for tiling, unroll in itertools.product(args.mma.split(","), (True, False)):
-                tiles, warps = (int(v) for v in tiling.split("x"))
-                if gluon_mma.column_tiles(m) < 8 or tiles == 1:  # 64 rows: one tile (more spill)
-                    configs[f"mma{tiling}{'u' if unroll else 'l'}"] = {
-                        "VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "UNROLL": unroll}
+            for name, cfg in mma_tilings(args.mma).items():
+                if (gluon_mma.column_tiles(m) < 8 or cfg["TILES"] == 1) \
+                        and not (cfg.get("AHEAD") and gluon_mma.column_tiles(m) > 1):  # spills; loops only
+                    configs[name] = cfg
             for name, cfg in configs.items():
-                error = checked(lambda: triton_wq4.gemm(ops[0], p, x, None, y, cfg), y, want)
-                us = bench_graph([lambda o=o, c=cfg: triton_wq4.gemm(o, p, x, None, y, c) for o in ops])
+                try:
+                    error = checked(lambda: triton_wq4.gemm(ops[0], p, x, None, y, cfg), y, want)
+                    us = bench_graph([lambda o=o, c=cfg: triton_wq4.gemm(o, p, x, None, y, c) for o in ops])
+                except Exception as exc:  # one config failing to compile or launch must not end the sweep
+                    cell[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    continue
                 cell[name] = {"us": round(us, 2), "vs_bf16": round(cell["bf16"] / us, 2), "max_rel_error": error}
             cell["default_picks"] = (gluon_mma.gemm_config(p, m, sms) or configs["v3"])["VARIANT"]
             print(json.dumps(cell), flush=True)

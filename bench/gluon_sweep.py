@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import bench_graph, bf16_copies, copy_bandwidth, int4_copies  # noqa: E402
+from gpu_kernels import bench_graph, bf16_copies, copy_bandwidth, int4_copies, mma_tilings  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (22016, 4096), (12288, 4096)]  # [out, in]
@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--tilings", default="8x2,16x2,8x4", help="rows per thread x warps along the row")
     parser.add_argument("--mma", default="",
                         help="round 12: also the tensor-core GEMV (float activations), tilings as tiles x warps, "
-                             "e.g. 1x4,2x4,4x4,1x8,2x8; each with its rounds unrolled (u) and in a loop (l)")
+                             "e.g. 1x4,2x4,4x4,1x8,2x8; each with its rounds unrolled (u) and in a loop (l); "
+                             "1x8a3: unrolled, loads 3 rounds ahead (gpu_kernels.mma_tilings)")
     parser.add_argument("--modes", default="nopdl,pdl-t0,pdl-t1,pdl-t2,pdl-t0-l2,pdl-t1-l2",
                         help="launch modes (see above)")
     parser.add_argument("--int8", action="store_true",
@@ -86,14 +87,17 @@ def main() -> None:
         if args.mma and not args.int8:
             from holdall.kernels import gluon_mma
 
-            for tiling, unroll in itertools.product(args.mma.split(","), (True, False)):
-                tiles, warps = (int(v) for v in tiling.split("x"))
-                cfg = {"BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "PDL": True, "UNROLL": unroll}
+            for name, cfg in mma_tilings(args.mma).items():
+                cfg = {**cfg, "PDL": True}
                 y.fill_(float("nan"))
-                gluon_mma.gemv(ops[0], p, x, None, y, cfg)
-                error = float((y.float() - want).abs().max() / want.abs().max())
-                us = bench_graph([lambda o=o: gluon_mma.gemv(o, p, x, None, y, cfg) for o in ops])
-                row[f"mma{tiling}{'u' if unroll else 'l'}"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
+                try:
+                    gluon_mma.gemv(ops[0], p, x, None, y, cfg)
+                    error = float((y.float() - want).abs().max() / want.abs().max())
+                    us = bench_graph([lambda o=o, c=cfg: gluon_mma.gemv(o, p, x, None, y, c) for o in ops])
+                except Exception as exc:  # one tiling failing to compile or launch must not end the sweep
+                    row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    continue
+                row[name] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
         print(json.dumps(row), flush=True)
         rows_out.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,23 @@ def bf16_copies(out_f: int, in_f: int) -> list[torch.Tensor]:
     return [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * 2) - 1)]
 
 
+def mma_tilings(spec: str) -> dict[str, dict]:
+    """The tensor-core GEMV's launch configs named in ``spec``: ``TxW`` (16-row tiles per warp x warps along the
+    row) gives two, its rounds unrolled (``mmaTxWu``) and in a loop (``mmaTxWl``); ``TxWaN`` one, unrolled with
+    each round's loads issued ``N`` rounds ahead (``mmaTxWaN``, ``AHEAD``)."""
+    configs = {}
+    for tiling in filter(None, spec.split(",")):
+        shape, _, ahead = tiling.partition("a")
+        tiles, warps = (int(v) for v in shape.split("x"))
+        base = {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps}
+        if ahead:
+            configs[f"mma{tiling}"] = {**base, "UNROLL": True, "AHEAD": int(ahead)}
+        else:
+            configs[f"mma{tiling}u"] = {**base, "UNROLL": True}
+            configs[f"mma{tiling}l"] = {**base, "UNROLL": False}
+    return configs
+
+
 def bench_graph(fns, replays: int = 20, rounds: int = 5) -> float:
     """GPU microseconds per call: ``fns`` (one per weight copy) captured once into a CUDA graph, replayed;
     median over ``rounds`` of the mean per call. No launch overhead (as decoding with graphs runs), and since

@@ -3,7 +3,8 @@
 #
 #   bash bench/run_all.sh [kernels] [decode] [qlora] [mma]  (default: the first three, ~10 minutes on an H200)
 #
-# mma: round 12's tensor-core GEMV -- its device tests, its one-row tilings beside the Gluon GEMV and bf16
+# mma: the tensor-core GEMV (rounds 12-13) -- its device tests (pytest-xdist, ~5 minutes: each test compiles its
+# own kernels), its one-row tilings with and without loads run ahead beside the Gluon GEMV and bf16
 # (gluon_sweep_mma.json), and 2..64 rows beside the v3 GEMM, bf16 and the default (gemm_rows.json).
 #
 # The bitsandbytes wheel (and any other missing package) travels in .whl/ (the device README says how); it is
@@ -32,10 +33,12 @@ for part in "${parts[@]}"; do
     kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log"
              python3 bench/gluon_sweep.py --out "$OUT/gluon_sweep.json" 2>&1 | tee "$OUT/gluon_sweep.log"
              python3 bench/gluon_sweep.py --int8 --out "$OUT/gluon_sweep_int8.json" 2>&1 | tee "$OUT/gluon_sweep_int8.log" ;;
-    mma) python3 -m pytest -q tests/test_kernels.py -k "tensor_core" 2>&1 | tee "$OUT/mma_tests.log"
-         python3 bench/gluon_sweep.py --tilings 8x2,8x4 --modes pdl-t0,pdl-t2 --mma 1x4,2x4,4x4,1x8,2x8,2x2 \
+    mma) python3 -m pytest -q -n 15 -p xdist -p no:benchmark tests/test_kernels.py -k "tensor_core or a_few_rows" 2>&1 \
+           | tee "$OUT/mma_tests.log" || echo "mma tests FAILED (see mma_tests.log); the sweeps still run"
+         python3 bench/gluon_sweep.py --tilings 8x2,8x4 --modes pdl-t0,pdl-t2 --mma 1x4,1x8,1x4a2,1x8a3 \
            --out "$OUT/gluon_sweep_mma.json" 2>&1 | tee "$OUT/gluon_sweep_mma.log"
-         python3 bench/gemm_rows.py --out "$OUT/gemm_rows.json" 2>&1 | tee "$OUT/gemm_rows.log" ;;
+         python3 bench/gemm_rows.py --rows 2,4,8,16,64 --mma 1x4,1x8,1x8a3 --out "$OUT/gemm_rows.json" 2>&1 \
+           | tee "$OUT/gemm_rows.log" ;;
     decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
     qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \
              --configs hf,holdall-graphs-offload,holdall-graphs --out "$OUT" 2>&1 | tee "$OUT/qlora_step.log" ;;

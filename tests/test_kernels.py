@@ -1004,7 +1004,7 @@ def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2
 def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
     """The tensor-core GEMV (round 12) applies a scale per 128-input chunk: groups of 128, 256, ... or one per
     row, symmetric int codes, no double quantization. It is the default only where it was measured faster: 2..8
-    rows of rows whose rounds unroll (4096 inputs), never one row (the float Gluon GEMV's)."""
+    rows whose rounds unroll (up to 11008 inputs), never one row (the float Gluon GEMV's)."""
     from holdall.kernels import gluon_mma
 
     def shaped(out_f, in_f, name="int4-sym"):  # a small layer's plan with a 7B layer's shape (same group layout)
@@ -1015,7 +1015,9 @@ def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
     assert gluon_mma.gemm_config(shaped(11008, 4096), 2, 132)["WK"] == 4  # 688 tiles x 8 warps: too many
     assert gluon_mma.gemm_config(shaped(4096, 4096), 8, 132) is not None
     assert gluon_mma.gemm_config(shaped(4096, 4096), 9, 132) is None  # two column tiles: v3
-    assert gluon_mma.gemm_config(shaped(4096, 11008), 4, 132) is None  # long rows: v3
+    long_rows = gluon_mma.gemm_config(shaped(4096, 11008), 4, 132)  # 11 rounds per warp: loads 3 rounds ahead
+    assert (long_rows["WK"], long_rows["AHEAD"], cfg["AHEAD"]) == (8, 3, 0)
+    assert gluon_mma.gemm_config(shaped(4096, 14336), 4, 132) is None  # 14 rounds: v3
     assert gluon_mma.gemm_config(shaped(4096, 4096, "int4-asym"), 4, 132) is None
     if HAS_TRITON:
         from holdall.kernels import triton_wq4
@@ -1035,7 +1037,7 @@ def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym"])
 @pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256), (40, 1152)], ids=str)
-@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8), (4, 4), (4, 2), (1, 1)])
+@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8), (4, 4), (4, 2), (1, 1), (1, 16)])
 def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
     """The tensor-core GEMV against the fp32 reference into a NaN-poisoned output: chunks that fill every warp's
     share and ones that leave the last round partial (11008 inputs = 86 chunks; 1152 = 9), rows that leave a
@@ -1054,13 +1056,36 @@ def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
     again = torch.full_like(out, float("nan"))  # launched with programmatic dependent launch: the same numbers
     gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), again, {**cfg, "PDL": True})
     assert torch.equal(again, out)
+    for ahead in (1, 2, 3):  # loads issued 1-3 rounds ahead (the partial round too; PDL: before the wait)
+        for pdl in (False, True):
+            again.fill_(float("nan"))
+            gluon_mma.gemv(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), again,
+                           {**cfg, "PDL": pdl, "AHEAD": ahead, "UNROLL": True})
+            assert torch.equal(again, out), (ahead, pdl)
+
+
+def test_tensor_core_launch_options_are_checked():
+    """Loads run ahead only in the unrolled rounds, 0-3 of them; tilings as the kernel's layouts allow."""
+    from holdall.kernels import gluon_mma
+
+    assert gluon_mma._launch_options({"TILES": 1, "WK": 8, "AHEAD": 3}, unroll=True) == (1, 8, False, True, 3)
+    with pytest.raises(ValueError, match="needs UNROLL"):
+        gluon_mma._launch_options({"TILES": 1, "WK": 8, "AHEAD": 2, "UNROLL": False}, unroll=True)
+    with pytest.raises(ValueError, match="0-3"):
+        gluon_mma._launch_options({"TILES": 1, "WK": 8, "AHEAD": 4}, unroll=True)
+    with pytest.raises(ValueError, match="BLOCK_N 16 x TILES"):
+        gluon_mma._launch_options({"TILES": 3, "WK": 8}, unroll=True)
+    with pytest.raises(ValueError, match="WK 1, 2, 4, 8 or 16"):
+        gluon_mma._launch_options({"TILES": 1, "WK": 32}, unroll=True)
+    with pytest.raises(ValueError, match="WK 16 takes one 16-row tile"):
+        gluon_mma._launch_options({"TILES": 2, "WK": 16, "BLOCK_N": 32}, unroll=True)
 
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (72, 256)], ids=str)
 @pytest.mark.parametrize("rows", [2, 5, 8, 13, 16, 17, 32, 64])
-@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8)])
+@pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8), (1, 16)])
 def test_tensor_core_gemv_takes_up_to_64_rows(shape, rows, tiles, warps, dtype):
     """2..64 rows as the MMA's columns (lane ``g`` of column tile ``nt`` loads row ``8 nt + g``; 1, 2, 4 or 8
     column tiles; rounds unrolled or in a loop): each row against the fp32 reference, into a NaN-poisoned output
@@ -1073,10 +1098,19 @@ def test_tensor_core_gemv_takes_up_to_64_rows(shape, rows, tiles, warps, dtype):
     x = torch.randn(rows, p.in_features + 64, device="cuda", dtype=dtype)[:, :p.in_features]
     out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
     cfg = {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps, "PDL": True}
+    if warps == 16 and rows > 32:  # 512 threads x the registers of 8 column tiles do not fit an SM
+        with pytest.raises(ValueError, match="WK 16 takes up to 32 rows"):
+            triton_wq4.gemm(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, cfg)
+        return
     triton_wq4.gemm(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), out, cfg)
     want = packed.reference_linear(layer, x)
     for r in range(rows):
         assert _rel(out[r], want[r]) < TOL[dtype]
+    if rows <= 8:  # one column tile, rounds unrolled: with the loads 3 rounds ahead, the same numbers
+        again = torch.full_like(out, float("nan"))
+        triton_wq4.gemm(packed.operands(layer, p), p, x, layer.bias.detach().to(dtype), again,
+                        {**cfg, "AHEAD": 3, "UNROLL": True})
+        assert torch.equal(again, out)
 
 
 @cuda_only

@@ -1,8 +1,8 @@
-"""The 4-bit GEMV on tensor cores, in Gluon (issue 6, round 12 of the kernels): the default for 2..8 rows of
-4096-input layers (:func:`gemm_config`; 1.2x faster than the Triton ``v3`` GEMM there on an H200), not for one row
-(on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 /
-4096x4096 against the float Gluon GEMV's 10.6 / 9.5 / 4.7) nor for more rows; :func:`gemv` still takes one row
-with every epilogue, for sweeps (``bench/gluon_sweep.py --mma``).
+"""The 4-bit GEMV on tensor cores, in Gluon (issue 6, rounds 12-13 of the kernels): the default for 2..8 rows of
+layers with up to 11008 inputs (:func:`gemm_config`; 1.1-1.4x faster than the Triton ``v3`` GEMM there on an
+H200), not for one row (on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 /
+11008x4096 / 4096x4096 against the float Gluon GEMV's 10.6 / 9.5 / 4.7) nor for more rows; :func:`gemv` still
+takes one row with every epilogue, for sweeps (``bench/gluon_sweep.py --mma``).
 
 Why it was built: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4
 thread-instructions per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking --
@@ -54,7 +54,8 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 CHUNK_WORDS = 16  # words per chunk: 4 threads x 4 words = 128 codes
 MAX_ROWS = 64  # activation rows per launch: up to 8 tiles of MMA columns (with the rounds in a loop: SASS, no spills)
-MAX_UNROLLED_ROUNDS = 8  # chunks per warp unrolled (an 11008-input row unrolled on 4 warps: 4,600 instructions)
+MAX_UNROLLED_ROUNDS = 11  # chunks per warp the small-batch default unrolls (11008 inputs on 8 warps; 14336: v3)
+SHORT_ROW_ROUNDS = 4  # up to this many rounds per warp (4096 inputs on 8 warps) the loads are not run ahead
 #: PRMT selectors that make an MMA step's B registers from two activation pairs (x[b], x[b+1]), (x[b+2], x[b+3]):
 #: b0 = (x[b], x[b+2]) (both low halves), b1 = (x[b+1], x[b+3]) (both high halves)
 B0_SEL, B1_SEL = 0x5410, 0x7632
@@ -217,6 +218,62 @@ if gl is not None:
         return y_lo, y_lo1, y_hi, y_hi1
 
     @gluon.jit
+    def _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it: gl.constexpr, WK: gl.constexpr,
+                    N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride, group_step, FULL: gl.constexpr):
+        """Round ``it``'s words and scales (the round after the full ones masked), as one tuple."""
+        w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+                               group_step, it >= FULL)
+        return (w, s)
+
+    @gluon.jit
+    def _load_first_rounds(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
+                           GROUP_W: gl.constexpr, scale_row_stride, group_step, FULL: gl.constexpr,
+                           TAIL: gl.constexpr, RING: gl.constexpr):
+        """The first ``RING`` (1-3) rounds' words and scales, oldest first (rounds past the row: never read)."""
+        ROUNDS: gl.constexpr = FULL + (1 if TAIL else 0)
+        r0 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+                         group_step, FULL)
+        r1 = r0
+        r2 = r0
+        if RING > 1 and ROUNDS > 1:
+            r1 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 1, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+                             group_step, FULL)
+        if RING > 2 and ROUNDS > 2:
+            r2 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 2, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+                             group_step, FULL)
+        return (r0, r1, r2)
+
+    @gluon.jit
+    def _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, s_ptr, rows_s, kw_w, kw_s, w_in, x_base, x_in, kw_x,
+                      WK: gl.constexpr, N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride,
+                      group_step, FULL: gl.constexpr, TAIL: gl.constexpr, RING: gl.constexpr, L5: gl.constexpr,
+                      X_BF16: gl.constexpr, MULTI: gl.constexpr):
+        """Every round (the partial last one too), each one's loads issued ``len(ring)`` rounds before its MMAs:
+        ``ring`` holds the next ``RING`` rounds' ``(words, scales)`` (three slots, oldest first); each round
+        consumed frees a slot for the round ``RING`` further on. Why: at one 16-row tile per warp a round is 1 KB of a
+        warp's weights, and loading it just before its MMAs keeps too few bytes in flight per SM (round 12:
+        the FMA GEMV, 4 KB per warp per tile, was faster despite more instructions)."""
+        ROUNDS: gl.constexpr = FULL + (1 if TAIL else 0)
+        r0, r1, r2 = ring
+        for it in gl.static_range(ROUNDS):
+            w, s = r0
+            r0 = r1
+            r1 = r2
+            if it + RING < ROUNDS:  # refill the slot just freed: RING rounds ahead
+                nxt = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it + RING, WK, N_CHUNKS, GROUP_W,
+                                  scale_row_stride, group_step, FULL)
+                if RING == 1:
+                    r0 = nxt
+                elif RING == 2:
+                    r1 = nxt
+                else:
+                    r2 = nxt
+            x_ok = (it * WK + kw_x < N_CHUNKS) & (x_in >= 0)
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
+                                              it >= FULL, L5, X_BF16, MULTI)
+        return y_lo, y_lo1, y_hi, y_hi1
+
+    @gluon.jit
     def _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS: gl.constexpr):
         """Several activation rows' outputs: the warps' partial sums of rows ``g`` / ``g + 8`` x columns
         ``8 nt + 2 c`` / ``+ 1`` (``[WK, T, NT, 8, 4]`` each) plus the bias, stored to ``y [M, N]``."""
@@ -243,13 +300,15 @@ if gl is not None:
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
                          PDL: gl.constexpr = False, NT: gl.constexpr = 0,
-                         UNROLL: gl.constexpr = True):
+                         UNROLL: gl.constexpr = True, AHEAD: gl.constexpr = 0):
         """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
         and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
         int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
         ``NT`` > 0: ``M`` (up to ``8 NT``) rows of ``x`` (``stride_x`` int32 pairs
         apart) as ``NT`` tiles of MMA columns (lane ``g`` of tile ``nt`` loads row ``8 nt + g``), written to ``y
-        [M, N]`` (``stride_y``) with the bias only. ``UNROLL``: the rounds over ``K`` unrolled (else a loop)."""
+        [M, N]`` (``stride_y``) with the bias only. ``UNROLL``: the rounds over ``K`` unrolled (else a loop);
+        ``AHEAD`` (1-3, with ``UNROLL``): each round's words and scales loaded that many rounds before its MMAs
+        (:func:`_rounds_ahead`; with ``PDL`` the first ``AHEAD`` before the wait)."""
         COLS: gl.constexpr = NT if NT > 0 else 1  # MMA column tiles
         LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LX: gl.constexpr = gl.BlockedLayout([1, COLS, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
@@ -281,18 +340,29 @@ if gl is not None:
         FULL: gl.constexpr = N_CHUNKS // WK  # rounds where every warp has a chunk; then maybe one partial round
         TAIL: gl.constexpr = N_CHUNKS % WK > 0
         MULTI: gl.constexpr = NT > 0
-        if PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
+        RING: gl.constexpr = AHEAD if UNROLL else 0
+        if RING > 0:  # rounds 0 .. RING - 1 in flight first (before the producer's wait: weights never change)
+            ring = _load_first_rounds(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, WK, N_CHUNKS, GROUP_W,
+                                      scale_row_stride, group_step, FULL, TAIL, RING)
+            if PDL:
+                _wait_for_producer()
+        elif PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
             w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
                                                scale_row_stride, group_step, FULL == 0)
             _wait_for_producer()
         squares = _squares_in(sq_in_ptr, n_sq, SQ_BLOCK, WK, NORM_IN)
         x_base = x_ptr + (64 * kw_x + x_in)
         x_ok = x_in >= 0  # (full rounds: unmasked)
-        first: gl.constexpr = 1 if PDL and FULL > 0 else 0
+        first: gl.constexpr = 1 if PDL and FULL > 0 and RING == 0 else 0
         if first:
             y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w_first, s_first, x_base, x_ok, False, L5,
                                               X_BF16, MULTI)
-        if UNROLL:  # K is a constant: every round's offsets are immediates, loads scheduled freely
+        if RING > 0:
+            y_lo, y_lo1, y_hi, y_hi1 = _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, s_ptr, rows_s, kw_w,
+                                                     kw_s, w_in, x_base, x_in, kw_x, WK, N_CHUNKS, GROUP_W,
+                                                     scale_row_stride, group_step, FULL, TAIL, RING, L5, X_BF16,
+                                                     MULTI)
+        elif UNROLL:  # K is a constant: every round's offsets are immediates, loads scheduled freely
             for it in gl.static_range(first, FULL):
                 w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, False)
@@ -304,7 +374,8 @@ if gl is not None:
                                        scale_row_stride, group_step, False)
                 y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
                                                   False, L5, X_BF16, MULTI)
-        if TAIL:  # the last round leaves some warps without a chunk: their weights and activations read as 0
+        if TAIL and RING == 0:  # the last round leaves some warps without a chunk: their weights and activations
+            # read as 0
             if PDL and FULL == 0:
                 w, s = w_first, s_first
             else:
@@ -336,19 +407,37 @@ def _rounds(p: Plan, wk: int) -> int:
 def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     """The launch for ``m`` rows where this kernel is the fastest holdall has, else None (the Triton ``v3`` GEMM).
 
-    Measured on an H200 (round 12, ``bench/gemm_rows.py``; BENCHMARKS.md): up to 8 rows (one tile of MMA columns,
-    so 2..8 rows cost what one does) of rows short enough for a warp's rounds to be unrolled (4096 inputs), it was
-    1.2-1.3x faster than ``v3`` (4 rows: 11008x4096 12.4 vs 15.7 us, 4096x4096 6.7 vs 8.6); on 11008-input rows
-    the first version tied with v3 at 2..8 rows (the centred decode: 13.8 vs 15.2 us at 4 rows, 2 and 8 rows not
-    yet timed, so they keep v3); 16 rows were 1.1-1.4x slower and 64 rows 2-3x (every program re-reads all the
-    rows' activations, with no shared-memory reuse). ``WK``: 8 warps per 16 weight rows unless that passes ~24
-    warps per SM (4096 rows: 8 warps 6.7 us, 4: 9.5; 11008 rows: 4 warps 12.3, 8: 15.0)."""
+    Measured on an H200 (``bench/gemm_rows.py``; BENCHMARKS.md rounds 12-13): up to 8 rows (one tile of MMA
+    columns, so 2..8 rows cost what one does) it is 1.2-1.3x faster than ``v3`` on 4096-input rows (4 rows:
+    11008x4096 12.4 vs 15.7 us, 4096x4096 6.7 vs 8.6) and 1.09-1.15x on 11008-input rows with each round's loads
+    issued 3 rounds ahead (4096x11008, 2 / 8 rows: 13.1 / 13.8 vs 15.0 / 15.0 us; unrolled without it 13.6 / 14.3;
+    on 4096-input rows AHEAD ties or loses, so they keep it off); 16 rows were 1.1-1.4x slower and 64 rows 2-3x
+    (every program re-reads all the rows' activations; staging them in shared memory, round 13's XS, was slower
+    still). ``WK``: 8 warps per 16 weight rows unless that passes ~24 warps per SM (4096 rows: 8 warps 6.7 us, 4:
+    9.5; 11008 rows: 4 warps 12.3, 8: 15.0)."""
     if m > 8 or why_not(p) is not None:
         return None
     wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
-    if _rounds(p, wk) > MAX_UNROLLED_ROUNDS:
+    rounds = _rounds(p, wk)
+    if rounds > MAX_UNROLLED_ROUNDS:
         return None
-    return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True}
+    ahead = 3 if rounds > SHORT_ROW_ROUNDS else 0
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True,
+            "AHEAD": ahead}
+
+
+def _launch_options(cfg: dict, unroll: bool) -> tuple[int, int, bool, bool, int]:
+    """``(TILES, WK, PDL, UNROLL, AHEAD)`` of a launch config, checked (``unroll``: the default)."""
+    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    unroll, ahead = bool(cfg.get("UNROLL", unroll)), int(cfg.get("AHEAD", 0))
+    # WK 16 (512 threads): twice the warps per 16 rows, so twice the weight bytes in flight per tile of rows
+    if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8, 16) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
+        raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4, 8 or 16 and BLOCK_N 16 x TILES; got {cfg}")
+    if wk == 16 and tiles > 1:  # SASS: two tiles take ~166 registers, x 512 threads more than an SM has
+        raise ValueError(f"WK 16 takes one 16-row tile per warp (TILES 1); got {cfg}")
+    if ahead not in (0, 1, 2, 3) or (ahead and not unroll):
+        raise ValueError(f"AHEAD (rounds loaded ahead) must be 0-3, and needs UNROLL; got {cfg}")
+    return tiles, wk, pdl, unroll, ahead
 
 
 def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict,
@@ -363,10 +452,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
     if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() != p.in_features or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous bf16/fp16 row of {p.in_features}; got {x.dtype} {tuple(x.shape)}")
-    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
-    unroll = bool(cfg.get("UNROLL", True))
-    if tiles not in (1, 2, 4) or wk not in (1, 2, 4, 8) or int(cfg.get("BLOCK_N", 16 * tiles)) != 16 * tiles:
-        raise ValueError(f"TILES must be 1, 2 or 4, WK 1, 2, 4 or 8 and BLOCK_N 16 x TILES; got {cfg}")
+    tiles, wk, pdl, unroll, ahead = _launch_options(cfg, unroll=True)
     from .triton_wq4 import _norm_operands
 
     n_half, programs = programs_for(p, out, 16 * tiles, glu, norm_out)
@@ -379,7 +465,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
-        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, num_warps=wk,
+        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, AHEAD=ahead, num_warps=wk,
         launch_pdl=pdl,
     )
     return out
@@ -405,10 +491,12 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
                          f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
     if out.shape != (m, p.out_features) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
-    tiles, wk, pdl = int(cfg.get("TILES", 2)), int(cfg.get("WK", 4)), bool(cfg.get("PDL", False))
+    # more columns: a loop keeps fewer loads in flight
+    tiles, wk, pdl, unroll, ahead = _launch_options(cfg, unroll=column_tiles(m) == 1)
     if column_tiles(m) >= 8:  # 64 rows: two row tiles' accumulators spill (SASS)
         tiles = 1
-    unroll = bool(cfg.get("UNROLL", column_tiles(m) == 1))  # more columns: a loop keeps fewer loads in flight
+    if wk == 16 and column_tiles(m) > 4:  # SASS: 174 registers x 512 threads, more than an SM's 65,536
+        raise ValueError(f"WK 16 takes up to 32 rows (got {m}): use WK 8 or fewer")
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
         x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
@@ -416,6 +504,6 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
-        PDL=pdl, NT=column_tiles(m), UNROLL=unroll, num_warps=wk, launch_pdl=pdl,
+        PDL=pdl, NT=column_tiles(m), UNROLL=unroll, AHEAD=ahead, num_warps=wk, launch_pdl=pdl,
     )
     return out

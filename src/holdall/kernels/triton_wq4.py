@@ -37,9 +37,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
   - ``"mma"`` (round 4, not a default): the row through ``_gemm2_kernel`` below, padded to 16 MMA columns;
     10-30% slower than the pairs kernel on an H200 (109 registers per thread, latency-bound).
 * 2..64 rows, :func:`gemm` (tensor cores):
-  - ``"gluon_mma"`` (round 12, :mod:`holdall.kernels.gluon_mma`, the default for 2..8 rows of int4 sym layers
-    with 4096-input rows on a Hopper): the rows as the columns of ``mma.sync`` in Gluon, 1.2x faster than v3
-    there on an H200.
+  - ``"gluon_mma"`` (rounds 12-13, :mod:`holdall.kernels.gluon_mma`, the default for 2..8 rows of int4 sym
+    layers with up to 11008-input rows on a Hopper): the rows as the columns of ``mma.sync`` in Gluon, 1.1-1.4x
+    faster than v3 there on an H200.
   - ``_gemm3_kernel`` ("v3", round 6, the default otherwise when rows are whole groups): the weight as the MMA's left
     operand, a group's inputs reordered on both sides into the order the MMA's register fragments hold them
     (:func:`_fragment_order`), so each thread loads its own codes as whole words and decodes them straight into
@@ -1689,7 +1689,7 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     """``out [M, N] = x @ W^T + b`` for ``x [M, K]`` (rows contiguous, bf16/fp16), M small."""
     m = x.shape[0]
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if config is None and _tensor_core_rows_fit(ops, x, index):  # round 12: 2..8 rows of short rows
+    if config is None and _tensor_core_rows_fit(ops, x, index):  # rounds 12-13: 2..8 rows
         from . import gluon_mma
 
         config = gluon_mma.gemm_config(p, m, _sm_count(index))
