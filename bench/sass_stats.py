@@ -49,7 +49,7 @@ KERNELS["gemv_tma"] = ("_gemv_tma_kernel", {
     "group_step": "i32", "zero_row_stride": "i32"})
 KERNELS["gemv_gluon"] = ("_gemv_gluon_kernel", {
     "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32",
-    "tab_ptr": "*i32", "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
+    "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
     "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16", "sq_out_ptr": "*fp32", "xs_ptr": "*fp32",
     "q_out_ptr": "*i32", "qs_out_ptr": "*fp32", "N": "i32", "n_half": "i32", "stride_wn": "i32",
     "scale_row_stride": "i32", "group_step": "i32"})
@@ -68,7 +68,7 @@ BASE["gemv_gluon"] = {"K_WORDS": 1376, "GROUP_W": 16, "R": 8, "WK": 4, "X_BF16":
                       "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False, "group_step": 1}
 KERNELS["gemv_mma"] = ("_gemv_mma_kernel", {
     "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32",
-    "tab_ptr": "*i32", "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
+    "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
     "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16", "sq_out_ptr": "*fp32", "N": "i32",
     "n_half": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32", "M": "i32",
     "stride_x": "i32", "stride_y": "i32"})

@@ -95,12 +95,11 @@ if gl is not None:
     # the decode with the scale folded in (FOLD): int codes, NF4, FP4; bf16 / fp16
     _SC_INT_BF16 = gl.constexpr(ptx.scaled_pairs_asm(None, True))
     _SC_INT_F16 = gl.constexpr(ptx.scaled_pairs_asm(None, False))
-    _SC_NF4_BF16 = gl.constexpr(ptx.scaled_pairs_asm("nf4", True, table_operands=True))
-    _SC_NF4_F16 = gl.constexpr(ptx.scaled_pairs_asm("nf4", False, table_operands=True))
-    _SC_FP4_BF16 = gl.constexpr(ptx.scaled_pairs_asm("fp4", True, table_operands=True))
-    _SC_FP4_F16 = gl.constexpr(ptx.scaled_pairs_asm("fp4", False, table_operands=True))
+    _SC_NF4_BF16 = gl.constexpr(ptx.scaled_pairs_asm("nf4", True))
+    _SC_NF4_F16 = gl.constexpr(ptx.scaled_pairs_asm("nf4", False))
+    _SC_FP4_BF16 = gl.constexpr(ptx.scaled_pairs_asm("fp4", True))
+    _SC_FP4_F16 = gl.constexpr(ptx.scaled_pairs_asm("fp4", False))
     _SC_IO = gl.constexpr("=r,=r,=r,=r,r,h")  # four pairs out; the word and the 16-bit scale in
-    _SC_TABLE_IO = gl.constexpr("=r,=r,=r,=r,r,h,r,r,r,r,r,r,r,r")  # ... and the codebook's 8 table words
     _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, "
                              "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
     _MMA_F16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, "
@@ -116,27 +115,24 @@ if gl is not None:
             return gl.inline_asm_elementwise(_NIB_F16, "=r,=r,=r,=r,r", [w], (gl.int32,) * 4, True, 1)
 
     @gluon.jit
-    def _scaled_pairs(w, s16, tab, BOOK: gl.constexpr, X_BF16: gl.constexpr):
+    def _scaled_pairs(w, s16, BOOK: gl.constexpr, X_BF16: gl.constexpr):
         """:func:`_pairs` times the 16-bit scale ``s16`` (shaped like ``w``), rounded once; ``BOOK`` 0 int codes
-        (centred), 1 NF4, 2 FP4 with ``tab`` its 8 table words (:func:`holdall.kernels.ptx.scaled_pairs_asm`)."""
+        (centred), 1 NF4, 2 FP4 (:func:`holdall.kernels.ptx.scaled_pairs_asm`)."""
         if BOOK == 0:
             if X_BF16:
                 return gl.inline_asm_elementwise(_SC_INT_BF16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
             else:
                 return gl.inline_asm_elementwise(_SC_INT_F16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
-        t0, t1, t2, t3, t4, t5, t6, t7 = tab
-        z = gl.zeros_like(w)  # the table words as registers of w's shape (splats: one register each)
-        args = [w, s16, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7]
-        if BOOK == 1:
+        elif BOOK == 1:
             if X_BF16:
-                return gl.inline_asm_elementwise(_SC_NF4_BF16, _SC_TABLE_IO, args, (gl.int32,) * 4, True, 1)
+                return gl.inline_asm_elementwise(_SC_NF4_BF16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
             else:
-                return gl.inline_asm_elementwise(_SC_NF4_F16, _SC_TABLE_IO, args, (gl.int32,) * 4, True, 1)
+                return gl.inline_asm_elementwise(_SC_NF4_F16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
         else:
             if X_BF16:
-                return gl.inline_asm_elementwise(_SC_FP4_BF16, _SC_TABLE_IO, args, (gl.int32,) * 4, True, 1)
+                return gl.inline_asm_elementwise(_SC_FP4_BF16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
             else:
-                return gl.inline_asm_elementwise(_SC_FP4_F16, _SC_TABLE_IO, args, (gl.int32,) * 4, True, 1)
+                return gl.inline_asm_elementwise(_SC_FP4_F16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
 
     @gluon.jit
     def _mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, X_BF16: gl.constexpr):
@@ -185,7 +181,7 @@ if gl is not None:
         return t0, t1, t2, t3
 
     @gluon.jit
-    def _chunk(w, xp, x_ok, acc0, acc1, acc2, acc3, s_lo, s_hi, tab, MASKED: gl.constexpr, L5: gl.constexpr,
+    def _chunk(w, xp, x_ok, acc0, acc1, acc2, acc3, s_lo, s_hi, MASKED: gl.constexpr, L5: gl.constexpr,
                X_BF16: gl.constexpr, BOOK: gl.constexpr, FOLD: gl.constexpr):
         """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 i + h`` = rows ``16 i + 8 h +
         g``, g, c, word) and the thread's activation pairs at ``xp [WK, NT, 8, 4, 4]`` (int32 pointers; column
@@ -199,8 +195,7 @@ if gl is not None:
         registers of a step serve every column tile and the B registers every row tile (the MMA is elementwise
         over ``[T, 1]`` x ``[1, NT]``). The MMAs add into ``acc0..acc3`` (zeros, or with ``FOLD`` the outputs'
         accumulators: the weights then enter scaled, ``s_lo`` / ``s_hi`` the 16-bit scales of rows ``g`` / ``g +
-        8`` per thread ``[WK, T, 1, 8, 4]``, and ``BOOK`` picks the decode: 0 int codes, 1 NF4, 2 FP4, whose
-        table words are ``tab``)."""
+        8`` per thread ``[WK, T, 1, 8, 4]``, and ``BOOK`` picks the decode: 0 int codes, 1 NF4, 2 FP4)."""
         KW: gl.constexpr = w.shape[0]
         T: gl.constexpr = w.shape[1] // 2
         LA: gl.constexpr = gl.SliceLayout(2, L5)  # [WK, T, 8, 4]
@@ -213,8 +208,8 @@ if gl is not None:
             w_lo = gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2)
             w_hi = gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2)
             if FOLD:
-                a_lo = _scaled_pairs(w_lo, s_lo, tab, BOOK, X_BF16)
-                a_hi = _scaled_pairs(w_hi, s_hi, tab, BOOK, X_BF16)
+                a_lo = _scaled_pairs(w_lo, s_lo, BOOK, X_BF16)
+                a_hi = _scaled_pairs(w_hi, s_hi, BOOK, X_BF16)
             else:
                 a_lo = _pairs(w_lo, X_BF16)
                 a_hi = _pairs(w_hi, X_BF16)
@@ -279,19 +274,7 @@ if gl is not None:
         return s_lo, s_hi
 
     @gluon.jit
-    def _table_regs(tab_ptr, L5: gl.constexpr):
-        """The codebook's 8 table words, each ``[1, 1, 1, 8, 4]`` in ``L5``: loaded from a copy per lane (``tab_ptr
-        [32, 8]``) so that ptxas keeps them in regular registers -- from one uniform address it holds them in
-        uniform registers and copies each into a regular one at every use (~1 instruction per code, SASS)."""
-        LA: gl.constexpr = gl.SliceLayout(2, L5)
-        base = tab_ptr + 8 * (4 * _iota(8, LA, 4, 2) + _iota(4, LA, 4, 3))  # lane 4 g + c
-        return (gl.expand_dims(gl.load(base), 2), gl.expand_dims(gl.load(base + 1), 2),
-                gl.expand_dims(gl.load(base + 2), 2), gl.expand_dims(gl.load(base + 3), 2),
-                gl.expand_dims(gl.load(base + 4), 2), gl.expand_dims(gl.load(base + 5), 2),
-                gl.expand_dims(gl.load(base + 6), 2), gl.expand_dims(gl.load(base + 7), 2))
-
-    @gluon.jit
-    def _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xp, x_ok, tab, MASKED: gl.constexpr, L5: gl.constexpr,
+    def _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr,
                X_BF16: gl.constexpr, MULTI: gl.constexpr, BOOK: gl.constexpr, FOLD: gl.constexpr):
         """One round of chunks (one per warp) into the accumulators: the MMA sums times each row's scale (with
         ``FOLD``, the scaled weights' MMAs straight into the accumulators)."""
@@ -301,12 +284,12 @@ if gl is not None:
             s_lo, s_hi = _row_scales(s, L5)
             if X_BF16:
                 return _chunk(w, xp, x_ok, y_lo, y_lo1, y_hi, y_hi1, s_lo.to(gl.bfloat16), s_hi.to(gl.bfloat16),
-                              tab, MASKED, L5, X_BF16, BOOK, True)
+                              MASKED, L5, X_BF16, BOOK, True)
             else:
                 return _chunk(w, xp, x_ok, y_lo, y_lo1, y_hi, y_hi1, s_lo.to(gl.float16), s_hi.to(gl.float16),
-                              tab, MASKED, L5, X_BF16, BOOK, True)
+                              MASKED, L5, X_BF16, BOOK, True)
         zero = gl.zeros([KW, T, y_lo.shape[2], 8, 4], gl.float32, L5)
-        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, zero, zero, zero, zero, 0, 0, tab, MASKED, L5, X_BF16, BOOK, False)
+        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, zero, zero, zero, zero, 0, 0, MASKED, L5, X_BF16, BOOK, False)
         s_lo, s_hi = _row_scales(s, L5)
         y_lo += lo * s_lo
         y_hi += hi * s_hi
@@ -342,7 +325,7 @@ if gl is not None:
         return (r0, r1, r2)
 
     @gluon.jit
-    def _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, tab, w_base, sp, rows_s, kw_w, kw_s, w_in, x_base, x_in, kw_x,
+    def _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, sp, rows_s, kw_w, kw_s, w_in, x_base, x_in, kw_x,
                       WK: gl.constexpr, N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride,
                       group_step, FULL: gl.constexpr, TAIL: gl.constexpr, RING: gl.constexpr, L5: gl.constexpr,
                       X_BF16: gl.constexpr, MULTI: gl.constexpr, BOOK: gl.constexpr, FOLD: gl.constexpr):
@@ -367,7 +350,7 @@ if gl is not None:
                 else:
                     r2 = nxt
             x_ok = (it * WK + kw_x < N_CHUNKS) & (x_in >= 0)
-            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok, tab,
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
                                               it >= FULL, L5, X_BF16, MULTI, BOOK, FOLD)
         return y_lo, y_lo1, y_hi, y_hi1
 
@@ -392,9 +375,8 @@ if gl is not None:
                 gl.store(y_ptr + col * stride_y + r, (part + bias).to(dt), mask=(r < N) & (col < M))
 
     @gluon.jit
-    def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, tab_ptr, b_ptr, y_ptr, sq_in_ptr,
-                         n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step, M,
-                         stride_x, stride_y,
+    def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps,
+                         nw_ptr, h_ptr, sq_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step, M, stride_x, stride_y,
                          K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
@@ -410,8 +392,7 @@ if gl is not None:
         ``AHEAD`` (1-3, with ``UNROLL``): each round's words and scales loaded that many rounds before its MMAs
         (:func:`_rounds_ahead`; with ``PDL`` the first ``AHEAD`` before the wait). ``BOOK`` 0 symmetric int codes,
         1 NF4, 2 FP4; ``FOLD``: the scale multiplied into the decoded weights (:func:`folds`); uint8 scales are
-        double-quantized (``sabs_ptr`` nested absmax, ``soff_ptr`` offset, ``dmap_ptr`` map); ``tab_ptr`` the
-        codebook's 8 table words (:func:`holdall.kernels.ptx.table_words`), loaded once into registers."""
+        double-quantized (``sabs_ptr`` nested absmax, ``soff_ptr`` offset, ``dmap_ptr`` map)."""
         COLS: gl.constexpr = NT if NT > 0 else 1  # MMA column tiles
         LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LX: gl.constexpr = gl.BlockedLayout([1, COLS, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
@@ -438,7 +419,6 @@ if gl is not None:
         rows_s = rows_s + 0 * c_s
         kw_s = _iota(WK, LS, 4, 0)
         sp = (s_ptr, sabs_ptr, soff_ptr, dmap_ptr, c_s)
-        tab = _table_regs(tab_ptr, L5)
         y_lo = gl.zeros([WK, T, COLS, 8, 4], gl.float32, L5)  # rows g x columns 2 c
         y_hi = gl.zeros_like(y_lo)  # rows g + 8 x columns 2 c
         y_lo1 = gl.zeros_like(y_lo)  # rows g x columns 2 c + 1 (several activation rows)
@@ -461,10 +441,10 @@ if gl is not None:
         x_ok = x_in >= 0  # (full rounds: unmasked)
         first: gl.constexpr = 1 if PDL and FULL > 0 and RING == 0 else 0
         if first:
-            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w_first, s_first, x_base, x_ok, tab, False,
-                                              L5, X_BF16, MULTI, BOOK, FOLD)
+            y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w_first, s_first, x_base, x_ok, False, L5,
+                                              X_BF16, MULTI, BOOK, FOLD)
         if RING > 0:
-            y_lo, y_lo1, y_hi, y_hi1 = _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, tab, w_base, sp, rows_s, kw_w,
+            y_lo, y_lo1, y_hi, y_hi1 = _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, sp, rows_s, kw_w,
                                                      kw_s, w_in, x_base, x_in, kw_x, WK, N_CHUNKS, GROUP_W,
                                                      scale_row_stride, group_step, FULL, TAIL, RING, L5, X_BF16,
                                                      MULTI, BOOK, FOLD)
@@ -473,13 +453,13 @@ if gl is not None:
                 w, s = _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, False)
                 y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
-                                                  tab, False, L5, X_BF16, MULTI, BOOK, FOLD)
+                                                  False, L5, X_BF16, MULTI, BOOK, FOLD)
         else:  # a rolled loop: a small body (instruction cache) and fewer loads in flight (registers)
             for it in range(first, FULL):
                 w, s = _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, False)
                 y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
-                                                  tab, False, L5, X_BF16, MULTI, BOOK, FOLD)
+                                                  False, L5, X_BF16, MULTI, BOOK, FOLD)
         if TAIL and RING == 0:  # the last round leaves some warps without a chunk: their weights and activations
             # read as 0
             if PDL and FULL == 0:
@@ -488,8 +468,7 @@ if gl is not None:
                 w, s = _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, FULL, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, True)
             y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * FULL,
-                                              FULL * WK + kw_x < N_CHUNKS, tab, True, L5, X_BF16, MULTI, BOOK,
-                                              FOLD)
+                                              FULL * WK + kw_x < N_CHUNKS, True, L5, X_BF16, MULTI, BOOK, FOLD)
         if NT > 0:
             _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS)
         else:
@@ -504,21 +483,6 @@ if gl is not None:
             rows_y, ok_y = _tile_rows(gl.arange(0, R, layout=YL), t, R, N, n_half, GLU)
             _epilogue(y, rows_y, ok_y, t, squares, eps, b_ptr, y_ptr, n_half, nw_ptr, h_ptr, sq_out_ptr, y_ptr,
                       y_ptr, K_WORDS, HAS_BIAS, NORM_IN, NORM_OUT, GLU, False)
-
-
-_TABLES: dict[tuple, torch.Tensor] = {}
-
-
-def _table(p: Plan, dtype: torch.dtype, dummy: torch.Tensor) -> torch.Tensor:
-    """The codebook's 8 register-table words for activations of ``dtype``, one copy per lane (``[32, 8]`` int32,
-    cached per device; :func:`_table_regs`), or ``dummy``."""
-    if p.kind != 2:
-        return dummy
-    key = (p.codebook, dtype, dummy.device)
-    if key not in _TABLES:
-        words = torch.tensor(ptx.table_words(p.codebook, dtype == torch.bfloat16), dtype=torch.int64)
-        _TABLES[key] = words.to(torch.int32).repeat(32, 1).contiguous().to(dummy.device)
-    return _TABLES[key]
 
 
 def _rounds(p: Plan, wk: int) -> int:
@@ -537,11 +501,16 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     6.87 vs 6.70 us); 16 rows were 1.1-1.4x slower and 64 rows 2-3x
     (every program re-reads all the rows' activations; staging them in shared memory, round 13's XS, was slower
     still). ``WK``: 8 warps per 16 weight rows unless that passes ~24 warps per SM (4096 rows: 8 warps 6.7 us, 4:
-    9.5; 11008 rows: 4 warps 12.3, 8: 15.0)."""
-    if m > 8 or why_not(p) is not None:
-        return None
+    9.5; 11008 rows: 4 warps 12.3, 8: 15.0).
+
+    Codebooks and short groups (:func:`folds`; round 13) take it up to 16 rows: their decode costs ~2x the int
+    codes' instructions, which the v3 GEMM pays per column tile too (NF4 / NF4 + double quant, 2..8 rows: 18-21 us
+    against v3's 24.5-26.5, 1.3-1.6x bf16; 16 rows 11.6-24.4 us against 13.0-26.5); no loads run ahead (NF4 at
+    11008 inputs: 18.2 us unrolled, 18.6 with)."""
     fold = folds(p)
-    wk = 8 if fold or -(-p.out_features // 16) * 8 <= 24 * sms else 4
+    if m > (16 if fold else 8) or why_not(p) is not None:
+        return None
+    wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
     rounds = _rounds(p, wk)
     if rounds > MAX_UNROLLED_ROUNDS:
         return None
@@ -584,7 +553,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(programs,)](
         x.view(torch.int32), ops.words, ops.scale, ops.scale_absmax, ops.scale_offset, ops.dmap,
-        _table(p, x.dtype, ops.words), bias if bias is not None else ops.scale, out,
+        bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out, p.out_features, n_half, ops.words.stride(0),
         p.scale_row_stride, p.group_step, 1, 0, 0,
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
@@ -625,7 +594,7 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
         x.view(torch.int32), ops.words, ops.scale, ops.scale_absmax, ops.scale_offset, ops.dmap,
-        _table(p, x.dtype, ops.words), bias if bias is not None else ops.scale, out,
+        bias if bias is not None else ops.scale, out,
         ops.scale, 0, 0.0, ops.scale, ops.scale, ops.scale, p.out_features, p.out_features, ops.words.stride(0),
         p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,

@@ -52,23 +52,18 @@ def centered_nibbles_asm(bf16: bool) -> str:
     return ("{.reg .b32 o, n;" + body + f"mov.b32 o, 0x{one:08X}; mov.b32 n, 0x{neg:08X};" + centre + "}")
 
 
-def scaled_pairs_asm(name: str | None, bf16: bool, table_operands: bool = False) -> str:
+def scaled_pairs_asm(name: str | None, bf16: bool) -> str:
     """The 8 codes of the word ``$4``, scaled by the 16-bit scale ``$5``, as four 16-bit float pairs in
     :func:`nibbles_asm`'s layout (``$0 = (0, 2)``, ``$1 = (4, 6)``, ``$2 = (1, 3)``, ``$3 = (5, 7)``): symmetric
     int codes (``name`` None) centred exactly (:func:`centered_nibbles_asm`), codebook codes looked up in
     registers (:func:`table_asm`), then one packed ``fma`` with the scale (and -0.0) per pair, rounding once.
     The tensor-core GEMV's decode when a thread's codes carry their own scale (groups of 32 / 64 inputs,
-    codebooks): the MMAs then sum scaled weights, as the round-6 GEMM's ``FOLD16`` does.
-
-    ``table_operands``: the codebook's 8 table words (:func:`table_words`) come in as ``$6..$13`` instead of as
-    immediates, which ptxas copies from a uniform register into a regular one at every use (~1 instruction per
-    code); passed in from memory, they stay in registers."""
+    codebooks): the MMAs then sum scaled weights, as the round-6 GEMM's ``FOLD16`` does."""
     kind = "bf16x2" if bf16 else "f16x2"
     if name is None:
         decode = centered_nibbles_asm(bf16)[1:-1]
     else:
-        table = tuple(f"${6 + i}" for i in range(8)) if table_operands else None
-        decode = _table_body(name, bf16, "$4", ("$0", "$1", "$2", "$3"), table)
+        decode = _table_body(name, bf16, "$4", ("$0", "$1", "$2", "$3"))
     scale = "".join(f"fma.rn.{kind} ${k}, ${k}, s2, nz;" for k in range(4))
     return ("{.reg .b32 s2, nz;" + decode + f"mov.b32 s2, {{$5, $5}}; mov.b32 nz, 0x{_NEG_ZERO2:08X};" + scale + "}")
 
@@ -148,26 +143,18 @@ def fold16_asm(name: str | None, bf16: bool) -> str:
     return "{" + regs + head + body + offset + scale + split + "}"
 
 
-def table_words(name: str, bf16: bool) -> list[int]:
-    """The register table of :func:`table_asm` as 8 int32 words ``L0..L3, H0..H3``: the codebook's 16-bit values'
-    low bytes, then their high bytes, entry ``i`` at byte ``i % 4`` of word ``i // 4``."""
+def _table_body(name: str, bf16: bool, src_reg: str, outs: tuple[str, str, str, str]) -> str:
+    """PTX of the register-table lookup (see :func:`table_asm`) from ``src_reg`` into ``outs``: the high
+    nibbles' 16-bit values of bytes (0, 1) and (2, 3), then the low nibbles'."""
     bits = (codebook(name).to(torch.bfloat16 if bf16 else torch.float16).view(torch.int16).to(torch.int32)
             & 0xFFFF).tolist()
     lo_bytes, hi_bytes = [b & 0xFF for b in bits], [b >> 8 for b in bits]
 
-    def word(four: list[int]) -> int:
-        return four[0] | four[1] << 8 | four[2] << 16 | four[3] << 24
+    def word(four: list[int]) -> str:
+        return f"0x{four[0] | four[1] << 8 | four[2] << 16 | four[3] << 24:08X}"
 
-    return [word(lo_bytes[4 * i:4 * i + 4]) for i in range(4)] + [word(hi_bytes[4 * i:4 * i + 4]) for i in range(4)]
-
-
-def _table_body(name: str, bf16: bool, src_reg: str, outs: tuple[str, str, str, str],
-                table: tuple[str, ...] | None = None) -> str:
-    """PTX of the register-table lookup (see :func:`table_asm`) from ``src_reg`` into ``outs``: the high
-    nibbles' 16-bit values of bytes (0, 1) and (2, 3), then the low nibbles'. ``table``: the 8 operands that
-    hold :func:`table_words` (else immediates)."""
-    srcs = table or tuple(f"0x{value:08X}" for value in table_words(name, bf16))
-    movs = "".join(f"mov.b32 L{i}, {srcs[i]}; mov.b32 H{i}, {srcs[4 + i]};" for i in range(4))
+    movs = "".join(f"mov.b32 L{i}, {word(lo_bytes[4 * i:4 * i + 4])}; mov.b32 H{i}, {word(hi_bytes[4 * i:4 * i + 4])};"
+                   for i in range(4))
 
     def half(src: str, out_hi: str, out_lo: str) -> str:
         # selector nibbles of src[15:0], in order: byte0.lo, byte0.hi, byte1.lo, byte1.hi
