@@ -1,6 +1,6 @@
 """The 4-bit GEMV on tensor cores, in Gluon (issue 6, rounds 12-13 of the kernels): the default for 2..8 rows of
-layers with up to 11008 inputs (:func:`gemm_config`; 1.1-1.4x faster than the Triton ``v3`` GEMM there on an
-H200), not for one row (on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 /
+int4 sym layers with up to 11008 inputs and 2..16 rows of NF4 / FP4 / short groups (:func:`gemm_config`; 1.1-1.4x
+faster than the Triton ``v3`` GEMM there on an H200), not for one row (on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 /
 11008x4096 / 4096x4096 against the float Gluon GEMV's 10.6 / 9.5 / 4.7) nor for more rows; :func:`gemv` still
 takes one row with every epilogue, for sweeps (``bench/gluon_sweep.py --mma``).
 
@@ -30,8 +30,12 @@ fed to the MMA in the order the registers already hold them, and the activations
   32 c + 8 w + 4 p`` -- two PRMTs of the thread's own 16 activation words, shared by its ``T`` tiles.
 
 The MMA sums ``(n - 8) x`` over the chunk into a fresh float32 accumulator; the chunk's group scale is applied
-once per chunk and row (one FMA). Groups must be
-whole chunks (128, 256, ... codes, or one scale per row). ``WK`` warps split a row's chunks; their partial sums
+once per chunk and row (one FMA), for groups of whole chunks (128, 256, ... codes, or one scale per row). Codebooks
+(NF4 / FP4, looked up in a register table) and groups of 32 / 64 take ``FOLD`` instead (:func:`folds`): thread
+``c``'s 32 inputs share one scale, but each MMA step mixes the chunk's four threads, so the decode multiplies the
+scale into the weights (:func:`holdall.kernels.ptx.scaled_pairs_asm`, rounding once to 16 bits as the v3 GEMM's
+``FOLD16`` does) and the MMAs add straight into the outputs; double-quantized scales are decoded per group as the
+Triton kernels do. ``WK`` warps split a row's chunks; their partial sums
 meet in shared memory at the end. The MMA itself is inline PTX on per-thread registers (every lane runs it in the
 same order, as ``mma.sync`` needs), so no operand layout has to be negotiated with the compiler.
 
