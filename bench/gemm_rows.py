@@ -2,8 +2,9 @@
 round 12), and what the dispatch now picks by itself.
 
     PYTHONPATH=src python3 bench/gemm_rows.py --out $OUT/gemm_rows.json [--rows 2,4,8,16,64] [--mma 1x4,1x8]
+        [--schemes int4-g128-sym,nf4,nf4-dq]
 
-For each weight shape ``[out, in]`` (int4 g128 symmetric, RTN) and row count it graph-times (``gpu_kernels.py``'s
+For each weight shape ``[out, in]`` and scheme (default int4 g128 symmetric; RTN) and row count it graph-times (``gpu_kernels.py``'s
 harness: copies of the weight beyond the L2, median of rounds) ``F.linear`` on bf16 weights, the ``v3`` GEMM with
 its heuristic's config (``triton_wq4.gemm_config``), every tensor-core tiling ``TILES x WK`` (16-row MMA tiles per
 warp x warps splitting a row) with its rounds unrolled (``u``) and in a loop (``l``), and ``triton_wq4.gemm`` with
@@ -14,6 +15,7 @@ to the largest output). Prints one JSON line per cell with the speed-ups over bf
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpu_kernels import bench_graph, bf16_copies, int4_copies, mma_tilings  # noqa: E402
+from gpu_kernels import SCHEMES, bench_graph, bf16_copies, int4_copies, mma_tilings  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # [out, in]
@@ -41,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="2,4,8,16,64")
+    parser.add_argument("--schemes", default="int4-g128-sym", help=f"comma-separated, from {sorted(SCHEMES)}")
     parser.add_argument("--mma", default="1x4,1x8,2x4",
                         help="tensor-core tilings, TILES x WK (1x8a3: loads 3 rounds ahead; gpu_kernels.mma_tilings)")
     args = parser.parse_args()
@@ -51,14 +54,14 @@ def main() -> None:
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cells = []
-    for out_f, in_f in SHAPES:
-        layers, p, ops, _ = int4_copies(out_f, in_f)
+    for (out_f, in_f), scheme in itertools.product(SHAPES, args.schemes.split(",")):
+        layers, p, ops, _ = int4_copies(out_f, in_f, SCHEMES[scheme])
         copies = bf16_copies(out_f, in_f)
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
             want = packed.reference_linear(layers[0], x.float())
             y = torch.empty(m, out_f, device="cuda", dtype=torch.bfloat16)
-            cell = {"shape": f"{out_f}x{in_f}", "rows": m,
+            cell = {"shape": f"{out_f}x{in_f}", "scheme": scheme, "rows": m,
                     "bf16": round(bench_graph([lambda w=w: F.linear(x, w) for w in copies]), 2)}
             configs = {"v3": triton_wq4.gemm_config(p, m, sms), "default": None}
             for name, cfg in mma_tilings(args.mma).items():

@@ -67,15 +67,17 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(16, -(-3 * L2_BYTES // nbytes)))
 
 
-def int4_copies(out_f: int, in_f: int) -> tuple[list[QuantLinear], packed.Plan, list, int]:
-    """One random ``[out_f, in_f]`` layer quantized int4 g128 sym (RTN) on the GPU, as enough copies for
-    :func:`bench_graph`: ``(layers, plan, operands per copy, bytes per copy)``."""
+def int4_copies(out_f: int, in_f: int, scheme: QuantScheme | None = None,
+                ) -> tuple[list[QuantLinear], packed.Plan, list, int]:
+    """One random ``[out_f, in_f]`` layer quantized with ``scheme`` (default int4 g128 sym; RTN) on the GPU, as
+    enough copies for :func:`bench_graph`: ``(layers, plan, operands per copy, bytes per copy)``."""
+    scheme = scheme or QuantScheme()
     linear = torch.nn.Linear(in_f, out_f, bias=False)
     linear.weight.data.normal_(0, 0.02)
-    layers = [QuantLinear.from_linear(linear, QuantScheme()).cuda()]
+    layers = [QuantLinear.from_linear(linear, scheme).cuda()]
     p = packed.plan(layers[0])
     nbytes = sum(t.numel() * t.element_size() for t in layers[0].buffers())
-    layers += [QuantLinear.from_linear(linear, QuantScheme()).cuda() for _ in range(copies_for(nbytes) - 1)]
+    layers += [QuantLinear.from_linear(linear, scheme).cuda() for _ in range(copies_for(nbytes) - 1)]
     return layers, p, [packed.operands(layer, p) for layer in layers], nbytes
 
 

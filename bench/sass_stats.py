@@ -48,7 +48,8 @@ KERNELS["gemv_tma"] = ("_gemv_tma_kernel", {
     "sq_out_ptr": "*fp32", "xs_ptr": "*fp32", "q_out_ptr": "*i32", "qs_out_ptr": "*fp32", "N": "i32", "n_half": "i32", "n_groups": "i32", "stride_wn": "i32", "scale_row_stride": "i32",
     "group_step": "i32", "zero_row_stride": "i32"})
 KERNELS["gemv_gluon"] = ("_gemv_gluon_kernel", {
-    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
+    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32",
+    "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
     "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16", "sq_out_ptr": "*fp32", "xs_ptr": "*fp32",
     "q_out_ptr": "*i32", "qs_out_ptr": "*fp32", "N": "i32", "n_half": "i32", "stride_wn": "i32",
     "scale_row_stride": "i32", "group_step": "i32"})
@@ -66,7 +67,8 @@ BASE["gemm2"] = BASE["gemm3"]
 BASE["gemv_gluon"] = {"K_WORDS": 1376, "GROUP_W": 16, "R": 8, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
                       "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False, "group_step": 1}
 KERNELS["gemv_mma"] = ("_gemv_mma_kernel", {
-    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
+    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32",
+    "b_ptr": "*bf16", "y_ptr": "*bf16", "sq_in_ptr": "*fp32",
     "n_sq": "i32", "eps": "fp32", "nw_ptr": "*bf16", "h_ptr": "*bf16", "sq_out_ptr": "*fp32", "N": "i32",
     "n_half": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32", "M": "i32",
     "stride_x": "i32", "stride_y": "i32"})
@@ -141,6 +143,8 @@ def main() -> None:
         key, value = item.split("=", 1)
         constexprs[key] = int(value)
     num_warps, num_stages = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3)
+    if constexprs.pop("DQ", 0):  # double-quantized scales: uint8 codes (not a constexpr: the pointer's type)
+        signature = {**signature, "s_ptr": "*u8"}
     box = f"{constexprs.get('BLOCK_N')}"  # GLU: each gate row beside its up row, [BLOCK_N / 2, 2, ...]
     if constexprs.get("GLU") and "BLOCK_N" in constexprs:
         box = f"{constexprs['BLOCK_N'] // 2}, 2"

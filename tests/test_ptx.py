@@ -208,6 +208,26 @@ def test_fold16_is_the_scaled_code_rounded_once(name, bf16):
         assert _run(asm, word, outputs=8, inputs=inputs) == _bits16(want, dtype), (four, scale, zero)
 
 
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", [None, "nf4", "fp4"], ids=["int", "nf4", "fp4"])
+def test_scaled_pairs_are_the_tensor_core_operands(name, bf16):
+    """The tensor-core GEMV's decode for codes with their own scale: the four pairs in the centred decode's
+    order ((0, 2), (4, 6), (1, 3), (5, 7) of the word's input positions), each code's value (``n - 8``, or the
+    codebook's 16-bit value) times the 16-bit scale, rounded once -- bit for bit what torch gives."""
+    asm = ptx.scaled_pairs_asm(name, bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    rng = random.Random(2)
+    values = codebook(name).to(dtype).float().tolist() if name else [float(n - 8) for n in range(16)]
+    for n, four in enumerate(_words(300)):
+        word = sum(b << (8 * i) for i, b in enumerate(four))
+        scale = torch.tensor(rng.choice([0.013, 0.5, 3.7e-3, 1.9, 2.4e-4]) * (1 + n / 997), dtype=dtype)
+        codes = [c for b in four for c in (b >> 4, b & 0xF)]  # input order: a byte's high nibble first
+        scaled = _bits16([values[q] * scale.float().item() for q in codes], dtype)
+        got = _run(asm, word, outputs=4, inputs=(_bits16([scale.float().item()], dtype)[0],))
+        want = [scaled[a] | scaled[b] << 16 for a, b in ((0, 2), (4, 6), (1, 3), (5, 7))]
+        assert got == want, (name, four, scale)
+
+
 def test_interpreter_catches_a_wrong_selector():
     """The check can fail: one swapped PRMT selector in the generated text is caught."""
     asm = ptx.table_asm("nf4", True).replace("0x7351", "0x7315", 1)

@@ -1,6 +1,6 @@
 """The 4-bit GEMV on tensor cores, in Gluon (issue 6, rounds 12-13 of the kernels): the default for 2..8 rows of
-layers with up to 11008 inputs (:func:`gemm_config`; 1.1-1.4x faster than the Triton ``v3`` GEMM there on an
-H200), not for one row (on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 /
+int4 sym layers with up to 11008 inputs and 2..16 rows of NF4 / FP4 / short groups (:func:`gemm_config`; 1.1-1.4x
+faster than the Triton ``v3`` GEMM there on an H200), not for one row (on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 /
 11008x4096 / 4096x4096 against the float Gluon GEMV's 10.6 / 9.5 / 4.7) nor for more rows; :func:`gemv` still
 takes one row with every epilogue, for sweeps (``bench/gluon_sweep.py --mma``).
 
@@ -30,8 +30,12 @@ fed to the MMA in the order the registers already hold them, and the activations
   32 c + 8 w + 4 p`` -- two PRMTs of the thread's own 16 activation words, shared by its ``T`` tiles.
 
 The MMA sums ``(n - 8) x`` over the chunk into a fresh float32 accumulator; the chunk's group scale is applied
-once per chunk and row (one FMA). Groups must be
-whole chunks (128, 256, ... codes, or one scale per row). ``WK`` warps split a row's chunks; their partial sums
+once per chunk and row (one FMA), for groups of whole chunks (128, 256, ... codes, or one scale per row). Codebooks
+(NF4 / FP4, looked up in a register table) and groups of 32 / 64 take ``FOLD`` instead (:func:`folds`): thread
+``c``'s 32 inputs share one scale, but each MMA step mixes the chunk's four threads, so the decode multiplies the
+scale into the weights (:func:`holdall.kernels.ptx.scaled_pairs_asm`, rounding once to 16 bits as the v3 GEMM's
+``FOLD16`` does) and the MMAs add straight into the outputs; double-quantized scales are decoded per group as the
+Triton kernels do. ``WK`` warps split a row's chunks; their partial sums
 meet in shared memory at the end. The MMA itself is inline PTX on per-thread registers (every lane runs it in the
 same order, as ``mma.sync`` needs), so no operand layout has to be negotiated with the compiler.
 
@@ -61,17 +65,28 @@ SHORT_ROW_ROUNDS = 4  # up to this many rounds per warp (4096 inputs on 8 warps)
 B0_SEL, B1_SEL = 0x5410, 0x7632
 
 
+#: codebook name -> the kernel's ``BOOK`` (0: symmetric int codes)
+BOOKS = {"nf4": 1, "fp4": 2}
+
+
 def why_not(p: Plan) -> str | None:
     """Why this kernel cannot take a layer of plan ``p`` (None when it can)."""
-    if p.kind != 0:
-        return "it decodes symmetric int codes only"
-    if p.double_quant:
-        return "double-quantized scales are decoded by the Triton kernels"
+    if p.kind == 1:
+        return "it decodes symmetric int codes and codebooks, not asymmetric zeros (the Triton kernels do)"
+    if p.kind == 2 and p.codebook not in BOOKS:
+        return f"codebook {p.codebook!r} has no register table (only {sorted(BOOKS)})"
     if p.in_features % (CHUNK_WORDS * CODES_PER_WORD):
         return f"in_features {p.in_features} is not a whole number of 128-input chunks"
-    if p.group % (CHUNK_WORDS * CODES_PER_WORD) and p.group != p.in_features:
-        return f"groups of {p.group} split a 128-input chunk (the scale is applied per chunk)"
+    if p.group < 4 * CODES_PER_WORD and p.group != p.in_features:
+        return f"groups of {p.group} split a thread's 4 words (32 inputs)"
     return None
+
+
+def folds(p: Plan) -> bool:
+    """Whether the scale goes into the decoded weights (``FOLD``) rather than onto each chunk's float32 sums:
+    codebooks and groups shorter than a chunk (a thread's 32 inputs then carry their own scale, and each MMA
+    step mixes the chunk's threads). Symmetric int codes in whole chunks keep the float32 scale (more exact)."""
+    return p.kind == 2 or (p.group % (CHUNK_WORDS * CODES_PER_WORD) != 0 and p.group != p.in_features)
 
 
 if gl is not None:
@@ -81,6 +96,14 @@ if gl is not None:
     _B1_SEL = gl.constexpr(B1_SEL)
     _NIB_BF16 = gl.constexpr(ptx.centered_nibbles_asm(True))
     _NIB_F16 = gl.constexpr(ptx.centered_nibbles_asm(False))
+    # the decode with the scale folded in (FOLD): int codes, NF4, FP4; bf16 / fp16
+    _SC_INT_BF16 = gl.constexpr(ptx.scaled_pairs_asm(None, True))
+    _SC_INT_F16 = gl.constexpr(ptx.scaled_pairs_asm(None, False))
+    _SC_NF4_BF16 = gl.constexpr(ptx.scaled_pairs_asm("nf4", True))
+    _SC_NF4_F16 = gl.constexpr(ptx.scaled_pairs_asm("nf4", False))
+    _SC_FP4_BF16 = gl.constexpr(ptx.scaled_pairs_asm("fp4", True))
+    _SC_FP4_F16 = gl.constexpr(ptx.scaled_pairs_asm("fp4", False))
+    _SC_IO = gl.constexpr("=r,=r,=r,=r,r,h")  # four pairs out; the word and the 16-bit scale in
     _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, "
                              "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
     _MMA_F16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, "
@@ -94,6 +117,26 @@ if gl is not None:
             return gl.inline_asm_elementwise(_NIB_BF16, "=r,=r,=r,=r,r", [w], (gl.int32,) * 4, True, 1)
         else:
             return gl.inline_asm_elementwise(_NIB_F16, "=r,=r,=r,=r,r", [w], (gl.int32,) * 4, True, 1)
+
+    @gluon.jit
+    def _scaled_pairs(w, s16, BOOK: gl.constexpr, X_BF16: gl.constexpr):
+        """:func:`_pairs` times the 16-bit scale ``s16`` (shaped like ``w``), rounded once; ``BOOK`` 0 int codes
+        (centred), 1 NF4, 2 FP4 (:func:`holdall.kernels.ptx.scaled_pairs_asm`)."""
+        if BOOK == 0:
+            if X_BF16:
+                return gl.inline_asm_elementwise(_SC_INT_BF16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
+            else:
+                return gl.inline_asm_elementwise(_SC_INT_F16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
+        elif BOOK == 1:
+            if X_BF16:
+                return gl.inline_asm_elementwise(_SC_NF4_BF16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
+            else:
+                return gl.inline_asm_elementwise(_SC_NF4_F16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
+        else:
+            if X_BF16:
+                return gl.inline_asm_elementwise(_SC_FP4_BF16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
+            else:
+                return gl.inline_asm_elementwise(_SC_FP4_F16, _SC_IO, [w, s16], (gl.int32,) * 4, True, 1)
 
     @gluon.jit
     def _mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, X_BF16: gl.constexpr):
@@ -142,7 +185,8 @@ if gl is not None:
         return t0, t1, t2, t3
 
     @gluon.jit
-    def _chunk(w, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr, X_BF16: gl.constexpr):
+    def _chunk(w, xp, x_ok, acc0, acc1, acc2, acc3, s_lo, s_hi, MASKED: gl.constexpr, L5: gl.constexpr,
+               X_BF16: gl.constexpr, BOOK: gl.constexpr, FOLD: gl.constexpr):
         """The MMA sums of one chunk: ``w [WK, 2T, 8, 4, 4]`` words (row pair ``2 i + h`` = rows ``16 i + 8 h +
         g``, g, c, word) and the thread's activation pairs at ``xp [WK, NT, 8, 4, 4]`` (int32 pointers; column
         tile ``nt`` of lane ``g``: activation row ``8 nt + g``; pair ``4 i + j`` = inputs ``32 c + 8 i + 2 j``,
@@ -153,23 +197,26 @@ if gl is not None:
         per pair in the decode): round 12's first version took the offset off with 8 more MMAs per chunk
         (``-(MAG + 8)`` times the activations), as many as the dot itself. The A
         registers of a step serve every column tile and the B registers every row tile (the MMA is elementwise
-        over ``[T, 1]`` x ``[1, NT]``)."""
+        over ``[T, 1]`` x ``[1, NT]``). The MMAs add into ``acc0..acc3`` (zeros, or with ``FOLD`` the outputs'
+        accumulators: the weights then enter scaled, ``s_lo`` / ``s_hi`` the 16-bit scales of rows ``g`` / ``g +
+        8`` per thread ``[WK, T, 1, 8, 4]``, and ``BOOK`` picks the decode: 0 int codes, 1 NF4, 2 FP4)."""
         KW: gl.constexpr = w.shape[0]
         T: gl.constexpr = w.shape[1] // 2
-        NT: gl.constexpr = xp.shape[1]
         LA: gl.constexpr = gl.SliceLayout(2, L5)  # [WK, T, 8, 4]
         LB: gl.constexpr = gl.SliceLayout(1, L5)  # [WK, NT, 8, 4]
         # [WK, T, 8, 4, 4 (word), 2 (h)] -> rows g / g + 8, each [WK, T, 8, 4, 4]
         lo_rows, hi_rows = gl.split(gl.permute(gl.reshape(w, [KW, T, 2, 8, 4, 4]), [0, 1, 3, 4, 5, 2]))
         lo_w = _last4(lo_rows)
         hi_w = _last4(hi_rows)
-        acc0 = gl.zeros([KW, T, NT, 8, 4], gl.float32, L5)
-        acc1 = gl.zeros_like(acc0)
-        acc2 = gl.zeros_like(acc0)
-        acc3 = gl.zeros_like(acc0)
         for i in gl.static_range(4):
-            a_lo = _pairs(gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2), X_BF16)
-            a_hi = _pairs(gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2), X_BF16)
+            w_lo = gl.expand_dims(gl.convert_layout(lo_w[i], LA, assert_trivial=True), 2)
+            w_hi = gl.expand_dims(gl.convert_layout(hi_w[i], LA, assert_trivial=True), 2)
+            if FOLD:
+                a_lo = _scaled_pairs(w_lo, s_lo, BOOK, X_BF16)
+                a_hi = _scaled_pairs(w_hi, s_hi, BOOK, X_BF16)
+            else:
+                a_lo = _pairs(w_lo, X_BF16)
+                a_hi = _pairs(w_hi, X_BF16)
             if MASKED:
                 xq = gl.load(xp + 4 * i, mask=x_ok, other=0)
             else:
@@ -185,31 +232,69 @@ if gl is not None:
         return acc0, acc1, acc2, acc3
 
     @gluon.jit
-    def _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
+    def _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, it, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
                         GROUP_W: gl.constexpr, scale_row_stride, group_step, MASKED: gl.constexpr):
         """Round ``it``'s words ``[WK, 2T, 8, 4, 4]`` and float32 scales ``[WK, 2T, 8, 4]`` (warp ``kw`` takes
-        chunk ``it WK + kw``; ``MASKED``: the last, partial round, where the warps past the row read zeros)."""
+        chunk ``it WK + kw``; ``MASKED``: the last, partial round, where the warps past the row read zeros).
+        ``sp = (scales, nested absmax, offset, map, c)``: groups shorter than a chunk give thread ``c`` (words
+        ``4 c .. 4 c + 3``) its own scale; uint8 scales are double-quantized, ``map[code] * absmax[i // 256] +
+        offset`` (the 1 KB map stays in L1)."""
+        s_ptr, sabs_ptr, soff_ptr, dmap_ptr, c_s = sp
         chunk_w = it * WK + kw_w
         chunk_s = it * WK + kw_s
-        s_ptrs = s_ptr + (rows_s * scale_row_stride + ((16 * chunk_s) // GROUP_W) * group_step)
+        index = rows_s * scale_row_stride + ((16 * chunk_s) // GROUP_W) * group_step
+        if GROUP_W < 16:
+            index += ((4 * c_s) // GROUP_W) * group_step
+        s_ok = (chunk_s < N_CHUNKS) & (rows_s >= 0)
         if MASKED:
             w = gl.load(w_base + 16 * chunk_w, mask=(chunk_w < N_CHUNKS) & (w_in >= 0), other=0)
-            s = gl.load(s_ptrs, mask=(chunk_s < N_CHUNKS) & (rows_s >= 0), other=0.0)
         else:
             w = gl.load(w_base + 16 * chunk_w)
-            s = gl.load(s_ptrs)
+        if s_ptr.dtype.element_ty == gl.uint8:
+            if MASKED:
+                code = gl.load(s_ptr + index, mask=s_ok, other=0).to(gl.int32)
+                nested = gl.load(sabs_ptr + index // 256, mask=s_ok, other=0.0)
+            else:
+                code = gl.load(s_ptr + index).to(gl.int32)
+                nested = gl.load(sabs_ptr + index // 256)
+            s = gl.load(dmap_ptr + code) * nested + gl.load(soff_ptr)
+            if MASKED:  # a code of 0 is not a scale of 0
+                s = gl.where(s_ok, s, 0.0)
+        else:
+            if MASKED:
+                s = gl.load(s_ptr + index, mask=s_ok, other=0.0)
+            else:
+                s = gl.load(s_ptr + index)
         return w, s.to(gl.float32)
 
     @gluon.jit
-    def _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr,
-               X_BF16: gl.constexpr, MULTI: gl.constexpr):
-        """One round of chunks (one per warp) into the accumulators: the MMA sums times each row's scale."""
-        KW: gl.constexpr = w.shape[0]
-        T: gl.constexpr = w.shape[1] // 2
-        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, MASKED, L5, X_BF16)
+    def _row_scales(s, L5: gl.constexpr):
+        """A round's scales ``[WK, 2T, 8, 4]`` -> those of rows ``g`` and ``g + 8``, each ``[WK, T, 1, 8, 4]``."""
+        KW: gl.constexpr = s.shape[0]
+        T: gl.constexpr = s.shape[1] // 2
         s_lo, s_hi = gl.split(gl.permute(gl.reshape(s, [KW, T, 2, 8, 4]), [0, 1, 3, 4, 2]))
         s_lo = gl.expand_dims(gl.convert_layout(s_lo, gl.SliceLayout(2, L5), assert_trivial=True), 2)
         s_hi = gl.expand_dims(gl.convert_layout(s_hi, gl.SliceLayout(2, L5), assert_trivial=True), 2)
+        return s_lo, s_hi
+
+    @gluon.jit
+    def _round(y_lo, y_lo1, y_hi, y_hi1, w, s, xp, x_ok, MASKED: gl.constexpr, L5: gl.constexpr,
+               X_BF16: gl.constexpr, MULTI: gl.constexpr, BOOK: gl.constexpr, FOLD: gl.constexpr):
+        """One round of chunks (one per warp) into the accumulators: the MMA sums times each row's scale (with
+        ``FOLD``, the scaled weights' MMAs straight into the accumulators)."""
+        KW: gl.constexpr = w.shape[0]
+        T: gl.constexpr = w.shape[1] // 2
+        if FOLD:  # the scale rounded to the activation dtype (~2**-9 relative in bf16), shared by 32-128 codes
+            s_lo, s_hi = _row_scales(s, L5)
+            if X_BF16:
+                return _chunk(w, xp, x_ok, y_lo, y_lo1, y_hi, y_hi1, s_lo.to(gl.bfloat16), s_hi.to(gl.bfloat16),
+                              MASKED, L5, X_BF16, BOOK, True)
+            else:
+                return _chunk(w, xp, x_ok, y_lo, y_lo1, y_hi, y_hi1, s_lo.to(gl.float16), s_hi.to(gl.float16),
+                              MASKED, L5, X_BF16, BOOK, True)
+        zero = gl.zeros([KW, T, y_lo.shape[2], 8, 4], gl.float32, L5)
+        lo, lo1, hi, hi1 = _chunk(w, xp, x_ok, zero, zero, zero, zero, 0, 0, MASKED, L5, X_BF16, BOOK, False)
+        s_lo, s_hi = _row_scales(s, L5)
         y_lo += lo * s_lo
         y_hi += hi * s_hi
         if MULTI:
@@ -218,36 +303,36 @@ if gl is not None:
         return y_lo, y_lo1, y_hi, y_hi1
 
     @gluon.jit
-    def _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it: gl.constexpr, WK: gl.constexpr,
+    def _load_round(w_base, sp, rows_s, kw_w, kw_s, w_in, it: gl.constexpr, WK: gl.constexpr,
                     N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride, group_step, FULL: gl.constexpr):
         """Round ``it``'s words and scales (the round after the full ones masked), as one tuple."""
-        w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+        w, s = _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W, scale_row_stride,
                                group_step, it >= FULL)
         return (w, s)
 
     @gluon.jit
-    def _load_first_rounds(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
+    def _load_first_rounds(w_base, sp, rows_s, kw_w, kw_s, w_in, WK: gl.constexpr, N_CHUNKS: gl.constexpr,
                            GROUP_W: gl.constexpr, scale_row_stride, group_step, FULL: gl.constexpr,
                            TAIL: gl.constexpr, RING: gl.constexpr):
         """The first ``RING`` (1-3) rounds' words and scales, oldest first (rounds past the row: never read)."""
         ROUNDS: gl.constexpr = FULL + (1 if TAIL else 0)
-        r0 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+        r0 = _load_round(w_base, sp, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W, scale_row_stride,
                          group_step, FULL)
         r1 = r0
         r2 = r0
         if RING > 1 and ROUNDS > 1:
-            r1 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 1, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+            r1 = _load_round(w_base, sp, rows_s, kw_w, kw_s, w_in, 1, WK, N_CHUNKS, GROUP_W, scale_row_stride,
                              group_step, FULL)
         if RING > 2 and ROUNDS > 2:
-            r2 = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 2, WK, N_CHUNKS, GROUP_W, scale_row_stride,
+            r2 = _load_round(w_base, sp, rows_s, kw_w, kw_s, w_in, 2, WK, N_CHUNKS, GROUP_W, scale_row_stride,
                              group_step, FULL)
         return (r0, r1, r2)
 
     @gluon.jit
-    def _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, s_ptr, rows_s, kw_w, kw_s, w_in, x_base, x_in, kw_x,
+    def _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, sp, rows_s, kw_w, kw_s, w_in, x_base, x_in, kw_x,
                       WK: gl.constexpr, N_CHUNKS: gl.constexpr, GROUP_W: gl.constexpr, scale_row_stride,
                       group_step, FULL: gl.constexpr, TAIL: gl.constexpr, RING: gl.constexpr, L5: gl.constexpr,
-                      X_BF16: gl.constexpr, MULTI: gl.constexpr):
+                      X_BF16: gl.constexpr, MULTI: gl.constexpr, BOOK: gl.constexpr, FOLD: gl.constexpr):
         """Every round (the partial last one too), each one's loads issued ``len(ring)`` rounds before its MMAs:
         ``ring`` holds the next ``RING`` rounds' ``(words, scales)`` (three slots, oldest first); each round
         consumed frees a slot for the round ``RING`` further on. Why: at one 16-row tile per warp a round is 1 KB of a
@@ -260,7 +345,7 @@ if gl is not None:
             r0 = r1
             r1 = r2
             if it + RING < ROUNDS:  # refill the slot just freed: RING rounds ahead
-                nxt = _load_round(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it + RING, WK, N_CHUNKS, GROUP_W,
+                nxt = _load_round(w_base, sp, rows_s, kw_w, kw_s, w_in, it + RING, WK, N_CHUNKS, GROUP_W,
                                   scale_row_stride, group_step, FULL)
                 if RING == 1:
                     r0 = nxt
@@ -270,7 +355,7 @@ if gl is not None:
                     r2 = nxt
             x_ok = (it * WK + kw_x < N_CHUNKS) & (x_in >= 0)
             y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
-                                              it >= FULL, L5, X_BF16, MULTI)
+                                              it >= FULL, L5, X_BF16, MULTI, BOOK, FOLD)
         return y_lo, y_lo1, y_hi, y_hi1
 
     @gluon.jit
@@ -294,13 +379,14 @@ if gl is not None:
                 gl.store(y_ptr + col * stride_y + r, (part + bias).to(dt), mask=(r < N) & (col < M))
 
     @gluon.jit
-    def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps, nw_ptr, h_ptr, sq_out_ptr, N,
-                         n_half, stride_wn, scale_row_stride, group_step, M, stride_x, stride_y,
+    def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps,
+                         nw_ptr, h_ptr, sq_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step, M, stride_x, stride_y,
                          K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
                          PDL: gl.constexpr = False, NT: gl.constexpr = 0,
-                         UNROLL: gl.constexpr = True, AHEAD: gl.constexpr = 0):
+                         UNROLL: gl.constexpr = True, AHEAD: gl.constexpr = 0, BOOK: gl.constexpr = 0,
+                         FOLD: gl.constexpr = False):
         """Program ``t``'s ``R = 16 T`` rows (tile position ``16 i + 8 h + g`` of warp tile ``i``; ``GLU``: gate
         and up rows interleaved, :func:`holdall.kernels.gluon_wq4._tile_rows`); ``x_ptr`` the activation row as
         int32 pairs, ``y`` one row; the epilogues are :func:`holdall.kernels.gluon_wq4._epilogue`'s.
@@ -308,7 +394,9 @@ if gl is not None:
         apart) as ``NT`` tiles of MMA columns (lane ``g`` of tile ``nt`` loads row ``8 nt + g``), written to ``y
         [M, N]`` (``stride_y``) with the bias only. ``UNROLL``: the rounds over ``K`` unrolled (else a loop);
         ``AHEAD`` (1-3, with ``UNROLL``): each round's words and scales loaded that many rounds before its MMAs
-        (:func:`_rounds_ahead`; with ``PDL`` the first ``AHEAD`` before the wait)."""
+        (:func:`_rounds_ahead`; with ``PDL`` the first ``AHEAD`` before the wait). ``BOOK`` 0 symmetric int codes,
+        1 NF4, 2 FP4; ``FOLD``: the scale multiplied into the decoded weights (:func:`folds`); uint8 scales are
+        double-quantized (``sabs_ptr`` nested absmax, ``soff_ptr`` offset, ``dmap_ptr`` map)."""
         COLS: gl.constexpr = NT if NT > 0 else 1  # MMA column tiles
         LW: gl.constexpr = gl.BlockedLayout([1, 2 * T, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LX: gl.constexpr = gl.BlockedLayout([1, COLS, 1, 1, 4], [1, 1, 8, 4, 1], [WK, 1, 1, 1, 1], [4, 3, 2, 1, 0])
@@ -331,8 +419,10 @@ if gl is not None:
             x_in += 0 * _iota(8, LX, 5, 2)
         # scales of the same rows, one per chunk (the quad's four lanes load the same one)
         rows_s, _ = _tile_rows(8 * _iota(2 * T, LS, 4, 1) + _iota(8, LS, 4, 2), t, R, N, n_half, GLU)
-        rows_s = rows_s + 0 * _iota(4, LS, 4, 3)
+        c_s = _iota(4, LS, 4, 3)
+        rows_s = rows_s + 0 * c_s
         kw_s = _iota(WK, LS, 4, 0)
+        sp = (s_ptr, sabs_ptr, soff_ptr, dmap_ptr, c_s)
         y_lo = gl.zeros([WK, T, COLS, 8, 4], gl.float32, L5)  # rows g x columns 2 c
         y_hi = gl.zeros_like(y_lo)  # rows g + 8 x columns 2 c
         y_lo1 = gl.zeros_like(y_lo)  # rows g x columns 2 c + 1 (several activation rows)
@@ -342,12 +432,12 @@ if gl is not None:
         MULTI: gl.constexpr = NT > 0
         RING: gl.constexpr = AHEAD if UNROLL else 0
         if RING > 0:  # rounds 0 .. RING - 1 in flight first (before the producer's wait: weights never change)
-            ring = _load_first_rounds(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, WK, N_CHUNKS, GROUP_W,
+            ring = _load_first_rounds(w_base, sp, rows_s, kw_w, kw_s, w_in, WK, N_CHUNKS, GROUP_W,
                                       scale_row_stride, group_step, FULL, TAIL, RING)
             if PDL:
                 _wait_for_producer()
         elif PDL:  # programmatic dependent launch: the first round's weights before waiting for x (gluon_wq4)
-            w_first, s_first = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
+            w_first, s_first = _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, 0, WK, N_CHUNKS, GROUP_W,
                                                scale_row_stride, group_step, FULL == 0)
             _wait_for_producer()
         squares = _squares_in(sq_in_ptr, n_sq, SQ_BLOCK, WK, NORM_IN)
@@ -356,33 +446,33 @@ if gl is not None:
         first: gl.constexpr = 1 if PDL and FULL > 0 and RING == 0 else 0
         if first:
             y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w_first, s_first, x_base, x_ok, False, L5,
-                                              X_BF16, MULTI)
+                                              X_BF16, MULTI, BOOK, FOLD)
         if RING > 0:
-            y_lo, y_lo1, y_hi, y_hi1 = _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, s_ptr, rows_s, kw_w,
+            y_lo, y_lo1, y_hi, y_hi1 = _rounds_ahead(y_lo, y_lo1, y_hi, y_hi1, ring, w_base, sp, rows_s, kw_w,
                                                      kw_s, w_in, x_base, x_in, kw_x, WK, N_CHUNKS, GROUP_W,
                                                      scale_row_stride, group_step, FULL, TAIL, RING, L5, X_BF16,
-                                                     MULTI)
+                                                     MULTI, BOOK, FOLD)
         elif UNROLL:  # K is a constant: every round's offsets are immediates, loads scheduled freely
             for it in gl.static_range(first, FULL):
-                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
+                w, s = _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, False)
                 y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
-                                                  False, L5, X_BF16, MULTI)
+                                                  False, L5, X_BF16, MULTI, BOOK, FOLD)
         else:  # a rolled loop: a small body (instruction cache) and fewer loads in flight (registers)
             for it in range(first, FULL):
-                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
+                w, s = _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, it, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, False)
                 y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * it, x_ok,
-                                                  False, L5, X_BF16, MULTI)
+                                                  False, L5, X_BF16, MULTI, BOOK, FOLD)
         if TAIL and RING == 0:  # the last round leaves some warps without a chunk: their weights and activations
             # read as 0
             if PDL and FULL == 0:
                 w, s = w_first, s_first
             else:
-                w, s = _weights_scales(w_base, s_ptr, rows_s, kw_w, kw_s, w_in, FULL, WK, N_CHUNKS, GROUP_W,
+                w, s = _weights_scales(w_base, sp, rows_s, kw_w, kw_s, w_in, FULL, WK, N_CHUNKS, GROUP_W,
                                        scale_row_stride, group_step, True)
             y_lo, y_lo1, y_hi, y_hi1 = _round(y_lo, y_lo1, y_hi, y_hi1, w, s, x_base + 64 * WK * FULL,
-                                              FULL * WK + kw_x < N_CHUNKS, True, L5, X_BF16, MULTI)
+                                              FULL * WK + kw_x < N_CHUNKS, True, L5, X_BF16, MULTI, BOOK, FOLD)
         if NT > 0:
             _store_columns(y_lo, y_lo1, y_hi, y_hi1, t, b_ptr, y_ptr, N, M, stride_y, HAS_BIAS)
         else:
@@ -410,18 +500,25 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     Measured on an H200 (``bench/gemm_rows.py``; BENCHMARKS.md rounds 12-13): up to 8 rows (one tile of MMA
     columns, so 2..8 rows cost what one does) it is 1.2-1.3x faster than ``v3`` on 4096-input rows (4 rows:
     11008x4096 12.4 vs 15.7 us, 4096x4096 6.7 vs 8.6) and 1.09-1.15x on 11008-input rows with each round's loads
-    issued 3 rounds ahead (4096x11008, 2 / 8 rows: 13.1 / 13.8 vs 15.0 / 15.0 us; unrolled without it 13.6 / 14.3;
-    on 4096-input rows AHEAD ties or loses, so they keep it off); 16 rows were 1.1-1.4x slower and 64 rows 2-3x
+    issued 3 rounds ahead (4096x11008, 2 / 8 rows: 13.1 / 13.8 vs 15.0 / 15.0 us; unrolled without it 13.6 / 14.3);
+    loads run ahead where a warp has more than 4 rounds (at 4 rounds, 4096 inputs on 8 warps, they tie or lose:
+    6.87 vs 6.70 us); 16 rows were 1.1-1.4x slower and 64 rows 2-3x
     (every program re-reads all the rows' activations; staging them in shared memory, round 13's XS, was slower
     still). ``WK``: 8 warps per 16 weight rows unless that passes ~24 warps per SM (4096 rows: 8 warps 6.7 us, 4:
-    9.5; 11008 rows: 4 warps 12.3, 8: 15.0)."""
-    if m > 8 or why_not(p) is not None:
+    9.5; 11008 rows: 4 warps 12.3, 8: 15.0).
+
+    Codebooks and short groups (:func:`folds`; round 13) take it up to 16 rows: their decode costs ~2x the int
+    codes' instructions, which the v3 GEMM pays per column tile too (NF4 / NF4 + double quant, 2..8 rows: 18-21 us
+    against v3's 24.5-26.5, 1.3-1.6x bf16; 16 rows 11.6-24.4 us against 13.0-26.5); no loads run ahead (NF4 at
+    11008 inputs: 18.2 us unrolled, 18.6 with)."""
+    fold = folds(p)
+    if m > (16 if fold else 8) or why_not(p) is not None:
         return None
     wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
     rounds = _rounds(p, wk)
     if rounds > MAX_UNROLLED_ROUNDS:
         return None
-    ahead = 3 if rounds > SHORT_ROW_ROUNDS else 0
+    ahead = 3 if rounds > SHORT_ROW_ROUNDS and not fold else 0
     return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True,
             "AHEAD": ahead}
 
@@ -459,14 +556,15 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, programs, norm_in, norm_out)
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(programs,)](
-        x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
+        x.view(torch.int32), ops.words, ops.scale, ops.scale_absmax, ops.scale_offset, ops.dmap,
+        bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out, p.out_features, n_half, ops.words.stride(0),
         p.scale_row_stride, p.group_step, 1, 0, 0,
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
-        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, AHEAD=ahead, num_warps=wk,
-        launch_pdl=pdl,
+        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, AHEAD=ahead, BOOK=BOOKS.get(p.codebook, 0),
+        FOLD=folds(p), num_warps=wk, launch_pdl=pdl,
     )
     return out
 
@@ -499,11 +597,13 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         raise ValueError(f"WK 16 takes up to 32 rows (got {m}): use WK 8 or fewer")
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
-        x.view(torch.int32), ops.words, ops.scale, bias if bias is not None else ops.scale, out,
+        x.view(torch.int32), ops.words, ops.scale, ops.scale_absmax, ops.scale_offset, ops.dmap,
+        bias if bias is not None else ops.scale, out,
         ops.scale, 0, 0.0, ops.scale, ops.scale, ops.scale, p.out_features, p.out_features, ops.words.stride(0),
         p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
         K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
         X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
-        PDL=pdl, NT=column_tiles(m), UNROLL=unroll, AHEAD=ahead, num_warps=wk, launch_pdl=pdl,
+        PDL=pdl, NT=column_tiles(m), UNROLL=unroll, AHEAD=ahead, BOOK=BOOKS.get(p.codebook, 0), FOLD=folds(p),
+        num_warps=wk, launch_pdl=pdl,
     )
     return out

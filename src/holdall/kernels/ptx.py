@@ -52,6 +52,22 @@ def centered_nibbles_asm(bf16: bool) -> str:
     return ("{.reg .b32 o, n;" + body + f"mov.b32 o, 0x{one:08X}; mov.b32 n, 0x{neg:08X};" + centre + "}")
 
 
+def scaled_pairs_asm(name: str | None, bf16: bool) -> str:
+    """The 8 codes of the word ``$4``, scaled by the 16-bit scale ``$5``, as four 16-bit float pairs in
+    :func:`nibbles_asm`'s layout (``$0 = (0, 2)``, ``$1 = (4, 6)``, ``$2 = (1, 3)``, ``$3 = (5, 7)``): symmetric
+    int codes (``name`` None) centred exactly (:func:`centered_nibbles_asm`), codebook codes looked up in
+    registers (:func:`table_asm`), then one packed ``fma`` with the scale (and -0.0) per pair, rounding once.
+    The tensor-core GEMV's decode when a thread's codes carry their own scale (groups of 32 / 64 inputs,
+    codebooks): the MMAs then sum scaled weights, as the round-6 GEMM's ``FOLD16`` does."""
+    kind = "bf16x2" if bf16 else "f16x2"
+    if name is None:
+        decode = centered_nibbles_asm(bf16)[1:-1]
+    else:
+        decode = _table_body(name, bf16, "$4", ("$0", "$1", "$2", "$3"))
+    scale = "".join(f"fma.rn.{kind} ${k}, ${k}, s2, nz;" for k in range(4))
+    return ("{.reg .b32 s2, nz;" + decode + f"mov.b32 s2, {{$5, $5}}; mov.b32 nz, 0x{_NEG_ZERO2:08X};" + scale + "}")
+
+
 def nibbles_f32_asm() -> str:
     """The 8 int codes of a word as the exact float32 ``128 + q``, one PRMT per code: ``$c`` = input ``8w + c``
     (code ``2j`` is byte ``j``'s high nibble, ``2j + 1`` its low nibble). One AND, or a shift and an AND,

@@ -1498,7 +1498,7 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     cfg = dict(config if config is not None else default_gemv_config(ops, p, x.device))
     block_n = cfg.pop("BLOCK_N")
     variant = cfg.pop("VARIANT", "pairs")
-    if variant == "gluon_mma":  # round 12: tensor cores, float activations (int symmetric codes)
+    if variant == "gluon_mma":  # round 12: tensor cores, float activations (int symmetric codes, codebooks)
         from . import gluon_mma
 
         if x_scales is not None or int8_out is not None:
