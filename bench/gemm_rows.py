@@ -1,15 +1,16 @@
 """2..64 rows on one GPU: the Triton ``v3`` GEMM vs the Gluon tensor-core GEMV's tilings vs bf16 cuBLAS (issue 6,
-round 12), and what the dispatch now picks by itself.
+rounds 12-13), and what the dispatch now picks by itself.
 
     PYTHONPATH=src python3 bench/gemm_rows.py --out $OUT/gemm_rows.json [--rows 2,4,8,16,64] [--mma 1x4,1x8]
         [--schemes int4-g128-sym,nf4,nf4-dq]
 
-For each weight shape ``[out, in]`` and scheme (default int4 g128 symmetric; RTN) and row count it graph-times (``gpu_kernels.py``'s
-harness: copies of the weight beyond the L2, median of rounds) ``F.linear`` on bf16 weights, the ``v3`` GEMM with
-its heuristic's config (``triton_wq4.gemm_config``), every tensor-core tiling ``TILES x WK`` (16-row MMA tiles per
-warp x warps splitting a row) with its rounds unrolled (``u``) and in a loop (``l``), and ``triton_wq4.gemm`` with
-no config (the default). Each kernel's output is checked against the float32 reference first (max error relative
-to the largest output). Prints one JSON line per cell with the speed-ups over bf16.
+For each weight shape ``[out, in]``, scheme (default int4 g128 symmetric; RTN) and row count it graph-times
+(``gpu_kernels.py``'s harness: copies of the weight beyond the L2, median of rounds) ``F.linear`` on bf16 weights,
+the ``v3`` GEMM with its heuristic's config (``triton_wq4.gemm_config``), every tensor-core config named in
+``--mma`` (``gpu_kernels.mma_tilings``: ``TxW`` tilings unrolled ``u`` and in a loop ``l``, ``TxWaN`` loads run
+``N`` rounds ahead), and ``triton_wq4.gemm`` with no config (the default). Each kernel's output is checked against
+the float32 reference first (max error relative to the largest output); a config that fails to compile or launch
+is recorded as an error. Prints one JSON line per cell with the speed-ups over bf16.
 """
 
 from __future__ import annotations

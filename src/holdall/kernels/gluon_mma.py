@@ -1,8 +1,9 @@
 """The 4-bit GEMV on tensor cores, in Gluon (issue 6, rounds 12-13 of the kernels): the default for 2..8 rows of
 int4 sym layers with up to 11008 inputs and 2..16 rows of NF4 / FP4 / short groups (:func:`gemm_config`; 1.1-1.4x
-faster than the Triton ``v3`` GEMM there on an H200), not for one row (on an H200 its best tiling, one tile x 8 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 /
-11008x4096 / 4096x4096 against the float Gluon GEMV's 10.6 / 9.5 / 4.7) nor for more rows; :func:`gemv` still
-takes one row with every epilogue, for sweeps (``bench/gluon_sweep.py --mma``).
+faster than the Triton ``v3`` GEMM there on an H200), not for one row (on an H200 its best tiling, one tile x 8
+warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 / 4096x4096 against the float Gluon GEMV's 10.6 / 9.5 /
+4.7) nor for more rows; :func:`gemv` still takes one row with every epilogue, for sweeps (``bench/gluon_sweep.py
+--mma``).
 
 Why it was built: the float-activation Gluon GEMV (:mod:`holdall.kernels.gluon_wq4`) is issue-bound at ~3.4
 thread-instructions per 4-bit code -- one PRMT decode and one FMA per code plus the activations' unpacking --
@@ -380,7 +381,8 @@ if gl is not None:
 
     @gluon.jit
     def _gemv_mma_kernel(x_ptr, w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, sq_in_ptr, n_sq, eps,
-                         nw_ptr, h_ptr, sq_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step, M, stride_x, stride_y,
+                         nw_ptr, h_ptr, sq_out_ptr, N, n_half, stride_wn, scale_row_stride, group_step, M,
+                         stride_x, stride_y,
                          K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, T: gl.constexpr, WK: gl.constexpr,
                          X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, NORM_IN: gl.constexpr,
                          SQ_BLOCK: gl.constexpr, NORM_OUT: gl.constexpr, GLU: gl.constexpr,
