@@ -11,6 +11,9 @@ now. ``--int8``: the same for the W4A8 path (``XQ8``; its tiling was not swept i
 how each tiling is launched -- ``nopdl`` plainly, ``pdl-t0/1/2`` with programmatic dependent launch and 0-2 row
 tiles' weights loaded into registers before the wait, ``-l2`` with the rest of the rows prefetched into L2 there
 (the timed calls run back to back in one graph, as a decode step's GEMVs do). Cells: ``g{rows}x{warps}-{mode}``.
+``default_us`` / ``default_in_decode_us`` time the two defaults themselves. ``--scheme``: another format (round 14:
+NF4 / NF4 + double quant, whose one-row default is the tensor-core GEMV; pass ``--tilings ''``, the Gluon FMA
+tilings take int4 sym only).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import bench_graph, bf16_copies, copy_bandwidth, int4_copies, mma_tilings  # noqa: E402
+from gpu_kernels import SCHEMES, bench_graph, bf16_copies, copy_bandwidth, int4_copies, mma_tilings  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (22016, 4096), (12288, 4096)]  # [out, in]
@@ -47,6 +50,8 @@ def main() -> None:
                              "1x8a3: unrolled, loads 3 rounds ahead (gpu_kernels.mma_tilings)")
     parser.add_argument("--modes", default="nopdl,pdl-t0,pdl-t1,pdl-t2,pdl-t0-l2,pdl-t1-l2",
                         help="launch modes (see above)")
+    parser.add_argument("--scheme", default="int4-g128-sym", choices=sorted(SCHEMES),
+                        help="the weights' format (the Gluon FMA tilings take int4 sym only: --tilings '' for others)")
     parser.add_argument("--int8", action="store_true",
                         help="the W4A8 path instead (XQ8: activations rounded to int8 in the kernel, DP4A), checked "
                              "against the reference on the rounded activations")
@@ -56,11 +61,12 @@ def main() -> None:
     from holdall.kernels import triton_wq4  # Triton: only where the kernels run
 
     torch.manual_seed(0)
-    info = {"device": torch.cuda.get_device_name(), "copy_GBps": round(copy_bandwidth(), 1), "int8": args.int8}
+    info = {"device": torch.cuda.get_device_name(), "copy_GBps": round(copy_bandwidth(), 1), "int8": args.int8,
+            "scheme": args.scheme}
     print(json.dumps(info), flush=True)
     rows_out = []
     for out_f, in_f in SHAPES:
-        layers, p, ops, nbytes = int4_copies(out_f, in_f)
+        layers, p, ops, nbytes = int4_copies(out_f, in_f, SCHEMES[args.scheme])
         x = torch.randn(in_f, device="cuda", dtype=torch.bfloat16)
         xr = packed.round_activations_s8(x.float()) if args.int8 else x.float()
         want = packed.reference_linear(layers[0], xr[None])[0]
@@ -76,7 +82,13 @@ def main() -> None:
         row["triton"] = round(bench_graph([lambda o=o: triton_wq4.gemv(o, p, x, None, y, tma) for o in ops]), 2)
         row["default"] = triton_wq4.default_gemv_config(ops[0], p, x.device, int8_activations=args.int8)
         row["default_in_decode"] = triton_wq4.default_gemv_config(ops[0], p, x.device, args.int8, chained=True)
-        for tiling, mode in itertools.product(args.tilings.split(","), args.modes.split(",")):
+        for key in ("default", "default_in_decode"):  # the defaults themselves, checked then timed
+            y.fill_(float("nan"))
+            triton_wq4.gemv(ops[0], p, x, None, y, row[key])
+            error = float((y.float() - want).abs().max() / want.abs().max())
+            us = bench_graph([lambda o=o, c=row[key]: triton_wq4.gemv(o, p, x, None, y, c) for o in ops])
+            row[f"{key}_us"] = {"us": round(us, 2), "max_rel_error": round(error, 5)}
+        for tiling, mode in itertools.product(filter(None, args.tilings.split(",")), args.modes.split(",")):
             block_n, wk = (int(v) for v in tiling.split("x"))
             cfg = {"VARIANT": "gluon", "BLOCK_N": block_n, "WK": wk, "XQ8": args.int8, **MODES[mode]}
             y.fill_(float("nan"))

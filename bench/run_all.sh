@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Issue 6's GPU benchmarks, HF stack and holdall side by side, in one command on the device machine:
 #
-#   bash bench/run_all.sh [kernels] [decode] [qlora] [mma]  (default: the first three, ~10 minutes on an H200)
+#   bash bench/run_all.sh [kernels] [decode] [qlora] [mma] [nf4]  (default: the first three, ~10 minutes on an H200)
 #
 # mma: the tensor-core GEMV (rounds 12-13) -- its device tests (pytest-xdist, ~5 minutes: each test compiles its
 # own kernels), its one-row tilings with and without loads run ahead beside the Gluon GEMV and bf16
 # (gluon_sweep_mma.json), and 2..64 rows beside the v3 GEMM, bf16 and the default (gemm_rows.json).
+# nf4: NF4 / NF4 + double quant on the tensor-core GEMV (rounds 13-14) -- the device tests of its epilogues and
+# the fused norm path, the one-row default beside the TMA GEMV it replaced (gluon_sweep_nf4*.json), 2..16 rows
+# (gemm_rows_nf4.json), and the NF4 + DQ decode with and without the Gluon kernels (HOLDALL_GLUON=0: round 8's
+# TMA GEMVs), each a separate process in the same call (gpu_decode_nf4*.json).
 #
 # The bitsandbytes wheel (and any other missing package) travels in .whl/ (the device README says how); it is
 # installed into /tmp/site for this run. Results go to $OUT (default bench/results): gpu_kernels.json,
@@ -16,7 +20,7 @@ OUT=${OUT:-bench/results}
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(kernels decode qlora)
 for part in "${parts[@]}"; do
-  case "$part" in kernels|decode|qlora|mma) ;; *) echo "unknown part '$part': choose from kernels, decode, qlora, mma" >&2; exit 2 ;; esac
+  case "$part" in kernels|decode|qlora|mma|nf4) ;; *) echo "unknown part '$part': choose from kernels, decode, qlora, mma, nf4" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -39,6 +43,19 @@ for part in "${parts[@]}"; do
            --out "$OUT/gluon_sweep_mma.json" 2>&1 | tee "$OUT/gluon_sweep_mma.log"
          python3 bench/gemm_rows.py --rows 2,4,8,16,64 --mma 1x4,1x8,1x8a3 --out "$OUT/gemm_rows.json" 2>&1 \
            | tee "$OUT/gemm_rows.log" ;;
+    nf4) python3 -m pytest -q -n 15 -p xdist -p no:benchmark tests/test_kernels.py \
+           -k "tensor_core_gemv_epilogues or splits_the_norm or folds_the_scale or takes_float_rows" 2>&1 \
+           | tee "$OUT/nf4_tests.log" || echo "nf4 tests FAILED (see nf4_tests.log); the sweeps still run"
+         for scheme in nf4 nf4-dq; do
+           python3 bench/gluon_sweep.py --scheme $scheme --tilings "" --mma 1x4,1x8 --out "$OUT/gluon_sweep_$scheme.json" \
+             2>&1 | tee "$OUT/gluon_sweep_$scheme.log"
+         done
+         python3 bench/gemm_rows.py --schemes nf4,nf4-dq --rows 2,8,16 --mma "" --out "$OUT/gemm_rows_nf4.json" 2>&1 \
+           | tee "$OUT/gemm_rows_nf4.log"
+         python3 bench/gpu_decode.py --schemes nf4-dq --skip-hf --skip-bf16 --new-tokens 128 \
+           --out "$OUT/gpu_decode_nf4.json" 2>&1 | tee "$OUT/gpu_decode_nf4.log"
+         HOLDALL_GLUON=0 python3 bench/gpu_decode.py --schemes nf4-dq --skip-hf --skip-bf16 --new-tokens 128 \
+           --out "$OUT/gpu_decode_nf4_tma.json" 2>&1 | tee "$OUT/gpu_decode_nf4_tma.log" ;;
     decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
     qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \
              --configs hf,holdall-graphs-offload,holdall-graphs --out "$OUT" 2>&1 | tee "$OUT/qlora_step.log" ;;

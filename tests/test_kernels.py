@@ -824,6 +824,20 @@ def test_gluon_gemv_takes_float_rows_of_symmetric_int_codes():
     assert int8["VARIANT"] == "gluon" and int8["XQ8"]
     for p in others:
         assert triton_wq4.gemv_config(p, 132, tma=True, gluon=True)["VARIANT"] != "gluon"
+    # round 14: what the FMA kernel cannot take and the tensor-core GEMV can (codebooks, double-quantized int sym
+    # scales) takes the tensor-core GEMV, float activations only; asymmetric zeros keep the TMA kernel
+    for name, variant in [("nf4", "gluon_mma"), ("nf4-dq", "gluon_mma"), ("fp4", "gluon_mma"), ("int4-asym", "tma"),
+                          ("int4-asym-dq", "tma")]:
+        p = _plan(256, {**SCHEMES, **EXTRA_SCHEMES}[name])
+        assert triton_wq4.gemv_config(p, 132, tma=True, gluon=True)["VARIANT"] == variant, name
+        assert triton_wq4.gemv_config(p, 132, tma=True, gluon=False)["VARIANT"] == "tma", name
+    dq = _plan(256, QuantScheme(double_quant=True))
+    assert triton_wq4.gemv_config(dq, 132, tma=True, gluon=True)["VARIANT"] == "gluon_mma"
+    assert triton_wq4.gemv_config(dq, 132, tma=True, gluon=True, int8_activations=True)["VARIANT"] == "tma"
+    nf4 = _plan(256, SCHEMES["nf4"])
+    assert not triton_wq4.gemv_config(nf4, 132, tma=True, gluon=True)["PDL"]
+    chained = triton_wq4.gemv_config(nf4, 132, tma=True, gluon=True, chained=True)
+    assert chained["PDL"] == gluon_wq4.pdl_enabled() and chained["TILES"] == 1
     # int8 words from the epilogue: whole 8-row words per Gluon tile, 16-row two-sub-tile TMA tiles, tiles that
     # divide the rows; anything else is rounded in torch by fused_gemv
     wide = _plan(256, SCHEMES["int4-sym"], out_f=96)
@@ -903,20 +917,21 @@ def test_gluon_gemv_epilogues(shape, block_n, wk, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(22016, 4096), (144, 512), (40, 11008)], ids=str)
 @pytest.mark.parametrize("tiles,warps", [(2, 4), (1, 8), (4, 2)])
-def test_tensor_core_gemv_epilogues(shape, tiles, warps, dtype):
+@pytest.mark.parametrize("name", ["int4-sym", "nf4-dq"])  # nf4-dq: the scale folded into the weights (round 14)
+def test_tensor_core_gemv_epilogues(shape, tiles, warps, dtype, name):
     """The same epilogues on the tensor-core GEMV (round 12), with programmatic dependent launch."""
     _gluon_ready()
     _check_epilogues(shape, dtype, {"VARIANT": "gluon_mma", "BLOCK_N": 16 * tiles, "TILES": tiles, "WK": warps,
-                                    "PDL": True})
+                                    "PDL": True}, name)
 
 
-def _check_epilogues(shape, dtype, cfg):
+def _check_epilogues(shape, dtype, cfg, name="int4-sym"):
     import torch.nn.functional as F
 
     from holdall.kernels import triton_wq4
 
     block_n = cfg["BLOCK_N"]
-    layer = _layer(*shape, SCHEMES["int4-sym"], device="cuda", seed=3)
+    layer = _layer(*shape, SCHEMES[name], device="cuda", seed=3)
     p = dispatch.layer_plan(layer)
     ops = packed.operands(layer, p)
     gen = torch.Generator(device="cpu").manual_seed(5)

@@ -99,7 +99,8 @@ def unregister() -> None:
 
 def norm_fusable(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
     """Whether :func:`fused_gemv` can take this layer: a CUDA ``QuantLinear`` whose default one-row kernel is
-    the TMA GEMV (Hopper, rows of whole groups) or the Gluon GEMV (int symmetric codes), in a bf16/fp16 model."""
+    the TMA GEMV (Hopper, rows of whole groups), the Gluon GEMV (int symmetric codes) or the tensor-core GEMV
+    (codebooks, double-quantized scales), in a bf16/fp16 model."""
     if not hasattr(layer, "scheme") or layer.qdata.device.type != "cuda" or dtype not in _COMPUTE_DTYPES:
         return False
     p = layer_plan(layer)
@@ -108,7 +109,7 @@ def norm_fusable(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
     from . import triton_wq4
 
     config = triton_wq4.default_gemv_config(packed.operands(layer, p), p, layer.qdata.device)
-    return config.get("VARIANT") in ("tma", "gluon")
+    return config.get("VARIANT") in ("tma", "gluon", "gluon_mma")
 
 
 class Int8Row(NamedTuple):

@@ -48,7 +48,8 @@ from __future__ import annotations
 import torch
 
 from . import ptx
-from .gluon_wq4 import programs_for
+from .gluon_wq4 import pdl_enabled, programs_for
+from .gluon_wq4 import why_not as fma_why_not
 from .packed import CODES_PER_WORD, Operands, Plan
 
 try:
@@ -523,6 +524,20 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     ahead = 3 if rounds > SHORT_ROW_ROUNDS and not fold else 0
     return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True,
             "AHEAD": ahead}
+
+
+def gemv_config(p: Plan, sms: int, chained: bool = False) -> dict | None:
+    """The one-row launch for layers the Gluon FMA GEMV (:mod:`holdall.kernels.gluon_wq4`) cannot take but this
+    kernel can -- codebooks (NF4 / FP4) and double-quantized scales -- else None (the TMA GEMV). For int sym codes
+    the FMA GEMV stays (~20% faster at one row, round 12). The tiling is :func:`gemm_config`'s for one row (the
+    MMA's 8 columns cost the same for 1..8 rows: NF4 / NF4 + double quant at 2 rows took 18.4 / 18.1 us at
+    4096x11008, 19.2 / 19.9 at 11008x4096, 8.5 / 9.2 at 4096x4096, against the one-row TMA GEMV's 20.2 / 23.8,
+    19.0 / 20.8, 9.0 / 9.6 in round 8); ``chained`` as :func:`holdall.kernels.gluon_wq4.gemv_config` (programmatic
+    dependent launch in a decode step)."""
+    if fma_why_not(p) is None or why_not(p) is not None:
+        return None
+    cfg = gemm_config(p, 1, sms)
+    return None if cfg is None else {**cfg, "PDL": chained and pdl_enabled()}
 
 
 def _launch_options(cfg: dict, unroll: bool) -> tuple[int, int, bool, bool, int]:

@@ -1357,13 +1357,18 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     kernel with the 16-value table (all lanes of a warp on one 64-byte line), unpipelined (pipelining turns
     the table lookups into asynchronous copies, 15x slower). The round-2 ``v2`` kernel (half the instructions
     per code) measured 2.6x *slower*; it is kept, tested, not used. Round 10: where the Gluon kernel can run
-    (``gluon``), int symmetric codes take it (:func:`holdall.kernels.gluon_wq4.gemv_config`) instead of all this.
+    (``gluon``), int symmetric codes take it (:func:`holdall.kernels.gluon_wq4.gemv_config`) instead of all this;
+    round 14: codebooks and double-quantized int sym scales the tensor-core GEMV
+    (:func:`holdall.kernels.gluon_mma.gemv_config`).
     """
     if gluon:
-        from . import gluon_wq4  # imported where used: it builds on this module's elementwise helpers
+        from . import gluon_mma, gluon_wq4  # imported where used: they build on this module's elementwise helpers
 
         if gluon_wq4.why_not(p, int8_activations) is None:
             return gluon_wq4.gemv_config(p, int8_activations, chained)
+        mma = None if int8_activations else gluon_mma.gemv_config(p, sms, chained)
+        if mma is not None:  # round 14: codebooks and double-quantized scales on tensor cores
+            return mma
     group_w = p.group // CODES_PER_WORD
     long_rows = p.in_features >= 8192
     if p.kind == 2:
