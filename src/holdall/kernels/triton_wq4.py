@@ -37,9 +37,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
   - ``"mma"`` (round 4, not a default): the row through ``_gemm2_kernel`` below, padded to 16 MMA columns;
     10-30% slower than the pairs kernel on an H200 (109 registers per thread, latency-bound).
 * 2..64 rows, :func:`gemm` (tensor cores):
-  - ``"gluon_mma"`` (rounds 12-13, :mod:`holdall.kernels.gluon_mma`, the default for 2..8 rows of int4 sym
-    layers with up to 11008-input rows on a Hopper): the rows as the columns of ``mma.sync`` in Gluon, 1.1-1.4x
-    faster than v3 there on an H200.
+  - ``"gluon_mma"`` (rounds 12-13, :mod:`holdall.kernels.gluon_mma`, the default on a Hopper for 2..8 rows of int4
+    sym layers with up to 11008-input rows and 2..16 rows of NF4 / FP4 / short groups / double-quantized scales):
+    the rows as the columns of ``mma.sync`` in Gluon, 1.05-1.4x faster than v3 there on an H200.
   - ``_gemm3_kernel`` ("v3", round 6, the default otherwise when rows are whole groups): the weight as the MMA's left
     operand, a group's inputs reordered on both sides into the order the MMA's register fragments hold them
     (:func:`_fragment_order`), so each thread loads its own codes as whole words and decodes them straight into
@@ -59,8 +59,8 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
 Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)", rounds 5-6): GEMV 1.7-1.9x bf16 cuBLAS
 for int4 sym, 1.5-1.7x asym, 1.1-1.4x NF4, 0.95-1.2x NF4 + double quant (~35% of copy bandwidth at best:
 latency-bound); GEMM at 4..16 rows int4 1.37-1.86x, NF4 0.96-1.12x (4 rows); at 64 rows 0.59-1.03x. Rounds
-10-12 (Gluon GEMVs, PDL, the tensor-core GEMV) moved int4 sym to 2.5-2.8x at one row (3.3-3.5x with int8
-activations) and 1.75-2.18x at 2..8 rows.
+10-13 (Gluon GEMVs, PDL, the tensor-core GEMV) moved int4 sym to 2.5-2.8x at one row (3.3-3.5x with int8
+activations) and 1.87-2.33x at 2..8 rows, NF4 / NF4 + double quant to 1.10-1.58x at 2..16 rows.
 
 This module imports Triton at the top: import it only when a CUDA launch is about to happen
 (``holdall.kernels.dispatch`` does).
@@ -1694,7 +1694,7 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     """``out [M, N] = x @ W^T + b`` for ``x [M, K]`` (rows contiguous, bf16/fp16), M small."""
     m = x.shape[0]
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if config is None and _tensor_core_rows_fit(ops, x, index):  # rounds 12-13: 2..8 rows
+    if config is None and _tensor_core_rows_fit(ops, x, index):  # rounds 12-13: 2..8 (codebooks 2..16) rows
         from . import gluon_mma
 
         config = gluon_mma.gemm_config(p, m, _sm_count(index))
