@@ -1016,10 +1016,12 @@ def test_gluon_gemv_programmatic_launch_waits_for_its_input(block_n, wk, pre, l2
         assert torch.equal(narrow, plain)
 
 
-def test_tensor_core_gemv_takes_whole_chunks_of_symmetric_codes():
-    """The tensor-core GEMV (round 12) applies a scale per 128-input chunk: groups of 128, 256, ... or one per
-    row, symmetric int codes, no double quantization. It is the default only where it was measured faster: 2..8
-    rows whose rounds unroll (up to 11008 inputs), never one row (the float Gluon GEMV's)."""
+def test_tensor_core_gemv_plans_and_defaults():
+    """The tensor-core GEMV (round 12) applies a scale per 128-input chunk to symmetric int codes in whole chunks
+    (groups of 128, 256, ... or one per row), and (round 13) folds each thread's scale into the weights for
+    codebooks, groups of 32 / 64 and double-quantized scales; asymmetric zeros stay with the Triton kernels. It is
+    the default only where it was measured faster: 2..8 rows whose rounds unroll (up to 11008 inputs), 2..16 for
+    the folded formats, never one row of int sym codes (the float Gluon GEMV's)."""
     from holdall.kernels import gluon_mma
 
     def shaped(out_f, in_f, name="int4-sym"):  # a small layer's plan with a 7B layer's shape (same group layout)
