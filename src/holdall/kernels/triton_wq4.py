@@ -38,8 +38,8 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     10-30% slower than the pairs kernel on an H200 (109 registers per thread, latency-bound).
 * 2..64 rows, :func:`gemm` (tensor cores):
   - ``"gluon_mma"`` (rounds 12-13, :mod:`holdall.kernels.gluon_mma`, the default on a Hopper for 2..8 rows of int4
-    sym layers with up to 11008-input rows, short groups and double-quantized scales included, and 2..16 rows of
-    NF4 / FP4): the rows as the columns of ``mma.sync`` in Gluon, 1.05-1.4x faster than v3 there on an H200.
+    sym layers (groups of 128+) with up to 11008-input rows and 2..16 rows of NF4 / FP4): the rows as the columns
+    of ``mma.sync`` in Gluon, 1.05-1.4x faster than v3 there on an H200.
   - ``_gemm3_kernel`` ("v3", round 6, the default otherwise when rows are whole groups): the weight as the MMA's left
     operand, a group's inputs reordered on both sides into the order the MMA's register fragments hold them
     (:func:`_fragment_order`), so each thread loads its own codes as whole words and decodes them straight into
