@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpu_kernels import SCHEMES, bench_graph, bf16_copies, int4_copies, mma_tilings  # noqa: E402
+from gpu_kernels import MORE_SCHEMES, SCHEMES, bench_graph, bf16_copies, int4_copies, mma_tilings  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # [out, in]
@@ -44,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="2,4,8,16,64")
-    parser.add_argument("--schemes", default="int4-g128-sym", help=f"comma-separated, from {sorted(SCHEMES)}")
+    parser.add_argument("--schemes", default="int4-g128-sym",
+                        help=f"comma-separated, from {sorted({**SCHEMES, **MORE_SCHEMES})}")
     parser.add_argument("--mma", default="1x4,1x8,2x4",
                         help="tensor-core tilings, TILES x WK (1x8a3: loads 3 rounds ahead; gpu_kernels.mma_tilings)")
     args = parser.parse_args()
@@ -56,7 +57,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cells = []
     for (out_f, in_f), scheme in itertools.product(SHAPES, args.schemes.split(",")):
-        layers, p, ops, _ = int4_copies(out_f, in_f, SCHEMES[scheme])
+        layers, p, ops, _ = int4_copies(out_f, in_f, {**SCHEMES, **MORE_SCHEMES}[scheme])
         copies = bf16_copies(out_f, in_f)
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)

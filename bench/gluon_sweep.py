@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import SCHEMES, bench_graph, bf16_copies, copy_bandwidth, int4_copies, mma_tilings  # noqa: E402
+from gpu_kernels import MORE_SCHEMES, SCHEMES, bench_graph, bf16_copies, copy_bandwidth, int4_copies, mma_tilings  # noqa: E402
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (22016, 4096), (12288, 4096)]  # [out, in]
@@ -50,7 +50,7 @@ def main() -> None:
                              "1x8a3: unrolled, loads 3 rounds ahead (gpu_kernels.mma_tilings)")
     parser.add_argument("--modes", default="nopdl,pdl-t0,pdl-t1,pdl-t2,pdl-t0-l2,pdl-t1-l2",
                         help="launch modes (see above)")
-    parser.add_argument("--scheme", default="int4-g128-sym", choices=sorted(SCHEMES),
+    parser.add_argument("--scheme", default="int4-g128-sym", choices=sorted({**SCHEMES, **MORE_SCHEMES}),
                         help="the weights' format (the Gluon FMA tilings take int4 sym only: --tilings '' for others)")
     parser.add_argument("--int8", action="store_true",
                         help="the W4A8 path instead (XQ8: activations rounded to int8 in the kernel, DP4A), checked "
@@ -66,7 +66,7 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     rows_out = []
     for out_f, in_f in SHAPES:
-        layers, p, ops, nbytes = int4_copies(out_f, in_f, SCHEMES[args.scheme])
+        layers, p, ops, nbytes = int4_copies(out_f, in_f, {**SCHEMES, **MORE_SCHEMES}[args.scheme])
         x = torch.randn(in_f, device="cuda", dtype=torch.bfloat16)
         xr = packed.round_activations_s8(x.float()) if args.int8 else x.float()
         want = packed.reference_linear(layers[0], xr[None])[0]

@@ -49,6 +49,11 @@ SCHEMES = {
     "nf4": QuantScheme(dtype="nf4", group_size=64),
     "nf4-dq": QuantScheme(dtype="nf4", group_size=64, double_quant=True),
 }
+#: formats only the focused sweeps time (``gemm_rows.py --schemes``, ``gluon_sweep.py --scheme``), not the table
+MORE_SCHEMES = {
+    "int4-g64-sym": QuantScheme(group_size=64),
+    "int4-g128-sym-dq": QuantScheme(double_quant=True),
+}
 
 
 def bench(fn, rep: int = 100) -> float:

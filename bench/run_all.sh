@@ -8,7 +8,8 @@
 # (gluon_sweep_mma.json), and 2..64 rows beside the v3 GEMM, bf16 and the default (gemm_rows.json).
 # nf4: NF4 / NF4 + double quant on the tensor-core GEMV (rounds 13-14) -- the device tests of its epilogues and
 # the fused norm path, the one-row default beside the TMA GEMV it replaced (gluon_sweep_nf4*.json), 2..16 rows
-# (gemm_rows_nf4.json), and the NF4 + DQ decode with and without the Gluon kernels (HOLDALL_GLUON=0: round 8's
+# with int groups of 64 and double-quantized int scales beside them (gemm_rows_nf4.json: the tensor-core cells
+# say whether those leave v3 too), and the NF4 + DQ decode with and without the Gluon kernels (HOLDALL_GLUON=0: round 8's
 # TMA GEMVs), each a separate process in the same call (gpu_decode_nf4*.json).
 #
 # The bitsandbytes wheel (and any other missing package) travels in .whl/ (the device README says how); it is
@@ -50,7 +51,8 @@ for part in "${parts[@]}"; do
            python3 bench/gluon_sweep.py --scheme $scheme --tilings "" --mma 1x4,1x8 --out "$OUT/gluon_sweep_$scheme.json" \
              2>&1 | tee "$OUT/gluon_sweep_$scheme.log"
          done
-         python3 bench/gemm_rows.py --schemes nf4,nf4-dq --rows 2,8,16 --mma "" --out "$OUT/gemm_rows_nf4.json" 2>&1 \
+         python3 bench/gemm_rows.py --schemes nf4,nf4-dq,int4-g64-sym,int4-g128-sym-dq --rows 2,8,16 --mma 1x4,1x8 \
+           --out "$OUT/gemm_rows_nf4.json" 2>&1 \
            | tee "$OUT/gemm_rows_nf4.log"
          python3 bench/gpu_decode.py --schemes nf4-dq --skip-hf --skip-bf16 --new-tokens 128 \
            --out "$OUT/gpu_decode_nf4.json" 2>&1 | tee "$OUT/gpu_decode_nf4.log"

@@ -100,7 +100,7 @@ def unregister() -> None:
 def norm_fusable(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
     """Whether :func:`fused_gemv` can take this layer: a CUDA ``QuantLinear`` whose default one-row kernel is
     the TMA GEMV (Hopper, rows of whole groups), the Gluon GEMV (int symmetric codes) or the tensor-core GEMV
-    (codebooks, double-quantized scales), in a bf16/fp16 model."""
+    (codebooks), in a bf16/fp16 model."""
     if not hasattr(layer, "scheme") or layer.qdata.device.type != "cuda" or dtype not in _COMPUTE_DTYPES:
         return False
     p = layer_plan(layer)

@@ -1,6 +1,6 @@
 """The 4-bit GEMV on tensor cores, in Gluon (issue 6, rounds 12-13 of the kernels): the default for 2..8 rows of
-int4 sym layers with up to 11008 inputs and 2..16 rows of NF4 / FP4 (:func:`gemm_config`; 1.1-1.4x faster than
-the Triton ``v3`` GEMM there on an H200), not for one row (on an H200 its best tiling, one tile x 8
+int4 sym layers (groups of 128+) with up to 11008 inputs and 2..16 rows of NF4 / FP4 (:func:`gemm_config`;
+1.1-1.4x faster than the Triton ``v3`` GEMM there on an H200), not for one row (on an H200 its best tiling, one tile x 8
 warps, took 12.4 / 11.5 / 5.9 us at 4096x11008 / 11008x4096 / 4096x4096 against the float Gluon GEMV's 10.6 / 9.5 /
 4.7) nor for more rows; :func:`gemv` still takes one row with every epilogue, for sweeps (``bench/gluon_sweep.py
 --mma``).
@@ -512,11 +512,13 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
 
     Codebooks (round 13) take it up to 16 rows: their decode costs ~2x the int codes' instructions, which the v3
     GEMM pays per column tile too (NF4 / NF4 + double quant, 2..8 rows: 18-21 us against v3's 24.5-26.5, 1.3-1.6x
-    bf16; 16 rows 11.6-24.4 us against 13.0-26.5). Folded formats (:func:`folds`: codebooks, int groups of 32 /
-    64) run no loads ahead (NF4 at 11008 inputs: 18.2 us unrolled, 18.6 with); int groups of 32 / 64 keep the int
-    codes' 8-row limit (not timed at 16 rows, where v3 beats the int g128 kernel)."""
+    bf16; 16 rows 11.6-24.4 us against 13.0-26.5). Folded formats (:func:`folds`) run no loads ahead (NF4 at
+    11008 inputs: 18.2 us unrolled, 18.6 with). Int groups of 32 / 64 and double-quantized int scales run here
+    correctly (device tests) but stay on v3 by default until they are timed."""
     fold = folds(p)
     if m > (16 if p.kind == 2 else 8) or why_not(p) is not None:  # codebooks were timed to 16 rows, int codes to 8
+        return None
+    if p.kind == 0 and (fold or p.double_quant):  # int groups of 32 / 64, nested int scales: correct, not timed
         return None
     wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
     rounds = _rounds(p, wk)
@@ -529,8 +531,8 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
 
 def gemv_config(p: Plan, sms: int, chained: bool = False) -> dict | None:
     """The one-row launch for layers the Gluon FMA GEMV (:mod:`holdall.kernels.gluon_wq4`) cannot take but this
-    kernel can -- codebooks (NF4 / FP4) and double-quantized scales -- else None (the TMA GEMV). For int sym codes
-    the FMA GEMV stays (~20% faster at one row, round 12). The tiling is :func:`gemm_config`'s for one row (the
+    kernel takes by default (:func:`gemm_config`: codebooks, NF4 / FP4), else None (the TMA GEMV). For int sym
+    codes the FMA GEMV stays (~20% faster at one row, round 12). The tiling is :func:`gemm_config`'s for one row (the
     MMA's 8 columns cost the same for 1..8 rows: NF4 / NF4 + double quant at 2 rows took 18.4 / 18.1 us at
     4096x11008, 19.2 / 19.9 at 11008x4096, 8.5 / 9.2 at 4096x4096, against the one-row TMA GEMV's 20.2 / 23.8,
     19.0 / 20.8, 9.0 / 9.6 in round 8); ``chained`` as :func:`holdall.kernels.gluon_wq4.gemv_config` (programmatic

@@ -38,8 +38,8 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     10-30% slower than the pairs kernel on an H200 (109 registers per thread, latency-bound).
 * 2..64 rows, :func:`gemm` (tensor cores):
   - ``"gluon_mma"`` (rounds 12-13, :mod:`holdall.kernels.gluon_mma`, the default on a Hopper for 2..8 rows of int4
-    sym layers with up to 11008-input rows, short groups and double-quantized scales included, and 2..16 rows of
-    NF4 / FP4): the rows as the columns of ``mma.sync`` in Gluon, 1.05-1.4x faster than v3 there on an H200.
+    sym layers (groups of 128+) with up to 11008-input rows and 2..16 rows of NF4 / FP4): the rows as the columns
+    of ``mma.sync`` in Gluon, 1.05-1.4x faster than v3 there on an H200.
   - ``_gemm3_kernel`` ("v3", round 6, the default otherwise when rows are whole groups): the weight as the MMA's left
     operand, a group's inputs reordered on both sides into the order the MMA's register fragments hold them
     (:func:`_fragment_order`), so each thread loads its own codes as whole words and decodes them straight into
@@ -1358,8 +1358,7 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
     the table lookups into asynchronous copies, 15x slower). The round-2 ``v2`` kernel (half the instructions
     per code) measured 2.6x *slower*; it is kept, tested, not used. Round 10: where the Gluon kernel can run
     (``gluon``), int symmetric codes take it (:func:`holdall.kernels.gluon_wq4.gemv_config`) instead of all this;
-    round 14: codebooks and double-quantized int sym scales the tensor-core GEMV
-    (:func:`holdall.kernels.gluon_mma.gemv_config`).
+    round 14: codebooks the tensor-core GEMV (:func:`holdall.kernels.gluon_mma.gemv_config`).
     """
     if gluon:
         from . import gluon_mma, gluon_wq4  # imported where used: they build on this module's elementwise helpers
@@ -1367,7 +1366,7 @@ def gemv_config(p: Plan, sms: int, tma: bool = False, int8_activations: bool = F
         if gluon_wq4.why_not(p, int8_activations) is None:
             return gluon_wq4.gemv_config(p, int8_activations, chained)
         mma = None if int8_activations else gluon_mma.gemv_config(p, sms, chained)
-        if mma is not None:  # round 14: codebooks and double-quantized scales on tensor cores
+        if mma is not None:  # round 14: codebooks on tensor cores
             return mma
     group_w = p.group // CODES_PER_WORD
     long_rows = p.in_features >= 8192
