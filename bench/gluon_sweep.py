@@ -31,7 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import MORE_SCHEMES, SCHEMES, bench_graph, bf16_copies, copy_bandwidth, int4_copies, mma_tilings  # noqa: E402
+from gpu_kernels import (MORE_SCHEMES, SCHEMES, bench_graph, bf16_copies, copy_bandwidth,  # noqa: E402
+                         int4_copies, mma_tilings)
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (22016, 4096), (12288, 4096)]  # [out, in]
