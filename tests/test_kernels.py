@@ -1096,6 +1096,43 @@ def test_tensor_core_gemv_matches_reference(shape, name, tiles, warps, dtype):
             assert torch.equal(again, out), (ahead, pdl)
 
 
+@pytest.mark.parametrize("name", ["int4-sym", "nf4-dq"])
+def test_tensor_core_launchers_pass_what_the_kernel_takes(name, monkeypatch):
+    """Both launchers' arguments bind to the Gluon kernel's own signature (no GPU: the launch is recorded, not
+    run), every constexpr without a default given -- one row with the norm epilogues, and 13 rows."""
+    import inspect
+
+    from holdall.kernels import gluon_mma
+
+    kernel = getattr(gluon_mma, "_gemv_mma_kernel", None)
+    if kernel is None:
+        pytest.skip("needs Triton with Gluon (the kernel is defined only there)")
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    monkeypatch.setattr(gluon_mma, "_gemv_mma_kernel", Recorder())
+    layer = _layer(72, 256, {**SCHEMES, **EXTRA_SCHEMES}[name])
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    cfg = {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": 4}
+    x = torch.randn(13, 256, dtype=torch.bfloat16)
+    norm_out = (torch.ones(72, dtype=torch.bfloat16), torch.empty(72, dtype=torch.bfloat16), torch.empty(5))
+    gluon_mma.gemv(ops, p, x[0].contiguous(), None, torch.empty(72, dtype=torch.bfloat16), cfg,
+                   norm_in=(torch.ones(3), 1e-5), norm_out=norm_out)
+    gluon_mma.gemm(ops, p, x, None, torch.empty(13, 72, dtype=torch.bfloat16), cfg)
+    signature = inspect.signature(kernel.fn)
+    for grid, args, kwargs in calls:
+        bound = signature.bind(*args, **{k: v for k, v in kwargs.items() if k not in ("num_warps", "launch_pdl")})
+        assert grid == (5,)  # 72 rows in 16-row tiles
+        assert bound.arguments["s_ptr"] is ops.scale and bound.arguments["dmap_ptr"] is ops.dmap
+        assert bound.arguments["BOOK"] == (1 if name == "nf4-dq" else 0)
+        assert bound.arguments["FOLD"] == gluon_mma.folds(p)
+    assert calls[0][2]["NORM_IN"] and calls[0][2]["NORM_OUT"] and calls[1][2]["NT"] == 2
+
+
 def test_tensor_core_launch_options_are_checked():
     """Loads run ahead only in the unrolled rounds, 0-3 of them; tilings as the kernel's layouts allow."""
     from holdall.kernels import gluon_mma

@@ -576,17 +576,27 @@ def gemv(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     sq_in, eps, weight, h, sq_out = _norm_operands(ops, p, programs, norm_in, norm_out)
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(programs,)](
-        x.view(torch.int32), ops.words, ops.scale, ops.scale_absmax, ops.scale_offset, ops.dmap,
-        bias if bias is not None else ops.scale, out,
+        x.view(torch.int32), *_weights(ops), bias if bias is not None else ops.scale, out,
         sq_in, sq_in.numel(), float(eps), weight, h, sq_out, p.out_features, n_half, ops.words.stride(0),
         p.scale_row_stride, p.group_step, 1, 0, 0,
-        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
-        X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
+        T=tiles, WK=wk, X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=norm_in is not None,
         SQ_BLOCK=max(32 * wk, 1 << max(0, (sq_in.numel() - 1).bit_length())) if norm_in is not None else 1,
-        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, AHEAD=ahead, BOOK=BOOKS.get(p.codebook, 0),
-        FOLD=folds(p), num_warps=wk, launch_pdl=pdl,
+        NORM_OUT=norm_out is not None, GLU=glu, PDL=pdl, UNROLL=unroll, AHEAD=ahead, **_format(p),
+        num_warps=wk, launch_pdl=pdl,
     )
     return out
+
+
+def _weights(ops: Operands) -> tuple[torch.Tensor, ...]:
+    """The kernel's weight operands, in its argument order: codes, scales, and the double-quantized scales'
+    nested absmax, offset and map (dummies otherwise) -- one place for both launchers."""
+    return ops.words, ops.scale, ops.scale_absmax, ops.scale_offset, ops.dmap
+
+
+def _format(p: Plan) -> dict:
+    """The constexprs the layer's format fixes: row length in words, group in words, codebook, folded scale."""
+    return {"K_WORDS": p.in_features // CODES_PER_WORD, "GROUP_W": p.group // CODES_PER_WORD,
+            "BOOK": BOOKS.get(p.codebook, 0), "FOLD": folds(p)}
 
 
 def column_tiles(m: int) -> int:
@@ -617,13 +627,11 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         raise ValueError(f"WK 16 takes up to 32 rows (got {m}): use WK 8 or fewer")
     bf16 = x.dtype == torch.bfloat16
     _gemv_mma_kernel[(-(-p.out_features // (16 * tiles)),)](
-        x.view(torch.int32), ops.words, ops.scale, ops.scale_absmax, ops.scale_offset, ops.dmap,
-        bias if bias is not None else ops.scale, out,
+        x.view(torch.int32), *_weights(ops), bias if bias is not None else ops.scale, out,
         ops.scale, 0, 0.0, ops.scale, ops.scale, ops.scale, p.out_features, p.out_features, ops.words.stride(0),
         p.scale_row_stride, p.group_step, m, x.stride(0) // 2, out.stride(0),
-        K_WORDS=p.in_features // CODES_PER_WORD, GROUP_W=p.group // CODES_PER_WORD, T=tiles, WK=wk,
-        X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False, GLU=False,
-        PDL=pdl, NT=column_tiles(m), UNROLL=unroll, AHEAD=ahead, BOOK=BOOKS.get(p.codebook, 0), FOLD=folds(p),
+        T=tiles, WK=wk, X_BF16=bf16, HAS_BIAS=bias is not None, NORM_IN=False, SQ_BLOCK=1, NORM_OUT=False,
+        GLU=False, PDL=pdl, NT=column_tiles(m), UNROLL=unroll, AHEAD=ahead, **_format(p),
         num_warps=wk, launch_pdl=pdl,
     )
     return out
