@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plot_kernels import plot  # noqa: E402  (the same panels as the kernel table's plot)
 
 DEFAULT_SCHEME = "int4-g128-sym"  # gemm_rows.py runs before --schemes timed only this format
 
@@ -34,36 +39,17 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [json.loads(path.read_text()) for path in args.runs]
     points = cells(runs)
-    shapes = list(dict.fromkeys(shape for shape, _, _ in points))
+    if not points:
+        raise SystemExit(f"{args.runs[0]}: no cells with a default or v3 timing")
     schemes = list(dict.fromkeys(scheme for _, scheme, _ in points))
-    colors = dict(zip(schemes, ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), sharey=True, squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
-        for scheme in schemes:
-            rows = sorted(r for s, f, r in points if s == shape and f == scheme)
-            for kernel, style in (("default", "-"), ("v3", "--")):
-                xs = [r for r in rows if kernel in points[shape, scheme, r]]
-                if xs:
-                    ax.plot(xs, [points[shape, scheme, r][kernel] for r in xs], style, marker="o", markersize=3,
-                            color=colors[scheme], label=f"{scheme}, {kernel}")
-        ax.axhline(1.0, color="#777777", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"[out x in] = {shape}", fontsize=9)
-        ax.set_xlabel("activation rows")
-    axes[0][0].set_ylabel("speed-up over bf16 cuBLAS")
-    axes[0][-1].legend(fontsize=7)
-    device = runs[-1].get("device", "")
-    fig.suptitle(f"4-bit GEMM, 2..64 rows: default (solid) vs round 6's v3 (dashed), {device}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    series = {(shape, rows, f"{scheme} {kernel}"): value
+              for (shape, scheme, rows), kernels in points.items() for kernel, value in kernels.items()}
+    labels = {f"{scheme} {kernel}": f"{scheme}, {kernel}" for scheme in schemes for kernel in ("default", "v3")}
+    styles = {key: "--" if key.endswith("v3") else "-" for key in labels}
+    plot(series, labels, f"4-bit GEMM, 2..64 rows: default (solid) vs round 6's v3 (dashed), "
+         f"{runs[-1].get('device', '')}", str(args.out), styles, ticks=(2, 4, 8, 16, 32, 64))
 
 
 if __name__ == "__main__":

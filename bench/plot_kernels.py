@@ -37,28 +37,32 @@ def load_cells(paths: list[str]) -> tuple[dict, dict]:
     return cells, info
 
 
-def plot(cells: dict, info: dict, out: str) -> None:
+def plot(cells: dict, labels: dict, title: str, out: str, styles: dict | None = None,
+         ticks: tuple[int, ...] = (1, 4, 16, 64)) -> None:
+    """One panel per weight shape of ``cells`` ``{(shape, rows, key): speed-up over bf16}``, a line per ``key`` of
+    ``labels`` (its legend label; ``styles``: its line style, default solid), bf16 at 1.0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shapes = sorted({k[0] for k in cells}, key=lambda s: [int(v) for v in s.split("x")], reverse=True)
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), sharey=True)
-    for ax, shape in zip(axes if len(shapes) > 1 else [axes], shapes):
-        for impl, label in IMPLS.items():
-            points = sorted((b, v) for (s, b, i), v in cells.items() if s == shape and i == impl)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), sharey=True, squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for key, label in labels.items():
+            points = sorted((b, v) for (s, b, i), v in cells.items() if s == shape and i == key)
             if points:
-                ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=label)
+                ax.plot([b for b, _ in points], [v for _, v in points], (styles or {}).get(key, "-"), marker="o",
+                        label=label)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
-        ax.set_xticks([1, 4, 16, 64], ["1", "4", "16", "64"])
+        ax.set_xticks(list(ticks), [str(t) for t in ticks])
         ax.set_title(f"weight {shape} [out x in]")
         ax.set_xlabel("rows (tokens) per call")
         ax.grid(alpha=0.3)
-    (axes[0] if len(shapes) > 1 else axes).set_ylabel("speed-up over bf16 cuBLAS (higher is better)")
-    (axes[-1] if len(shapes) > 1 else axes).legend(fontsize=8)
-    fig.suptitle(f"4-bit weight-only matmul on {info['device']} ({info['date'][:10]}, CUDA-graph timing)")
+    axes[0][0].set_ylabel("speed-up over bf16 cuBLAS (higher is better)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
@@ -73,7 +77,8 @@ def main() -> None:
     cells, info = load_cells([args.json, *args.override])
     if not cells:
         raise SystemExit(f"{args.json}: no rows of {', '.join(IMPLS)}")
-    plot(cells, info, args.out)
+    plot(cells, IMPLS, f"4-bit weight-only matmul on {info['device']} ({info['date'][:10]}, CUDA-graph timing)",
+         args.out)
 
 
 if __name__ == "__main__":
