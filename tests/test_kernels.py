@@ -1052,7 +1052,7 @@ def test_tensor_core_gemv_plans_and_defaults():
         p = _plan(256, everything[name])
         assert gluon_mma.why_not(p) is None and gluon_mma.folds(p) == fold, name
         cfg = gluon_mma.gemm_config(dataclasses.replace(p, out_features=11008, in_features=4096), 4, 132)
-        if name == "int4-g32-bf16":  # correct (device tests), not timed: v3 stays the default
+        if name == "int4-g32-bf16":  # groups of 32: correct (device tests), not timed: v3 stays the default
             assert cfg is None
             continue
         # 4 warps (688 tiles x 8 would pass 24 warps per SM), so 8 rounds each: int loads run 3 rounds ahead
@@ -1060,9 +1060,24 @@ def test_tensor_core_gemv_plans_and_defaults():
         sixteen = gluon_mma.gemm_config(dataclasses.replace(p, out_features=4096), 16, 132)
         assert (sixteen is not None) == (p.kind == 2), name  # codebooks to 16 rows (timed), int codes to 8
         assert gluon_mma.gemm_config(dataclasses.replace(p, out_features=4096), 17, 132) is None
-    int_dq = _plan(256, QuantScheme(double_quant=True))  # int codes, nested scales: runs here, not yet a default
-    assert gluon_mma.why_not(int_dq) is None and not gluon_mma.folds(int_dq)
-    assert gluon_mma.gemm_config(dataclasses.replace(int_dq, out_features=4096), 4, 132) is None
+    # round 14: int groups of 64 and double-quantized int scales (timed) up to 8 rows, no loads run ahead
+    g64 = _plan(256, QuantScheme(group_size=64))
+    int_dq = _plan(256, QuantScheme(double_quant=True))
+    assert gluon_mma.folds(g64) and not gluon_mma.folds(int_dq) and gluon_mma.why_not(int_dq) is None
+    for p in (g64, int_dq):
+        cfg = gluon_mma.gemm_config(dataclasses.replace(p, out_features=4096, in_features=11008), 4, 132)
+        assert (cfg["VARIANT"], cfg["WK"], cfg["AHEAD"]) == ("gluon_mma", 8, 0)
+        assert gluon_mma.gemm_config(dataclasses.replace(p, out_features=11008), 2, 132)["WK"] == 4
+        assert gluon_mma.gemm_config(dataclasses.replace(p, out_features=4096), 16, 132) is None
+    # one row: codebooks only, 8 warps on every shape (round 14); int codes keep the FMA / TMA GEMVs
+    for name in ("nf4", "nf4-dq", "fp4"):
+        p = _plan(256, everything[name])
+        for out_f, in_f in ((11008, 4096), (4096, 11008), (22016, 4096)):
+            cfg = gluon_mma.gemv_config(dataclasses.replace(p, out_features=out_f, in_features=in_f), 132)
+            assert (cfg["WK"], cfg["AHEAD"], cfg["PDL"]) == (8, 0, False), name
+        assert gluon_mma.gemv_config(dataclasses.replace(p, in_features=14336), 132) is None  # 14 rounds
+    for p in (g64, int_dq, _plan(256, SCHEMES["int4-sym"])):
+        assert gluon_mma.gemv_config(p, 132) is None
 
 
 @cuda_only

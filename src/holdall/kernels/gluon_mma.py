@@ -49,7 +49,6 @@ import torch
 
 from . import ptx
 from .gluon_wq4 import pdl_enabled, programs_for
-from .gluon_wq4 import why_not as fma_why_not
 from .packed import CODES_PER_WORD, Operands, Plan
 
 try:
@@ -513,34 +512,38 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     Codebooks (round 13) take it up to 16 rows: their decode costs ~2x the int codes' instructions, which the v3
     GEMM pays per column tile too (NF4 / NF4 + double quant, 2..8 rows: 18-21 us against v3's 24.5-26.5, 1.3-1.6x
     bf16; 16 rows 11.6-24.4 us against 13.0-26.5). Folded formats (:func:`folds`) run no loads ahead (NF4 at
-    11008 inputs: 18.2 us unrolled, 18.6 with). Int groups of 32 / 64 and double-quantized int scales run here
-    correctly (device tests) but stay on v3 by default until they are timed."""
+    11008 inputs: 18.2 us unrolled, 18.6 with). Int groups of 64 and double-quantized int scales (round 14) take
+    it up to 8 rows as int4 g128 does (2 / 8 rows, us: g64 11.96 / 14.21 vs v3's 19.06 / 19.26 at 11008x4096,
+    14.07 / 14.67 vs 19.07 / 19.27 at 4096x11008, 7.22 / 7.56 vs 10.21 / 10.44 at 4096x4096; int4 g128 + double
+    quant 1.13-1.29x faster than v3), not at 16 rows (1.0-1.2x slower)."""
     fold = folds(p)
     if m > (16 if p.kind == 2 else 8) or why_not(p) is not None:  # codebooks were timed to 16 rows, int codes to 8
         return None
-    if p.kind == 0 and (fold or p.double_quant):  # int groups of 32 / 64, nested int scales: correct, not timed
+    if p.kind == 0 and fold and p.group < 64:  # int groups of 32: correct (device tests), not timed
         return None
     wk = 8 if -(-p.out_features // 16) * 8 <= 24 * sms else 4
     rounds = _rounds(p, wk)
     if rounds > MAX_UNROLLED_ROUNDS:
         return None
-    ahead = 3 if rounds > SHORT_ROW_ROUNDS and not fold else 0
+    # loads run ahead only where that was timed: int codes with plain scales
+    ahead = 3 if rounds > SHORT_ROW_ROUNDS and not (fold or p.double_quant) else 0
     return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": wk, "PDL": False, "UNROLL": True,
             "AHEAD": ahead}
 
 
 def gemv_config(p: Plan, sms: int, chained: bool = False) -> dict | None:
-    """The one-row launch for layers the Gluon FMA GEMV (:mod:`holdall.kernels.gluon_wq4`) cannot take but this
-    kernel takes by default (:func:`gemm_config`: codebooks, NF4 / FP4), else None (the TMA GEMV). For int sym
-    codes the FMA GEMV stays (~20% faster at one row, round 12). The tiling is :func:`gemm_config`'s for one row (the
-    MMA's 8 columns cost the same for 1..8 rows: NF4 / NF4 + double quant at 2 rows took 18.4 / 18.1 us at
-    4096x11008, 19.2 / 19.9 at 11008x4096, 8.5 / 9.2 at 4096x4096, against the one-row TMA GEMV's 20.2 / 23.8,
-    19.0 / 20.8, 9.0 / 9.6 in round 8); ``chained`` as :func:`holdall.kernels.gluon_wq4.gemv_config` (programmatic
-    dependent launch in a decode step)."""
-    if fma_why_not(p) is None or why_not(p) is not None:
+    """The one-row launch for codebooks (NF4 / FP4, which the Gluon FMA GEMV :mod:`holdall.kernels.gluon_wq4`
+    cannot take), else None (the FMA GEMV for int sym codes, ~20% faster at one row in round 12; the TMA GEMV for
+    the rest, int double-quantized scales untimed here at one row). 8 warps per 16-row tile on every shape: one row
+    leaves the SMs more room than :func:`gemm_config`'s 4 warps assume (round 14, us, NF4 / NF4 + double quant:
+    18.7 / 17.9 at 4096x11008, 17.2 / 17.8 at 11008x4096, 7.0 / 7.1 at 4096x4096, 30.1 / 31.4 at 22016x4096, 17.3
+    / 18.0 at 12288x4096, against the one-row TMA GEMV's 20.1 / 23.7, 18.8 / 20.9, 9.0 / 9.6, 33.5 / 37.7, 19.0 /
+    21.0 in the same run; 4 warps at 11008x4096 19.6 / 22.4). ``chained`` as
+    :func:`holdall.kernels.gluon_wq4.gemv_config` (programmatic dependent launch in a decode step)."""
+    if p.kind != 2 or why_not(p) is not None or _rounds(p, 8) > MAX_UNROLLED_ROUNDS:
         return None
-    cfg = gemm_config(p, 1, sms)
-    return None if cfg is None else {**cfg, "PDL": chained and pdl_enabled()}
+    return {"VARIANT": "gluon_mma", "BLOCK_N": 16, "TILES": 1, "WK": 8, "PDL": chained and pdl_enabled(),
+            "UNROLL": True, "AHEAD": 0}  # folded formats run no loads ahead (gemm_config)
 
 
 def _launch_options(cfg: dict, unroll: bool) -> tuple[int, int, bool, bool, int]:
