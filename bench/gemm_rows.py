@@ -8,7 +8,8 @@ For each weight shape ``[out, in]``, scheme (default int4 g128 symmetric; RTN) a
 (``gpu_kernels.py``'s harness: copies of the weight beyond the L2, median of rounds) ``F.linear`` on bf16 weights,
 the ``v3`` GEMM with its heuristic's config (``triton_wq4.gemm_config``), every tensor-core config named in
 ``--mma`` (``gpu_kernels.mma_tilings``: ``TxW`` tilings unrolled ``u`` and in a loop ``l``, ``TxWaN`` loads run
-``N`` rounds ahead), and ``triton_wq4.gemm`` with no config (the default). Each kernel's output is checked against
+``N`` rounds ahead), at 16+ rows the wgmma GEMM's configs named in ``--wgmma`` (round 15; ``wgWsS``), and
+``triton_wq4.gemm`` with no config (the default). Each kernel's output is checked against
 the float32 reference first (max error relative to the largest output); a config that fails to compile or launch
 is recorded as an error. Prints one JSON line per cell with the speed-ups over bf16.
 """
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpu_kernels import MORE_SCHEMES, SCHEMES, bench_graph, bf16_copies, int4_copies, mma_tilings  # noqa: E402
+from gpu_kernels import (  # noqa: E402
+    MORE_SCHEMES, SCHEMES, bench_graph, bf16_copies, int4_copies, mma_tilings, wgmma_tilings,
+)
 from holdall.kernels import packed  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]  # [out, in]
@@ -48,6 +51,8 @@ def main() -> None:
                         help=f"comma-separated, from {sorted({**SCHEMES, **MORE_SCHEMES})}")
     parser.add_argument("--mma", default="1x4,1x8,2x4",
                         help="tensor-core tilings, TILES x WK (1x8a3: loads 3 rounds ahead; gpu_kernels.mma_tilings)")
+    parser.add_argument("--wgmma", default="",
+                        help="wgmma GEMM configs (round 15) at 16+ rows: wgWsS, W warpgroups x S splits (e.g. wg2s8)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemm_rows.py times CUDA kernels: run it on the device machine")
@@ -70,6 +75,8 @@ def main() -> None:
                 if (gluon_mma.column_tiles(m) < 8 or cfg["TILES"] == 1) \
                         and not (cfg.get("AHEAD") and gluon_mma.column_tiles(m) > 1):  # spills; loops only
                     configs[name] = cfg
+            if m >= 16:
+                configs.update(wgmma_tilings(args.wgmma))
             for name, cfg in configs.items():
                 try:
                     error = checked(lambda: triton_wq4.gemm(ops[0], p, x, None, y, cfg), y, want)

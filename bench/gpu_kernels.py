@@ -109,6 +109,16 @@ def mma_tilings(spec: str) -> dict[str, dict]:
     return configs
 
 
+def wgmma_tilings(spec: str) -> dict[str, dict]:
+    """The wgmma GEMM's launch configs named in ``spec``: ``wgWsS`` (``W`` warpgroups of 64 weight rows per
+    program, ``S`` splits of the row)."""
+    configs = {}
+    for tiling in filter(None, spec.split(",")):
+        wg, _, split = tiling.removeprefix("wg").partition("s")
+        configs[f"wg{tiling.removeprefix('wg')}"] = {"VARIANT": "gluon_wgmma", "WG": int(wg), "SPLIT_K": int(split)}
+    return configs
+
+
 def bench_graph(fns, replays: int = 20, rounds: int = 5) -> float:
     """GPU microseconds per call: ``fns`` (one per weight copy) captured once into a CUDA graph, replayed;
     median over ``rounds`` of the mean per call. No launch overhead (as decoding with graphs runs), and since

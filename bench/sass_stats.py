@@ -74,7 +74,15 @@ KERNELS["gemv_mma"] = ("_gemv_mma_kernel", {
 #: the tensor-core GEMV (round 12) for Llama-2-7B's down_proj: 11008 inputs, 2 tiles x 4 warps
 BASE["gemv_mma"] = {"K_WORDS": 1376, "GROUP_W": 16, "T": 2, "WK": 4, "X_BF16": True, "HAS_BIAS": False,
                     "NORM_IN": False, "SQ_BLOCK": 512, "NORM_OUT": False, "GLU": False, "group_step": 1, "NT": 0}
-NOT_MULTIPLE_OF_16 = {"M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
+KERNELS["gemm_wgmma"] = ("_gemm_wgmma_kernel", {
+    "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32",
+    "b_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32", "sem_ptr": "*i32", "N": "i32", "M": "i32",
+    "stride_x": "i32", "stride_y": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32",
+    "chunks_per_split": "i32"})
+#: the wgmma GEMM (round 15) for Llama-2-7B's down_proj at 64 rows: 2 warpgroups, 8 splits
+BASE["gemm_wgmma"] = {"K_WORDS": 1376, "GROUP_W": 16, "WG": 2, "MP": 64, "X_BF16": True, "HAS_BIAS": False,
+                      "BOOK": 0, "SPLIT_K": 8, "group_step": 1}
+NOT_MULTIPLE_OF_16 = {"chunks_per_split", "M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
                       "N", "n_sq", "eps", "w_src"}
 OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
@@ -134,7 +142,7 @@ def main() -> None:
                         help="a constexpr (ints; 0/1 for switches), or num_warps / num_stages")
     parser.add_argument("--dump", type=Path, help="also write the kernel's TTGIR (its layouts) and SASS here")
     args = parser.parse_args()
-    from holdall.kernels import gluon_mma, gluon_wq4, triton_wq4
+    from holdall.kernels import gluon_mma, gluon_wgmma, gluon_wq4, triton_wq4
 
     name, signature = KERNELS[args.kernel]
     constexprs = dict(BASE[args.kernel])
@@ -150,7 +158,9 @@ def main() -> None:
     signature = {k: v.format(**constexprs, BOX_N=box) for k, v in signature.items()}
     if args.kernel in ("gemv_gluon", "gemv_mma"):
         num_warps = constexprs["WK"]
-    module = {"gemv_gluon": gluon_wq4, "gemv_mma": gluon_mma}.get(args.kernel, triton_wq4)
+    if args.kernel == "gemm_wgmma":
+        num_warps = 4 * constexprs["WG"]
+    module = {"gemv_gluon": gluon_wq4, "gemv_mma": gluon_mma, "gemm_wgmma": gluon_wgmma}.get(args.kernel, triton_wq4)
     kernel = compile_sm90(getattr(module, name), signature, constexprs, num_warps, num_stages)
     sass, usage = sass_of(kernel)
     if args.dump:

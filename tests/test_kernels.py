@@ -1296,3 +1296,31 @@ def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
     with pytest.raises(ValueError, match="multiple of 8"):
         triton_wq4.gemv(packed.operands(producer, pp), pp, x, residual, y, {**cfg, "BLOCK_N": 4},
                         norm_out=(weight, h, torch.empty(11008 // 4, device="cuda")), int8_out=(words, scales))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym", "nf4", "nf4-dq", "fp4", "int4-g32-bf16", "int4-sym-dq"])
+@pytest.mark.parametrize("shape", [(4096, 11008), (200, 1152)], ids=str)
+@pytest.mark.parametrize("rows", [1, 13, 33, 64])
+@pytest.mark.parametrize("wg,split_k", [(2, 1), (1, 3), (2, 8)])
+def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, dtype):
+    """The warpgroup-MMA GEMM (round 15) against the fp32 reference: every format it takes, 1..64 activation rows
+    (the wgmma's N rounded up to a power of two, rows past M zeros), 64 / 128 weight rows per program with a
+    partial last tile (200 rows), split-K summed by the last program (11008 inputs = 86 chunks: uneven splits),
+    into NaN-poisoned outputs with rows wider than the output; launched twice (the split counters reset)."""
+    from holdall.kernels import gluon_wgmma
+
+    _gluon_ready()
+    scheme = {"int4-sym-dq": QuantScheme(double_quant=True), "int4-ch-sym": QuantScheme(granularity="channel")}.get(
+        name) or {**SCHEMES, **EXTRA_SCHEMES}[name]
+    layer = _layer(*shape, scheme, device="cuda", seed=sum(shape) + rows)
+    p = dispatch.layer_plan(layer)
+    ops, bias = packed.operands(layer, p), layer.bias.detach().to(dtype)
+    x = torch.randn(rows, p.in_features + 64, device="cuda", dtype=dtype)[:, :p.in_features]
+    want = packed.reference_linear(layer, x)
+    for _ in range(2):
+        out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
+        gluon_wgmma.gemm(ops, p, x, bias, out, {"WG": wg, "SPLIT_K": split_k})
+        for r in range(rows):
+            assert _rel(out[r], want[r]) < TOL[dtype], r

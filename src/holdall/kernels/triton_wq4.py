@@ -40,6 +40,8 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
   - ``"gluon_mma"`` (rounds 12-13, :mod:`holdall.kernels.gluon_mma`, the default on a Hopper for 2..8 rows of int4
     sym layers (groups of 128+) with up to 11008-input rows and 2..16 rows of NF4 / FP4): the rows as the columns
     of ``mma.sync`` in Gluon, 1.05-1.4x faster than v3 there on an H200.
+  - ``"gluon_wgmma"`` (round 15, :mod:`holdall.kernels.gluon_wgmma`, not a default until timed): ``wgmma`` with
+    the decoded weights as its register operand and the activations staged once per program in shared memory.
   - ``_gemm3_kernel`` ("v3", round 6, the default otherwise when rows are whole groups): the weight as the MMA's left
     operand, a group's inputs reordered on both sides into the order the MMA's register fragments hold them
     (:func:`_fragment_order`), so each thread loads its own codes as whole words and decodes them straight into
@@ -1702,6 +1704,10 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         from . import gluon_mma
 
         return gluon_mma.gemm(ops, p, x, bias, out, config)
+    if config.get("VARIANT") == "gluon_wgmma":  # round 15: warpgroup MMAs, 16..64 rows (sweeps)
+        from . import gluon_wgmma
+
+        return gluon_wgmma.gemm(ops, p, x, bias, out, config)
     cfg = dict(config)
     if cfg.get("SPLIT_K") is None:  # a sweep's config may leave the split to the heuristic
         cfg["SPLIT_K"] = gemm_config(p, m, _sm_count(index))["SPLIT_K"]

@@ -1,0 +1,235 @@
+"""The 4-bit GEMM for 16..64 activation rows on Hopper's warpgroup MMA, in Gluon (issue 6, round 15 of the kernels).
+
+Why: at 64 rows neither tensor-core kernel holdall has beats bf16 cuBLAS (round 13: the Triton ``v3`` GEMM
+0.73-1.06x, the ``mma.sync`` GEMV of :mod:`holdall.kernels.gluon_mma` 2-3x slower still). ``v3`` runs one
+warpgroup per 128 weight rows: every program re-reads and re-orders the same activation chunk (64 rows x 128
+inputs = 16 KB, twice its 8 KB of weights) into shared memory, and 213 registers a thread leave an SM two such
+programs. Here ``WG`` warpgroups share each staged activation chunk (``64 WG`` weight rows per program: 4 warpgroups
+read the activations once per 256 rows), and each warpgroup's ``wgmma.m64nNk16`` takes its 64 weight rows straight
+from the registers they were decoded into.
+
+Swap AB as in :mod:`holdall.kernels.gluon_mma`: ``y^T [N, M] = W [N, K] x^T``, the weight rows the MMA's M, the
+activation rows its N (``MP`` = the rows rounded up to a power of two, 8..64). Each warp of a warpgroup owns 16
+weight rows; thread ``(g, c)`` (lane ``4 g + c``) loads words ``4 c .. 4 c + 3`` of each 16-word (128-code) chunk
+of rows ``g`` and ``g + 8`` -- one 16-byte load each -- and decodes every word into four 16-bit pairs with the
+scale multiplied in (:func:`holdall.kernels.gluon_mma._scaled_pairs`, rounding once, as the ``v3`` GEMM's
+``FOLD16``). Those registers are already the wgmma's A fragments (the same as ``mma.sync``'s for a warp's 16 rows)
+once the chunk's inputs are taken in the order they hold them: logical input ``k = 32 wd + 16 p + 8 hk + 2 c + e``
+of a chunk (``wd`` the word, ``p`` the MMA step within it, ``hk`` the fragment's half, ``e`` the element) is code
+``phi = 32 c + 8 wd + 4 p + 2 e + hk`` of the stored chunk (:mod:`holdall.kernels.gluon_mma`'s docstring derives
+it). The activations are staged in shared memory in that logical order: every thread loads 16 contiguous bytes of
+a row (coalesced), two PRMTs per pair make the logical pairs ``(x[phi], x[phi + 2])``, and a swizzled
+shared-memory store puts them where the wgmma's B descriptor reads them. So the dot is unchanged.
+
+Per chunk: the next chunk's words, scales and activations are loaded first (one chunk ahead), the current
+activations stored to one of two shared buffers, a fence and a barrier, the decode, one asynchronous wgmma per
+warpgroup, and a wait for it (its A registers and the other buffer are then free). ``SPLIT_K`` programs split a
+row's chunks; their float32 partials are summed in a fixed order by each tile's last program (as ``v3``'s
+``SEM``). Every format the ``mma.sync`` kernel takes (symmetric int codes with groups of 32 and up or one scale
+per row, NF4 / FP4, double-quantized scales); no fused epilogues.
+
+Plain-torch reference: :func:`holdall.kernels.packed.reference_linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gluon_mma import BOOKS, CHUNK_WORDS, _format, _weights, why_not
+from .packed import Operands, Plan
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, \
+        warpgroup_mma_wait
+except ImportError:  # no Triton with Gluon (CPU machines): the kernel is not defined, the launcher refuses
+    gluon = gl = None
+
+MAX_ROWS = 64  # activation rows per launch: the wgmma's N up to 64 (32 float32 accumulators a thread)
+WARPGROUPS = (1, 2, 4)  # 64 weight rows each per program
+
+
+if gl is not None:
+    from .gluon_mma import _B0_SEL, _B1_SEL, _iota, _last4, _prmt, _scaled_pairs
+
+    _CW = gl.constexpr(CHUNK_WORDS)
+
+    @gluon.jit
+    def _halves(pairs, DT: gl.constexpr):
+        """int32 pairs ``[..., P]`` -> their 16-bit elements ``[..., 2 P]`` (low half first): register renaming."""
+        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs], (gl.int16, gl.int16), True, 1)
+        both = gl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
+        return gl.reshape(both, both.shape[:-2] + [2 * both.shape[-2]])
+
+    @gluon.jit
+    def _chunk_loads(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, x_base, x_ok, chunk, ok,
+                     GROUP_W: gl.constexpr, group_step):
+        """Chunk ``chunk``'s words ``[NW, 2, 8, 4, 4]``, float32 scales ``[NW, 2, 8, 4]`` (thread ``c``'s: its words
+        ``s_words = 4 c`` on share one group) and activation pairs ``[MP, 4, 4, 4]``, all zeros where ``ok`` is
+        false (past the program's last chunk). uint8 scales are double-quantized: ``map[code] * absmax[i // 256]
+        + offset``."""
+        w = gl.load(w_base + _CW * chunk, mask=ok, other=0)
+        index = s_rows + ((_CW * chunk + s_words) // GROUP_W) * group_step
+        if s_ptr.dtype.element_ty == gl.uint8:
+            code = gl.load(s_ptr + index, mask=ok, other=0).to(gl.int32)
+            s = gl.load(dmap_ptr + code) * gl.load(sabs_ptr + index // 256, mask=ok, other=0.0) + gl.load(soff_ptr)
+        else:
+            s = gl.load(s_ptr + index, mask=ok, other=0.0).to(gl.float32)
+        x = gl.load(x_base + 64 * chunk, mask=x_ok & ok, other=0)
+        return w, s, x
+
+    @gluon.jit
+    def _a_operand(w, s, LA: gl.constexpr, BOOK: gl.constexpr, X_BF16: gl.constexpr):
+        """Words ``[NW, 2 (hr), 8 (g), 4 (c), 4 (wd)]`` and their scales -> the scaled weights ``[16 NW, 128]`` as
+        the wgmma's register A operand: row ``16 warp + 8 hr + g``, logical input ``32 wd + 16 p + 8 hk + 2 c +
+        e`` (pair ``r = p + 2 hk`` of the decode)."""
+        NW: gl.constexpr = w.shape[0]
+        if X_BF16:
+            s16 = gl.expand_dims(s.to(gl.bfloat16), 4)
+            a0, a1, a2, a3 = _scaled_pairs(w, s16, BOOK, True)
+            DT: gl.constexpr = gl.bfloat16
+        else:
+            s16 = gl.expand_dims(s.to(gl.float16), 4)
+            a0, a1, a2, a3 = _scaled_pairs(w, s16, BOOK, False)
+            DT: gl.constexpr = gl.float16
+        both = gl.join(gl.join(a0, a2), gl.join(a1, a3))  # [NW, hr, g, c, wd, hk, p]
+        pairs = gl.reshape(gl.permute(both, [0, 1, 2, 4, 6, 5, 3]), [16 * NW, 64])  # pair 16 wd + 8 p + 4 hk + c
+        return gl.convert_layout(_halves(pairs, DT), LA)
+
+    @gluon.jit
+    def _b_tile(x, DT: gl.constexpr):
+        """A chunk's activation pairs ``[MP, 4 (c), 4 (wd), 4 (j)]`` as stored (pair ``j`` = inputs ``32 c + 8 wd +
+        2 j``, ``+ 1``) -> ``[MP, 128]`` in the A operand's logical order (``(x[phi], x[phi + 2])`` pairs)."""
+        x0, x1, x2, x3 = _last4(x)
+        lo0 = _prmt(x0, x1, _B0_SEL)  # p 0, hk 0: inputs 0, 2 of the word
+        hi0 = _prmt(x0, x1, _B1_SEL)  # p 0, hk 1: inputs 1, 3
+        lo1 = _prmt(x2, x3, _B0_SEL)  # p 1, hk 0: inputs 4, 6
+        hi1 = _prmt(x2, x3, _B1_SEL)  # p 1, hk 1: inputs 5, 7
+        both = gl.join(gl.join(lo0, hi0), gl.join(lo1, hi1))  # [MP, c, wd, hk, p]
+        pairs = gl.reshape(gl.permute(both, [0, 2, 4, 3, 1]), [x.shape[0], 64])
+        return _halves(pairs, DT)
+
+    @gluon.jit
+    def _gemm_wgmma_kernel(x_ptr, w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, part_ptr, sem_ptr,
+                           N, M, stride_x, stride_y, stride_wn, scale_row_stride, group_step, chunks_per_split,
+                           K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, WG: gl.constexpr, MP: gl.constexpr,
+                           X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, BOOK: gl.constexpr,
+                           SPLIT_K: gl.constexpr):
+        """Program ``(t, k)``: weight rows ``64 WG t ..`` over chunks ``k chunks_per_split ..`` of every activation
+        row (``x_ptr`` int32 pairs, ``stride_x`` apart); ``y [M, N]`` (``stride_y``), or with ``SPLIT_K`` > 1 the
+        float32 partials ``part [SPLIT_K, M, N]`` summed by the tile's last program (counter ``sem_ptr[t]``)."""
+        NW: gl.constexpr = 4 * WG
+        R: gl.constexpr = 64 * WG
+        N_CHUNKS: gl.constexpr = K_WORDS // _CW
+        DT: gl.constexpr = gl.bfloat16 if X_BF16 else gl.float16
+        LW: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        LS: gl.constexpr = gl.SliceLayout(4, LW)
+        LX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [2, 4, 4, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, MP, 16])
+        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+        XS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        t = gl.program_id(0)
+        split = gl.program_id(1)
+        start = split * chunks_per_split
+        stop = gl.minimum(start + chunks_per_split, N_CHUNKS)
+        # weights: row 16 warp + 8 hr + g (clamped: rows past N read row N - 1, never stored), words 4 c + wd
+        rows_w = gl.minimum(t * R + 16 * _iota(NW, LW, 5, 0) + 8 * _iota(2, LW, 5, 1) + _iota(8, LW, 5, 2), N - 1)
+        w_base = w_ptr + rows_w * stride_wn + 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)
+        rows_s = gl.minimum(t * R + 16 * _iota(NW, LS, 4, 0) + 8 * _iota(2, LS, 4, 1) + _iota(8, LS, 4, 2), N - 1)
+        s_rows = rows_s * scale_row_stride
+        s_words = 4 * _iota(4, LS, 4, 3)  # thread c's first word: groups shorter than a chunk give it its own scale
+        # activations: pairs 16 c + 4 wd + j of row m (rows past M read as zeros)
+        rows_x = _iota(MP, LX, 4, 0)
+        x_base = x_ptr + rows_x * stride_x + 16 * _iota(4, LX, 4, 1) + 4 * _iota(4, LX, 4, 2) + _iota(4, LX, 4, 3)
+        x_ok = rows_x < M
+        xs = gl.allocate_shared_memory(DT, [2, MP, 128], XS)
+        acc = gl.zeros([R, MP], gl.float32, ACC)
+        w, s, x = _chunk_loads(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, x_base, x_ok, start,
+                               start < stop, GROUP_W, group_step)
+        for chunk in range(start, stop):
+            buf = xs.index((chunk - start) % 2)
+            w_n, s_n, x_n = _chunk_loads(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, x_base,
+                                         x_ok, chunk + 1, chunk + 1 < stop, GROUP_W, group_step)
+            buf.store(_b_tile(x, DT))
+            fence_async_shared()
+            gl.thread_barrier()  # every warp's share of the chunk is in; the other buffer's last wgmma is done
+            a = _a_operand(w, s, LA, BOOK, X_BF16)
+            acc = warpgroup_mma(a, buf.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            w, s, x = w_n, s_n, x_n
+        _store(acc, b_ptr, y_ptr, part_ptr, sem_ptr, t, split, N, M, stride_y, R, MP, ACC, HAS_BIAS, SPLIT_K)
+
+    @gluon.jit
+    def _store(acc, b_ptr, y_ptr, part_ptr, sem_ptr, t, split, N, M, stride_y, R: gl.constexpr, MP: gl.constexpr,
+               ACC: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr):
+        """The tile ``acc [R, MP]`` (weight rows x activation rows) to ``y [M, N]``, or split ``split``'s partial,
+        the last program of tile ``t`` summing all in the order 0..SPLIT_K-1, adding the bias and resetting the
+        counter (as :func:`holdall.kernels.triton_wq4._splitk_store`)."""
+        rows = gl.expand_dims(t * R + gl.arange(0, R, layout=gl.SliceLayout(1, ACC)), 1)
+        cols = gl.expand_dims(gl.arange(0, MP, layout=gl.SliceLayout(0, ACC)), 0)
+        ok = (rows < N) & (cols < M)
+        dt: gl.constexpr = y_ptr.dtype.element_ty
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += gl.load(b_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
+            gl.store(y_ptr + cols * stride_y + rows, acc.to(dt), mask=ok)
+        else:
+            gl.store(part_ptr + (split * M + cols) * N + rows, acc, mask=ok, cache_modifier=".cg")
+            gl.thread_barrier()  # every thread's partial is stored before the counter says so
+            arrived = gl.atomic_add(sem_ptr + t, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = gl.zeros([R, MP], gl.float32, ACC)
+                for k in gl.static_range(SPLIT_K):  # fixed order: the same sum whichever program is last
+                    total += gl.load(part_ptr + (k * M + cols) * N + rows, mask=ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += gl.load(b_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
+                gl.store(y_ptr + cols * stride_y + rows, total.to(dt), mask=ok)
+                gl.atomic_xchg(sem_ptr + t, 0)  # ready for the next launch
+
+
+def launch_shape(p: Plan, m: int, cfg: dict) -> tuple[int, int, int, int]:
+    """``(WG, MP, chunks per split, splits)`` of a launch: ``cfg`` gives ``WG`` (1, 2, 4) and ``SPLIT_K`` (no
+    split left empty); ``MP`` is the rows rounded up to a power of two (the wgmma's N, 8..64)."""
+    wg, split_k = int(cfg.get("WG", 2)), int(cfg.get("SPLIT_K", 1))
+    if wg not in WARPGROUPS or split_k < 1:
+        raise ValueError(f"WG must be one of {WARPGROUPS} and SPLIT_K >= 1; got {cfg}")
+    chunks = p.in_features // (CHUNK_WORDS * 8)
+    per_split = -(-chunks // split_k)
+    return wg, max(8, 1 << (m - 1).bit_length()), per_split, -(-chunks // per_split)
+
+
+def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+         cfg: dict) -> torch.Tensor:
+    """``out [M, N] = x W^T + b`` for 1..64 rows ``x [M, K]`` (bf16/fp16, rows contiguous with an even stride) on
+    Hopper (``cfg``: ``WG`` warpgroups of 64 weight rows per program, ``SPLIT_K``)."""
+    if gl is None:
+        raise RuntimeError("the wgmma GEMM needs Triton with Gluon (3.6 or newer) and a Hopper GPU")
+    reason = why_not(p)
+    if reason is not None:
+        raise ValueError(f"the wgmma GEMM cannot take this layer: {reason}")
+    m = x.shape[0]
+    if x.dim() != 2 or not 1 <= m <= MAX_ROWS or x.shape[1] != p.in_features or x.stride(1) != 1 \
+            or x.stride(0) % 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be 1..{MAX_ROWS} bf16/fp16 rows of {p.in_features} (contiguous, even row stride); "
+                         f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    if out.shape != (m, p.out_features) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
+    wg, mp, per_split, split_k = launch_shape(p, m, cfg)
+    tiles = -(-p.out_features // (64 * wg))
+    from .triton_wq4 import _tile_counters
+
+    part = torch.empty(split_k, m, p.out_features, device=x.device, dtype=torch.float32) if split_k > 1 else out
+    counters = _tile_counters(x.device, tiles) if split_k > 1 else out
+    fmt = _format(p)
+    fmt.pop("FOLD")
+    _gemm_wgmma_kernel[(tiles, split_k)](
+        x.view(torch.int32), *_weights(ops), bias if bias is not None else ops.scale, out, part, counters,
+        p.out_features, m, x.stride(0) // 2, out.stride(0), ops.words.stride(0), p.scale_row_stride, p.group_step,
+        per_split, WG=wg, MP=mp, X_BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        **fmt, num_warps=4 * wg,
+    )
+    return out
+
+
+__all__ = ["BOOKS", "MAX_ROWS", "WARPGROUPS", "gemm", "launch_shape"]
