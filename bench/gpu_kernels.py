@@ -110,12 +110,15 @@ def mma_tilings(spec: str) -> dict[str, dict]:
 
 
 def wgmma_tilings(spec: str) -> dict[str, dict]:
-    """The wgmma GEMM's launch configs named in ``spec``: ``wgWsS`` (``W`` warpgroups of 64 weight rows per
-    program, ``S`` splits of the row)."""
+    """The wgmma GEMM's launch configs named in ``spec``: ``wgWsS`` or ``wgWsSgG`` (``W`` warpgroups of 64 weight
+    rows per tile, ``S`` splits of the row, ``G`` programs along the rows, each taking whole tiles; default one
+    tile each)."""
     configs = {}
     for tiling in filter(None, spec.split(",")):
-        wg, _, split = tiling.removeprefix("wg").partition("s")
-        configs[f"wg{tiling.removeprefix('wg')}"] = {"VARIANT": "gluon_wgmma", "WG": int(wg), "SPLIT_K": int(split)}
+        wg, _, rest = tiling.removeprefix("wg").partition("s")
+        split, _, groups = rest.partition("g")
+        cfg = {"VARIANT": "gluon_wgmma", "WG": int(wg), "SPLIT_K": int(split)}
+        configs[f"wg{tiling.removeprefix('wg')}"] = {**cfg, "GROUPS": int(groups)} if groups else cfg
     return configs
 
 

@@ -1303,12 +1303,13 @@ def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
 @pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym", "nf4", "nf4-dq", "fp4", "int4-g32-bf16", "int4-sym-dq"])
 @pytest.mark.parametrize("shape", [(4096, 11008), (200, 1152)], ids=str)
 @pytest.mark.parametrize("rows", [1, 13, 33, 64])
-@pytest.mark.parametrize("wg,split_k", [(2, 1), (1, 3), (2, 8)])
-def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, dtype):
+@pytest.mark.parametrize("wg,split_k,groups", [(2, 1, None), (1, 3, 2), (2, 8, 3), (1, 16, 5)])
+def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, groups, dtype):
     """The warpgroup-MMA GEMM (round 15) against the fp32 reference: every format it takes, 1..64 activation rows
-    (the wgmma's N rounded up to a power of two, rows past M zeros), 64 / 128 weight rows per program with a
-    partial last tile (200 rows), split-K summed by the last program (11008 inputs = 86 chunks: uneven splits),
-    into NaN-poisoned outputs with rows wider than the output; launched twice (the split counters reset)."""
+    (the wgmma's N rounded up to a power of two, rows past M zeros), 64 / 128 weight rows per tile with a partial
+    last tile (200 rows), programs taking several tiles (``GROUPS``) or one, split-K summed by the last program
+    (11008 inputs = 86 chunks: uneven splits), into NaN-poisoned outputs with rows wider than the output; launched
+    twice (the split counters reset). A split whose activations do not fit shared memory is refused by name."""
     from holdall.kernels import gluon_wgmma
 
     _gluon_ready()
@@ -1318,9 +1319,15 @@ def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, dtype):
     p = dispatch.layer_plan(layer)
     ops, bias = packed.operands(layer, p), layer.bias.detach().to(dtype)
     x = torch.randn(rows, p.in_features + 64, device="cuda", dtype=dtype)[:, :p.in_features]
+    cfg = {"WG": wg, "SPLIT_K": split_k, **({"GROUPS": groups} if groups else {})}
+    chunks = -(-p.in_features // 128 // split_k)
+    if chunks * max(8, 1 << (rows - 1).bit_length()) * 256 > gluon_wgmma.SHARED_BYTES:
+        with pytest.raises(ValueError, match="do not fit"):
+            gluon_wgmma.gemm(ops, p, x, bias, torch.empty(rows, p.out_features, device="cuda", dtype=dtype), cfg)
+        return
     want = packed.reference_linear(layer, x)
     for _ in range(2):
         out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
-        gluon_wgmma.gemm(ops, p, x, bias, out, {"WG": wg, "SPLIT_K": split_k})
+        gluon_wgmma.gemm(ops, p, x, bias, out, cfg)
         for r in range(rows):
             assert _rel(out[r], want[r]) < TOL[dtype], r
