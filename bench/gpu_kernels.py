@@ -110,15 +110,17 @@ def mma_tilings(spec: str) -> dict[str, dict]:
 
 
 def wgmma_tilings(spec: str) -> dict[str, dict]:
-    """The wgmma GEMM's launch configs named in ``spec``: ``wgWsS`` or ``wgWsSgG`` (``W`` warpgroups of 64 weight
-    rows per tile, ``S`` splits of the row, ``G`` programs along the rows, each taking whole tiles; default one
-    tile each)."""
+    """The wgmma GEMM's launch configs named in ``spec``: ``wgWsS`` (``W`` warpgroups of 64 weight rows per
+    program, ``S`` splits of the row), ``wgWsStN`` the same with the activations reordered once and brought in by
+    TMA through ``N`` slots (``XTMA``; ``t`` alone: 3)."""
     configs = {}
     for tiling in filter(None, spec.split(",")):
         wg, _, rest = tiling.removeprefix("wg").partition("s")
-        split, _, groups = rest.partition("g")
+        split, tma, stages = rest.partition("t")
         cfg = {"VARIANT": "gluon_wgmma", "WG": int(wg), "SPLIT_K": int(split)}
-        configs[f"wg{tiling.removeprefix('wg')}"] = {**cfg, "GROUPS": int(groups)} if groups else cfg
+        if tma:
+            cfg.update(XTMA=True, STAGES=int(stages or 3))
+        configs[f"wg{tiling.removeprefix('wg')}"] = cfg
     return configs
 
 

@@ -78,11 +78,18 @@ KERNELS["gemm_wgmma"] = ("_gemm_wgmma_kernel", {
     "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32",
     "b_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32", "sem_ptr": "*i32", "N": "i32", "M": "i32",
     "stride_x": "i32", "stride_y": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32",
-    "chunks_per_split": "i32", "tiles_per_program": "i32"})
+    "chunks_per_split": "i32"})
 #: the wgmma GEMM (round 15) for Llama-2-7B's down_proj at 64 rows: 2 warpgroups, 8 splits
 BASE["gemm_wgmma"] = {"K_WORDS": 1376, "GROUP_W": 16, "WG": 2, "MP": 64, "X_BF16": True, "HAS_BIAS": False,
-                      "BOOK": 0, "SPLIT_K": 8, "XCHUNKS": 11, "group_step": 1}
-NOT_MULTIPLE_OF_16 = {"chunks_per_split", "tiles_per_program", "M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
+                      "BOOK": 0, "SPLIT_K": 8, "group_step": 1}
+KERNELS["gemm_wgmma_tma"] = ("_gemm_wgmma_tma_kernel", {
+    "x_desc": "tensordesc<bf16[{MP}, 64],NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, "
+              "transposed=False, fp4_padded=False, cga_layout=[])>",
+    "w_ptr": "*i32", "s_ptr": "*bf16", "sabs_ptr": "*fp32", "soff_ptr": "*fp32", "dmap_ptr": "*fp32",
+    "b_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32", "sem_ptr": "*i32", "N": "i32", "M": "i32",
+    "stride_y": "i32", "stride_wn": "i32", "scale_row_stride": "i32", "group_step": "i32", "chunks_per_split": "i32"})
+BASE["gemm_wgmma_tma"] = {**BASE["gemm_wgmma"], "STAGES": 3}
+NOT_MULTIPLE_OF_16 = {"x_desc", "chunks_per_split", "M", "n_groups", "groups_per_split", "scale_row_stride", "group_step", "zero_row_stride",
                       "N", "n_sq", "eps", "w_src"}
 OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
@@ -158,9 +165,10 @@ def main() -> None:
     signature = {k: v.format(**constexprs, BOX_N=box) for k, v in signature.items()}
     if args.kernel in ("gemv_gluon", "gemv_mma"):
         num_warps = constexprs["WK"]
-    if args.kernel == "gemm_wgmma":
+    if args.kernel.startswith("gemm_wgmma"):
         num_warps = 4 * constexprs["WG"]
-    module = {"gemv_gluon": gluon_wq4, "gemv_mma": gluon_mma, "gemm_wgmma": gluon_wgmma}.get(args.kernel, triton_wq4)
+    module = {"gemv_gluon": gluon_wq4, "gemv_mma": gluon_mma, "gemm_wgmma": gluon_wgmma,
+              "gemm_wgmma_tma": gluon_wgmma}.get(args.kernel, triton_wq4)
     kernel = compile_sm90(getattr(module, name), signature, constexprs, num_warps, num_stages)
     sass, usage = sass_of(kernel)
     if args.dump:

@@ -1303,13 +1303,15 @@ def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
 @pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym", "nf4", "nf4-dq", "fp4", "int4-g32-bf16", "int4-sym-dq"])
 @pytest.mark.parametrize("shape", [(4096, 11008), (200, 1152)], ids=str)
 @pytest.mark.parametrize("rows", [1, 13, 33, 64])
-@pytest.mark.parametrize("wg,split_k,groups", [(2, 1, None), (1, 3, 2), (2, 8, 3), (1, 16, 5)])
-def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, groups, dtype):
+@pytest.mark.parametrize("wg,split_k,xtma", [(2, 1, False), (1, 3, False), (2, 8, False), (4, 8, False),
+                                              (2, 1, True), (1, 3, True), (4, 8, True)])
+def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, dtype):
     """The warpgroup-MMA GEMM (round 15) against the fp32 reference: every format it takes, 1..64 activation rows
-    (the wgmma's N rounded up to a power of two, rows past M zeros), 64 / 128 weight rows per tile with a partial
-    last tile (200 rows), programs taking several tiles (``GROUPS``) or one, split-K summed by the last program
-    (11008 inputs = 86 chunks: uneven splits), into NaN-poisoned outputs with rows wider than the output; launched
-    twice (the split counters reset). A split whose activations do not fit shared memory is refused by name."""
+    (the wgmma's N rounded up to a power of two, rows past M zeros), 64 / 128 / 256 weight rows per program with a
+    partial last tile (200 rows), split-K summed by the last program (11008 inputs = 86 chunks: uneven splits),
+    the activations staged through registers or reordered once and brought in by TMA (``XTMA``: a ring of 3
+    slots, wrapped at 86 / 29 / 11 chunks), into NaN-poisoned outputs with rows wider than the output; launched
+    twice (the split counters reset)."""
     from holdall.kernels import gluon_wgmma
 
     _gluon_ready()
@@ -1319,15 +1321,25 @@ def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, groups, dt
     p = dispatch.layer_plan(layer)
     ops, bias = packed.operands(layer, p), layer.bias.detach().to(dtype)
     x = torch.randn(rows, p.in_features + 64, device="cuda", dtype=dtype)[:, :p.in_features]
-    cfg = {"WG": wg, "SPLIT_K": split_k, **({"GROUPS": groups} if groups else {})}
-    chunks = -(-p.in_features // 128 // split_k)
-    if chunks * max(8, 1 << (rows - 1).bit_length()) * 256 > gluon_wgmma.SHARED_BYTES:
-        with pytest.raises(ValueError, match="do not fit"):
-            gluon_wgmma.gemm(ops, p, x, bias, torch.empty(rows, p.out_features, device="cuda", dtype=dtype), cfg)
-        return
     want = packed.reference_linear(layer, x)
     for _ in range(2):
         out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
-        gluon_wgmma.gemm(ops, p, x, bias, out, cfg)
+        gluon_wgmma.gemm(ops, p, x, bias, out, {"WG": wg, "SPLIT_K": split_k, "XTMA": xtma})
         for r in range(rows):
             assert _rel(out[r], want[r]) < TOL[dtype], r
+
+
+def test_wgmma_fragment_order_is_the_decode_order():
+    """The TMA path's reordered activations (CPU: plain torch) put stored input ``32 c + 8 wd + 4 p + 2 e + hk``
+    of each 128-input chunk at logical input ``32 wd + 16 p + 8 hk + 2 c + e`` -- the order in which
+    :mod:`holdall.kernels.gluon_mma`'s decode hands a thread its codes (its docstring's ``phi``), so the dot
+    product is unchanged: checked on the index itself and on a product against the unpermuted one."""
+    from holdall.kernels.gluon_wgmma import fragment_order
+
+    k = torch.arange(128)
+    wd, p, hk, c, e = k // 32, (k // 16) % 2, (k // 8) % 2, (k // 2) % 4, k % 2
+    phi = 32 * c + 8 * wd + 4 * p + 2 * e + hk
+    x = torch.arange(384, dtype=torch.float64).reshape(1, 384)
+    assert torch.equal(fragment_order(x)[0], torch.cat([phi, phi + 128, phi + 256]).double())
+    w, xs = torch.randn(5, 256, dtype=torch.float64), torch.randn(3, 256, dtype=torch.float64)
+    torch.testing.assert_close(fragment_order(xs) @ fragment_order(w).T, xs @ w.T)

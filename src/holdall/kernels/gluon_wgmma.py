@@ -41,8 +41,8 @@ from .packed import Operands, Plan
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, \
-        warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, \
+        warpgroup_mma, warpgroup_mma_wait
 except ImportError:  # no Triton with Gluon (CPU machines): the kernel is not defined, the launcher refuses
     gluon = gl = None
 
@@ -63,16 +63,13 @@ if gl is not None:
         return gl.reshape(both, both.shape[:-2] + [2 * both.shape[-2]])
 
     @gluon.jit
-    def _w_loads(w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, rin_w, w_words, rin_s, s_words, tile, chunk, ok, N,
-                 R: gl.constexpr, GROUP_W: gl.constexpr, stride_wn, scale_row_stride, group_step):
-        """Tile ``tile``'s words ``[NW, 2, 8, 4, 4]`` of chunk ``chunk`` and their float32 scales ``[NW, 2, 8, 4]``
-        (row ``tile R + rin``, clamped to the last row: rows past ``N`` are computed, never stored; thread ``c``'s
-        words ``s_words = 4 c`` on share one group), zeros where ``ok`` is false. uint8 scales are
-        double-quantized: ``map[code] * absmax[i // 256] + offset``."""
-        rows_w = gl.minimum(tile * R + rin_w, N - 1)
-        w = gl.load(w_ptr + rows_w * stride_wn + w_words + _CW * chunk, mask=ok, other=0)
-        rows_s = gl.minimum(tile * R + rin_s, N - 1)
-        index = rows_s * scale_row_stride + ((_CW * chunk + s_words) // GROUP_W) * group_step
+    def _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, chunk, ok, GROUP_W: gl.constexpr,
+                 group_step):
+        """Chunk ``chunk``'s words ``[NW, 2, 8, 4, 4]`` and float32 scales ``[NW, 2, 8, 4]`` (thread ``c``'s: its
+        words ``s_words = 4 c`` on share one group), zeros where ``ok`` is false (past the program's last chunk).
+        uint8 scales are double-quantized: ``map[code] * absmax[i // 256] + offset``."""
+        w = gl.load(w_base + _CW * chunk, mask=ok, other=0)
+        index = s_rows + ((_CW * chunk + s_words) // GROUP_W) * group_step
         if s_ptr.dtype.element_ty == gl.uint8:
             code = gl.load(s_ptr + index, mask=ok, other=0).to(gl.int32)
             s = gl.load(dmap_ptr + code) * gl.load(sabs_ptr + index // 256, mask=ok, other=0.0) + gl.load(soff_ptr)
@@ -81,11 +78,19 @@ if gl is not None:
         return w, s
 
     @gluon.jit
+    def _word_halves(w):
+        """Words ``[NW, 2, 8, 4, 4 (wd)]`` -> those of words 0, 1 and of words 2, 3, each ``[NW, 2, 8, 4, 2]``: a
+        chunk's logical inputs 0..63 and 64..127 (:func:`_a_operand`)."""
+        NW: gl.constexpr = w.shape[0]
+        return gl.split(gl.permute(gl.reshape(w, [NW, 2, 8, 4, 2, 2]), [0, 1, 2, 3, 5, 4]))
+
+    @gluon.jit
     def _a_operand(w, s, LA: gl.constexpr, BOOK: gl.constexpr, X_BF16: gl.constexpr):
-        """Words ``[NW, 2 (hr), 8 (g), 4 (c), 4 (wd)]`` and their scales -> the scaled weights ``[16 NW, 128]`` as
+        """Words ``[NW, 2 (hr), 8 (g), 4 (c), WD (wd)]`` and their scales -> the scaled weights ``[16 NW, 32 WD]`` as
         the wgmma's register A operand: row ``16 warp + 8 hr + g``, logical input ``32 wd + 16 p + 8 hk + 2 c +
         e`` (pair ``r = p + 2 hk`` of the decode)."""
         NW: gl.constexpr = w.shape[0]
+        s = gl.convert_layout(s, gl.SliceLayout(4, w.type.layout))  # the words' thread mapping (half a chunk too)
         if X_BF16:
             s16 = gl.expand_dims(s.to(gl.bfloat16), 4)
             a0, a1, a2, a3 = _scaled_pairs(w, s16, BOOK, True)
@@ -95,7 +100,8 @@ if gl is not None:
             a0, a1, a2, a3 = _scaled_pairs(w, s16, BOOK, False)
             DT: gl.constexpr = gl.float16
         both = gl.join(gl.join(a0, a2), gl.join(a1, a3))  # [NW, hr, g, c, wd, hk, p]
-        pairs = gl.reshape(gl.permute(both, [0, 1, 2, 4, 6, 5, 3]), [16 * NW, 64])  # pair 16 wd + 8 p + 4 hk + c
+        # pair 16 wd + 8 p + 4 hk + c (wd over the words given: 4, or 2 for half a chunk)
+        pairs = gl.reshape(gl.permute(both, [0, 1, 2, 4, 6, 5, 3]), [16 * NW, 16 * w.shape[4]])
         return gl.convert_layout(_halves(pairs, DT), LA)
 
     @gluon.jit
@@ -114,16 +120,12 @@ if gl is not None:
     @gluon.jit
     def _gemm_wgmma_kernel(x_ptr, w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, part_ptr, sem_ptr,
                            N, M, stride_x, stride_y, stride_wn, scale_row_stride, group_step, chunks_per_split,
-                           tiles_per_program,
                            K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, WG: gl.constexpr, MP: gl.constexpr,
                            X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, BOOK: gl.constexpr,
-                           SPLIT_K: gl.constexpr, XCHUNKS: gl.constexpr):
-        """Program ``(g, k)``: tiles ``g tiles_per_program ..`` of ``R = 64 WG`` weight rows over chunks ``k
-        chunks_per_split ..`` (at most ``XCHUNKS``) of every activation row (``x_ptr`` int32 pairs, ``stride_x``
-        apart). The chunks' activations are staged in shared memory once, then every tile's chunks run back to
-        back (the next step's words loaded before this one's decode); each tile goes to ``y [M, N]``
-        (``stride_y``), or with ``SPLIT_K`` > 1 to the float32 partials ``part [SPLIT_K, M, N]``, summed by the
-        tile's last program (counter ``sem_ptr[tile]``)."""
+                           SPLIT_K: gl.constexpr):
+        """Program ``(t, k)``: weight rows ``64 WG t ..`` over chunks ``k chunks_per_split ..`` of every activation
+        row (``x_ptr`` int32 pairs, ``stride_x`` apart); ``y [M, N]`` (``stride_y``), or with ``SPLIT_K`` > 1 the
+        float32 partials ``part [SPLIT_K, M, N]`` summed by the tile's last program (counter ``sem_ptr[t]``)."""
         NW: gl.constexpr = 4 * WG
         R: gl.constexpr = 64 * WG
         N_CHUNKS: gl.constexpr = K_WORDS // _CW
@@ -134,40 +136,102 @@ if gl is not None:
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, MP, 16])
         LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
         XS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        start = gl.program_id(1) * chunks_per_split
-        n_chunks = gl.minimum(start + chunks_per_split, N_CHUNKS) - start
-        tile0 = gl.program_id(0) * tiles_per_program
-        steps = (gl.minimum(tile0 + tiles_per_program, (N + R - 1) // R) - tile0) * n_chunks
-        # the activations: pairs 16 c + 4 wd + j of row m (rows past M zeros), every chunk of the split, once
+        t = gl.program_id(0)
+        split = gl.program_id(1)
+        start = split * chunks_per_split
+        stop = gl.minimum(start + chunks_per_split, N_CHUNKS)
+        # weights: row 16 warp + 8 hr + g (clamped: rows past N read row N - 1, never stored), words 4 c + wd
+        rows_w = gl.minimum(t * R + 16 * _iota(NW, LW, 5, 0) + 8 * _iota(2, LW, 5, 1) + _iota(8, LW, 5, 2), N - 1)
+        w_base = w_ptr + rows_w * stride_wn + 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)
+        rows_s = gl.minimum(t * R + 16 * _iota(NW, LS, 4, 0) + 8 * _iota(2, LS, 4, 1) + _iota(8, LS, 4, 2), N - 1)
+        s_rows = rows_s * scale_row_stride
+        s_words = 4 * _iota(4, LS, 4, 3)  # thread c's first word: groups shorter than a chunk give it its own scale
+        # activations: pairs 16 c + 4 wd + j of row m (rows past M read as zeros)
         rows_x = _iota(MP, LX, 4, 0)
         x_base = x_ptr + rows_x * stride_x + 16 * _iota(4, LX, 4, 1) + 4 * _iota(4, LX, 4, 2) + _iota(4, LX, 4, 3)
-        xs = gl.allocate_shared_memory(DT, [XCHUNKS, MP, 128], XS)
-        for c in range(0, n_chunks):
-            x = gl.load(x_base + 64 * (start + c), mask=rows_x < M, other=0)
-            xs.index(c).store(_b_tile(x, DT))
-        fence_async_shared()
-        gl.thread_barrier()
-        # weights: row 16 warp + 8 hr + g of a tile, words 4 c + wd of a chunk
-        rin_w = 16 * _iota(NW, LW, 5, 0) + 8 * _iota(2, LW, 5, 1) + _iota(8, LW, 5, 2)
-        w_words = 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)
-        rin_s = 16 * _iota(NW, LS, 4, 0) + 8 * _iota(2, LS, 4, 1) + _iota(8, LS, 4, 2)
-        s_words = 4 * _iota(4, LS, 4, 3)
-        w, s = _w_loads(w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, rin_w, w_words, rin_s, s_words, tile0, start,
-                        steps > 0, N, R, GROUP_W, stride_wn, scale_row_stride, group_step)
+        x_ok = rows_x < M
+        xs = gl.allocate_shared_memory(DT, [2, MP, 128], XS)
         acc = gl.zeros([R, MP], gl.float32, ACC)
-        for step in range(0, steps):
-            c = step % n_chunks
-            nxt = step + 1
-            w_n, s_n = _w_loads(w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, rin_w, w_words, rin_s, s_words,
-                                tile0 + nxt // n_chunks, start + nxt % n_chunks, nxt < steps, N, R, GROUP_W,
-                                stride_wn, scale_row_stride, group_step)
+        w, s = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start, start < stop, GROUP_W,
+                        group_step)
+        x = gl.load(x_base + 64 * start, mask=x_ok & (start < stop), other=0)
+        for chunk in range(start, stop):
+            buf = xs.index((chunk - start) % 2)
+            w_n, s_n = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, chunk + 1,
+                                chunk + 1 < stop, GROUP_W, group_step)
+            x_n = gl.load(x_base + 64 * (chunk + 1), mask=x_ok & (chunk + 1 < stop), other=0)
+            buf.store(_b_tile(x, DT))
+            fence_async_shared()
+            gl.thread_barrier()  # every warp's share of the chunk is in; the other buffer's last wgmma is done
             a = _a_operand(w, s, LA, BOOK, X_BF16)
-            acc = warpgroup_mma(a, xs.index(c).permute((1, 0)), acc, use_acc=c > 0, is_async=True)
+            acc = warpgroup_mma(a, buf.permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            if c == n_chunks - 1:  # the tile's last chunk of this split
-                _store(acc, b_ptr, y_ptr, part_ptr, sem_ptr, tile0 + step // n_chunks, gl.program_id(1), N, M,
-                       stride_y, R, MP, ACC, HAS_BIAS, SPLIT_K)
+            w, s, x = w_n, s_n, x_n
+        _store(acc, b_ptr, y_ptr, part_ptr, sem_ptr, t, split, N, M, stride_y, R, MP, ACC, HAS_BIAS, SPLIT_K)
+
+    @gluon.jit
+    def _gemm_wgmma_tma_kernel(x_desc, w_ptr, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, b_ptr, y_ptr, part_ptr, sem_ptr,
+                               N, M, stride_y, stride_wn, scale_row_stride, group_step, chunks_per_split,
+                               K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, WG: gl.constexpr, MP: gl.constexpr,
+                               X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, BOOK: gl.constexpr,
+                               SPLIT_K: gl.constexpr, STAGES: gl.constexpr):
+        """:func:`_gemm_wgmma_kernel` with the activations already in the fragments' input order
+        (:func:`fragment_order`), brought in by TMA: each chunk as two ``[MP, 64]`` boxes (rows past ``M`` zeros)
+        into a ring of ``STAGES`` shared-memory slots, each with its mbarrier; no activation passes through
+        registers. Each chunk is two wgmmas of 64 inputs (words 0-1, 2-3 of every thread); a slot is refilled
+        ``STAGES`` chunks ahead once every warpgroup's wgmma on it is done."""
+        NW: gl.constexpr = 4 * WG
+        R: gl.constexpr = 64 * WG
+        N_CHUNKS: gl.constexpr = K_WORDS // _CW
+        LW: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        LS: gl.constexpr = gl.SliceLayout(4, LW)
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, MP, 16])
+        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+        BOX_BYTES: gl.constexpr = 2 * MP * 64 * 2  # a chunk: two [MP, 64] boxes of 16-bit values
+        t = gl.program_id(0)
+        split = gl.program_id(1)
+        start = split * chunks_per_split
+        stop = gl.minimum(start + chunks_per_split, N_CHUNKS)
+        rows_w = gl.minimum(t * R + 16 * _iota(NW, LW, 5, 0) + 8 * _iota(2, LW, 5, 1) + _iota(8, LW, 5, 2), N - 1)
+        w_base = w_ptr + rows_w * stride_wn + 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)
+        rows_s = gl.minimum(t * R + 16 * _iota(NW, LS, 4, 0) + 8 * _iota(2, LS, 4, 1) + _iota(8, LS, 4, 2), N - 1)
+        s_rows = rows_s * scale_row_stride
+        s_words = 4 * _iota(4, LS, 4, 3)
+        xs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, MP, 64], x_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        for i in gl.static_range(STAGES):  # the first STAGES chunks in flight
+            ok = start + i < stop
+            mbarrier.expect(bars.index(i), BOX_BYTES, pred=ok)
+            tma.async_copy_global_to_shared(x_desc, [0, 128 * (start + i)], bars.index(i), xs.index(2 * i), pred=ok)
+            tma.async_copy_global_to_shared(x_desc, [0, 128 * (start + i) + 64], bars.index(i), xs.index(2 * i + 1),
+                                            pred=ok)
+        acc = gl.zeros([R, MP], gl.float32, ACC)
+        w, s = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start, start < stop, GROUP_W,
+                        group_step)
+        for chunk in range(start, stop):
+            slot = (chunk - start) % STAGES
+            w_n, s_n = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, chunk + 1,
+                                chunk + 1 < stop, GROUP_W, group_step)
+            w_lo, w_hi = _word_halves(w)
+            a_lo = _a_operand(w_lo, s, LA, BOOK, X_BF16)
+            a_hi = _a_operand(w_hi, s, LA, BOOK, X_BF16)
+            mbarrier.wait(bars.index(slot), ((chunk - start) // STAGES) & 1)
+            acc = warpgroup_mma(a_lo, xs.index(2 * slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a_hi, xs.index(2 * slot + 1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            gl.thread_barrier()  # every warpgroup is done with the slot: refill it STAGES chunks ahead
+            nxt = chunk + STAGES
+            ok = nxt < stop
+            mbarrier.expect(bars.index(slot), BOX_BYTES, pred=ok)
+            tma.async_copy_global_to_shared(x_desc, [0, 128 * nxt], bars.index(slot), xs.index(2 * slot), pred=ok)
+            tma.async_copy_global_to_shared(x_desc, [0, 128 * nxt + 64], bars.index(slot), xs.index(2 * slot + 1),
+                                            pred=ok)
             w, s = w_n, s_n
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        _store(acc, b_ptr, y_ptr, part_ptr, sem_ptr, t, split, N, M, stride_y, R, MP, ACC, HAS_BIAS, SPLIT_K)
 
     @gluon.jit
     def _store(acc, b_ptr, y_ptr, part_ptr, sem_ptr, t, split, N, M, stride_y, R: gl.constexpr, MP: gl.constexpr,
@@ -189,8 +253,8 @@ if gl is not None:
             arrived = gl.atomic_add(sem_ptr + t, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT_K - 1:
                 total = gl.zeros([R, MP], gl.float32, ACC)
-                for k in range(SPLIT_K):  # fixed order: the same sum whichever program is last (a loop: inside
-                    # the tiles' loop an unrolled sum would hold every split's partial in registers)
+                for k in range(SPLIT_K):  # fixed order: the same sum whichever program is last (a loop: unrolled,
+                    # every split's partial would be live at once -- 167-191 registers a thread, spills at WG 4)
                     total += gl.load(part_ptr + (k * M + cols) * N + rows, mask=ok, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     total += gl.load(b_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
@@ -198,32 +262,29 @@ if gl is not None:
                 gl.atomic_xchg(sem_ptr + t, 0)  # ready for the next launch
 
 
-SHARED_BYTES = 200 * 1024  # the staged activations' budget per program (an H100 / H200 SM has 227 KB)
+def fragment_order(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` with each 128-input chunk reordered as the wgmma's A fragments hold the decoded codes: logical
+    input ``k = 32 wd + 16 p + 8 hk + 2 c + e`` takes stored input ``32 c + 8 wd + 4 p + 2 e + hk`` (a contiguous
+    copy; the TMA kernel then loads the activations straight into the wgmma's operand)."""
+    m, k = x.shape
+    return x.reshape(m, k // 128, 4, 4, 2, 2, 2).permute(0, 1, 3, 4, 6, 2, 5).reshape(m, k)
 
 
-def launch_shape(p: Plan, m: int, cfg: dict) -> tuple[int, int, int, int, int]:
-    """``(WG, MP, chunks per split, splits, row groups)`` of a launch: ``cfg`` gives ``WG`` (1, 2, 4), ``SPLIT_K``
-    (no split left empty) and ``GROUPS`` (programs along the rows, each taking whole tiles; default one per
-    tile); ``MP`` is the rows rounded up to a power of two (the wgmma's N, 8..64). A split's activations must fit
-    ``SHARED_BYTES`` of shared memory."""
+def launch_shape(p: Plan, m: int, cfg: dict) -> tuple[int, int, int, int]:
+    """``(WG, MP, chunks per split, splits)`` of a launch: ``cfg`` gives ``WG`` (1, 2, 4) and ``SPLIT_K`` (no
+    split left empty); ``MP`` is the rows rounded up to a power of two (the wgmma's N, 8..64)."""
     wg, split_k = int(cfg.get("WG", 2)), int(cfg.get("SPLIT_K", 1))
     if wg not in WARPGROUPS or split_k < 1:
         raise ValueError(f"WG must be one of {WARPGROUPS} and SPLIT_K >= 1; got {cfg}")
-    mp = max(8, 1 << (m - 1).bit_length())
     chunks = p.in_features // (CHUNK_WORDS * 8)
     per_split = -(-chunks // split_k)
-    if per_split * mp * 128 * 2 > SHARED_BYTES:
-        raise ValueError(f"{per_split} chunks of {mp} activation rows do not fit {SHARED_BYTES} B of shared memory: "
-                         f"use more than {split_k} splits (SPLIT_K)")
-    tiles = -(-p.out_features // (64 * wg))
-    groups = min(int(cfg.get("GROUPS", tiles)), tiles)
-    return wg, mp, per_split, -(-chunks // per_split), groups
+    return wg, max(8, 1 << (m - 1).bit_length()), per_split, -(-chunks // per_split)
 
 
 def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
          cfg: dict) -> torch.Tensor:
     """``out [M, N] = x W^T + b`` for 1..64 rows ``x [M, K]`` (bf16/fp16, rows contiguous with an even stride) on
-    Hopper (``cfg``: ``WG`` warpgroups of 64 weight rows per tile, ``SPLIT_K``, ``GROUPS``; :func:`launch_shape`)."""
+    Hopper (``cfg``: ``WG`` warpgroups of 64 weight rows per program, ``SPLIT_K``)."""
     if gl is None:
         raise RuntimeError("the wgmma GEMM needs Triton with Gluon (3.6 or newer) and a Hopper GPU")
     reason = why_not(p)
@@ -236,22 +297,34 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
                          f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
     if out.shape != (m, p.out_features) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
-    wg, mp, per_split, split_k, groups = launch_shape(p, m, cfg)
+    wg, mp, per_split, split_k = launch_shape(p, m, cfg)
     tiles = -(-p.out_features // (64 * wg))
-    per_group = -(-tiles // groups)
     from .triton_wq4 import _tile_counters
 
     part = torch.empty(split_k, m, p.out_features, device=x.device, dtype=torch.float32) if split_k > 1 else out
     counters = _tile_counters(x.device, tiles) if split_k > 1 else out
     fmt = _format(p)
     fmt.pop("FOLD")
-    _gemm_wgmma_kernel[(-(-tiles // per_group), split_k)](
+    bf16 = x.dtype == torch.bfloat16
+    if cfg.get("XTMA"):  # the activations reordered once, then brought in by TMA
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        desc = TensorDescriptor.from_tensor(fragment_order(x), [mp, 64], layout)
+        _gemm_wgmma_tma_kernel[(tiles, split_k)](
+            desc, *_weights(ops), bias if bias is not None else ops.scale, out, part, counters, p.out_features, m,
+            out.stride(0), ops.words.stride(0), p.scale_row_stride, p.group_step, per_split, WG=wg, MP=mp,
+            X_BF16=bf16, HAS_BIAS=bias is not None, SPLIT_K=split_k, STAGES=int(cfg.get("STAGES", 3)), **fmt,
+            num_warps=4 * wg,
+        )
+        return out
+    _gemm_wgmma_kernel[(tiles, split_k)](
         x.view(torch.int32), *_weights(ops), bias if bias is not None else ops.scale, out, part, counters,
         p.out_features, m, x.stride(0) // 2, out.stride(0), ops.words.stride(0), p.scale_row_stride, p.group_step,
-        per_split, per_group, WG=wg, MP=mp, X_BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
-        SPLIT_K=split_k, XCHUNKS=per_split, **fmt, num_warps=4 * wg,
+        per_split, WG=wg, MP=mp, X_BF16=bf16, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        **fmt, num_warps=4 * wg,
     )
     return out
 
 
-__all__ = ["BOOKS", "MAX_ROWS", "SHARED_BYTES", "WARPGROUPS", "gemm", "launch_shape"]
+__all__ = ["BOOKS", "MAX_ROWS", "WARPGROUPS", "fragment_order", "gemm", "launch_shape"]
