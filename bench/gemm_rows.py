@@ -8,7 +8,7 @@ For each weight shape ``[out, in]``, scheme (default int4 g128 symmetric; RTN) a
 (``gpu_kernels.py``'s harness: copies of the weight beyond the L2, median of rounds) ``F.linear`` on bf16 weights,
 the ``v3`` GEMM with its heuristic's config (``triton_wq4.gemm_config``), every tensor-core config named in
 ``--mma`` (``gpu_kernels.mma_tilings``: ``TxW`` tilings unrolled ``u`` and in a loop ``l``, ``TxWaN`` loads run
-``N`` rounds ahead), at 16+ rows the wgmma GEMM's configs named in ``--wgmma`` (round 15; ``wgWsS[tN]``), and
+``N`` rounds ahead), at 16+ rows the wgmma GEMM's configs named in ``--wgmma`` (round 15; ``wgWsS[tN][aN]``), and
 ``triton_wq4.gemm`` with no config (the default). Each kernel's output is checked against
 the float32 reference first (max error relative to the largest output); a config that fails to compile or launch
 is recorded as an error. Prints one JSON line per cell with the speed-ups over bf16.
@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument("--mma", default="1x4,1x8,2x4",
                         help="tensor-core tilings, TILES x WK (1x8a3: loads 3 rounds ahead; gpu_kernels.mma_tilings)")
     parser.add_argument("--wgmma", default="",
-                        help="wgmma GEMM configs (round 15) at 16+ rows: wgWsS[tN], W warpgroups x S splits [TMA, N slots]")
+                        help="wgmma GEMM configs (round 15) at 16+ rows: wgWsS[tN][aN], W warpgroups x S splits [TMA, N slots]"
+                             " [weights N chunks ahead]")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemm_rows.py times CUDA kernels: run it on the device machine")

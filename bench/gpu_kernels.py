@@ -27,6 +27,7 @@ import copy
 import datetime as dt
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -111,16 +112,19 @@ def mma_tilings(spec: str) -> dict[str, dict]:
 
 def wgmma_tilings(spec: str) -> dict[str, dict]:
     """The wgmma GEMM's launch configs named in ``spec``: ``wgWsS`` (``W`` warpgroups of 64 weight rows per
-    program, ``S`` splits of the row), ``wgWsStN`` the same with the activations reordered once and brought in by
-    TMA through ``N`` slots (``XTMA``; ``t`` alone: 3)."""
+    program, ``S`` splits of the row), then optionally ``tN`` (the activations reordered once and brought in by
+    TMA through ``N`` slots, ``XTMA``; ``t`` alone: 3) and ``aN`` (weights loaded ``N`` chunks ahead, ``AHEAD``)."""
     configs = {}
     for tiling in filter(None, spec.split(",")):
-        wg, _, rest = tiling.removeprefix("wg").partition("s")
-        split, tma, stages = rest.partition("t")
-        cfg = {"VARIANT": "gluon_wgmma", "WG": int(wg), "SPLIT_K": int(split)}
-        if tma:
-            cfg.update(XTMA=True, STAGES=int(stages or 3))
-        configs[f"wg{tiling.removeprefix('wg')}"] = cfg
+        match = re.fullmatch(r"wg(\d)s(\d+)(t(\d?))?(a(\d))?", tiling)
+        if match is None:
+            raise ValueError(f"wgmma config {tiling!r}: expected wgWsS[tN][aN], e.g. wg1s4, wg2s4t3a2")
+        cfg = {"VARIANT": "gluon_wgmma", "WG": int(match[1]), "SPLIT_K": int(match[2])}
+        if match[3]:
+            cfg.update(XTMA=True, STAGES=int(match[4] or 3))
+        if match[5]:
+            cfg["AHEAD"] = int(match[6])
+        configs[tiling] = cfg
     return configs
 
 

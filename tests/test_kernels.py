@@ -1303,15 +1303,16 @@ def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
 @pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym", "nf4", "nf4-dq", "fp4", "int4-g32-bf16", "int4-sym-dq"])
 @pytest.mark.parametrize("shape", [(4096, 11008), (200, 1152)], ids=str)
 @pytest.mark.parametrize("rows", [1, 13, 33, 64])
-@pytest.mark.parametrize("wg,split_k,xtma", [(2, 1, False), (1, 3, False), (2, 8, False), (4, 8, False),
-                                              (2, 1, True), (1, 3, True), (4, 8, True)])
-def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, dtype):
+@pytest.mark.parametrize("wg,split_k,xtma,ahead", [(2, 1, False, 1), (1, 3, False, 3), (2, 8, False, 2),
+                                                    (4, 8, False, 1), (2, 1, True, 2), (1, 3, True, 3),
+                                                    (4, 8, True, 1)])
+def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, ahead, dtype):
     """The warpgroup-MMA GEMM (round 15) against the fp32 reference: every format it takes, 1..64 activation rows
     (the wgmma's N rounded up to a power of two, rows past M zeros), 64 / 128 / 256 weight rows per program with a
     partial last tile (200 rows), split-K summed by the last program (11008 inputs = 86 chunks: uneven splits),
     the activations staged through registers or reordered once and brought in by TMA (``XTMA``: a ring of 3
-    slots, wrapped at 86 / 29 / 11 chunks), into NaN-poisoned outputs with rows wider than the output; launched
-    twice (the split counters reset)."""
+    slots, wrapped at 86 / 29 / 11 chunks), weights loaded 1-3 chunks ahead (splits of 1-3 chunks too), into
+    NaN-poisoned outputs with rows wider than the output; launched twice (the split counters reset)."""
     from holdall.kernels import gluon_wgmma
 
     _gluon_ready()
@@ -1324,7 +1325,7 @@ def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, dtyp
     want = packed.reference_linear(layer, x)
     for _ in range(2):
         out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
-        gluon_wgmma.gemm(ops, p, x, bias, out, {"WG": wg, "SPLIT_K": split_k, "XTMA": xtma})
+        gluon_wgmma.gemm(ops, p, x, bias, out, {"WG": wg, "SPLIT_K": split_k, "XTMA": xtma, "AHEAD": ahead})
         for r in range(rows):
             assert _rel(out[r], want[r]) < TOL[dtype], r
 

@@ -78,6 +78,32 @@ if gl is not None:
         return w, s
 
     @gluon.jit
+    def _w_ring(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start, stop, GROUP_W: gl.constexpr,
+                group_step, AHEAD: gl.constexpr):
+        """The first ``AHEAD`` (1-3) chunks' ``(words, scales)`` as ``w0, s0, w1, s1, w2, s2`` (slots past
+        ``AHEAD`` repeat the first)."""
+        w0, s0 = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start, start < stop, GROUP_W,
+                          group_step)
+        w1, s1, w2, s2 = w0, s0, w0, s0
+        if AHEAD > 1:
+            w1, s1 = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start + 1,
+                              start + 1 < stop, GROUP_W, group_step)
+        if AHEAD > 2:
+            w2, s2 = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start + 2,
+                              start + 2 < stop, GROUP_W, group_step)
+        return w0, s0, w1, s1, w2, s2
+
+    @gluon.jit
+    def _w_shift(w0, s0, w1, s1, w2, s2, w_new, s_new, AHEAD: gl.constexpr):
+        """The ring after chunk ``w0`` is used: the next chunk first, ``w_new`` (``AHEAD`` chunks on) last."""
+        if AHEAD == 1:
+            return w_new, s_new, w1, s1, w2, s2
+        elif AHEAD == 2:
+            return w1, s1, w_new, s_new, w2, s2
+        else:
+            return w1, s1, w2, s2, w_new, s_new
+
+    @gluon.jit
     def _word_halves(w):
         """Words ``[NW, 2, 8, 4, 4 (wd)]`` -> those of words 0, 1 and of words 2, 3, each ``[NW, 2, 8, 4, 2]``: a
         chunk's logical inputs 0..63 and 64..127 (:func:`_a_operand`)."""
@@ -122,10 +148,11 @@ if gl is not None:
                            N, M, stride_x, stride_y, stride_wn, scale_row_stride, group_step, chunks_per_split,
                            K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, WG: gl.constexpr, MP: gl.constexpr,
                            X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, BOOK: gl.constexpr,
-                           SPLIT_K: gl.constexpr):
+                           SPLIT_K: gl.constexpr, AHEAD: gl.constexpr = 1):
         """Program ``(t, k)``: weight rows ``64 WG t ..`` over chunks ``k chunks_per_split ..`` of every activation
         row (``x_ptr`` int32 pairs, ``stride_x`` apart); ``y [M, N]`` (``stride_y``), or with ``SPLIT_K`` > 1 the
-        float32 partials ``part [SPLIT_K, M, N]`` summed by the tile's last program (counter ``sem_ptr[t]``)."""
+        float32 partials ``part [SPLIT_K, M, N]`` summed by the tile's last program (counter ``sem_ptr[t]``).
+        ``AHEAD`` (1-3): each chunk's words and scales are loaded that many chunks before its decode."""
         NW: gl.constexpr = 4 * WG
         R: gl.constexpr = 64 * WG
         N_CHUNKS: gl.constexpr = K_WORDS // _CW
@@ -152,13 +179,13 @@ if gl is not None:
         x_ok = rows_x < M
         xs = gl.allocate_shared_memory(DT, [2, MP, 128], XS)
         acc = gl.zeros([R, MP], gl.float32, ACC)
-        w, s = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start, start < stop, GROUP_W,
-                        group_step)
+        w, s, w1, s1, w2, s2 = _w_ring(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start, stop,
+                                       GROUP_W, group_step, AHEAD)
         x = gl.load(x_base + 64 * start, mask=x_ok & (start < stop), other=0)
         for chunk in range(start, stop):
             buf = xs.index((chunk - start) % 2)
-            w_n, s_n = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, chunk + 1,
-                                chunk + 1 < stop, GROUP_W, group_step)
+            w_n, s_n = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, chunk + AHEAD,
+                                chunk + AHEAD < stop, GROUP_W, group_step)
             x_n = gl.load(x_base + 64 * (chunk + 1), mask=x_ok & (chunk + 1 < stop), other=0)
             buf.store(_b_tile(x, DT))
             fence_async_shared()
@@ -166,7 +193,8 @@ if gl is not None:
             a = _a_operand(w, s, LA, BOOK, X_BF16)
             acc = warpgroup_mma(a, buf.permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            w, s, x = w_n, s_n, x_n
+            w, s, w1, s1, w2, s2 = _w_shift(w, s, w1, s1, w2, s2, w_n, s_n, AHEAD)
+            x = x_n
         _store(acc, b_ptr, y_ptr, part_ptr, sem_ptr, t, split, N, M, stride_y, R, MP, ACC, HAS_BIAS, SPLIT_K)
 
     @gluon.jit
@@ -174,7 +202,7 @@ if gl is not None:
                                N, M, stride_y, stride_wn, scale_row_stride, group_step, chunks_per_split,
                                K_WORDS: gl.constexpr, GROUP_W: gl.constexpr, WG: gl.constexpr, MP: gl.constexpr,
                                X_BF16: gl.constexpr, HAS_BIAS: gl.constexpr, BOOK: gl.constexpr,
-                               SPLIT_K: gl.constexpr, STAGES: gl.constexpr):
+                               SPLIT_K: gl.constexpr, STAGES: gl.constexpr, AHEAD: gl.constexpr = 1):
         """:func:`_gemm_wgmma_kernel` with the activations already in the fragments' input order
         (:func:`fragment_order`), brought in by TMA: each chunk as two ``[MP, 64]`` boxes (rows past ``M`` zeros)
         into a ring of ``STAGES`` shared-memory slots, each with its mbarrier; no activation passes through
@@ -208,12 +236,12 @@ if gl is not None:
             tma.async_copy_global_to_shared(x_desc, [0, 128 * (start + i) + 64], bars.index(i), xs.index(2 * i + 1),
                                             pred=ok)
         acc = gl.zeros([R, MP], gl.float32, ACC)
-        w, s = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start, start < stop, GROUP_W,
-                        group_step)
+        w, s, w1, s1, w2, s2 = _w_ring(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, start, stop,
+                                       GROUP_W, group_step, AHEAD)
         for chunk in range(start, stop):
             slot = (chunk - start) % STAGES
-            w_n, s_n = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, chunk + 1,
-                                chunk + 1 < stop, GROUP_W, group_step)
+            w_n, s_n = _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, chunk + AHEAD,
+                                chunk + AHEAD < stop, GROUP_W, group_step)
             w_lo, w_hi = _word_halves(w)
             a_lo = _a_operand(w_lo, s, LA, BOOK, X_BF16)
             a_hi = _a_operand(w_hi, s, LA, BOOK, X_BF16)
@@ -228,7 +256,7 @@ if gl is not None:
             tma.async_copy_global_to_shared(x_desc, [0, 128 * nxt], bars.index(slot), xs.index(2 * slot), pred=ok)
             tma.async_copy_global_to_shared(x_desc, [0, 128 * nxt + 64], bars.index(slot), xs.index(2 * slot + 1),
                                             pred=ok)
-            w, s = w_n, s_n
+            w, s, w1, s1, w2, s2 = _w_shift(w, s, w1, s1, w2, s2, w_n, s_n, AHEAD)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
         _store(acc, b_ptr, y_ptr, part_ptr, sem_ptr, t, split, N, M, stride_y, R, MP, ACC, HAS_BIAS, SPLIT_K)
@@ -284,7 +312,8 @@ def launch_shape(p: Plan, m: int, cfg: dict) -> tuple[int, int, int, int]:
 def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
          cfg: dict) -> torch.Tensor:
     """``out [M, N] = x W^T + b`` for 1..64 rows ``x [M, K]`` (bf16/fp16, rows contiguous with an even stride) on
-    Hopper (``cfg``: ``WG`` warpgroups of 64 weight rows per program, ``SPLIT_K``)."""
+    Hopper (``cfg``: ``WG`` warpgroups of 64 weight rows per program, ``SPLIT_K``, ``AHEAD`` chunks of weights
+    loaded ahead, ``XTMA`` with ``STAGES``: the activations by TMA)."""
     if gl is None:
         raise RuntimeError("the wgmma GEMM needs Triton with Gluon (3.6 or newer) and a Hopper GPU")
     reason = why_not(p)
@@ -305,6 +334,9 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     counters = _tile_counters(x.device, tiles) if split_k > 1 else out
     fmt = _format(p)
     fmt.pop("FOLD")
+    ahead = int(cfg.get("AHEAD", 1))
+    if ahead not in (1, 2, 3):
+        raise ValueError(f"AHEAD (chunks of weights loaded ahead) must be 1, 2 or 3; got {cfg}")
     bf16 = x.dtype == torch.bfloat16
     if cfg.get("XTMA"):  # the activations reordered once, then brought in by TMA
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -314,14 +346,15 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         _gemm_wgmma_tma_kernel[(tiles, split_k)](
             desc, *_weights(ops), bias if bias is not None else ops.scale, out, part, counters, p.out_features, m,
             out.stride(0), ops.words.stride(0), p.scale_row_stride, p.group_step, per_split, WG=wg, MP=mp,
-            X_BF16=bf16, HAS_BIAS=bias is not None, SPLIT_K=split_k, STAGES=int(cfg.get("STAGES", 3)), **fmt,
+            X_BF16=bf16, HAS_BIAS=bias is not None, SPLIT_K=split_k, STAGES=int(cfg.get("STAGES", 3)), AHEAD=ahead,
+            **fmt,
             num_warps=4 * wg,
         )
         return out
     _gemm_wgmma_kernel[(tiles, split_k)](
         x.view(torch.int32), *_weights(ops), bias if bias is not None else ops.scale, out, part, counters,
         p.out_features, m, x.stride(0) // 2, out.stride(0), ops.words.stride(0), p.scale_row_stride, p.group_step,
-        per_split, WG=wg, MP=mp, X_BF16=bf16, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        per_split, WG=wg, MP=mp, X_BF16=bf16, HAS_BIAS=bias is not None, SPLIT_K=split_k, AHEAD=ahead,
         **fmt, num_warps=4 * wg,
     )
     return out
