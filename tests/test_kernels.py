@@ -730,6 +730,30 @@ def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
 
 
 @cuda_only
+def test_many_codebook_rows_take_the_wgmma_gemm(monkeypatch):
+    """Round 15: 33..64 rows of an NF4 / FP4 layer go to the warpgroup-MMA GEMM on a Hopper through the layer's own
+    forward (the Triton v3 GEMM with HOLDALL_GLUON=0, for 32 rows and for int codes), same results either way."""
+    from holdall import kernels
+    from holdall.kernels import gluon_wgmma
+
+    assert kernels.enable()
+    _gluon_ready()
+    calls = []
+    real = gluon_wgmma.gemm
+    monkeypatch.setattr(gluon_wgmma, "gemm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
+    for name, rows, gluon, expected in [("nf4", 64, "1", 1), ("nf4-dq", 33, "1", 1), ("fp4", 48, "1", 1),
+                                        ("nf4", 64, "0", 0), ("nf4", 32, "1", 0), ("int4-sym", 64, "1", 0)]:
+        monkeypatch.setenv("HOLDALL_GLUON", gluon)
+        calls.clear()
+        layer = _cuda_layer(264, 1024, name)
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = layer(x)
+        assert len(calls) == expected, (name, rows, gluon)
+        assert _rel(y, packed.reference_linear(layer, x)) < TOL[torch.bfloat16]
+
+
+@cuda_only
 def test_first_cuda_forward_registers_the_kernels():
     """In a fresh process nothing calls enable(): the first CUDA forward loads the plugin itself."""
     code = textwrap.dedent(
@@ -1344,3 +1368,24 @@ def test_wgmma_fragment_order_is_the_decode_order():
     assert torch.equal(fragment_order(x)[0], torch.cat([phi, phi + 128, phi + 256]).double())
     w, xs = torch.randn(5, 256, dtype=torch.float64), torch.randn(3, 256, dtype=torch.float64)
     torch.testing.assert_close(fragment_order(xs) @ fragment_order(w).T, xs @ w.T)
+
+
+def test_wgmma_gemm_default_rule():
+    """Round 15's default (:func:`holdall.kernels.gluon_wgmma.gemm_config`): codebooks at 33..64 rows (one
+    warpgroup, 4 splits: what was timed); int codes, fewer or more rows and layers it cannot take keep the
+    other kernels; launch shapes are checked."""
+    from holdall.kernels import gluon_wgmma
+
+    nf4, fp4, sym = (_plan(4096, s) for s in (SCHEMES["nf4"], EXTRA_SCHEMES["fp4"], SCHEMES["int4-sym"]))
+    for p in (nf4, fp4):
+        assert gluon_wgmma.gemm_config(p, 33) == gluon_wgmma.gemm_config(p, 64) == {
+            "VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
+        assert gluon_wgmma.gemm_config(p, 32) is None and gluon_wgmma.gemm_config(p, 65) is None
+    assert gluon_wgmma.gemm_config(sym, 64) is None
+    assert gluon_wgmma.gemm_config(_plan(576, SCHEMES["nf4"]), 64) is None  # 4.5 chunks of 128 inputs
+    # (WG, MP, chunks per split, splits): no split left empty; rows rounded up to a power of two (>= 8)
+    assert gluon_wgmma.launch_shape(nf4, 64, {"WG": 1, "SPLIT_K": 4}) == (1, 64, 8, 4)
+    assert gluon_wgmma.launch_shape(dataclasses.replace(nf4, in_features=11008), 33, {"SPLIT_K": 4}) == (2, 64, 22, 4)
+    assert gluon_wgmma.launch_shape(dataclasses.replace(nf4, in_features=384), 3, {"SPLIT_K": 8}) == (2, 8, 1, 3)
+    with pytest.raises(ValueError, match="WG must be one of"):
+        gluon_wgmma.launch_shape(nf4, 64, {"WG": 3})
