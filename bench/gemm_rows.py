@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemm_rows.py times CUDA kernels: run it on the device machine")
-    from holdall.kernels import gluon_mma, triton_wq4
+    from holdall.kernels import gluon_mma, gluon_wgmma, triton_wq4
 
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -86,7 +86,8 @@ def main() -> None:
                     cell[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     continue
                 cell[name] = {"us": round(us, 2), "vs_bf16": round(cell["bf16"] / us, 2), "max_rel_error": error}
-            cell["default_picks"] = (gluon_mma.gemm_config(p, m, sms) or configs["v3"])["VARIANT"]
+            cell["default_picks"] = (gluon_mma.gemm_config(p, m, sms) or gluon_wgmma.gemm_config(p, m)
+                                     or configs["v3"])["VARIANT"]
             print(json.dumps(cell), flush=True)
             cells.append(cell)
     args.out.parent.mkdir(parents=True, exist_ok=True)
