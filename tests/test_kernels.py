@@ -1172,6 +1172,49 @@ def test_tensor_core_launchers_pass_what_the_kernel_takes(name, monkeypatch):
     assert calls[0][2]["NORM_IN"] and calls[0][2]["NORM_OUT"] and calls[1][2]["NT"] == 2
 
 
+@pytest.mark.parametrize("name", ["int4-sym", "nf4-dq"])
+def test_wgmma_launchers_pass_what_the_kernels_take(name, monkeypatch):
+    """The wgmma GEMM's two launches (activations through registers; reordered and brought in by TMA) bind to
+    their kernels' own signatures (no GPU: the launches are recorded, not run), with split-K's counters and
+    partials and the layer's format constexprs."""
+    import inspect
+
+    from holdall.kernels import gluon_wgmma
+
+    kernels = [getattr(gluon_wgmma, n, None) for n in ("_gemm_wgmma_kernel", "_gemm_wgmma_tma_kernel")]
+    if None in kernels:
+        pytest.skip("needs Triton with Gluon (the kernels are defined only there)")
+    from holdall.kernels import triton_wq4
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.kernel, grid, args, kwargs))
+
+    for kernel in kernels:
+        monkeypatch.setattr(gluon_wgmma, kernel.fn.__name__, Recorder(kernel))
+    monkeypatch.setattr(triton_wq4, "_tile_counters", lambda device, tiles: torch.zeros(tiles, dtype=torch.int32))
+    layer = _layer(200, 1152, {**SCHEMES, **EXTRA_SCHEMES}[name])
+    p = dispatch.layer_plan(layer)
+    ops = packed.operands(layer, p)
+    x = torch.randn(40, 1152, dtype=torch.bfloat16)
+    for xtma in (False, True):
+        gluon_wgmma.gemm(ops, p, x, None, torch.empty(40, 200, dtype=torch.bfloat16),
+                         {"WG": 1, "SPLIT_K": 4, "XTMA": xtma, "AHEAD": 2})
+    assert [c[0] for c in calls] == kernels
+    for kernel, grid, args, kwargs in calls:
+        bound = inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k != "num_warps"})
+        assert grid == (4, 3)  # 200 rows in 64-row tiles; 9 chunks in splits of 3
+        assert bound.arguments["s_ptr"] is ops.scale and bound.arguments["dmap_ptr"] is ops.dmap
+        assert bound.arguments["part_ptr"].shape == (3, 40, 200) and bound.arguments["sem_ptr"].numel() == 4
+        assert (bound.arguments["MP"], bound.arguments["AHEAD"], bound.arguments["SPLIT_K"]) == (64, 2, 3)
+        assert bound.arguments["BOOK"] == (1 if name == "nf4-dq" else 0)
+
+
 def test_tensor_core_launch_options_are_checked():
     """Loads run ahead only in the unrolled rounds, 0-3 of them; tilings as the kernel's layouts allow."""
     from holdall.kernels import gluon_mma
