@@ -293,10 +293,11 @@ if gl is not None:
 def gemm_config(p: Plan, m: int) -> dict | None:
     """The launch for ``m`` rows where this kernel is the fastest holdall has, else None: codebooks (NF4 / FP4) at
     33..64 rows, one warpgroup per 64 weight rows, 4 splits, activations through registers. Measured on an H200
-    (BENCHMARKS.md round 15, three runs; us at 64 rows, NF4): 4096x4096 15.8-16.3 against v3's 19.2-20.1,
-    4096x11008 33.0-34.0 against 34.9-35.0, 11008x4096 40.6-41.4 against 42.7-42.9 -- still 0.66-0.91x bf16
-    cuBLAS. Int codes stay on v3 (this kernel won 4096x4096 by 1.14x, tied 4096x11008 and lost 11008x4096 by
-    1.15x); 16..32 rows were not timed against the tensor-core GEMV's codebook default."""
+    (BENCHMARKS.md round 15, four runs; us at 64 rows, NF4): 4096x4096 15.8-16.3 against v3's 19.2-20.3,
+    4096x11008 33.0-34.0 against 34.9-35.0, 11008x4096 40.6-41.4 against 42.7-42.9; NF4 + double quant 1.05-1.17x
+    v3 at 33 / 64 rows but one cell (33 rows of 4096x11008, 0.97x) -- still 0.65-0.90x bf16 cuBLAS. Int codes stay
+    on v3 (this kernel won 4096x4096 by 1.14x, tied 4096x11008 and lost 11008x4096 by 1.15x); 17..32 rows were not
+    timed against the tensor-core GEMV's codebook default."""
     if p.kind != 2 or not 33 <= m <= MAX_ROWS or why_not(p) is not None:
         return None
     return {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
