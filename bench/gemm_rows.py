@@ -47,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="2,4,8,16,64")
+    parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES),
+                        help="weight shapes OUTxIN, comma-separated")
     parser.add_argument("--schemes", default="int4-g128-sym",
                         help=f"comma-separated, from {sorted({**SCHEMES, **MORE_SCHEMES})}")
     parser.add_argument("--mma", default="1x4,1x8,2x4",
@@ -62,7 +64,8 @@ def main() -> None:
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cells = []
-    for (out_f, in_f), scheme in itertools.product(SHAPES, args.schemes.split(",")):
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    for (out_f, in_f), scheme in itertools.product(shapes, args.schemes.split(",")):
         layers, p, ops, _ = int4_copies(out_f, in_f, {**SCHEMES, **MORE_SCHEMES}[scheme])
         copies = bf16_copies(out_f, in_f)
         for m in (int(v) for v in args.rows.split(",")):
