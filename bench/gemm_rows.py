@@ -89,7 +89,7 @@ def main() -> None:
                     cell[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     continue
                 cell[name] = {"us": round(us, 2), "vs_bf16": round(cell["bf16"] / us, 2), "max_rel_error": error}
-            cell["default_picks"] = (gluon_mma.gemm_config(p, m, sms) or gluon_wgmma.gemm_config(p, m)
+            cell["default_picks"] = (gluon_mma.gemm_config(p, m, sms) or gluon_wgmma.gemm_config(p, m, sms)
                                      or configs["v3"])["VARIANT"]
             print(json.dumps(cell), flush=True)
             cells.append(cell)

@@ -730,9 +730,10 @@ def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
 
 
 @cuda_only
-def test_many_codebook_rows_take_the_wgmma_gemm(monkeypatch):
-    """Round 15: 33..64 rows of an NF4 / FP4 layer go to the warpgroup-MMA GEMM on a Hopper through the layer's own
-    forward (the Triton v3 GEMM with HOLDALL_GLUON=0, for 32 rows and for int codes), same results either way."""
+def test_many_rows_take_the_wgmma_gemm(monkeypatch):
+    """Round 15: 33..64 rows of an NF4 / FP4 / int4 sym layer go to the warpgroup-MMA GEMM on a Hopper through the
+    layer's own forward (the Triton v3 GEMM with HOLDALL_GLUON=0, for 32 rows and for asymmetric codes), same
+    results either way."""
     from holdall import kernels
     from holdall.kernels import gluon_wgmma
 
@@ -742,7 +743,8 @@ def test_many_codebook_rows_take_the_wgmma_gemm(monkeypatch):
     real = gluon_wgmma.gemm
     monkeypatch.setattr(gluon_wgmma, "gemm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
     for name, rows, gluon, expected in [("nf4", 64, "1", 1), ("nf4-dq", 33, "1", 1), ("fp4", 48, "1", 1),
-                                        ("nf4", 64, "0", 0), ("nf4", 32, "1", 0), ("int4-sym", 64, "1", 0)]:
+                                        ("nf4", 64, "0", 0), ("nf4", 32, "1", 0), ("int4-sym", 64, "1", 1),
+                                        ("int4-asym", 64, "1", 0)]:
         monkeypatch.setenv("HOLDALL_GLUON", gluon)
         calls.clear()
         layer = _cuda_layer(264, 1024, name)
@@ -1414,18 +1416,25 @@ def test_wgmma_fragment_order_is_the_decode_order():
 
 
 def test_wgmma_gemm_default_rule():
-    """Round 15's default (:func:`holdall.kernels.gluon_wgmma.gemm_config`): codebooks at 33..64 rows (one
-    warpgroup, 4 splits: what was timed); int codes, fewer or more rows and layers it cannot take keep the
-    other kernels; launch shapes are checked."""
+    """Round 15's default (:func:`holdall.kernels.gluon_wgmma.gemm_config`): 33..64 rows of int sym codes in whole
+    chunks and of codebooks; layers of 128+ 64-row tiles by TMA with ~2.6 programs per SM, others through registers
+    with 4 splits (what was timed); short int groups, int double quant, fewer or more rows and layers it cannot take
+    keep the other kernels; launch shapes are checked."""
     from holdall.kernels import gluon_wgmma
 
     nf4, fp4, sym = (_plan(4096, s) for s in (SCHEMES["nf4"], EXTRA_SCHEMES["fp4"], SCHEMES["int4-sym"]))
-    for p in (nf4, fp4):
-        assert gluon_wgmma.gemm_config(p, 33) == gluon_wgmma.gemm_config(p, 64) == {
+    for p in (nf4, fp4, sym, _plan(4096, QuantScheme(granularity="channel"))):
+        assert gluon_wgmma.gemm_config(p, 33, 132) == gluon_wgmma.gemm_config(p, 64, 132) == {
             "VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
-        assert gluon_wgmma.gemm_config(p, 32) is None and gluon_wgmma.gemm_config(p, 65) is None
-    assert gluon_wgmma.gemm_config(sym, 64) is None
-    assert gluon_wgmma.gemm_config(_plan(576, SCHEMES["nf4"]), 64) is None  # 4.5 chunks of 128 inputs
+        assert gluon_wgmma.gemm_config(p, 32, 132) is None and gluon_wgmma.gemm_config(p, 65, 132) is None
+    tall = {out_f: gluon_wgmma.gemm_config(dataclasses.replace(nf4, out_features=out_f), 64, 132)
+            for out_f in (8192, 11008, 12288, 22016)}
+    assert all(c["XTMA"] and c["AHEAD"] == 3 and c["WG"] == 1 for c in tall.values())
+    assert [c["SPLIT_K"] for c in tall.values()] == [3, 2, 2, 1]  # 128 / 172 / 192 / 344 tiles
+    assert gluon_wgmma.gemm_config(dataclasses.replace(nf4, out_features=8128), 64, 132)["SPLIT_K"] == 4  # 127
+    for scheme in (SCHEMES["int4-asym"], QuantScheme(group_size=64), QuantScheme(double_quant=True)):
+        assert gluon_wgmma.gemm_config(_plan(4096, scheme), 64, 132) is None
+    assert gluon_wgmma.gemm_config(_plan(576, SCHEMES["nf4"]), 64, 132) is None  # 4.5 chunks of 128 inputs
     # (WG, MP, chunks per split, splits): no split left empty; rows rounded up to a power of two (>= 8)
     assert gluon_wgmma.launch_shape(nf4, 64, {"WG": 1, "SPLIT_K": 4}) == (1, 64, 8, 4)
     assert gluon_wgmma.launch_shape(dataclasses.replace(nf4, in_features=11008), 33, {"SPLIT_K": 4}) == (2, 64, 22, 4)

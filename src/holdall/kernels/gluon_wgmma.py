@@ -33,9 +33,11 @@ Plain-torch reference: :func:`holdall.kernels.packed.reference_linear`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .gluon_mma import BOOKS, CHUNK_WORDS, _format, _weights, why_not
+from .gluon_mma import BOOKS, CHUNK_WORDS, _format, _weights, folds, why_not
 from .packed import Operands, Plan
 
 try:
@@ -290,16 +292,33 @@ if gl is not None:
                 gl.atomic_xchg(sem_ptr + t, 0)  # ready for the next launch
 
 
-def gemm_config(p: Plan, m: int) -> dict | None:
-    """The launch for ``m`` rows where this kernel is the fastest holdall has, else None: codebooks (NF4 / FP4) at
-    33..64 rows, one warpgroup per 64 weight rows, 4 splits, activations through registers. Measured on an H200
-    (BENCHMARKS.md round 15, four runs; us at 64 rows, NF4): 4096x4096 15.8-16.3 against v3's 19.2-20.3,
-    4096x11008 33.0-34.0 against 34.9-35.0, 11008x4096 40.6-41.4 against 42.7-42.9; NF4 + double quant 1.05-1.17x
-    v3 at 33 / 64 rows but one cell (33 rows of 4096x11008, 0.97x) -- still 0.65-0.90x bf16 cuBLAS. Int codes stay
-    on v3 (this kernel won 4096x4096 by 1.14x, tied 4096x11008 and lost 11008x4096 by 1.15x); 17..32 rows were not
-    timed against the tensor-core GEMV's codebook default."""
-    if p.kind != 2 or not 33 <= m <= MAX_ROWS or why_not(p) is not None:
+TALL_TILES = 128  # 64-row tiles from which the TMA staging wins (11008+ rows; 4096 rows: the register staging)
+PROGRAMS_PER_SM = 2.6  # the TMA launches' splits aim at this many programs per SM (172 tiles x 2, 344 x 1)
+
+
+def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
+    """The launch for ``m`` rows where this kernel is the fastest holdall has, else None: 33..64 rows of int sym
+    codes (groups of whole chunks, or one scale per row) and of codebooks (NF4 / FP4, double-quantized scales
+    too), one warpgroup per 64 weight rows. Measured on an H200 (BENCHMARKS.md round 15; us at 64 rows):
+
+    * tall layers (``TALL_TILES`` tiles or more): activations by TMA, loads 3 chunks ahead, splits for ~2.6
+      programs per SM -- int4 g128 at 11008 / 12288 / 22016 x 4096: 28.3 / 29.1 / 40.1 against v3's 30.4 / 30.6 /
+      49.5 and bf16's 27.3 / 29.2 / 49.6; NF4 33.9 / 34.6 / 52.2 against 42.8 / 42.8 / 72.5;
+    * other layers: activations through registers, 4 splits -- 4096x4096 int4 14.1-14.6 against v3's 16.4-16.9,
+      NF4 15.8-16.3 against 19.1-20.3; 4096x11008 int4 27.8-28.3 against 28.7-29.0, NF4 33.0-34.0 against
+      34.9-35.0.
+
+    Groups of 32 / 64 int codes and double-quantized int scales run here correctly but were not timed (v3 stays);
+    FP4 is NF4's decode with another table; 17..32 rows were not timed against the tensor-core GEMV's codebook
+    default."""
+    if not 33 <= m <= MAX_ROWS or why_not(p) is not None:
         return None
+    if p.kind == 0 and (p.double_quant or folds(p)):
+        return None
+    tiles = -(-p.out_features // 64)
+    if tiles >= TALL_TILES:
+        return {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / tiles)),
+                "XTMA": True, "STAGES": 3, "AHEAD": 3}
     return {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
 
 

@@ -41,8 +41,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
     sym layers (groups of 128+) with up to 11008-input rows and 2..16 rows of NF4 / FP4): the rows as the columns
     of ``mma.sync`` in Gluon, 1.05-1.4x faster than v3 there on an H200.
   - ``"gluon_wgmma"`` (round 15, :mod:`holdall.kernels.gluon_wgmma`, the default on a Hopper for 33..64 rows of
-    NF4 / FP4, 1.03-1.24x faster than v3 there): ``wgmma`` with the decoded weights as its register operand and
-    the activations staged per chunk in shared memory (or reordered once and brought in by TMA).
+    int4 sym (whole-chunk groups) and NF4 / FP4, 1.0-1.4x faster than v3 there): ``wgmma`` with the decoded
+    weights as its register operand and the activations staged per chunk in shared memory (or reordered once and
+    brought in by TMA, for tall layers).
   - ``_gemm3_kernel`` ("v3", round 6, the default otherwise when rows are whole groups): the weight as the MMA's left
     operand, a group's inputs reordered on both sides into the order the MMA's register fragments hold them
     (:func:`_fragment_order`), so each thread loads its own codes as whole words and decodes them straight into
@@ -1699,8 +1700,8 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     if config is None and _tensor_core_rows_fit(ops, x, index):  # rounds 12-13: 2..8 (codebooks 2..16) rows
         from . import gluon_mma, gluon_wgmma
 
-        # round 15: codebooks at 33..64 rows on warpgroup MMAs
-        config = gluon_mma.gemm_config(p, m, _sm_count(index)) or gluon_wgmma.gemm_config(p, m)
+        # round 15: 33..64 rows on warpgroup MMAs
+        config = gluon_mma.gemm_config(p, m, _sm_count(index)) or gluon_wgmma.gemm_config(p, m, _sm_count(index))
     config = config or gemm_config(p, m, _sm_count(index))
     if config.get("VARIANT") == "gluon_mma":
         from . import gluon_mma
