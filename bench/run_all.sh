@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU benchmarks, HF stack and holdall side by side, in one command on the device machine:
 #
-#   bash bench/run_all.sh [kernels] [decode] [qlora] [mma] [nf4]  (default: the first three, ~10 minutes on an H200)
+#   bash bench/run_all.sh [kernels] [decode] [qlora] [mma] [nf4] [wgmma]  (default: the first three, ~10 minutes on an H200)
 #
 # mma: the tensor-core GEMV (rounds 12-13) -- its device tests (pytest-xdist, ~5 minutes: each test compiles its
 # own kernels), its one-row tilings with and without loads run ahead beside the Gluon GEMV and bf16
@@ -11,6 +11,9 @@
 # with int groups of 64 and double-quantized int scales beside them (gemm_rows_nf4.json: the tensor-core cells
 # say whether those leave v3 too), and the NF4 + DQ decode with and without the Gluon kernels (HOLDALL_GLUON=0: round 8's
 # TMA GEMVs), each a separate process in the same call (gpu_decode_nf4*.json).
+# wgmma: the warpgroup-MMA GEMM (round 15) -- its device tests and the dispatch through it (~2 minutes), then 33 and
+# 64 rows of int4 / NF4 / NF4 + DQ on the five Llama-2-7B shapes: v3, bf16, the default (which picks it) and the
+# alternatives of each staging (gemm_rows_wgmma.json).
 #
 # The bitsandbytes wheel (and any other missing package) travels in .whl/ (the device README says how); it is
 # installed into /tmp/site for this run. Results go to $OUT (default bench/results): gpu_kernels.json,
@@ -21,7 +24,7 @@ OUT=${OUT:-bench/results}
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(kernels decode qlora)
 for part in "${parts[@]}"; do
-  case "$part" in kernels|decode|qlora|mma|nf4) ;; *) echo "unknown part '$part': choose from kernels, decode, qlora, mma, nf4" >&2; exit 2 ;; esac
+  case "$part" in kernels|decode|qlora|mma|nf4|wgmma) ;; *) echo "unknown part '$part': choose from kernels, decode, qlora, mma, nf4, wgmma" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -58,6 +61,11 @@ for part in "${parts[@]}"; do
            --out "$OUT/gpu_decode_nf4.json" 2>&1 | tee "$OUT/gpu_decode_nf4.log"
          HOLDALL_GLUON=0 python3 bench/gpu_decode.py --schemes nf4-dq --skip-hf --skip-bf16 --new-tokens 128 \
            --out "$OUT/gpu_decode_nf4_tma.json" 2>&1 | tee "$OUT/gpu_decode_nf4_tma.log" ;;
+    wgmma) python3 -m pytest -q -n 15 -p xdist -p no:benchmark tests/test_kernels.py -k "wgmma or many_rows_take" \
+             2>&1 | tail -20 | tee "$OUT/wgmma_tests.log" || echo "wgmma tests FAILED (see wgmma_tests.log); the sweep still runs"
+           python3 bench/gemm_rows.py --shapes 4096x11008,11008x4096,4096x4096,12288x4096,22016x4096 \
+             --schemes int4-g128-sym,nf4,nf4-dq --rows 33,64 --mma "" --wgmma wg1s4,wg1s2ta3,wg1s1ta3,wg1s4t \
+             --out "$OUT/gemm_rows_wgmma.json" 2>&1 | tee "$OUT/gemm_rows_wgmma.log" ;;
     decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
     qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \
              --configs hf,holdall-graphs-offload,holdall-graphs --out "$OUT" 2>&1 | tee "$OUT/qlora_step.log" ;;
