@@ -705,20 +705,17 @@ def test_dispatch_rules_on_cuda():
     assert not dispatch.supports(int8, ok)
 
 
-@cuda_only
-def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
-    """Round 12: 2..8 rows of a symmetric int4 layer of short rows go to the Gluon tensor-core GEMV on a Hopper
-    (the Triton v3 GEMM with HOLDALL_GLUON=0, for 16 rows, and for asymmetric codes), same results either way."""
+def _check_dispatch_goes_to(module, cases, monkeypatch):
+    """Each ``(format, rows, HOLDALL_GLUON, calls expected)`` of ``cases`` through a layer's own forward: how often
+    ``module.gemm`` was called, and the output against the reference either way."""
     from holdall import kernels
-    from holdall.kernels import gluon_mma
 
     assert kernels.enable()
     _gluon_ready()
     calls = []
-    real = gluon_mma.gemm
-    monkeypatch.setattr(gluon_mma, "gemm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
-    for name, rows, gluon, expected in [("int4-sym", 4, "1", 1), ("int4-sym", 8, "1", 1), ("int4-sym", 4, "0", 0),
-                                        ("int4-sym", 16, "1", 0), ("int4-asym", 4, "1", 0)]:
+    real = module.gemm
+    monkeypatch.setattr(module, "gemm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
+    for name, rows, gluon, expected in cases:
         monkeypatch.setenv("HOLDALL_GLUON", gluon)
         calls.clear()
         layer = _cuda_layer(264, 1024, name)
@@ -727,6 +724,16 @@ def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
             y = layer(x)
         assert len(calls) == expected, (name, rows, gluon)
         assert _rel(y, packed.reference_linear(layer, x)) < TOL[torch.bfloat16]
+
+
+@cuda_only
+def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
+    """Round 12: 2..8 rows of a symmetric int4 layer of short rows go to the Gluon tensor-core GEMV on a Hopper
+    (the Triton v3 GEMM with HOLDALL_GLUON=0, for 16 rows, and for asymmetric codes), same results either way."""
+    from holdall.kernels import gluon_mma
+
+    _check_dispatch_goes_to(gluon_mma, [("int4-sym", 4, "1", 1), ("int4-sym", 8, "1", 1), ("int4-sym", 4, "0", 0),
+                                        ("int4-sym", 16, "1", 0), ("int4-asym", 4, "1", 0)], monkeypatch)
 
 
 @cuda_only
@@ -734,25 +741,11 @@ def test_many_rows_take_the_wgmma_gemm(monkeypatch):
     """Round 15: 33..64 rows of an NF4 / FP4 / int4 sym layer go to the warpgroup-MMA GEMM on a Hopper through the
     layer's own forward (the Triton v3 GEMM with HOLDALL_GLUON=0, for 32 rows and for asymmetric codes), same
     results either way."""
-    from holdall import kernels
     from holdall.kernels import gluon_wgmma
 
-    assert kernels.enable()
-    _gluon_ready()
-    calls = []
-    real = gluon_wgmma.gemm
-    monkeypatch.setattr(gluon_wgmma, "gemm", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
-    for name, rows, gluon, expected in [("nf4", 64, "1", 1), ("nf4-dq", 33, "1", 1), ("fp4", 48, "1", 1),
-                                        ("nf4", 64, "0", 0), ("nf4", 32, "1", 0), ("int4-sym", 64, "1", 1),
-                                        ("int4-asym", 64, "1", 0)]:
-        monkeypatch.setenv("HOLDALL_GLUON", gluon)
-        calls.clear()
-        layer = _cuda_layer(264, 1024, name)
-        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            y = layer(x)
-        assert len(calls) == expected, (name, rows, gluon)
-        assert _rel(y, packed.reference_linear(layer, x)) < TOL[torch.bfloat16]
+    _check_dispatch_goes_to(gluon_wgmma, [("nf4", 64, "1", 1), ("nf4-dq", 33, "1", 1), ("fp4", 48, "1", 1),
+                                          ("nf4", 64, "0", 0), ("nf4", 32, "1", 0), ("int4-sym", 64, "1", 1),
+                                          ("int4-asym", 64, "1", 0)], monkeypatch)
 
 
 @cuda_only

@@ -607,14 +607,13 @@ def column_tiles(m: int) -> int:
     return 1 << max(0, (-(-m // 8) - 1).bit_length())
 
 
-def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-         cfg: dict) -> torch.Tensor:
-    """``out [M, N] = x W^T + b`` for 1..``MAX_ROWS`` rows ``x [M, K]`` (bf16/fp16, rows contiguous): the rows are
-    the MMAs' columns, 8 per tile, so up to 8 rows cost what one does and each 8 more add one MMA per step
-    (``cfg`` as :func:`gemv`; no fused epilogues)."""
+def check_rows(p: Plan, x: torch.Tensor, out: torch.Tensor, kernel: str) -> int:
+    """The rows ``x [M, K]`` and ``out [M, N]`` a tensor-core kernel reading ``x`` as int32 pairs can take (1..64
+    bf16/fp16 rows, contiguous with an even row stride; rows of ``out`` contiguous) and a layer of plan ``p`` it
+    can decode; ``M``, else ``ValueError`` naming what is wrong."""
     reason = why_not(p)
     if reason is not None:
-        raise ValueError(f"the tensor-core GEMV cannot take this layer: {reason}")
+        raise ValueError(f"{kernel} cannot take this layer: {reason}")
     m = x.shape[0]
     if x.dim() != 2 or not 1 <= m <= MAX_ROWS or x.shape[1] != p.in_features or x.stride(1) != 1 \
             or x.stride(0) % 2 or x.dtype not in (torch.bfloat16, torch.float16):
@@ -622,6 +621,15 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
                          f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
     if out.shape != (m, p.out_features) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
+    return m
+
+
+def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+         cfg: dict) -> torch.Tensor:
+    """``out [M, N] = x W^T + b`` for 1..``MAX_ROWS`` rows ``x [M, K]`` (bf16/fp16, rows contiguous): the rows are
+    the MMAs' columns, 8 per tile, so up to 8 rows cost what one does and each 8 more add one MMA per step
+    (``cfg`` as :func:`gemv`; no fused epilogues)."""
+    m = check_rows(p, x, out, "the tensor-core GEMV")
     # more columns: a loop keeps fewer loads in flight
     tiles, wk, pdl, unroll, ahead = _launch_options(cfg, unroll=column_tiles(m) == 1)
     if column_tiles(m) >= 8:  # 64 rows: two row tiles' accumulators spill (SASS)

@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from .gluon_mma import BOOKS, CHUNK_WORDS, _format, _weights, folds, why_not
+from .gluon_mma import BOOKS, CHUNK_WORDS, MAX_ROWS, _format, _weights, check_rows, folds, why_not
 from .packed import Operands, Plan
 
 try:
@@ -48,7 +48,6 @@ try:
 except ImportError:  # no Triton with Gluon (CPU machines): the kernel is not defined, the launcher refuses
     gluon = gl = None
 
-MAX_ROWS = 64  # activation rows per launch: the wgmma's N up to 64 (32 float32 accumulators a thread)
 WARPGROUPS = (1, 2, 4)  # 64 weight rows each per program
 
 
@@ -63,6 +62,18 @@ if gl is not None:
         lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs], (gl.int16, gl.int16), True, 1)
         both = gl.join(lo.to(DT, bitcast=True), hi.to(DT, bitcast=True))
         return gl.reshape(both, both.shape[:-2] + [2 * both.shape[-2]])
+
+    @gluon.jit
+    def _w_pointers(w_ptr, t, N, stride_wn, scale_row_stride, R: gl.constexpr, LW: gl.constexpr):
+        """Tile ``t``'s word pointers ``[NW, 2, 8, 4, 4]`` (row ``R t + 16 warp + 8 hr + g``, clamped: rows past
+        ``N`` read row ``N - 1``, never stored; words ``4 c + wd`` of chunk 0), the scale row offsets ``[NW, 2, 8,
+        4]`` and each thread's first word ``4 c`` (groups shorter than a chunk give it its own scale)."""
+        NW: gl.constexpr = R // 16
+        LS: gl.constexpr = gl.SliceLayout(4, LW)
+        rows_w = gl.minimum(t * R + 16 * _iota(NW, LW, 5, 0) + 8 * _iota(2, LW, 5, 1) + _iota(8, LW, 5, 2), N - 1)
+        w_base = w_ptr + rows_w * stride_wn + 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)
+        rows_s = gl.minimum(t * R + 16 * _iota(NW, LS, 4, 0) + 8 * _iota(2, LS, 4, 1) + _iota(8, LS, 4, 2), N - 1)
+        return w_base, rows_s * scale_row_stride, 4 * _iota(4, LS, 4, 3)
 
     @gluon.jit
     def _w_chunk(w_base, s_ptr, sabs_ptr, soff_ptr, dmap_ptr, s_rows, s_words, chunk, ok, GROUP_W: gl.constexpr,
@@ -160,7 +171,6 @@ if gl is not None:
         N_CHUNKS: gl.constexpr = K_WORDS // _CW
         DT: gl.constexpr = gl.bfloat16 if X_BF16 else gl.float16
         LW: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        LS: gl.constexpr = gl.SliceLayout(4, LW)
         LX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [2, 4, 4, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, MP, 16])
         LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
@@ -169,12 +179,7 @@ if gl is not None:
         split = gl.program_id(1)
         start = split * chunks_per_split
         stop = gl.minimum(start + chunks_per_split, N_CHUNKS)
-        # weights: row 16 warp + 8 hr + g (clamped: rows past N read row N - 1, never stored), words 4 c + wd
-        rows_w = gl.minimum(t * R + 16 * _iota(NW, LW, 5, 0) + 8 * _iota(2, LW, 5, 1) + _iota(8, LW, 5, 2), N - 1)
-        w_base = w_ptr + rows_w * stride_wn + 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)
-        rows_s = gl.minimum(t * R + 16 * _iota(NW, LS, 4, 0) + 8 * _iota(2, LS, 4, 1) + _iota(8, LS, 4, 2), N - 1)
-        s_rows = rows_s * scale_row_stride
-        s_words = 4 * _iota(4, LS, 4, 3)  # thread c's first word: groups shorter than a chunk give it its own scale
+        w_base, s_rows, s_words = _w_pointers(w_ptr, t, N, stride_wn, scale_row_stride, R, LW)
         # activations: pairs 16 c + 4 wd + j of row m (rows past M read as zeros)
         rows_x = _iota(MP, LX, 4, 0)
         x_base = x_ptr + rows_x * stride_x + 16 * _iota(4, LX, 4, 1) + 4 * _iota(4, LX, 4, 2) + _iota(4, LX, 4, 3)
@@ -214,7 +219,6 @@ if gl is not None:
         R: gl.constexpr = 64 * WG
         N_CHUNKS: gl.constexpr = K_WORDS // _CW
         LW: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        LS: gl.constexpr = gl.SliceLayout(4, LW)
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, MP, 16])
         LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
         BOX_BYTES: gl.constexpr = 2 * MP * 64 * 2  # a chunk: two [MP, 64] boxes of 16-bit values
@@ -222,11 +226,7 @@ if gl is not None:
         split = gl.program_id(1)
         start = split * chunks_per_split
         stop = gl.minimum(start + chunks_per_split, N_CHUNKS)
-        rows_w = gl.minimum(t * R + 16 * _iota(NW, LW, 5, 0) + 8 * _iota(2, LW, 5, 1) + _iota(8, LW, 5, 2), N - 1)
-        w_base = w_ptr + rows_w * stride_wn + 4 * _iota(4, LW, 5, 3) + _iota(4, LW, 5, 4)
-        rows_s = gl.minimum(t * R + 16 * _iota(NW, LS, 4, 0) + 8 * _iota(2, LS, 4, 1) + _iota(8, LS, 4, 2), N - 1)
-        s_rows = rows_s * scale_row_stride
-        s_words = 4 * _iota(4, LS, 4, 3)
+        w_base, s_rows, s_words = _w_pointers(w_ptr, t, N, stride_wn, scale_row_stride, R, LW)
         xs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, MP, 64], x_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -349,16 +349,7 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     loaded ahead, ``XTMA`` with ``STAGES``: the activations by TMA)."""
     if gl is None:
         raise RuntimeError("the wgmma GEMM needs Triton with Gluon (3.6 or newer) and a Hopper GPU")
-    reason = why_not(p)
-    if reason is not None:
-        raise ValueError(f"the wgmma GEMM cannot take this layer: {reason}")
-    m = x.shape[0]
-    if x.dim() != 2 or not 1 <= m <= MAX_ROWS or x.shape[1] != p.in_features or x.stride(1) != 1 \
-            or x.stride(0) % 2 or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be 1..{MAX_ROWS} bf16/fp16 rows of {p.in_features} (contiguous, even row stride); "
-                         f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
-    if out.shape != (m, p.out_features) or out.stride(1) != 1:
-        raise ValueError(f"out must be [{m}, {p.out_features}] with contiguous rows; got {tuple(out.shape)}")
+    m = check_rows(p, x, out, "the wgmma GEMM")
     wg, mp, per_split, split_k = launch_shape(p, m, cfg)
     tiles = -(-p.out_features // (64 * wg))
     from .triton_wq4 import _tile_counters
