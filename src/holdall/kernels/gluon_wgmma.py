@@ -1,12 +1,13 @@
-"""The 4-bit GEMM for 16..64 activation rows on Hopper's warpgroup MMA, in Gluon (issue 6, round 15 of the kernels).
+"""The 4-bit GEMM for up to 64 activation rows on Hopper's warpgroup MMA, in Gluon (issue 6, round 15 of the kernels):
+the default for 33..64 rows of int4 sym and NF4 / FP4 layers (:func:`gemm_config`; on an H200 1.0-1.4x faster than
+the Triton ``v3`` GEMM, int4 at or above bf16 cuBLAS on three of the five Llama-2-7B shapes, NF4 0.73-0.94x).
 
-Why: at 64 rows neither tensor-core kernel holdall has beats bf16 cuBLAS (round 13: the Triton ``v3`` GEMM
+Why: at 64 rows neither tensor-core kernel holdall had beat bf16 cuBLAS (round 13: the Triton ``v3`` GEMM
 0.73-1.06x, the ``mma.sync`` GEMV of :mod:`holdall.kernels.gluon_mma` 2-3x slower still). ``v3`` runs one
-warpgroup per 128 weight rows: every program re-reads and re-orders the same activation chunk (64 rows x 128
-inputs = 16 KB, twice its 8 KB of weights) into shared memory, and 213 registers a thread leave an SM two such
-programs. Here ``WG`` warpgroups share each staged activation chunk (``64 WG`` weight rows per program: 4 warpgroups
-read the activations once per 256 rows), and each warpgroup's ``wgmma.m64nNk16`` takes its 64 weight rows straight
-from the registers they were decoded into.
+warpgroup per 128 weight rows with 213 registers a thread and re-orders every activation chunk in each program.
+Here each warpgroup's ``wgmma.m64nNk16`` takes its 64 weight rows straight from the registers they were decoded
+into, ``WG`` warpgroups (64 weight rows each) share each staged activation chunk, and the staging is either
+through registers or by TMA.
 
 Swap AB as in :mod:`holdall.kernels.gluon_mma`: ``y^T [N, M] = W [N, K] x^T``, the weight rows the MMA's M, the
 activation rows its N (``MP`` = the rows rounded up to a power of two, 8..64). Each warp of a warpgroup owns 16
@@ -21,10 +22,12 @@ it). The activations are staged in shared memory in that logical order: every th
 a row (coalesced), two PRMTs per pair make the logical pairs ``(x[phi], x[phi + 2])``, and a swizzled
 shared-memory store puts them where the wgmma's B descriptor reads them. So the dot is unchanged.
 
-Per chunk: the next chunk's words, scales and activations are loaded first (one chunk ahead), the current
+Per chunk: the next chunk's words and scales (``AHEAD`` chunks on) and activations are loaded first, the current
 activations stored to one of two shared buffers, a fence and a barrier, the decode, one asynchronous wgmma per
-warpgroup, and a wait for it (its A registers and the other buffer are then free). ``SPLIT_K`` programs split a
-row's chunks; their float32 partials are summed in a fixed order by each tile's last program (as ``v3``'s
+warpgroup, and a wait for it (its A registers and the other buffer are then free). With ``XTMA`` the activations
+are reordered once by :func:`fragment_order` (a torch copy) and brought in by TMA through an mbarrier ring instead,
+each chunk as two wgmmas of 64 inputs (:func:`_gemm_wgmma_tma_kernel`; it wins on tall layers). ``SPLIT_K``
+programs split a row's chunks; their float32 partials are summed in a fixed order by each tile's last program (as ``v3``'s
 ``SEM``). Every format the ``mma.sync`` kernel takes (symmetric int codes with groups of 32 and up or one scale
 per row, NF4 / FP4, double-quantized scales); no fused epilogues.
 
