@@ -37,9 +37,9 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
   - ``"mma"`` (round 4, not a default): the row through ``_gemm2_kernel`` below, padded to 16 MMA columns;
     10-30% slower than the pairs kernel on an H200 (109 registers per thread, latency-bound).
 * 2..64 rows, :func:`gemm` (tensor cores):
-  - ``"gluon_mma"`` (rounds 12-13, :mod:`holdall.kernels.gluon_mma`, the default on a Hopper for 2..8 rows of int4
-    sym layers (groups of 128+) with up to 11008-input rows and 2..16 rows of NF4 / FP4): the rows as the columns
-    of ``mma.sync`` in Gluon, 1.05-1.4x faster than v3 there on an H200.
+  - ``"gluon_mma"`` (rounds 12-14, :mod:`holdall.kernels.gluon_mma`, the default on a Hopper for 2..8 rows of int4
+    sym layers (groups of 64+, double-quantized scales too) with up to 11008-input rows and 2..16 rows of NF4 /
+    FP4): the rows as the columns of ``mma.sync`` in Gluon, 1.05-1.6x faster than v3 there on an H200.
   - ``"gluon_wgmma"`` (round 15, :mod:`holdall.kernels.gluon_wgmma`, the default on a Hopper for 33..64 rows of
     int4 sym (whole-chunk groups) and NF4 / FP4, 1.0-1.4x faster than v3 there): ``wgmma`` with the decoded
     weights as its register operand and the activations staged per chunk in shared memory (or reordered once and
