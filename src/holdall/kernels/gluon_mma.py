@@ -515,7 +515,7 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     11008 inputs: 18.2 us unrolled, 18.6 with). Int groups of 64 and double-quantized int scales (round 14) take
     it up to 8 rows as int4 g128 does (2 / 8 rows, us: g64 11.96 / 14.21 vs v3's 19.06 / 19.26 at 11008x4096,
     14.07 / 14.67 vs 19.07 / 19.27 at 4096x11008, 7.22 / 7.56 vs 10.21 / 10.44 at 4096x4096; int4 g128 + double
-    quant 1.13-1.29x faster than v3), not at 16 rows (1.0-1.2x slower)."""
+    quant 1.10-1.29x faster than v3), not at 16 rows (1.0-1.2x slower)."""
     fold = folds(p)
     if m > (16 if p.kind == 2 else 8) or why_not(p) is not None:  # codebooks were timed to 16 rows, int codes to 8
         return None
