@@ -113,17 +113,20 @@ def mma_tilings(spec: str) -> dict[str, dict]:
 def wgmma_tilings(spec: str) -> dict[str, dict]:
     """The wgmma GEMM's launch configs named in ``spec``: ``wgWsS`` (``W`` warpgroups of 64 weight rows per
     program, ``S`` splits of the row), then optionally ``tN`` (the activations reordered once and brought in by
-    TMA through ``N`` slots, ``XTMA``; ``t`` alone: 3) and ``aN`` (weights loaded ``N`` chunks ahead, ``AHEAD``)."""
+    TMA through ``N`` slots, ``XTMA``; ``t`` alone: 3), ``aN`` (weights loaded ``N`` chunks ahead, ``AHEAD``) and ``p``
+    (the TMA activations zero-padded to the tile's rows, ``PAD``)."""
     configs = {}
     for tiling in filter(None, spec.split(",")):
-        match = re.fullmatch(r"wg(\d)s(\d+)(t(\d?))?(a(\d))?", tiling)
+        match = re.fullmatch(r"wg(\d)s(\d+)(t(\d?))?(a(\d))?(p?)", tiling)
         if match is None:
-            raise ValueError(f"wgmma config {tiling!r}: expected wgWsS[tN][aN], e.g. wg1s4, wg2s4t3a2")
+            raise ValueError(f"wgmma config {tiling!r}: expected wgWsS[tN][aN][p], e.g. wg1s4, wg2s4t3a2, wg1s1ta3p")
         cfg = {"VARIANT": "gluon_wgmma", "WG": int(match[1]), "SPLIT_K": int(match[2])}
         if match[3]:
             cfg.update(XTMA=True, STAGES=int(match[4] or 3))
         if match[5]:
             cfg["AHEAD"] = int(match[6])
+        if match[7]:
+            cfg["PAD"] = True
         configs[tiling] = cfg
     return configs
 

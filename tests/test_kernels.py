@@ -705,9 +705,9 @@ def test_dispatch_rules_on_cuda():
     assert not dispatch.supports(int8, ok)
 
 
-def _check_dispatch_goes_to(module, cases, monkeypatch):
-    """Each ``(format, rows, HOLDALL_GLUON, calls expected)`` of ``cases`` through a layer's own forward: how often
-    ``module.gemm`` was called, and the output against the reference either way."""
+def _check_dispatch_goes_to(module, cases, monkeypatch, out_features=264):
+    """Each ``(format, rows, HOLDALL_GLUON, calls expected)`` of ``cases`` through a layer's own forward (1024
+    inputs): how often ``module.gemm`` was called, and the output against the reference either way."""
     from holdall import kernels
 
     assert kernels.enable()
@@ -718,7 +718,7 @@ def _check_dispatch_goes_to(module, cases, monkeypatch):
     for name, rows, gluon, expected in cases:
         monkeypatch.setenv("HOLDALL_GLUON", gluon)
         calls.clear()
-        layer = _cuda_layer(264, 1024, name)
+        layer = _cuda_layer(out_features, 1024, name)
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             y = layer(x)
@@ -738,14 +738,17 @@ def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
 
 @cuda_only
 def test_many_rows_take_the_wgmma_gemm(monkeypatch):
-    """Round 15: 33..64 rows of an NF4 / FP4 / int4 sym layer go to the warpgroup-MMA GEMM on a Hopper through the
-    layer's own forward (the Triton v3 GEMM with HOLDALL_GLUON=0, for 32 rows and for asymmetric codes), same
-    results either way."""
+    """Rounds 15-16: 33..64 rows of an NF4 / FP4 layer and 48..64 of an int4 sym one go to the warpgroup-MMA GEMM
+    on a Hopper through the layer's own forward (the Triton v3 GEMM with HOLDALL_GLUON=0, for 32 rows, for 40 int4
+    rows and for asymmetric codes), on a layer of 128 tiles from 33 int4 rows (by TMA, zero-padded below 48 rows);
+    same results either way."""
     from holdall.kernels import gluon_wgmma
 
     _check_dispatch_goes_to(gluon_wgmma, [("nf4", 64, "1", 1), ("nf4-dq", 33, "1", 1), ("fp4", 48, "1", 1),
                                           ("nf4", 64, "0", 0), ("nf4", 32, "1", 0), ("int4-sym", 64, "1", 1),
-                                          ("int4-asym", 64, "1", 0)], monkeypatch)
+                                          ("int4-sym", 40, "1", 0), ("int4-asym", 64, "1", 0)], monkeypatch)
+    _check_dispatch_goes_to(gluon_wgmma, [("int4-sym", 33, "1", 1), ("nf4", 40, "1", 1), ("nf4", 56, "1", 1)],
+                            monkeypatch, out_features=8192)
 
 
 @cuda_only
@@ -1365,15 +1368,17 @@ def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
 @pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym", "nf4", "nf4-dq", "fp4", "int4-g32-bf16", "int4-sym-dq"])
 @pytest.mark.parametrize("shape", [(4096, 11008), (200, 1152)], ids=str)
 @pytest.mark.parametrize("rows", [1, 13, 33, 64])
-@pytest.mark.parametrize("wg,split_k,xtma,ahead", [(2, 1, False, 1), (1, 3, False, 3), (2, 8, False, 2),
-                                                    (4, 8, False, 1), (2, 1, True, 2), (1, 3, True, 3),
-                                                    (4, 8, True, 1)])
-def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, ahead, dtype):
+@pytest.mark.parametrize("wg,split_k,xtma,ahead,pad", [(2, 1, False, 1, False), (1, 3, False, 3, False),
+                                                        (2, 8, False, 2, False), (4, 8, False, 1, False),
+                                                        (2, 1, True, 2, False), (1, 3, True, 3, False),
+                                                        (4, 8, True, 1, False), (1, 3, True, 3, True)])
+def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, ahead, pad, dtype):
     """The warpgroup-MMA GEMM (round 15) against the fp32 reference: every format it takes, 1..64 activation rows
     (the wgmma's N rounded up to a power of two, rows past M zeros), 64 / 128 / 256 weight rows per program with a
     partial last tile (200 rows), split-K summed by the last program (11008 inputs = 86 chunks: uneven splits),
     the activations staged through registers or reordered once and brought in by TMA (``XTMA``: a ring of 3
-    slots, wrapped at 86 / 29 / 11 chunks), weights loaded 1-3 chunks ahead (splits of 1-3 chunks too), into
+    slots, wrapped at 86 / 29 / 11 chunks; ``PAD``: zero rows appended up to the wgmma's N), weights loaded 1-3
+    chunks ahead (splits of 1-3 chunks too), into
     NaN-poisoned outputs with rows wider than the output; launched twice (the split counters reset)."""
     from holdall.kernels import gluon_wgmma
 
@@ -1387,7 +1392,8 @@ def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, ahea
     want = packed.reference_linear(layer, x)
     for _ in range(2):
         out = torch.full((rows, p.out_features + 8), float("nan"), device="cuda", dtype=dtype)[:, :p.out_features]
-        gluon_wgmma.gemm(ops, p, x, bias, out, {"WG": wg, "SPLIT_K": split_k, "XTMA": xtma, "AHEAD": ahead})
+        gluon_wgmma.gemm(ops, p, x, bias, out, {"WG": wg, "SPLIT_K": split_k, "XTMA": xtma, "AHEAD": ahead,
+                                               "PAD": pad})
         for r in range(rows):
             assert _rel(out[r], want[r]) < TOL[dtype], r
 
@@ -1406,24 +1412,33 @@ def test_wgmma_fragment_order_is_the_decode_order():
     assert torch.equal(fragment_order(x)[0], torch.cat([phi, phi + 128, phi + 256]).double())
     w, xs = torch.randn(5, 256, dtype=torch.float64), torch.randn(3, 256, dtype=torch.float64)
     torch.testing.assert_close(fragment_order(xs) @ fragment_order(w).T, xs @ w.T)
+    padded = fragment_order(xs, 8)
+    assert padded.shape == (8, 256) and torch.equal(padded[:3], fragment_order(xs)) and not padded[3:].any()
+    assert torch.equal(fragment_order(xs, 2), fragment_order(xs))
 
 
 def test_wgmma_gemm_default_rule():
-    """Round 15's default (:func:`holdall.kernels.gluon_wgmma.gemm_config`): 33..64 rows of int sym codes in whole
-    chunks and of codebooks; layers of 128+ 64-row tiles by TMA with ~2.6 programs per SM, others through registers
-    with 4 splits (what was timed); short int groups, int double quant, fewer or more rows and layers it cannot take
+    """Rounds 15-16's default (:func:`holdall.kernels.gluon_wgmma.gemm_config`): 33..64 rows of codebooks and of
+    int sym codes in whole chunks (48+ rows below 128 tiles); layers of 128+ 64-row tiles by TMA with ~2.6
+    programs per SM (zero-padded below 48 rows), others through registers with 4 splits (what was timed); short int groups, int double quant, fewer or more rows and layers it cannot take
     keep the other kernels; launch shapes are checked."""
     from holdall.kernels import gluon_wgmma
 
     nf4, fp4, sym = (_plan(4096, s) for s in (SCHEMES["nf4"], EXTRA_SCHEMES["fp4"], SCHEMES["int4-sym"]))
+    registers = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
     for p in (nf4, fp4, sym, _plan(4096, QuantScheme(granularity="channel"))):
-        assert gluon_wgmma.gemm_config(p, 33, 132) == gluon_wgmma.gemm_config(p, 64, 132) == {
-            "VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
-        assert gluon_wgmma.gemm_config(p, 32, 132) is None and gluon_wgmma.gemm_config(p, 65, 132) is None
-    tall = {out_f: gluon_wgmma.gemm_config(dataclasses.replace(nf4, out_features=out_f), 64, 132)
-            for out_f in (8192, 11008, 12288, 22016)}
-    assert all(c["XTMA"] and c["AHEAD"] == 3 and c["WG"] == 1 for c in tall.values())
-    assert [c["SPLIT_K"] for c in tall.values()] == [3, 2, 2, 1]  # 128 / 172 / 192 / 344 tiles
+        first = 33 if p.kind == 2 else 48  # int codes keep v3 at 33..47 rows on layers below 128 tiles
+        assert gluon_wgmma.gemm_config(p, first, 132) == gluon_wgmma.gemm_config(p, 64, 132) == registers
+        assert gluon_wgmma.gemm_config(p, first - 1, 132) is None and gluon_wgmma.gemm_config(p, 65, 132) is None
+    for p in (nf4, sym):
+        tall = {out_f: gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=out_f), 64, 132)
+                for out_f in (8192, 11008, 12288, 22016)}
+        assert all(c["XTMA"] and c["AHEAD"] == 3 and c["WG"] == 1 and "PAD" not in c for c in tall.values())
+        assert [c["SPLIT_K"] for c in tall.values()] == [3, 2, 2, 1]  # 128 / 172 / 192 / 344 tiles
+        # TMA boxes more than 16 rows past the last row are slow: 33..47 rows are zero-padded to 64 first
+        padded = [m for m in range(33, 65) if gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=11008),
+                                                                      m, 132).get("PAD")]
+        assert padded == list(range(33, 48))
     assert gluon_wgmma.gemm_config(dataclasses.replace(nf4, out_features=8128), 64, 132)["SPLIT_K"] == 4  # 127
     for scheme in (SCHEMES["int4-asym"], QuantScheme(group_size=64), QuantScheme(double_quant=True)):
         assert gluon_wgmma.gemm_config(_plan(4096, scheme), 64, 132) is None

@@ -297,41 +297,62 @@ if gl is not None:
 
 TALL_TILES = 128  # 64-row tiles from which the TMA staging wins (11008+ rows; 4096 rows: the register staging)
 PROGRAMS_PER_SM = 2.6  # the TMA launches' splits aim at this many programs per SM (172 tiles x 2, 344 x 1)
+MAX_ROWS_PAST_END = 16  # TMA boxes reaching further past the activations' last row are slow: PAD them (round 16)
+INT_MIN_ROWS = 48  # int codes below TALL_TILES: v3 is as fast or faster at 33-40 rows (round 16)
 
 
 def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
-    """The launch for ``m`` rows where this kernel is the fastest holdall has, else None: 33..64 rows of int sym
-    codes (groups of whole chunks, or one scale per row) and of codebooks (NF4 / FP4, double-quantized scales
-    too), one warpgroup per 64 weight rows. Measured on an H200 (BENCHMARKS.md round 15; us at 64 rows):
+    """The launch for ``m`` rows where this kernel is the fastest holdall has, else None: 33..64 rows of codebooks
+    (NF4 / FP4, double-quantized scales too) and of int sym codes (groups of whole chunks, or one scale per row;
+    from 48 rows below ``TALL_TILES`` tiles), one warpgroup per 64 weight rows. Measured on an H200 (BENCHMARKS.md
+    rounds 15-16; us):
 
     * tall layers (``TALL_TILES`` tiles or more): activations by TMA, loads 3 chunks ahead, splits for ~2.6
-      programs per SM -- int4 g128 at 11008 / 12288 / 22016 x 4096: 28.3 / 29.1 / 40.1 against v3's 30.4 / 30.6 /
-      49.5 and bf16's 27.3 / 29.2 / 49.6; NF4 33.9 / 34.6 / 52.2 against 42.8 / 42.8 / 72.5;
-    * other layers: activations through registers, 4 splits -- 4096x4096 int4 14.1-14.6 against v3's 16.4-16.9,
-      NF4 15.8-16.3 against 19.1-20.3; 4096x11008 int4 27.8-28.3 against 28.7-29.0, NF4 33.0-34.0 against
-      34.9-35.0.
+      programs per SM -- at 64 rows int4 g128 at 11008 / 12288 / 22016 x 4096: 28.3 / 29.2 / 40.3 against v3's
+      30.5 / 30.5 / 49.6 and bf16's 27.0 / 29.4 / 49.2; NF4 34.6 / 34.9 / 52.5 against 42.6 / 42.9 / 72.7. Where
+      more than 16 of the wgmma's ``MP`` rows are past ``m`` the activations are zero-padded to ``MP`` rows first
+      (``PAD``): TMA boxes reaching that far past the tensor's end are slow (int4 22016x4096 at 33 rows 40.7 with,
+      58.0 without; v3 50.2), at 48+ rows the padding's extra copy costs ~1 us;
+    * other layers: activations through registers, 4 splits -- 4096x4096 int4 13.8-15.0 (48-64 rows) against v3's
+      15.7-16.5, NF4 15.6-16.7 (33-64) against 17.1-19.1; 4096x11008 int4 27.4-29.4 (48-64) against 27.2-29.7, NF4
+      31.9-33.8 against 32.1-34.8. Int codes at 33-40 rows keep v3 there (4096x11008: 26.6 / 27.1 against 28.2 /
+      28.7).
 
     Groups of 32 / 64 int codes and double-quantized int scales run here correctly but were not timed (v3 stays);
-    FP4 is NF4's decode with another table, NF4 + double quant was timed through registers (1.05-1.17x v3 but
-    0.97x at 33 rows of 4096x11008), not by TMA; 17..32 rows were not timed against the tensor-core GEMV's
-    codebook default."""
+    FP4 is NF4's decode with another table; 17..32 rows were not timed against the tensor-core GEMV's codebook
+    default."""
     if not 33 <= m <= MAX_ROWS or why_not(p) is not None:
         return None
     if p.kind == 0 and (p.double_quant or folds(p)):
         return None
     tiles = -(-p.out_features // 64)
     if tiles >= TALL_TILES:
-        return {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / tiles)),
-                "XTMA": True, "STAGES": 3, "AHEAD": 3}
+        cfg = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / tiles)),
+               "XTMA": True, "STAGES": 3, "AHEAD": 3}
+        return {**cfg, "PAD": True} if _rows_padded(m) - m > MAX_ROWS_PAST_END else cfg
+    if p.kind == 0 and m < INT_MIN_ROWS:
+        return None
     return {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
 
 
-def fragment_order(x: torch.Tensor) -> torch.Tensor:
+def _rows_padded(m: int) -> int:
+    """The wgmma's N for ``m`` activation rows: a power of two, 8..64."""
+    return max(8, 1 << (m - 1).bit_length())
+
+
+def fragment_order(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """``x [M, K]`` with each 128-input chunk reordered as the wgmma's A fragments hold the decoded codes: logical
     input ``k = 32 wd + 16 p + 8 hk + 2 c + e`` takes stored input ``32 c + 8 wd + 4 p + 2 e + hk`` (a contiguous
-    copy; the TMA kernel then loads the activations straight into the wgmma's operand)."""
+    copy; the TMA kernel then loads the activations straight into the wgmma's operand). ``rows`` > M: zero rows
+    appended up to ``rows``."""
     m, k = x.shape
-    return x.reshape(m, k // 128, 4, 4, 2, 2, 2).permute(0, 1, 3, 4, 6, 2, 5).reshape(m, k)
+    ordered = x.reshape(m, k // 128, 4, 4, 2, 2, 2).permute(0, 1, 3, 4, 6, 2, 5)
+    if rows is None or rows <= m:
+        return ordered.reshape(m, k)
+    out = x.new_empty(rows, k)
+    out[:m].view(ordered.shape).copy_(ordered)
+    out[m:].zero_()
+    return out
 
 
 def launch_shape(p: Plan, m: int, cfg: dict) -> tuple[int, int, int, int]:
@@ -342,14 +363,15 @@ def launch_shape(p: Plan, m: int, cfg: dict) -> tuple[int, int, int, int]:
         raise ValueError(f"WG must be one of {WARPGROUPS} and SPLIT_K >= 1; got {cfg}")
     chunks = p.in_features // (CHUNK_WORDS * 8)
     per_split = -(-chunks // split_k)
-    return wg, max(8, 1 << (m - 1).bit_length()), per_split, -(-chunks // per_split)
+    return wg, _rows_padded(m), per_split, -(-chunks // per_split)
 
 
 def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
          cfg: dict) -> torch.Tensor:
     """``out [M, N] = x W^T + b`` for 1..64 rows ``x [M, K]`` (bf16/fp16, rows contiguous with an even stride) on
     Hopper (``cfg``: ``WG`` warpgroups of 64 weight rows per program, ``SPLIT_K``, ``AHEAD`` chunks of weights
-    loaded ahead, ``XTMA`` with ``STAGES``: the activations by TMA)."""
+    loaded ahead, ``XTMA`` with ``STAGES``: the activations by TMA, ``PAD``: zero-padded
+    to the wgmma's N rows first)."""
     if gl is None:
         raise RuntimeError("the wgmma GEMM needs Triton with Gluon (3.6 or newer) and a Hopper GPU")
     m = check_rows(p, x, out, "the wgmma GEMM")
@@ -369,7 +391,7 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        desc = TensorDescriptor.from_tensor(fragment_order(x), [mp, 64], layout)
+        desc = TensorDescriptor.from_tensor(fragment_order(x, mp if cfg.get("PAD") else None), [mp, 64], layout)
         _gemm_wgmma_tma_kernel[(tiles, split_k)](
             desc, *_weights(ops), bias if bias is not None else ops.scale, out, part, counters, p.out_features, m,
             out.stride(0), ops.words.stride(0), p.scale_row_stride, p.group_step, per_split, WG=wg, MP=mp,
