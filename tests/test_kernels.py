@@ -738,14 +738,15 @@ def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
 
 @cuda_only
 def test_many_rows_take_the_wgmma_gemm(monkeypatch):
-    """Rounds 15-16: 33..64 rows of an NF4 / FP4 layer and 48..64 of an int4 sym one go to the warpgroup-MMA GEMM
-    on a Hopper through the layer's own forward (the Triton v3 GEMM with HOLDALL_GLUON=0, for 32 rows, for 40 int4
-    rows and for asymmetric codes), on a layer of 128 tiles from 33 int4 rows (by TMA, zero-padded below 48 rows);
+    """Rounds 15-16: 17..64 rows of an NF4 / FP4 layer and 17..32 / 48..64 of an int4 sym one go to the
+    warpgroup-MMA GEMM on a Hopper through the layer's own forward (not with HOLDALL_GLUON=0, nor 16 rows (the
+    tensor-core GEMV), 40 int4 rows or asymmetric codes: the Triton v3 GEMM), on a layer of 128 tiles from 33 int4 rows (by TMA, zero-padded below 48 rows);
     same results either way."""
     from holdall.kernels import gluon_wgmma
 
     _check_dispatch_goes_to(gluon_wgmma, [("nf4", 64, "1", 1), ("nf4-dq", 33, "1", 1), ("fp4", 48, "1", 1),
-                                          ("nf4", 64, "0", 0), ("nf4", 32, "1", 0), ("int4-sym", 64, "1", 1),
+                                          ("nf4", 64, "0", 0), ("nf4", 17, "1", 1), ("nf4", 16, "1", 0),
+                                          ("int4-sym", 64, "1", 1), ("int4-sym", 24, "1", 1),
                                           ("int4-sym", 40, "1", 0), ("int4-asym", 64, "1", 0)], monkeypatch)
     _check_dispatch_goes_to(gluon_wgmma, [("int4-sym", 33, "1", 1), ("nf4", 40, "1", 1), ("nf4", 56, "1", 1)],
                             monkeypatch, out_features=8192)
@@ -1418,22 +1419,27 @@ def test_wgmma_fragment_order_is_the_decode_order():
 
 
 def test_wgmma_gemm_default_rule():
-    """Rounds 15-16's default (:func:`holdall.kernels.gluon_wgmma.gemm_config`): 33..64 rows of codebooks and of
-    int sym codes in whole chunks (48+ rows below 128 tiles); layers of 128+ 64-row tiles by TMA with ~2.6
-    programs per SM (zero-padded below 48 rows), others through registers with 4 splits (what was timed); short int groups, int double quant, fewer or more rows and layers it cannot take
+    """Rounds 15-16's default (:func:`holdall.kernels.gluon_wgmma.gemm_config`): 17..64 rows of codebooks and of
+    int sym codes in whole chunks (17..32 rows up to 4096 inputs, 48+ rows below 128 tiles); 33+ rows on layers of
+    128+ 64-row tiles by TMA with ~2.6 programs per SM (zero-padded below 48 rows), others through registers with
+    4 splits (what was timed); short int groups, int double quant, fewer or more rows and layers it cannot take
     keep the other kernels; launch shapes are checked."""
     from holdall.kernels import gluon_wgmma
 
     nf4, fp4, sym = (_plan(4096, s) for s in (SCHEMES["nf4"], EXTRA_SCHEMES["fp4"], SCHEMES["int4-sym"]))
     registers = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
     for p in (nf4, fp4, sym, _plan(4096, QuantScheme(granularity="channel"))):
-        first = 33 if p.kind == 2 else 48  # int codes keep v3 at 33..47 rows on layers below 128 tiles
-        assert gluon_wgmma.gemm_config(p, first, 132) == gluon_wgmma.gemm_config(p, 64, 132) == registers
-        assert gluon_wgmma.gemm_config(p, first - 1, 132) is None and gluon_wgmma.gemm_config(p, 65, 132) is None
+        taken = [m for m in range(1, 80) if gluon_wgmma.gemm_config(p, m, 132) == registers]
+        # int codes keep v3 at 33..47 rows on layers below 128 tiles
+        assert taken == (list(range(17, 65)) if p.kind == 2 else list(range(17, 33)) + list(range(48, 65)))
+        long = dataclasses.replace(p, in_features=11008)  # 17..32 rows of 11008 inputs: int codes keep v3
+        assert [m for m in range(17, 33) if gluon_wgmma.gemm_config(long, m, 132)] == (
+            list(range(17, 33)) if p.kind == 2 else [])
     for p in (nf4, sym):
         tall = {out_f: gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=out_f), 64, 132)
                 for out_f in (8192, 11008, 12288, 22016)}
         assert all(c["XTMA"] and c["AHEAD"] == 3 and c["WG"] == 1 and "PAD" not in c for c in tall.values())
+        assert gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=22016), 32, 132) == registers
         assert [c["SPLIT_K"] for c in tall.values()] == [3, 2, 2, 1]  # 128 / 172 / 192 / 344 tiles
         # TMA boxes more than 16 rows past the last row are slow: 33..47 rows are zero-padded to 64 first
         padded = [m for m in range(33, 65) if gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=11008),

@@ -299,40 +299,48 @@ TALL_TILES = 128  # 64-row tiles from which the TMA staging wins (11008+ rows; 4
 PROGRAMS_PER_SM = 2.6  # the TMA launches' splits aim at this many programs per SM (172 tiles x 2, 344 x 1)
 MAX_ROWS_PAST_END = 16  # TMA boxes reaching further past the activations' last row are slow: PAD them (round 16)
 INT_MIN_ROWS = 48  # int codes below TALL_TILES: v3 is as fast or faster at 33-40 rows (round 16)
+MIN_ROWS = 17  # fewer rows: the tensor-core GEMV (gluon_mma) or v3
+INT_MAX_INPUTS_32 = 4096  # int codes at 17..32 rows: v3 is faster at 11008 inputs (round 16)
 
 
 def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
-    """The launch for ``m`` rows where this kernel is the fastest holdall has, else None: 33..64 rows of codebooks
+    """The launch for ``m`` rows where this kernel is the fastest holdall has, else None: 17..64 rows of codebooks
     (NF4 / FP4, double-quantized scales too) and of int sym codes (groups of whole chunks, or one scale per row;
-    from 48 rows below ``TALL_TILES`` tiles), one warpgroup per 64 weight rows. Measured on an H200 (BENCHMARKS.md
-    rounds 15-16; us):
+    17..32 rows on rows of up to 4096 inputs, 33..47 on layers of ``TALL_TILES`` tiles, 48..64 on every layer),
+    one warpgroup per 64 weight rows. Measured on an H200 (BENCHMARKS.md rounds 15-16; us):
 
-    * tall layers (``TALL_TILES`` tiles or more): activations by TMA, loads 3 chunks ahead, splits for ~2.6
-      programs per SM -- at 64 rows int4 g128 at 11008 / 12288 / 22016 x 4096: 28.3 / 29.2 / 40.3 against v3's
-      30.5 / 30.5 / 49.6 and bf16's 27.0 / 29.4 / 49.2; NF4 34.6 / 34.9 / 52.5 against 42.6 / 42.9 / 72.7. Where
-      more than 16 of the wgmma's ``MP`` rows are past ``m`` the activations are zero-padded to ``MP`` rows first
+    * 17..32 rows (the wgmma's N 32): activations through registers, 4 splits, every layer -- NF4 11008 / 12288 /
+      22016 x 4096 27.7-28.3 / 28.2-28.8 / 47.5-48.8 against v3's 36.8-37.6 / 36.9-37.6 / 67.8-68.1 (bf16 25.6 /
+      29.0 / 46.0), 4096x4096 13.3-14.3 against 13.7-14.6; int4 g128 20.2-20.9 / 20.9-22.5 / 34.0-36.9 against
+      23.4-23.8 / 23.5-23.7 / 38.3-40.5, 4096x4096 10.9-11.1 against 11.2-12.1. At 11008 inputs NF4 ties v3
+      (27.1-30.0 against 27.3-28.1; with double quant 27.5-28.7 against 27.7-31.5) and int4 loses (21.4-21.8
+      against 18.7-19.2: v3 stays there);
+    * 33..64 rows on tall layers (``TALL_TILES`` tiles or more): activations by TMA, loads 3 chunks ahead, splits
+      for ~2.6 programs per SM -- at 64 rows int4 g128 at 11008 / 12288 / 22016 x 4096: 28.3 / 29.2 / 40.3 against
+      v3's 30.5 / 30.5 / 49.6 and bf16's 27.0 / 29.4 / 49.2; NF4 34.6 / 34.9 / 52.5 against 42.6 / 42.9 / 72.7.
+      Where more than 16 of the wgmma's 64 rows are past ``m`` the activations are zero-padded to 64 rows first
       (``PAD``): TMA boxes reaching that far past the tensor's end are slow (int4 22016x4096 at 33 rows 40.7 with,
       58.0 without; v3 50.2), at 48+ rows the padding's extra copy costs ~1 us;
-    * other layers: activations through registers, 4 splits -- 4096x4096 int4 13.8-15.0 (48-64 rows) against v3's
-      15.7-16.5, NF4 15.6-16.7 (33-64) against 17.1-19.1; 4096x11008 int4 27.4-29.4 (48-64) against 27.2-29.7, NF4
-      31.9-33.8 against 32.1-34.8. Int codes at 33-40 rows keep v3 there (4096x11008: 26.6 / 27.1 against 28.2 /
-      28.7).
+    * 33..64 rows on other layers: activations through registers, 4 splits -- 4096x4096 int4 13.8-15.0 (48-64
+      rows) against v3's 15.7-16.5, NF4 15.6-16.7 (33-64) against 17.1-19.1; 4096x11008 int4 27.4-29.4 (48-64)
+      against 27.2-29.7, NF4 31.9-33.8 against 32.1-34.8. Int codes at 33-40 rows keep v3 there (4096x11008:
+      26.6 / 27.1 against 28.2 / 28.7).
 
     Groups of 32 / 64 int codes and double-quantized int scales run here correctly but were not timed (v3 stays);
-    FP4 is NF4's decode with another table; 17..32 rows were not timed against the tensor-core GEMV's codebook
-    default."""
-    if not 33 <= m <= MAX_ROWS or why_not(p) is not None:
+    FP4 is NF4's decode with another table."""
+    if not MIN_ROWS <= m <= MAX_ROWS or why_not(p) is not None:
         return None
     if p.kind == 0 and (p.double_quant or folds(p)):
         return None
+    registers = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
+    if _rows_padded(m) <= 32:
+        return None if p.kind == 0 and p.in_features > INT_MAX_INPUTS_32 else registers
     tiles = -(-p.out_features // 64)
     if tiles >= TALL_TILES:
         cfg = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / tiles)),
                "XTMA": True, "STAGES": 3, "AHEAD": 3}
         return {**cfg, "PAD": True} if _rows_padded(m) - m > MAX_ROWS_PAST_END else cfg
-    if p.kind == 0 and m < INT_MIN_ROWS:
-        return None
-    return {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
+    return None if p.kind == 0 and m < INT_MIN_ROWS else registers
 
 
 def _rows_padded(m: int) -> int:
