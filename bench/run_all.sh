@@ -11,9 +11,9 @@
 # with int groups of 64 and double-quantized int scales beside them (gemm_rows_nf4.json: the tensor-core cells
 # say whether those leave v3 too), and the NF4 + DQ decode with and without the Gluon kernels (HOLDALL_GLUON=0: round 8's
 # TMA GEMVs), each a separate process in the same call (gpu_decode_nf4*.json).
-# wgmma: the warpgroup-MMA GEMM (round 15) -- its device tests and the dispatch through it (~2 minutes), then 33 and
-# 64 rows of int4 / NF4 / NF4 + DQ on the five Llama-2-7B shapes: v3, bf16, the default (which picks it) and the
-# alternatives of each staging (gemm_rows_wgmma.json).
+# wgmma: the warpgroup-MMA GEMM (rounds 15-16) -- its device tests and the dispatch through it (~2 minutes), then 24,
+# 33 and 64 rows of int4 / NF4 / NF4 + DQ on the five Llama-2-7B shapes: v3, bf16, the default (which picks it) and
+# the alternatives of each staging, TMA with and without padding (gemm_rows_wgmma.json).
 #
 # The bitsandbytes wheel (and any other missing package) travels in .whl/ (the device README says how); it is
 # installed into /tmp/site for this run. Results go to $OUT (default bench/results): gpu_kernels.json,
@@ -64,7 +64,7 @@ for part in "${parts[@]}"; do
     wgmma) python3 -m pytest -q -n 15 -p xdist -p no:benchmark tests/test_kernels.py -k "wgmma or many_rows_take" \
              2>&1 | tail -20 | tee "$OUT/wgmma_tests.log" || echo "wgmma tests FAILED (see wgmma_tests.log); the sweep still runs"
            python3 bench/gemm_rows.py --shapes 4096x11008,11008x4096,4096x4096,12288x4096,22016x4096 \
-             --schemes int4-g128-sym,nf4,nf4-dq --rows 33,64 --mma "" --wgmma wg1s4,wg1s2ta3,wg1s1ta3,wg1s4t \
+             --schemes int4-g128-sym,nf4,nf4-dq --rows 24,33,64 --mma "" --wgmma wg1s4,wg1s2ta3,wg1s2ta3p,wg1s1ta3,wg1s1ta3p \
              --out "$OUT/gemm_rows_wgmma.json" 2>&1 | tee "$OUT/gemm_rows_wgmma.log" ;;
     decode) python3 bench/gpu_decode.py --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log" ;;
     qlora) python3 bench/gpu_qlora_step.py --layers 32 --steps 5 --warmup 3 \

@@ -1368,14 +1368,14 @@ def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["int4-sym", "int4-ch-sym", "nf4", "nf4-dq", "fp4", "int4-g32-bf16", "int4-sym-dq"])
 @pytest.mark.parametrize("shape", [(4096, 11008), (200, 1152)], ids=str)
-@pytest.mark.parametrize("rows", [1, 13, 33, 64])
+@pytest.mark.parametrize("rows", [1, 13, 24, 33, 64])
 @pytest.mark.parametrize("wg,split_k,xtma,ahead,pad", [(2, 1, False, 1, False), (1, 3, False, 3, False),
                                                         (2, 8, False, 2, False), (4, 8, False, 1, False),
                                                         (2, 1, True, 2, False), (1, 3, True, 3, False),
                                                         (4, 8, True, 1, False), (1, 3, True, 3, True)])
 def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, ahead, pad, dtype):
-    """The warpgroup-MMA GEMM (round 15) against the fp32 reference: every format it takes, 1..64 activation rows
-    (the wgmma's N rounded up to a power of two, rows past M zeros), 64 / 128 / 256 weight rows per program with a
+    """The warpgroup-MMA GEMM (rounds 15-16) against the fp32 reference: every format it takes, 1..64 activation
+    rows (the wgmma's N rounded up to a power of two: 8 / 16 / 32 / 64, rows past M zeros), 64 / 128 / 256 weight rows per program with a
     partial last tile (200 rows), split-K summed by the last program (11008 inputs = 86 chunks: uneven splits),
     the activations staged through registers or reordered once and brought in by TMA (``XTMA``: a ring of 3
     slots, wrapped at 86 / 29 / 11 chunks; ``PAD``: zero rows appended up to the wgmma's N), weights loaded 1-3
