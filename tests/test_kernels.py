@@ -1433,13 +1433,19 @@ def test_wgmma_gemm_default_rule():
         # int codes keep v3 at 33..47 rows on layers below 128 tiles
         assert taken == (list(range(17, 65)) if p.kind == 2 else list(range(17, 33)) + list(range(48, 65)))
         long = dataclasses.replace(p, in_features=11008)  # 17..32 rows of 11008 inputs: int codes keep v3
-        assert [m for m in range(17, 33) if gluon_wgmma.gemm_config(long, m, 132)] == (
-            list(range(17, 33)) if p.kind == 2 else [])
+        assert [gluon_wgmma.gemm_config(long, m, 132) for m in range(17, 33)] == 16 * [
+            {**registers, "WG": 2, "SPLIT_K": 8} if p.kind == 2 else None]
+    # 17..32 rows of tall layers: int codes 2 splits; codebooks two warpgroups, ~2.6 programs per SM
+    for out_f, splits in ((11008, 4), (12288, 4), (22016, 2)):
+        assert gluon_wgmma.gemm_config(dataclasses.replace(sym, out_features=out_f), 24, 132) == {
+            **registers, "SPLIT_K": 2}
+        for p in (nf4, _plan(4096, SCHEMES["nf4-dq"])):
+            assert gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=out_f), 32, 132) == {
+                **registers, "WG": 2, "SPLIT_K": splits}
     for p in (nf4, sym):
         tall = {out_f: gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=out_f), 64, 132)
                 for out_f in (8192, 11008, 12288, 22016)}
         assert all(c["XTMA"] and c["AHEAD"] == 3 and c["WG"] == 1 and "PAD" not in c for c in tall.values())
-        assert gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=22016), 32, 132) == registers
         assert [c["SPLIT_K"] for c in tall.values()] == [3, 2, 2, 1]  # 128 / 172 / 192 / 344 tiles
         # TMA boxes more than 16 rows past the last row are slow: 33..47 rows are zero-padded to 64 first
         padded = [m for m in range(33, 65) if gluon_wgmma.gemm_config(dataclasses.replace(p, out_features=11008),

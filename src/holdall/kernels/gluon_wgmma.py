@@ -301,20 +301,22 @@ MAX_ROWS_PAST_END = 16  # TMA boxes reaching further past the activations' last 
 INT_MIN_ROWS = 48  # int codes below TALL_TILES: v3 is as fast or faster at 33-40 rows (round 16)
 MIN_ROWS = 17  # fewer rows: the tensor-core GEMV (gluon_mma) or v3
 INT_MAX_INPUTS_32 = 4096  # int codes at 17..32 rows: v3 is faster at 11008 inputs (round 16)
+LONG_ROW_INPUTS = 8192  # codebooks at 17..32 rows: rows this long take 2 warpgroups x 8 splits (round 16)
 
 
 def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     """The launch for ``m`` rows where this kernel is the fastest holdall has, else None: 17..64 rows of codebooks
     (NF4 / FP4, double-quantized scales too) and of int sym codes (groups of whole chunks, or one scale per row;
     17..32 rows on rows of up to 4096 inputs, 33..47 on layers of ``TALL_TILES`` tiles, 48..64 on every layer),
-    one warpgroup per 64 weight rows. Measured on an H200 (BENCHMARKS.md rounds 15-16; us):
+    one or two warpgroups of 64 weight rows per program. Measured on an H200 (BENCHMARKS.md rounds 15-16; us):
 
-    * 17..32 rows (the wgmma's N 32): activations through registers, 4 splits, every layer -- NF4 11008 / 12288 /
-      22016 x 4096 27.7-28.3 / 28.2-28.8 / 47.5-48.8 against v3's 36.8-37.6 / 36.9-37.6 / 67.8-68.1 (bf16 25.6 /
-      29.0 / 46.0), 4096x4096 13.3-14.3 against 13.7-14.6; int4 g128 20.2-20.9 / 20.9-22.5 / 34.0-36.9 against
-      23.4-23.8 / 23.5-23.7 / 38.3-40.5, 4096x4096 10.9-11.1 against 11.2-12.1. At 11008 inputs NF4 ties v3
-      (27.1-30.0 against 27.3-28.1; with double quant 27.5-28.7 against 27.7-31.5) and int4 loses (21.4-21.8
-      against 18.7-19.2: v3 stays there);
+    * 17..32 rows (the wgmma's N 32): activations through registers (:func:`_config_32`) -- NF4 11008 / 12288 /
+      22016 x 4096 on two warpgroups, ~2.6 programs per SM: 26.1-27.1 / 25.9-27.0 / 43.9-45.3 against v3's
+      36.7-37.4 / 36.7-37.7 / 67.3-67.5 (bf16 25.0-25.6 / 28.9-29.4 / 45.3-45.9); 4096x11008 on two warpgroups x 8
+      splits 25.1-25.5 against 27.3-28.1 (bf16 27.1-27.3); 4096x4096 one warpgroup x 4 splits 13.2-14.2 against
+      13.7-14.5; int4 g128 one warpgroup, 2 splits on tall layers: 19.4-19.7 / 19.6-19.9 / 34.7-36.5 against
+      23.3-23.7 / 23.3-23.7 / 38.2-40.4, 4 on 4096x4096: 10.9-11.2 against 11.1-11.9. At 11008 inputs int4 keeps
+      v3 (18.6-19.2 against 21.4-21.8 with one warpgroup, 19.3-19.7 with two);
     * 33..64 rows on tall layers (``TALL_TILES`` tiles or more): activations by TMA, loads 3 chunks ahead, splits
       for ~2.6 programs per SM -- at 64 rows int4 g128 at 11008 / 12288 / 22016 x 4096: 28.3 / 29.2 / 40.3 against
       v3's 30.5 / 30.5 / 49.6 and bf16's 27.0 / 29.4 / 49.2; NF4 34.6 / 34.9 / 52.5 against 42.6 / 42.9 / 72.7.
@@ -333,14 +335,28 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
     if p.kind == 0 and (p.double_quant or folds(p)):
         return None
     registers = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
-    if _rows_padded(m) <= 32:
-        return None if p.kind == 0 and p.in_features > INT_MAX_INPUTS_32 else registers
     tiles = -(-p.out_features // 64)
+    if _rows_padded(m) <= 32:
+        return _config_32(p, tiles, sms)
     if tiles >= TALL_TILES:
         cfg = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / tiles)),
                "XTMA": True, "STAGES": 3, "AHEAD": 3}
         return {**cfg, "PAD": True} if _rows_padded(m) - m > MAX_ROWS_PAST_END else cfg
     return None if p.kind == 0 and m < INT_MIN_ROWS else registers
+
+
+def _config_32(p: Plan, tiles: int, sms: int) -> dict | None:
+    """17..32 rows (the wgmma's N 32), activations through registers: int codes on one warpgroup per program (2
+    splits on tall layers, 4 on others; none past ``INT_MAX_INPUTS_32`` inputs), codebooks -- whose decode costs
+    about twice the instructions -- on two (twice the warps for the same programs): ~2.6 programs per SM on tall
+    layers, 8 splits on long rows, else one warpgroup with 4 splits (round 16)."""
+    cfg = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
+    tall = tiles >= TALL_TILES
+    if p.kind == 0:
+        return None if p.in_features > INT_MAX_INPUTS_32 else {**cfg, "SPLIT_K": 2 if tall else 4}
+    if tall:
+        return {**cfg, "WG": 2, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / -(-tiles // 2)))}
+    return {**cfg, "WG": 2, "SPLIT_K": 8} if p.in_features >= LONG_ROW_INPUTS else cfg
 
 
 def _rows_padded(m: int) -> int:
