@@ -1,6 +1,7 @@
-"""The 4-bit GEMM for up to 64 activation rows on Hopper's warpgroup MMA, in Gluon (issue 6, round 15 of the kernels):
-the default for 33..64 rows of int4 sym and NF4 / FP4 layers (:func:`gemm_config`; on an H200 1.0-1.4x faster than
-the Triton ``v3`` GEMM, int4 at or above bf16 cuBLAS on three of the five Llama-2-7B shapes, NF4 0.73-0.94x).
+"""The 4-bit GEMM for up to 64 activation rows on Hopper's warpgroup MMA, in Gluon (issue 6, rounds 15-16 of the
+kernels): the default for 17..64 rows of int4 sym and NF4 / FP4 layers (:func:`gemm_config`; on an H200 1.0-1.5x
+faster than the Triton ``v3`` GEMM; at 17..32 rows int4 1.22-1.43x bf16 cuBLAS and NF4 0.96-1.09x on the five
+Llama-2-7B shapes, at 64 rows int4 0.83-1.22x and NF4 0.74-0.92x).
 
 Why: at 64 rows neither tensor-core kernel holdall had beat bf16 cuBLAS (round 13: the Triton ``v3`` GEMM
 0.73-1.06x, the ``mma.sync`` GEMV of :mod:`holdall.kernels.gluon_mma` 2-3x slower still). ``v3`` runs one

@@ -40,8 +40,8 @@ picks the kernel, and :func:`gemv_config` / :func:`gemm_config` hold the default
   - ``"gluon_mma"`` (rounds 12-14, :mod:`holdall.kernels.gluon_mma`, the default on a Hopper for 2..8 rows of int4
     sym layers (groups of 64+, double-quantized scales too) with up to 11008-input rows and 2..16 rows of NF4 /
     FP4): the rows as the columns of ``mma.sync`` in Gluon, 1.05-1.6x faster than v3 there on an H200.
-  - ``"gluon_wgmma"`` (round 15, :mod:`holdall.kernels.gluon_wgmma`, the default on a Hopper for 33..64 rows of
-    int4 sym (whole-chunk groups) and NF4 / FP4, 1.0-1.4x faster than v3 there): ``wgmma`` with the decoded
+  - ``"gluon_wgmma"`` (rounds 15-16, :mod:`holdall.kernels.gluon_wgmma`, the default on a Hopper for 17..64 rows
+    of int4 sym (whole-chunk groups) and NF4 / FP4, 1.0-1.5x faster than v3 there): ``wgmma`` with the decoded
     weights as its register operand and the activations staged per chunk in shared memory (or reordered once and
     brought in by TMA, for tall layers).
   - ``_gemm3_kernel`` ("v3", round 6, the default otherwise when rows are whole groups): the weight as the MMA's left
@@ -1700,7 +1700,7 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     if config is None and _tensor_core_rows_fit(ops, x, index):  # rounds 12-13: 2..8 (codebooks 2..16) rows
         from . import gluon_mma, gluon_wgmma
 
-        # round 15: 33..64 rows on warpgroup MMAs
+        # rounds 15-16: 17..64 rows on warpgroup MMAs
         config = gluon_mma.gemm_config(p, m, _sm_count(index)) or gluon_wgmma.gemm_config(p, m, _sm_count(index))
     config = config or gemm_config(p, m, _sm_count(index))
     if config.get("VARIANT") == "gluon_mma":
