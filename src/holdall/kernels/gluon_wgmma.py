@@ -303,6 +303,7 @@ INT_MIN_ROWS = 48  # int codes below TALL_TILES: v3 is as fast or faster at 33-4
 MIN_ROWS = 17  # fewer rows: the tensor-core GEMV (gluon_mma) or v3
 INT_MAX_INPUTS_32 = 4096  # int codes at 17..32 rows: v3 is faster at 11008 inputs (round 16)
 LONG_ROW_INPUTS = 8192  # codebooks at 17..32 rows: rows this long take 2 warpgroups x 8 splits (round 16)
+_REGISTERS = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}  # activations through registers, 4 splits
 
 
 def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
@@ -335,7 +336,6 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
         return None
     if p.kind == 0 and (p.double_quant or folds(p)):
         return None
-    registers = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
     tiles = -(-p.out_features // 64)
     if _rows_padded(m) <= 32:
         return _config_32(p, tiles, sms)
@@ -343,7 +343,7 @@ def gemm_config(p: Plan, m: int, sms: int) -> dict | None:
         cfg = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / tiles)),
                "XTMA": True, "STAGES": 3, "AHEAD": 3}
         return {**cfg, "PAD": True} if _rows_padded(m) - m > MAX_ROWS_PAST_END else cfg
-    return None if p.kind == 0 and m < INT_MIN_ROWS else registers
+    return None if p.kind == 0 and m < INT_MIN_ROWS else dict(_REGISTERS)
 
 
 def _config_32(p: Plan, tiles: int, sms: int) -> dict | None:
@@ -351,13 +351,12 @@ def _config_32(p: Plan, tiles: int, sms: int) -> dict | None:
     splits on tall layers, 4 on others; none past ``INT_MAX_INPUTS_32`` inputs), codebooks -- whose decode costs
     about twice the instructions -- on two (twice the warps for the same programs): ~2.6 programs per SM on tall
     layers, 8 splits on long rows, else one warpgroup with 4 splits (round 16)."""
-    cfg = {"VARIANT": "gluon_wgmma", "WG": 1, "SPLIT_K": 4}
     tall = tiles >= TALL_TILES
     if p.kind == 0:
-        return None if p.in_features > INT_MAX_INPUTS_32 else {**cfg, "SPLIT_K": 2 if tall else 4}
+        return None if p.in_features > INT_MAX_INPUTS_32 else {**_REGISTERS, "SPLIT_K": 2 if tall else 4}
     if tall:
-        return {**cfg, "WG": 2, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / -(-tiles // 2)))}
-    return {**cfg, "WG": 2, "SPLIT_K": 8} if p.in_features >= LONG_ROW_INPUTS else cfg
+        return {**_REGISTERS, "WG": 2, "SPLIT_K": max(1, math.ceil(PROGRAMS_PER_SM * sms / -(-tiles // 2)))}
+    return {**_REGISTERS, "WG": 2, "SPLIT_K": 8} if p.in_features >= LONG_ROW_INPUTS else dict(_REGISTERS)
 
 
 def _rows_padded(m: int) -> int:
@@ -395,8 +394,8 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
          cfg: dict) -> torch.Tensor:
     """``out [M, N] = x W^T + b`` for 1..64 rows ``x [M, K]`` (bf16/fp16, rows contiguous with an even stride) on
     Hopper (``cfg``: ``WG`` warpgroups of 64 weight rows per program, ``SPLIT_K``, ``AHEAD`` chunks of weights
-    loaded ahead, ``XTMA`` with ``STAGES``: the activations by TMA, ``PAD``: zero-padded
-    to the wgmma's N rows first)."""
+    loaded ahead, ``XTMA`` with ``STAGES``: the activations by TMA, ``PAD``: zero-padded to the wgmma's N rows
+    first)."""
     if gl is None:
         raise RuntimeError("the wgmma GEMM needs Triton with Gluon (3.6 or newer) and a Hopper GPU")
     m = check_rows(p, x, out, "the wgmma GEMM")
