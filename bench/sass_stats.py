@@ -94,7 +94,7 @@ NOT_MULTIPLE_OF_16 = {"x_desc", "chunks_per_split", "M", "n_groups", "groups_per
 OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -114,8 +114,10 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stag
     if getattr(fn, "is_gluon", lambda: False)():  # Gluon kernels: the same compiler, their own front end
         from triton.experimental.gluon._runtime import GluonASTSource as source
     src = source(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                            "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def sass_of(kernel) -> tuple[str, str]:
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("kernel", choices=sorted(KERNELS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a constexpr (ints; 0/1 for switches), or num_warps / num_stages")
+    parser.add_argument("--maxnreg", type=int, help="cap the registers a thread (the launch option ``maxnreg``)")
     parser.add_argument("--dump", type=Path, help="also write the kernel's TTGIR (its layouts) and SASS here")
     args = parser.parse_args()
     from holdall.kernels import gluon_mma, gluon_wgmma, gluon_wq4, triton_wq4
@@ -169,7 +172,7 @@ def main() -> None:
         num_warps = 4 * constexprs["WG"]
     module = {"gemv_gluon": gluon_wq4, "gemv_mma": gluon_mma, "gemm_wgmma": gluon_wgmma,
               "gemm_wgmma_tma": gluon_wgmma}.get(args.kernel, triton_wq4)
-    kernel = compile_sm90(getattr(module, name), signature, constexprs, num_warps, num_stages)
+    kernel = compile_sm90(getattr(module, name), signature, constexprs, num_warps, num_stages, args.maxnreg)
     sass, usage = sass_of(kernel)
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)
