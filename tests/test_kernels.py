@@ -740,8 +740,8 @@ def test_a_few_rows_take_the_tensor_core_gemv(monkeypatch):
 def test_many_rows_take_the_wgmma_gemm(monkeypatch):
     """Rounds 15-16: 17..64 rows of an NF4 / FP4 layer and 17..32 / 48..64 of an int4 sym one go to the
     warpgroup-MMA GEMM on a Hopper through the layer's own forward (not with HOLDALL_GLUON=0, nor 16 rows (the
-    tensor-core GEMV), 40 int4 rows or asymmetric codes: the Triton v3 GEMM), on a layer of 128 tiles from 33 int4 rows (by TMA, zero-padded below 48 rows);
-    same results either way."""
+    tensor-core GEMV), 40 int4 rows or asymmetric codes: the Triton v3 GEMM), on a layer of 128 tiles from 33 int4
+    rows (by TMA, zero-padded below 48 rows); same results either way."""
     from holdall.kernels import gluon_wgmma
 
     _check_dispatch_goes_to(gluon_wgmma, [("nf4", 64, "1", 1), ("nf4-dq", 33, "1", 1), ("fp4", 48, "1", 1),
@@ -1375,12 +1375,12 @@ def test_gluon_gemv_hands_int8_words_to_the_next_gemv(block_n, wk):
                                                         (4, 8, True, 1, False), (1, 3, True, 3, True)])
 def test_wgmma_gemm_matches_reference(shape, name, rows, wg, split_k, xtma, ahead, pad, dtype):
     """The warpgroup-MMA GEMM (rounds 15-16) against the fp32 reference: every format it takes, 1..64 activation
-    rows (the wgmma's N rounded up to a power of two: 8 / 16 / 32 / 64, rows past M zeros), 64 / 128 / 256 weight rows per program with a
-    partial last tile (200 rows), split-K summed by the last program (11008 inputs = 86 chunks: uneven splits),
-    the activations staged through registers or reordered once and brought in by TMA (``XTMA``: a ring of 3
-    slots, wrapped at 86 / 29 / 11 chunks; ``PAD``: zero rows appended up to the wgmma's N), weights loaded 1-3
-    chunks ahead (splits of 1-3 chunks too), into
-    NaN-poisoned outputs with rows wider than the output; launched twice (the split counters reset)."""
+    rows (the wgmma's N rounded up to a power of two: 8 / 16 / 32 / 64, rows past M zeros), 64 / 128 / 256 weight
+    rows per program with a partial last tile (200 rows), split-K summed by the last program (11008 inputs = 86
+    chunks: uneven splits), the activations staged through registers or reordered once and brought in by TMA
+    (``XTMA``: a ring of 3 slots, wrapped at 86 / 29 / 11 chunks; ``PAD``: zero rows appended up to the wgmma's
+    N), weights loaded 1-3 chunks ahead (splits of 1-3 chunks too), into NaN-poisoned outputs with rows wider than
+    the output; launched twice (the split counters reset)."""
     from holdall.kernels import gluon_wgmma
 
     _gluon_ready()
