@@ -1173,9 +1173,9 @@ def test_tensor_core_launchers_pass_what_the_kernel_takes(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["int4-sym", "nf4-dq"])
 def test_wgmma_launchers_pass_what_the_kernels_take(name, monkeypatch):
-    """The wgmma GEMM's two launches (activations through registers; reordered and brought in by TMA) bind to
-    their kernels' own signatures (no GPU: the launches are recorded, not run), with split-K's counters and
-    partials and the layer's format constexprs."""
+    """The wgmma GEMM's two launches (activations through registers; reordered and brought in by TMA, as they are
+    or zero-padded to the wgmma's rows) bind to their kernels' own signatures (no GPU: the launches are recorded,
+    not run), with split-K's counters and partials and the layer's format constexprs."""
     import inspect
 
     from holdall.kernels import gluon_wgmma
@@ -1201,10 +1201,14 @@ def test_wgmma_launchers_pass_what_the_kernels_take(name, monkeypatch):
     p = dispatch.layer_plan(layer)
     ops = packed.operands(layer, p)
     x = torch.randn(40, 1152, dtype=torch.bfloat16)
-    for xtma in (False, True):
+    for xtma, pad in ((False, False), (True, False), (True, True)):
         gluon_wgmma.gemm(ops, p, x, None, torch.empty(40, 200, dtype=torch.bfloat16),
-                         {"WG": 1, "SPLIT_K": 4, "XTMA": xtma, "AHEAD": 2})
-    assert [c[0] for c in calls] == kernels
+                         {"WG": 1, "SPLIT_K": 4, "XTMA": xtma, "AHEAD": 2, "PAD": pad})
+    assert [c[0] for c in calls] == kernels + kernels[1:]
+    # the TMA descriptors: the reordered activations as they are (40 rows), or zero-padded to the wgmma's 64
+    plain, padded = (c[2][0].base for c in calls[1:])
+    assert plain.shape == (40, 1152) and torch.equal(plain, gluon_wgmma.fragment_order(x))
+    assert padded.shape == (64, 1152) and torch.equal(padded[:40], plain) and not padded[40:].any()
     for kernel, grid, args, kwargs in calls:
         bound = inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k != "num_warps"})
         assert grid == (4, 3)  # 200 rows in 64-row tiles; 9 chunks in splits of 3

@@ -26,7 +26,8 @@ shared-memory store puts them where the wgmma's B descriptor reads them. So the 
 Per chunk: the next chunk's words and scales (``AHEAD`` chunks on) and activations are loaded first, the current
 activations stored to one of two shared buffers, a fence and a barrier, the decode, one asynchronous wgmma per
 warpgroup, and a wait for it (its A registers and the other buffer are then free). With ``XTMA`` the activations
-are reordered once by :func:`fragment_order` (a torch copy) and brought in by TMA through an mbarrier ring instead,
+are reordered once by :func:`fragment_order` (a torch copy; with ``PAD`` into a buffer of ``MP`` rows, zeros past
+``M``: TMA boxes reaching far past a tensor's end are slow) and brought in by TMA through an mbarrier ring instead,
 each chunk as two wgmmas of 64 inputs (:func:`_gemm_wgmma_tma_kernel`; it wins on tall layers). ``SPLIT_K``
 programs split a row's chunks; their float32 partials are summed in a fixed order by each tile's last program (as ``v3``'s
 ``SEM``). Every format the ``mma.sync`` kernel takes (symmetric int codes with groups of 32 and up or one scale

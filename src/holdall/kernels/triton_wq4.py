@@ -64,7 +64,8 @@ Where these stand (H200, BENCHMARKS.md "GPU: 4-bit kernels (issue 6)", rounds 5-
 for int4 sym, 1.5-1.7x asym, 1.1-1.4x NF4, 0.95-1.2x NF4 + double quant (~35% of copy bandwidth at best:
 latency-bound); GEMM at 4..16 rows int4 1.37-1.86x, NF4 0.96-1.12x (4 rows); at 64 rows 0.59-1.03x. Rounds
 10-13 (Gluon GEMVs, PDL, the tensor-core GEMV) moved int4 sym to 2.5-2.8x at one row (3.3-3.5x with int8
-activations) and 1.87-2.33x at 2..8 rows, NF4 / NF4 + double quant to 1.10-1.58x at 2..16 rows.
+activations) and 1.87-2.33x at 2..8 rows, NF4 / NF4 + double quant to 1.10-1.58x at 2..16 rows; rounds 15-16
+(the wgmma GEMM) int4 sym to 1.22-1.43x at 17..32 rows and 0.83-1.22x at 64, NF4 to 0.96-1.09x / 0.74-0.92x.
 
 This module imports Triton at the top: import it only when a CUDA launch is about to happen
 (``holdall.kernels.dispatch`` does).
