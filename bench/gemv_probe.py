@@ -1,4 +1,5 @@
-"""One 4-bit layer's batch-1 forward, launched a fixed number of times: a target for Nsight Compute.
+"""One 4-bit layer's forward (batch 1, or ``--rows`` activation rows), launched a fixed number of times: a target
+for Nsight Compute.
 
 The round-2 GEMVs reach ~30% of copy bandwidth, and halving their instructions per code made them slower
 (BENCHMARKS.md, "GPU: 4-bit kernels"): the next step is to read the hardware counters (achieved occupancy, stall
@@ -14,6 +15,8 @@ On the device (Firecracker runtime; ``--clock-control none`` as METHOD.md asks):
         python3 bench/gemv_probe.py --format int4 --shape 4096x11008
 
 ``--config '{"BLOCK_N": 8, ...}'`` launches ``triton_wq4.gemv`` directly with that configuration instead.
+``--rows 64`` calls the layer on 64 rows (the dispatch's small-batch GEMM; ``bench/ncu_gemv.sh`` with
+``KERNEL=gemm_wgmma`` profiles it).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--shape", default="4096x11008", help="OUTxIN of the weight")
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--config", default=None, help="a JSON launch configuration for triton_wq4.gemv")
+    parser.add_argument("--rows", type=int, default=1, help="activation rows (the layer's forward; not with --config)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemv_probe.py launches the CUDA kernels: run it on the device machine")
@@ -54,7 +58,9 @@ def main() -> None:
     linear = torch.nn.Linear(in_f, out_f, bias=False)
     linear.weight.data.normal_(0, 0.02)
     layer = QuantLinear.from_linear(linear, FORMATS[args.format]).cuda()
-    x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+    if args.rows < 1 or (args.config and args.rows != 1):
+        raise SystemExit("--rows must be 1 or more, and 1 with --config (the GEMV takes one row)")
+    x = torch.randn(args.rows, in_f, device="cuda", dtype=torch.bfloat16)
     p = packed.plan(layer)
     if args.config:
         from holdall.kernels import triton_wq4
@@ -83,7 +89,7 @@ def main() -> None:
         times.append(start.elapsed_time(stop) * 1e3)
     weight_bytes = sum(t.numel() * t.element_size() for t in layer.buffers())
     us = statistics.median(times)
-    print(json.dumps({"format": args.format, "shape": args.shape, "median_us": round(us, 2),
+    print(json.dumps({"format": args.format, "shape": args.shape, "rows": args.rows, "median_us": round(us, 2),
                       "weight_GB_per_s": round(weight_bytes / (us * 1e-6) / 1e9, 1), "max_rel_error": error}))
 
 

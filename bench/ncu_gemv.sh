@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Nsight Compute on one batch-1 4-bit GEMV (bench/gemv_probe.py), on the device machine (Firecracker runtime):
 #
-#   bash bench/ncu_gemv.sh OUT_DIR [FORMAT] [SHAPE] [--config JSON]
+#   [KERNEL=regex] bash bench/ncu_gemv.sh OUT_DIR [FORMAT] [SHAPE] [--config JSON | --rows M]
 #
+# KERNEL (default gemv) picks the kernel profiled by name, e.g. KERNEL=gemm_wgmma with --rows 64.
 # Writes OUT_DIR/ncu_<format>_<shape>.txt (speed of light, occupancy, warp stalls, scheduler, memory) and
 # OUT_DIR/ncu_<format>_<shape>_sass.csv (per-SASS-instruction samples: where the warps wait), from a report of
 # the 21st launch. Clocks are left alone (--clock-control none), as the device's METHOD.md asks.
@@ -10,8 +11,8 @@ set -euo pipefail
 out=$1; fmt=${2:-int4}; shape=${3:-4096x11008}; shift $(( $# < 3 ? $# : 3 ))
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
-tag="${fmt}_${shape}"
-ncu --clock-control none --kernel-name regex:gemv --launch-skip 20 --launch-count 1 \
+tag="${fmt}_${shape}${TAG:-}"
+ncu --clock-control none --kernel-name "regex:${KERNEL:-gemv}" --launch-skip 20 --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis --section LaunchStats --section InstructionStats --section SourceCounters \
     --import-source yes -o "$out/ncu_$tag" -f \
