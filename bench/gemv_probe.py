@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="a JSON launch configuration for triton_wq4.gemv")
     parser.add_argument("--rows", type=int, default=1, help="activation rows (the layer's forward; not with --config)")
     args = parser.parse_args()
+    if args.rows < 1 or (args.config and args.rows != 1):
+        raise SystemExit("--rows must be 1 or more, and 1 with --config (the GEMV takes one row)")
     if not torch.cuda.is_available():
         raise SystemExit("gemv_probe.py launches the CUDA kernels: run it on the device machine")
     out_f, in_f = (int(v) for v in args.shape.lower().split("x"))
@@ -58,8 +60,6 @@ def main() -> None:
     linear = torch.nn.Linear(in_f, out_f, bias=False)
     linear.weight.data.normal_(0, 0.02)
     layer = QuantLinear.from_linear(linear, FORMATS[args.format]).cuda()
-    if args.rows < 1 or (args.config and args.rows != 1):
-        raise SystemExit("--rows must be 1 or more, and 1 with --config (the GEMV takes one row)")
     x = torch.randn(args.rows, in_f, device="cuda", dtype=torch.bfloat16)
     p = packed.plan(layer)
     if args.config:
