@@ -753,6 +753,34 @@ def test_many_rows_take_the_wgmma_gemm(monkeypatch):
 
 
 @cuda_only
+def test_the_wgmma_gemm_only_where_wgmma_exists(monkeypatch):
+    """On a GPU that is not a Hopper (a Blackwell passes the Gluon kernels' "sm_90 or newer" but has no wgmma) the
+    dispatch leaves 17..64 rows to the Triton v3 GEMM -- same results -- and a wgmma launch asked for by name
+    refuses, naming the GPU and the fix."""
+    from holdall.kernels import gluon_wgmma
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gluon_wgmma, "hopper", lambda device: False)
+        _check_dispatch_goes_to(gluon_wgmma, [("nf4", 64, "1", 0), ("int4-sym", 24, "1", 0)], patch)
+    layer = _cuda_layer(264, 1024, "nf4")
+    p = dispatch.layer_plan(layer)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(64, 264, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    with pytest.raises(RuntimeError, match="sm_90.*sm_100.*config=None"):
+        gluon_wgmma.gemm(packed.operands(layer, p), p, x, None, out, {"WG": 1, "SPLIT_K": 4})
+
+
+@pytest.mark.parametrize("capability,wgmma", [((9, 0), True), ((8, 0), False), ((10, 0), False), ((12, 0), False)])
+def test_wgmma_needs_sm90(capability, wgmma, monkeypatch):
+    """``gluon_wgmma.hopper``: wgmma is an sm_90 instruction; neither Ampere nor Blackwell has it."""
+    from holdall.kernels import gluon_wgmma
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert gluon_wgmma.hopper(0) is wgmma
+
+
+@cuda_only
 def test_first_cuda_forward_registers_the_kernels():
     """In a fresh process nothing calls enable(): the first CUDA forward loads the plugin itself."""
     code = textwrap.dedent(

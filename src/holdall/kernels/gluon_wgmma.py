@@ -360,6 +360,12 @@ def _config_32(p: Plan, tiles: int, sms: int) -> dict | None:
     return {**_REGISTERS, "WG": 2, "SPLIT_K": 8} if p.in_features >= LONG_ROW_INPUTS else dict(_REGISTERS)
 
 
+def hopper(device) -> bool:
+    """``wgmma`` and this kernel's TMA path exist on sm_90 (Hopper) only: Blackwell GPUs, which pass the Gluon
+    GEMV's "9.0 or newer", have another tensor-core instruction set and keep the other kernels."""
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
 def _rows_padded(m: int) -> int:
     """The wgmma's N for ``m`` activation rows: a power of two, 8..64."""
     return max(8, 1 << (m - 1).bit_length())
@@ -399,6 +405,10 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     first)."""
     if gl is None:
         raise RuntimeError("the wgmma GEMM needs Triton with Gluon (3.6 or newer) and a Hopper GPU")
+    if x.is_cuda and not hopper(x.device):
+        raise RuntimeError(f"the wgmma GEMM runs on Hopper (sm_90) GPUs only; this one is sm_"
+                           f"{''.join(map(str, torch.cuda.get_device_capability(x.device)))}: leave the config to "
+                           f"the dispatch (triton_wq4.gemm with config=None), which picks another kernel there")
     m = check_rows(p, x, out, "the wgmma GEMM")
     wg, mp, per_split, split_k = launch_shape(p, m, cfg)
     tiles = -(-p.out_features // (64 * wg))
@@ -434,4 +444,4 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     return out
 
 
-__all__ = ["BOOKS", "MAX_ROWS", "WARPGROUPS", "fragment_order", "gemm", "gemm_config", "launch_shape"]
+__all__ = ["BOOKS", "MAX_ROWS", "WARPGROUPS", "fragment_order", "gemm", "gemm_config", "hopper", "launch_shape"]

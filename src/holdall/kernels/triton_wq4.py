@@ -1701,8 +1701,9 @@ def gemm(ops: Operands, p: Plan, x: torch.Tensor, bias: torch.Tensor | None, out
     if config is None and _tensor_core_rows_fit(ops, x, index):  # rounds 12-13: 2..8 (codebooks 2..16) rows
         from . import gluon_mma, gluon_wgmma
 
-        # rounds 15-16: 17..64 rows on warpgroup MMAs
-        config = gluon_mma.gemm_config(p, m, _sm_count(index)) or gluon_wgmma.gemm_config(p, m, _sm_count(index))
+        config = gluon_mma.gemm_config(p, m, _sm_count(index))
+        if config is None and gluon_wgmma.hopper(index):  # rounds 15-16: 17..64 rows on warpgroup MMAs (sm_90)
+            config = gluon_wgmma.gemm_config(p, m, _sm_count(index))
     config = config or gemm_config(p, m, _sm_count(index))
     if config.get("VARIANT") == "gluon_mma":
         from . import gluon_mma
